@@ -1,0 +1,59 @@
+"""Orbax export and restore of qasr_jax params plus config, so a converted model reloads without torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from qasr_jax.config import ModelConfig
+
+CONFIG_FILE = "qasr_config.json"
+PARAMS_DIR = "params"
+# Files beside the weights that a converted folder keeps (tokenizer and front-end settings).
+SIDE_FILES = (
+    "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "preprocessor_config.json", "chat_template.json", "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def is_orbax_export(path: str) -> bool:
+    """True for a folder written by ``save_orbax``."""
+    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, PARAMS_DIR))
+
+
+def save_orbax(dst: str, params, cfg: ModelConfig, copy_from: str | None = None) -> None:
+    """Write params (Orbax, in their dtype) and the config to ``dst``; copy tokenizer files from ``copy_from``."""
+    dst = os.path.abspath(dst)
+    os.makedirs(dst, exist_ok=True)
+    target = os.path.join(dst, PARAMS_DIR)
+    if os.path.exists(target):
+        shutil.rmtree(target)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(target, jax.tree_util.tree_map(np.asarray, params))
+    with open(os.path.join(dst, CONFIG_FILE), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=1)
+    if copy_from:
+        for name in SIDE_FILES:
+            src = os.path.join(copy_from, name)
+            if os.path.isfile(src) and os.path.abspath(src) != os.path.join(dst, name):
+                shutil.copy2(src, os.path.join(dst, name))
+
+
+def restore_orbax(src: str, dtype: str | None = None) -> tuple[dict, ModelConfig]:
+    """Read a ``save_orbax`` folder: (params as numpy, config); ``dtype`` casts the floating leaves."""
+    src = os.path.abspath(src)
+    with open(os.path.join(src, CONFIG_FILE)) as f:
+        cfg = ModelConfig.from_dict(json.load(f))
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(os.path.join(src, PARAMS_DIR))
+    params = jax.tree_util.tree_map(np.asarray, params)
+    if dtype is not None:
+        params = jax.tree_util.tree_map(lambda x: x.astype(dtype) if np.issubdtype(x.dtype, np.floating) or
+                                        x.dtype.name == "bfloat16" else x, params)
+    return params, cfg

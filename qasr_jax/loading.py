@@ -1,0 +1,104 @@
+"""``qasr_jax.load``: a checkpoint folder (official, -hf or Orbax export) -> a ready ``Model``."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qasr_jax.config import ModelConfig, audio_token_count, load_config
+from qasr_jax.model import Qwen3ASRModule
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _bucket(n: int, step: int) -> int:
+    """Round n up to a multiple of step (at least one step): shapes inside a bucket share one compilation."""
+    return max(step, -(-n // step) * step)
+
+
+class Model:
+    """A loaded Qwen3-ASR or ForcedAligner: config, params and jitted encoder / forward functions."""
+
+    def __init__(self, config: ModelConfig, params, dtype: str = "float32", attention_impl: str = "auto"):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        self.config = config
+        self.dtype = dtype
+        self.attention_impl = attention_impl
+        self.module = Qwen3ASRModule(config, jnp.dtype(dtype), attention_impl)
+        self.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
+        self._encode = jax.jit(functools.partial(self.module.apply, method=Qwen3ASRModule.encode))
+        self._forward = jax.jit(self.module.apply)
+
+    # -- the audio front end -------------------------------------------------------------------------------
+    @staticmethod
+    def log_mel(wave) -> np.ndarray:
+        """float32 16 kHz mono waveform -> log-mel (128, n_frames), n_frames = max(n_samples, 8000) // 160."""
+        from qasr_jax.audio import log_mel
+
+        return np.asarray(log_mel(wave))
+
+    def _pad_feats(self, feats) -> tuple[jax.Array, jax.Array]:
+        feats = np.asarray(feats, np.float32)
+        mels = self.config.audio.num_mel_bins
+        if feats.ndim != 2 or feats.shape[0] != mels:
+            raise ValueError(f"features must be ({mels}, n_frames) log-mel, got shape {feats.shape}")
+        n = feats.shape[1]
+        if n == 0:
+            raise ValueError("features have no frames")
+        # Bucket to whole attention windows (8 s): a new length inside a bucket compiles nothing.
+        step = self.config.audio.n_window_infer
+        padded = np.zeros((1, mels, _bucket(n, step)), np.float32)
+        padded[0, :, :n] = feats
+        return jnp.asarray(padded), jnp.array([n], jnp.int32)
+
+    # -- the public numeric API ----------------------------------------------------------------------------
+    def encode(self, feats) -> np.ndarray:
+        """Log-mel (128, n_frames) -> projector output (n_audio_tokens, text_hidden) as float32 numpy."""
+        x, n = self._pad_feats(feats)
+        out, n_tokens = self._encode({"params": self.params}, x, n)
+        return np.asarray(out[0, : int(n_tokens[0])], np.float32)
+
+    def encode_batch(self, feats: jax.Array, n_frames: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Padded batch (batch, 128, frames), n_frames (batch,) -> (audio embeds (batch, seq, hidden), n_tokens)."""
+        return self._encode({"params": self.params}, feats, n_frames)
+
+    def logits(self, input_ids, feats) -> np.ndarray:
+        """Prompt ids (holding the right number of ``<|audio_pad|>``) + log-mel -> float32 logits (len, vocab|classes)."""
+        ids = np.asarray(input_ids, np.int64).reshape(-1)
+        x, n = self._pad_feats(feats)
+        want = audio_token_count(int(n[0]), self.config.audio)
+        have = int((ids == self.config.audio_token_id).sum())
+        if have != want:
+            raise ValueError(
+                f"input_ids hold {have} <|audio_pad|> tokens but {feats.shape[1]} frames encode to {want}; "
+                "put exactly that many audio pads in the prompt"
+            )
+        length = len(ids)
+        padded = np.zeros((1, _bucket(length, 64)), np.int32)
+        padded[0, :length] = ids
+        mask = np.zeros(padded.shape, bool)
+        mask[0, :length] = True
+        out = self._forward({"params": self.params}, jnp.asarray(padded), x, n, jnp.asarray(mask))
+        return np.asarray(out[0, :length], np.float32)
+
+
+def load(path: str | os.PathLike, dtype: str = "float32", attention_impl: str = "auto") -> Model:
+    """Load a Qwen3-ASR / ForcedAligner folder: official or -hf safetensors layout, or a qasr_jax Orbax export."""
+    from qasr_jax.convert.orbax_io import is_orbax_export, restore_orbax
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is not a folder: pass a checkpoint folder (config.json + *.safetensors)")
+    if is_orbax_export(path):
+        params, cfg = restore_orbax(path)
+    else:
+        from qasr_jax.convert.checkpoint import load_hf_params
+
+        cfg = load_config(path)
+        params = load_hf_params(path, cfg, dtype)
+    return Model(cfg, params, dtype=dtype, attention_impl=attention_impl)

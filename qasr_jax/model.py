@@ -1,0 +1,354 @@
+"""Flax (linen) modules: the AuT audio encoder, the projector, the Qwen3 decoder and the heads.
+
+Parameters are plain pytrees. Layers are stacked with ``nn.scan`` (leading ``layers`` axis on every per-layer
+parameter), so a 28-layer decoder compiles once per shape and converts, shards and saves as a few big arrays.
+Norms, softmax, RoPE tables and logits are computed in float32 whatever the parameter and activation dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qasr_jax.config import AudioConfig, ModelConfig, TextConfig, audio_token_count
+from qasr_jax.kernels import windowed_attention
+
+Dtype = jnp.dtype
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, as torch's default."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with float32 statistics (torch's eps 1e-5)."""
+
+    dtype: Dtype = jnp.float32
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (d,), self.dtype)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Qwen3 RMSNorm: normalise in float32, cast back, then scale (the reference's order of operations)."""
+
+    dtype: Dtype = jnp.float32
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+        return scale * y.astype(self.dtype)
+
+
+def _dense(features: int, name: str, dtype: Dtype, bias: bool = True) -> nn.Dense:
+    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name)
+
+
+def sinusoid_positions(length: int, channels: int) -> np.ndarray:
+    """(length, channels) float32: sin then cos (concatenated, not interleaved), timescales 1 .. 10000."""
+    inc = np.log(10000.0) / (channels // 2 - 1)
+    inv = np.exp(-inc * np.arange(channels // 2, dtype=np.float32))
+    t = np.arange(length, dtype=np.float32)[:, None] * inv[None, :]
+    return np.concatenate([np.sin(t), np.cos(t)], axis=1).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Audio encoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN transformer layer with windowed self-attention and an exact-GELU MLP."""
+
+    cfg: AudioConfig
+    dtype: Dtype
+    attention_impl: str
+
+    @nn.compact
+    def __call__(self, x, n_tokens):
+        cfg, dt = self.cfg, self.dtype
+        batch, seq, d = x.shape
+        head_dim = d // cfg.heads
+        h = LayerNorm(dt, name="attn_norm")(x)
+        q, k, v = (_dense(d, n, dt)(h).reshape(batch, seq, cfg.heads, head_dim) for n in ("q", "k", "v"))
+        att = windowed_attention(q, k, v, n_tokens, cfg.window_tokens, impl=self.attention_impl)
+        x = x + _dense(d, "o", dt)(att.reshape(batch, seq, d))
+        h = LayerNorm(dt, name="mlp_norm")(x)
+        h = _dense(d, "fc2", dt)(gelu(_dense(cfg.ffn_dim, "fc1", dt)(h)))
+        return x + h, None
+
+
+class AudioEncoder(nn.Module):
+    """AuT: per-1-s-chunk conv stack, per-chunk sinusoidal positions, windowed pre-LN layers, ln_post."""
+
+    cfg: AudioConfig
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, feats, n_frames):
+        """feats (batch, mels, frames) with frames a multiple of the chunk; n_frames (batch,) valid frames.
+
+        Returns (hidden (batch, seq, d_model), n_tokens (batch,)); positions at or past n_tokens are padding.
+        seq is the token count of all chunks, rounded up to whole attention windows.
+        """
+        cfg, dt = self.cfg, self.dtype
+        batch, mels, frames = feats.shape
+        if frames % cfg.chunk_frames:
+            raise ValueError(f"feature frames ({frames}) must be a multiple of the {cfg.chunk_frames}-frame chunk")
+        n_chunks = frames // cfg.chunk_frames
+        # Frames past each audio's end are zeros, as when the last partial chunk is zero-padded on its own.
+        keep = jnp.arange(frames)[None, :] < n_frames[:, None]
+        x = jnp.where(keep[:, None, :], feats, 0.0).astype(dt)
+        # (batch * chunks, mels, chunk_frames, 1): NHWC with H = mel bins, W = time; each chunk convolved alone.
+        x = x.reshape(batch, mels, n_chunks, cfg.chunk_frames).transpose(0, 2, 1, 3)
+        x = x.reshape(batch * n_chunks, mels, cfg.chunk_frames, 1)
+        for i in (1, 2, 3):
+            conv = nn.Conv(
+                cfg.downsample_hidden_size, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+                dtype=dt, param_dtype=dt, name=f"conv2d{i}",
+            )
+            x = gelu(conv(x))
+        chunks, freq, steps, channels = x.shape  # (batch * chunks, 16, 13, hidden)
+        # conv_out reads each time step flattened channel-major, (channels, freq), as torch's (C, F) view does.
+        x = x.transpose(0, 2, 3, 1).reshape(chunks, steps, channels * freq)
+        x = _dense(cfg.d_model, "conv_out", dt, bias=False)(x)
+        x = x + jnp.asarray(sinusoid_positions(steps, cfg.d_model), dt)[None]  # positions restart every chunk
+        x = x.reshape(batch, n_chunks * steps, cfg.d_model)
+        # Only the last chunk of an audio can be partial, so valid tokens are a prefix of each row.
+        n_tokens = _token_count(n_frames, cfg)
+        pad = (-x.shape[1]) % cfg.window_tokens
+        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+        layers = nn.scan(
+            EncoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=nn.broadcast,
+            length=cfg.layers,
+        )(cfg, dt, self.attention_impl, name="layers")
+        x, _ = layers(x, n_tokens)
+        return LayerNorm(dt, name="ln_post")(x), n_tokens
+
+
+def _token_count(n_frames: jax.Array, cfg: AudioConfig) -> jax.Array:
+    full, rem = jnp.divmod(n_frames, cfg.chunk_frames)
+    for _ in range(3):
+        rem = (rem + 1) // 2
+    return (full * cfg.tokens_per_chunk + rem).astype(jnp.int32)
+
+
+class Projector(nn.Module):
+    """proj1 -> GELU -> proj2: encoder width to the decoder's hidden size."""
+
+    cfg: AudioConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = gelu(_dense(self.cfg.d_model, "proj1", self.dtype)(x))
+        return _dense(self.cfg.output_dim, "proj2", self.dtype)(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Qwen3 decoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Fixed-size decoder KV cache; every item writes its next token into the same slot ``end``."""
+
+    k: jax.Array  # (layers, batch, max_len, kv_heads, head_dim)
+    v: jax.Array  # (layers, batch, max_len, kv_heads, head_dim)
+    valid: jax.Array  # (batch, max_len) bool: slots that hold a real (non-padding) token
+    end: jax.Array  # () int32: next slot to write
+
+    @classmethod
+    def init(cls, cfg: TextConfig, batch: int, max_len: int, dtype: Dtype = jnp.float32) -> "KVCache":
+        """An empty cache of ``max_len`` slots."""
+        shape = (cfg.layers, batch, max_len, cfg.kv_heads, cfg.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((batch, max_len), bool), end=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin (batch, seq, head_dim) float32 for rotate-half RoPE."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x (batch, seq, heads, head_dim); rotation in float32, result in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    """Qwen3 layer: GQA with per-head q/k RMSNorm before RoPE, SwiGLU MLP, pre-RMSNorm."""
+
+    cfg: TextConfig
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x, kv, cos, sin, mask, write_at):
+        """x (batch, seq, hidden); kv this layer's (k, v) cache or None; mask (batch, seq, keys) bool.
+
+        With a cache, the new keys are written at slot ``write_at`` and the queries attend over all cache slots;
+        without one they attend over their own keys only.
+        """
+        cfg, dt = self.cfg, self.dtype
+        batch, seq, _ = x.shape
+        groups = cfg.heads // cfg.kv_heads
+        h = RMSNorm(dt, cfg.rms_norm_eps, name="attn_norm")(x)
+        q = _dense(cfg.heads * cfg.head_dim, "q", dt, bias=False)(h).reshape(batch, seq, cfg.heads, cfg.head_dim)
+        k = _dense(cfg.kv_heads * cfg.head_dim, "k", dt, bias=False)(h).reshape(batch, seq, cfg.kv_heads, -1)
+        v = _dense(cfg.kv_heads * cfg.head_dim, "v", dt, bias=False)(h).reshape(batch, seq, cfg.kv_heads, -1)
+        q = apply_rope(RMSNorm(dt, cfg.rms_norm_eps, name="q_norm")(q), cos, sin)
+        k = apply_rope(RMSNorm(dt, cfg.rms_norm_eps, name="k_norm")(k), cos, sin)
+        if kv is not None:
+            ck, cv = kv
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, write_at, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, write_at, 0, 0))
+            k, v, kv = ck.astype(dt), cv.astype(dt), (ck, cv)
+        # (batch, seq, kv_heads, groups, head_dim): query heads grouped by the kv head they share.
+        qg = q.reshape(batch, seq, cfg.kv_heads, groups, cfg.head_dim)
+        scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None, None], scores * cfg.head_dim**-0.5, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        att = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(batch, seq, cfg.heads * cfg.head_dim)
+        x = x + _dense(cfg.hidden_size, "o", dt, bias=False)(att)
+        h = RMSNorm(dt, cfg.rms_norm_eps, name="mlp_norm")(x)
+        gate = _dense(cfg.intermediate_size, "gate", dt, bias=False)(h)
+        up = _dense(cfg.intermediate_size, "up", dt, bias=False)(h)
+        x = x + _dense(cfg.hidden_size, "down", dt, bias=False)(jax.nn.silu(gate) * up)
+        return x, kv
+
+
+class TextDecoder(nn.Module):
+    """Qwen3 decoder stack: token embedding, scanned layers, final RMSNorm."""
+
+    cfg: TextConfig
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
+        self.layers = nn.scan(
+            DecoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.layers,
+        )(cfg, self.dtype)
+        self.norm = RMSNorm(self.dtype, cfg.rms_norm_eps)
+
+    def __call__(self, embeds, positions, mask, cache: KVCache | None = None, write_at=0):
+        """embeds (batch, seq, hidden), positions (batch, seq) -> (hidden after the final norm, new cache kv)."""
+        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        kv = None if cache is None else (cache.k, cache.v)
+        x, kv = self.layers(embeds.astype(self.dtype), kv, cos, sin, mask, write_at)
+        return self.norm(x), kv
+
+
+class Qwen3ASRModule(nn.Module):
+    """The whole model: encoder + projector + decoder + head (LM head, tied or not, or aligner classes)."""
+
+    cfg: ModelConfig
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    def setup(self):
+        cfg = self.cfg
+        self.audio_tower = AudioEncoder(cfg.audio, self.dtype, self.attention_impl)
+        self.projector = Projector(cfg.audio, self.dtype)
+        self.decoder = TextDecoder(cfg.text, self.dtype)
+        if cfg.is_aligner:
+            self.score = _dense(cfg.num_labels, "score", self.dtype, bias=False)
+        elif not cfg.text.tie_word_embeddings:
+            self.lm_head = _dense(cfg.text.vocab_size, "lm_head", self.dtype, bias=False)
+
+    def encode(self, feats, n_frames):
+        """Log-mel (batch, mels, frames) -> (projector output (batch, seq, text hidden), n_tokens (batch,))."""
+        hidden, n_tokens = self.audio_tower(feats, n_frames)
+        return self.projector(hidden), n_tokens
+
+    def embed(self, input_ids, audio_embeds):
+        """Token embeddings with the k-th ``<|audio_pad|>`` of each row replaced by that row's k-th audio token."""
+        x = self.decoder.embed(input_ids)
+        is_audio = input_ids == self.cfg.audio_token_id
+        idx = jnp.clip(jnp.cumsum(is_audio, axis=1) - 1, 0, audio_embeds.shape[1] - 1)
+        audio = jnp.take_along_axis(audio_embeds, idx[..., None], axis=1).astype(x.dtype)
+        return jnp.where(is_audio[..., None], audio, x)
+
+    def head(self, hidden):
+        """Final hidden states -> float32 logits (vocabulary, or aligner classes)."""
+        if self.cfg.is_aligner:
+            out = self.score(hidden)
+        elif self.cfg.text.tie_word_embeddings:
+            out = self.decoder.embed.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+    def decode(self, embeds, positions, mask, cache: KVCache | None = None, write_at=0):
+        """Run the decoder (see TextDecoder) and return (hidden, kv)."""
+        return self.decoder(embeds, positions, mask, cache, write_at)
+
+    def __call__(self, input_ids, feats, n_frames, token_mask=None):
+        """Full forward without cache: logits (batch, seq, vocab or classes) at every prompt position."""
+        audio, _ = self.encode(feats, n_frames)
+        embeds = self.embed(input_ids, audio)
+        if token_mask is None:
+            token_mask = jnp.ones(input_ids.shape, bool)
+        positions, mask = prompt_positions_and_mask(token_mask)
+        hidden, _ = self.decode(embeds, positions, mask)
+        return self.head(hidden)
+
+
+def prompt_positions_and_mask(token_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """For a padded prompt batch: positions (batch, seq) counting real tokens only, causal mask (batch, seq, seq)."""
+    positions = jnp.maximum(jnp.cumsum(token_mask, axis=1) - 1, 0)
+    seq = token_mask.shape[1]
+    causal = jnp.tril(jnp.ones((seq, seq), bool))
+    return positions, causal[None] & token_mask[:, None, :]
+
+
+@functools.lru_cache(maxsize=None)
+def param_shapes(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    """The parameter tree as ShapeDtypeStructs (no memory used), from ``jax.eval_shape`` of init."""
+    module = Qwen3ASRModule(cfg, jnp.dtype(dtype))
+    frames = cfg.audio.chunk_frames
+    n_tok = audio_token_count(frames, cfg.audio)
+    ids = jnp.full((1, n_tok), cfg.audio_token_id, jnp.int32)
+    feats = jnp.zeros((1, cfg.audio.num_mel_bins, frames), jnp.float32)
+    return jax.eval_shape(
+        lambda: module.init(jax.random.PRNGKey(0), ids, feats, jnp.array([frames], jnp.int32))["params"]
+    )
