@@ -188,7 +188,7 @@ def log_mel_padded(samples: jax.Array, lengths: jax.Array, frames: int) -> jax.A
 
     Pure jax.numpy, usable inside jit with `frames` static. Each row is treated as if alone: zero-padded to 0.5 s,
     reflect-padded at its own end, floored against its own max. Frames at and past a row's ``n_frames`` are 0.0.
-    Samples past each row's length must be zero (they stand in for the 0.5 s minimum padding).
+    Each length must be <= S, and samples past it must be zero (they stand in for the 0.5 s minimum padding).
     """
     samples = jnp.asarray(samples, jnp.float32)
     lengths = jnp.asarray(lengths, jnp.int32)
