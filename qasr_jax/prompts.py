@@ -2,10 +2,12 @@
 
 The prompt for one audio clip (``N`` = audio tokens the encoder produces) is
 
-    <|im_start|>system\\n{context}<|im_end|>\\n<|im_start|>user\\n<|audio_start|>{<|audio_pad|> x N}<|audio_end|><|im_end|>\\n<|im_start|>assistant\\n
+    <|im_start|>system\\n{context}<|im_end|>\\n<|im_start|>user\\n
+    <|audio_start|>{<|audio_pad|> x N}<|audio_end|><|im_end|>\\n<|im_start|>assistant\\n
 
-and a forced language appends ``language {Name}<asr_text>``. Unforced, the model writes that header itself:
-``language {Name}<asr_text>{transcript}`` then ``<|im_end|>``; silent audio gives ``language None<asr_text>``.
+(one line, broken here for width), and a forced language appends ``language {Name}<asr_text>``. Unforced, the
+model writes that header itself: ``language {Name}<asr_text>{transcript}`` then ``<|im_end|>``; silent audio gives
+``language None<asr_text>``.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def supported_languages(extra: Iterable[str] | None = None) -> tuple[str, ...]:
 
 
 def normalize_language(lang: str, supported: Iterable[str] | None = None) -> str:
-    """Canonical name ("English") for a name or ISO code in any case ("english", "EN", "en-US", "yue"); ValueError lists the valid names."""
+    """Canonical name ("English") of a name or ISO code in any case ("english", "EN", "en-US"); else ValueError."""
     names = supported_languages(supported)
     key = str(lang).strip().casefold()
     by_name = {n.casefold(): n for n in names}
@@ -98,7 +100,7 @@ def build_prompt_ids(
     language: str | None = None,
     supported: Iterable[str] | None = None,
 ) -> list[int]:
-    """Prompt ids for one clip with ``n_audio_tokens`` audio pads; a ``language`` (name or code) forces ``language {Name}<asr_text>``."""
+    """Prompt ids for one clip with ``n_audio_tokens`` pads; a ``language`` appends ``language {Name}<asr_text>``."""
     if int(n_audio_tokens) != n_audio_tokens or n_audio_tokens < 0:
         raise ValueError(f"n_audio_tokens must be a non-negative integer, got {n_audio_tokens!r}")
     # Text goes through the plain encoder, so control-token strings inside `context` stay text; each text run is
@@ -163,7 +165,7 @@ def parse_output(
     supported: Iterable[str] | None = None,
     fix_repetitions: bool = False,
 ) -> tuple[str | None, str]:
-    """``(language, text)`` from generated ids (prompt excluded); pass the forced ``language`` when the prompt forced one."""
+    """``(language, text)`` from generated ids (prompt excluded); pass ``language`` when the prompt forced one."""
     ids = _strip_at_eos([int(i) for i in token_ids], tok.eos_ids)
     asr_text = tok.asr_text_id
     if language is not None and str(language).strip():
@@ -202,7 +204,7 @@ def _first_repeat(text: str, start: int, times: int, max_len: int) -> int:
 
 
 def collapse_repetitions(text: str, times: int = 20, max_len: int = 20) -> str:
-    """Undo decoding loops as the reference pipeline does: runs of one character, or of a pattern up to ``max_len`` long, repeated ``times`` or more times, collapse to one copy."""
+    """Undo decoding loops like the reference: a character or pattern (<= max_len) looping times+ times -> once."""
     text = _collapse_char_runs(text, times)
     out: list[str] = []
     while True:

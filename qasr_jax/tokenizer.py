@@ -124,7 +124,7 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
-        """Load from a checkpoint folder: ``tokenizer.json``, else ``vocab.json`` + ``merges.txt`` + ``tokenizer_config.json``."""
+        """Load from a checkpoint folder: tokenizer.json, else vocab.json + merges.txt + tokenizer_config.json."""
         folder = Path(path)
         if not folder.is_dir():
             raise TokenizerError(f"tokenizer folder {str(folder)!r} does not exist")
@@ -161,12 +161,12 @@ class Tokenizer:
     # --- text <-> ids ------------------------------------------------------------------------------------------
 
     def encode(self, text: str, *, parse_special: bool = False) -> list[int]:
-        """Token ids of ``text`` (NFC-normalised, no BOS); ``parse_special=True`` also maps added-token strings to their ids."""
+        """Token ids of ``text`` (NFC, no BOS); ``parse_special=True`` also maps added-token strings to their ids."""
         tk = self._tk if parse_special else self._plain
         return tk.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        """Text of ``ids`` decoded as one byte string, so characters spanning tokens come out whole; ids outside the vocabulary are dropped."""
+        """Text of ``ids`` as one byte string, so characters spanning tokens come out whole; unknown ids are dropped."""
         n = self._vocab_size
         clean = [i for i in (int(x) for x in ids) if 0 <= i < n]
         return self._tk.decode(clean, skip_special_tokens=skip_special_tokens)

@@ -3,7 +3,7 @@
 import random
 
 import pytest
-from tokenizer_files import write_tokenizer
+from tests.tokenizer_files import write_tokenizer
 from transformers.models.qwen3_asr import processing_qwen3_asr as reference
 
 from qasr_jax.prompts import (

