@@ -123,6 +123,17 @@ def _backward_kernel(
     dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
     dq_ref[...] = jnp.zeros(dq_ref.shape, dq_ref.dtype)
 
+    n_blocks_static = q_ref.shape[0] // block_q * (k_ref.shape[0] // block_k)
+
+    def tile_grads(q, do, delta, lse, s, cols, k, v):
+        # one (query block, key block) tile: accumulate dK, dV into scratch, return this tile's dQ term
+        p = jnp.exp(s - lse)  # (block_q, block_k); exactly 0 at masked keys
+        dv_acc[cols, :] += jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dp = lax.dot_general(do, v, NT_DIMS, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta) * scale
+        dk_acc[cols, :] += jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+        return jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
     def query_block(i, carry):
         rows = pl.ds(pl.multiple_of(i * block_q, block_q), block_q)
         q = q_ref[rows, :]
@@ -140,7 +151,7 @@ def _backward_kernel(
             s = _scores(q, k, 0, valid, scale, block_k)
             m = jnp.max(s, axis=1, keepdims=True)
             lse = m + jnp.log(jnp.sum(jnp.exp(s - m), axis=1, keepdims=True))
-            dq = _tile_grads(q, do, delta, lse, s, cols, k, v)
+            dq = tile_grads(q, do, delta, lse, s, cols, k, v)
         else:
             def stats(j, carry):
                 m, l = carry
@@ -155,22 +166,12 @@ def _backward_kernel(
 
             def grads(j, dq):
                 cols, k, v = key_tiles(j)
-                return dq + _tile_grads(q, do, delta, lse, _scores(q, k, j, valid, scale, block_k), cols, k, v)
+                return dq + tile_grads(q, do, delta, lse, _scores(q, k, j, valid, scale, block_k), cols, k, v)
 
             dq = lax.fori_loop(0, n_key_blocks, grads, jnp.zeros(q.shape, jnp.float32))
         dq_ref[rows, :] = dq.astype(dq_ref.dtype)
         return carry
 
-    def _tile_grads(q, do, delta, lse, s, cols, k, v):
-        # one (query block, key block) tile: accumulate dK, dV into scratch, return this tile's dQ term
-        p = jnp.exp(s - lse)  # (block_q, block_k); exactly 0 at masked keys
-        dv_acc[cols, :] += jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
-        dp = lax.dot_general(do, v, NT_DIMS, preferred_element_type=jnp.float32)
-        ds = p * (dp - delta) * scale
-        dk_acc[cols, :] += jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32)
-        return jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
-
-    n_blocks_static = q_ref.shape[0] // block_q * (k_ref.shape[0] // block_k)
     lax.fori_loop(0, lax.div(valid + block_q - 1, block_q), query_block, 0)
     dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
     dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
