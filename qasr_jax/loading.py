@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qasr_jax.config import ModelConfig, audio_token_count, load_config
-from qasr_jax.model import Qwen3ASRModule
+from qasr_jax.model import KVCache, Qwen3ASRModule
 
 DTYPES = ("float32", "bfloat16")
 
@@ -33,6 +33,9 @@ class Model:
         self.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
         self._encode = jax.jit(functools.partial(self.module.apply, method=Qwen3ASRModule.encode))
         self._forward = jax.jit(self.module.apply)
+        self._embed = jax.jit(functools.partial(self.module.apply, method=Qwen3ASRModule.embed))
+        self._prefill = jax.jit(functools.partial(self.module.apply, method=Qwen3ASRModule.prefill))
+        self._step = jax.jit(functools.partial(self.module.apply, method=Qwen3ASRModule.step), donate_argnums=2)
 
     # -- the audio front end -------------------------------------------------------------------------------
     @staticmethod
@@ -66,6 +69,23 @@ class Model:
     def encode_batch(self, feats: jax.Array, n_frames: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Padded batch (batch, 128, frames), n_frames (batch,) -> (audio embeds (batch, seq, hidden), n_tokens)."""
         return self._encode({"params": self.params}, feats, n_frames)
+
+    # -- cached decoding ------------------------------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache of ``max_len`` slots for ``batch`` rows, in the model's dtype."""
+        return KVCache.init(self.config.text, batch, max_len, jnp.dtype(self.dtype))
+
+    def embed(self, input_ids: jax.Array, audio_embeds: jax.Array) -> jax.Array:
+        """Prompt ids (batch, seq) + audio embeds (batch, audio_seq, hidden) -> decoder input embeds."""
+        return self._embed({"params": self.params}, input_ids, audio_embeds)
+
+    def prefill(self, embeds: jax.Array, token_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Right-padded prompt embeds into an empty cache -> (float32 next-token logits (batch, vocab), cache)."""
+        return self._prefill({"params": self.params}, embeds, token_mask, cache)
+
+    def step(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Append one token per row (batch,) -> (float32 logits (batch, vocab), cache); the old cache is donated."""
+        return self._step({"params": self.params}, tokens, cache)
 
     def logits(self, input_ids, feats) -> np.ndarray:
         """Prompt ids (holding the right number of ``<|audio_pad|>``) + log-mel -> float32 logits (len, vocab|classes)."""

@@ -221,8 +221,8 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, kv, cos, sin, mask, write_at):
         """x (batch, seq, hidden); kv this layer's (k, v) cache or None; mask (batch, seq, keys) bool.
 
-        With a cache, the new keys are written at slot ``write_at`` and the queries attend over all cache slots;
-        without one they attend over their own keys only.
+        With a cache, the new keys are written at slot ``write_at``. The mask's key axis says what the queries
+        attend over: the cache slots (max_len keys, one-token steps) or their own keys (seq keys, prefill).
         """
         cfg, dt = self.cfg, self.dtype
         batch, seq, _ = x.shape
@@ -237,7 +237,9 @@ class DecoderLayer(nn.Module):
             ck, cv = kv
             ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, write_at, 0, 0))
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, write_at, 0, 0))
-            k, v, kv = ck.astype(dt), cv.astype(dt), (ck, cv)
+            kv = (ck, cv)
+            if mask.shape[-1] == ck.shape[1]:  # the mask spans the cache slots: attend over the cache
+                k, v = ck.astype(dt), cv.astype(dt)
         # (batch, seq, kv_heads, groups, head_dim): query heads grouped by the kv head they share.
         qg = q.reshape(batch, seq, cfg.kv_heads, groups, cfg.head_dim)
         scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
@@ -290,10 +292,12 @@ class Qwen3ASRModule(nn.Module):
         self.audio_tower = AudioEncoder(cfg.audio, self.dtype, self.attention_impl)
         self.projector = Projector(cfg.audio, self.dtype)
         self.decoder = TextDecoder(cfg.text, self.dtype)
+        # Heads compute in float32 on weights stored in the model dtype.
+        f32 = jnp.float32
         if cfg.is_aligner:
-            self.score = _dense(cfg.num_labels, "score", self.dtype, bias=False)
+            self.score = nn.Dense(cfg.num_labels, use_bias=False, dtype=f32, param_dtype=self.dtype)
         elif not cfg.text.tie_word_embeddings:
-            self.lm_head = _dense(cfg.text.vocab_size, "lm_head", self.dtype, bias=False)
+            self.lm_head = nn.Dense(cfg.text.vocab_size, use_bias=False, dtype=f32, param_dtype=self.dtype)
 
     def encode(self, feats, n_frames):
         """Log-mel (batch, mels, frames) -> (projector output (batch, seq, text hidden), n_tokens (batch,))."""
@@ -310,17 +314,34 @@ class Qwen3ASRModule(nn.Module):
 
     def head(self, hidden):
         """Final hidden states -> float32 logits (vocabulary, or aligner classes)."""
+        hidden = hidden.astype(jnp.float32)
         if self.cfg.is_aligner:
-            out = self.score(hidden)
-        elif self.cfg.text.tie_word_embeddings:
-            out = self.decoder.embed.attend(hidden)
-        else:
-            out = self.lm_head(hidden)
-        return out.astype(jnp.float32)
+            return self.score(hidden)
+        if self.cfg.text.tie_word_embeddings:
+            return hidden @ self.decoder.embed.embedding.astype(jnp.float32).T
+        return self.lm_head(hidden)
 
     def decode(self, embeds, positions, mask, cache: KVCache | None = None, write_at=0):
         """Run the decoder (see TextDecoder) and return (hidden, kv)."""
         return self.decoder(embeds, positions, mask, cache, write_at)
+
+    def prefill(self, embeds, token_mask, cache: KVCache):
+        """Right-padded prompt embeds (batch, seq, hidden) into an empty cache -> (next-token logits, cache)."""
+        positions, mask = prompt_positions_and_mask(token_mask)
+        hidden, (k, v) = self.decode(embeds, positions, mask, cache, 0)
+        last = jnp.maximum(token_mask.sum(1) - 1, 0)  # each row's last real token
+        logits = self.head(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
+        seq = token_mask.shape[1]
+        valid = jax.lax.dynamic_update_slice(cache.valid, token_mask.astype(bool), (0, 0))
+        return logits, KVCache(k=k, v=v, valid=valid, end=jnp.asarray(seq, jnp.int32))
+
+    def step(self, tokens, cache: KVCache):
+        """One new token per row (batch,) at slot ``cache.end`` -> (logits (batch, vocab), cache)."""
+        positions = cache.valid.sum(1)[:, None]  # each row's next position counts its real tokens only
+        valid = cache.valid.at[:, cache.end].set(True)
+        embeds = self.decoder.embed(tokens[:, None])
+        hidden, (k, v) = self.decode(embeds, positions, valid[:, None, :], cache, cache.end)
+        return self.head(hidden[:, 0]), KVCache(k=k, v=v, valid=valid, end=cache.end + 1)
 
     def __call__(self, input_ids, feats, n_frames, token_mask=None):
         """Full forward without cache: logits (batch, seq, vocab or classes) at every prompt position."""
