@@ -76,7 +76,7 @@ def official_config(cfg: ModelConfig) -> dict:
         "model_type": "qwen3_asr_thinker",
     }
     out = {"architectures": ["Qwen3ASRForConditionalGeneration"], "thinker_config": thinker,
-           "model_type": "qwen3_asr", "support_languages": ["Chinese", "English"]}
+           "model_type": "qwen3_asr", "support_languages": list(cfg.support_languages)}
     if cfg.is_aligner:
         thinker["classify_num"] = cfg.num_labels
         out.update(model_type="qwen3_forced_aligner", timestamp_token_id=cfg.timestamp_token_id,
