@@ -23,13 +23,14 @@ def _bucket(n: int, step: int) -> int:
 class Model:
     """A loaded Qwen3-ASR or ForcedAligner: config, params and jitted encoder / forward functions."""
 
-    def __init__(self, config: ModelConfig, params, dtype: str = "float32", attention_impl: str = "auto"):
+    def __init__(self, config: ModelConfig, params, dtype: str = "float32", attention_impl: str = "auto",
+                 interpret: bool = False):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.config = config
         self.dtype = dtype
         self.attention_impl = attention_impl
-        self.module = Qwen3ASRModule(config, jnp.dtype(dtype), attention_impl)
+        self.module = Qwen3ASRModule(config, jnp.dtype(dtype), attention_impl, interpret)
         self.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
         self._encode = jax.jit(functools.partial(self.module.apply, method=Qwen3ASRModule.encode))
         self._forward = jax.jit(self.module.apply)
@@ -108,7 +109,11 @@ class Model:
 
 
 def load(path: str | os.PathLike, dtype: str = "float32", attention_impl: str = "auto") -> Model:
-    """Load a Qwen3-ASR / ForcedAligner folder: official or -hf safetensors layout, or a qasr_jax Orbax export."""
+    """Load a Qwen3-ASR / ForcedAligner folder: official or -hf safetensors layout, or a qasr_jax Orbax export.
+
+    ``attention_impl`` picks the encoder's windowed attention: "auto" (the Pallas kernel where it applies, else
+    XLA), "xla", or "pallas" (an error where the kernel cannot run).
+    """
     from qasr_jax.convert.orbax_io import is_orbax_export, restore_orbax
 
     path = os.fspath(path)

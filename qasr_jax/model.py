@@ -81,6 +81,7 @@ class EncoderLayer(nn.Module):
     cfg: AudioConfig
     dtype: Dtype
     attention_impl: str
+    interpret: bool = False
 
     @nn.compact
     def __call__(self, x, n_tokens):
@@ -89,7 +90,9 @@ class EncoderLayer(nn.Module):
         head_dim = d // cfg.heads
         h = LayerNorm(dt, name="attn_norm")(x)
         q, k, v = (_dense(d, n, dt)(h).reshape(batch, seq, cfg.heads, head_dim) for n in ("q", "k", "v"))
-        att = windowed_attention(q, k, v, n_tokens, cfg.window_tokens, impl=self.attention_impl)
+        att = windowed_attention(
+            q, k, v, n_tokens, cfg.window_tokens, impl=self.attention_impl, interpret=self.interpret
+        )
         x = x + _dense(d, "o", dt)(att.reshape(batch, seq, d))
         h = LayerNorm(dt, name="mlp_norm")(x)
         h = _dense(d, "fc2", dt)(gelu(_dense(cfg.ffn_dim, "fc1", dt)(h)))
@@ -102,6 +105,7 @@ class AudioEncoder(nn.Module):
     cfg: AudioConfig
     dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    interpret: bool = False  # run a Pallas kernel in the interpreter (tests on CPU)
 
     @nn.compact
     def __call__(self, feats, n_frames):
@@ -143,7 +147,7 @@ class AudioEncoder(nn.Module):
             split_rngs={"params": True},
             in_axes=nn.broadcast,
             length=cfg.layers,
-        )(cfg, dt, self.attention_impl, name="layers")
+        )(cfg, dt, self.attention_impl, self.interpret, name="layers")
         x, _ = layers(x, n_tokens)
         return LayerNorm(dt, name="ln_post")(x), n_tokens
 
@@ -286,10 +290,11 @@ class Qwen3ASRModule(nn.Module):
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    interpret: bool = False
 
     def setup(self):
         cfg = self.cfg
-        self.audio_tower = AudioEncoder(cfg.audio, self.dtype, self.attention_impl)
+        self.audio_tower = AudioEncoder(cfg.audio, self.dtype, self.attention_impl, self.interpret)
         self.projector = Projector(cfg.audio, self.dtype)
         self.decoder = TextDecoder(cfg.text, self.dtype)
         # Heads compute in float32 on weights stored in the model dtype.

@@ -84,6 +84,20 @@ def test_encoder_matches_reference(checkpoints, models, name, layout):
     assert rel(np.asarray(hidden[0, : int(n_tok[0])]), ref.last_hidden_state.numpy()) <= TOL
 
 
+def test_encoder_with_pallas_kernel_equals_xla(checkpoints, models):
+    """The Pallas windowed-attention kernel (interpreted on CPU) gives the XLA encoder's output."""
+    ck = checkpoints("asr")
+    xla = models("asr", "hf")
+    pallas = qasr_jax.Model(ck.cfg, xla.params, attention_impl="pallas", interpret=True)
+    waves = [INPUTS["synthetic-0.7s"](), INPUTS["speech-10.07s"]()]
+    feats, n_frames = log_mel_batch(waves)
+    a, n_a = xla.encode_batch(jnp.asarray(feats), jnp.asarray(n_frames))
+    b, n_b = pallas.encode_batch(jnp.asarray(feats), jnp.asarray(n_frames))
+    for i in range(len(waves)):
+        n = int(n_a[i])
+        assert rel(np.asarray(b[i, :n]), np.asarray(a[i, :n])) <= 1e-5
+
+
 def test_batched_encode_matches_reference_and_single(checkpoints, models):
     """One padded batch of every input length: each row equals the reference run alone and our single run."""
     model = models("asr", "hf")
