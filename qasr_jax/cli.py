@@ -1,8 +1,10 @@
-"""The ``qasr-jax`` command line: convert checkpoints (and, as they land, transcribe and align audio)."""
+"""The ``qasr-jax`` command line: transcribe audio, align text to audio, convert checkpoints."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 
@@ -19,6 +21,51 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+FORMATS = ("txt", "json", "srt", "vtt", "tsv")
+
+
+def _render(result, fmt: str) -> str:
+    """One result in an output format; with word timestamps, subtitles have one cue per word."""
+    from qasr_jax import formats
+
+    if fmt == "json":
+        return json.dumps(result.to_dict(), ensure_ascii=False)
+    if fmt == "txt":
+        return result.text
+    cues = result.words if result.words is not None else result.segments
+    return {"srt": formats.to_srt, "vtt": formats.to_vtt, "tsv": formats.to_tsv}[fmt](cues)
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    from qasr_jax.transcribe import Transcriber
+
+    asr = Transcriber.from_pretrained(args.model, dtype=args.dtype, aligner=args.aligner)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    failed = 0
+    results = asr.transcribe_iter(
+        args.files, language=args.language, context=args.context, beam_size=args.beam_size,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, return_timestamps=args.timestamps,
+        max_audio_seconds=args.max_audio_seconds, errors="collect", progress=sys.stderr.isatty(),
+    )
+    for _, result in results:
+        if result.error is not None:
+            failed += 1
+            print(f"qasr-jax transcribe: error: {result.error}", file=sys.stderr)
+            if result.text == "":
+                continue
+        text = _render(result, args.output_format)
+        if args.output_dir:
+            stem = os.path.splitext(os.path.basename(result.source))[0] or "audio"
+            with open(os.path.join(args.output_dir, f"{stem}.{args.output_format}"), "w", encoding="utf-8") as f:
+                f.write(text if text.endswith("\n") else text + "\n")
+        else:
+            print(text, flush=True)
+    if failed:
+        print(f"qasr-jax transcribe: {failed} of {len(args.files)} inputs failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="qasr-jax", description="Qwen3-ASR in JAX")
@@ -30,6 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst", help="output folder (reload it with qasr_jax.load, no torch needed)")
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored parameter dtype")
     conv.set_defaults(func=_convert)
+
+    tr = sub.add_parser("transcribe", help="transcribe audio files (any format librosa reads)")
+    tr.add_argument("files", nargs="+", help="audio files")
+    tr.add_argument("--model", default="Qwen/Qwen3-ASR-0.6B", help="checkpoint folder or hub id")
+    tr.add_argument("--language", default=None, help="force a language (name or ISO code); default: detect")
+    tr.add_argument("--context", default="", help="context text: names, hotwords, domain terms")
+    tr.add_argument("--beam-size", type=int, default=1, help="1 = greedy")
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    tr.add_argument("--max-new-tokens", type=int, default=448)
+    tr.add_argument("--max-audio-seconds", type=float, default=1200.0, help="longer audio is cut into pieces")
+    tr.add_argument("--output-format", default="txt", choices=FORMATS)
+    tr.add_argument("--output-dir", default=None, help="write FILE_STEM.FORMAT here instead of printing")
+    tr.add_argument("--aligner", default=None, help="ForcedAligner folder or hub id, for --timestamps")
+    tr.add_argument("--timestamps", action="store_true", help="word timestamps (needs --aligner)")
+    tr.set_defaults(func=_transcribe)
     return parser
 
 

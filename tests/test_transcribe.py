@@ -1,0 +1,206 @@
+"""Transcription end to end: Python API and CLI against the reference's greedy generate; bad input; formats."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from qasr_jax.audio import load_audio
+from qasr_jax.config import audio_token_count
+from qasr_jax.prompts import build_prompt_ids
+from qasr_jax.transcribe import Transcriber
+from tests.conftest import DATA, synthetic
+from tests.test_parity import reference_inputs
+from tests.tokenizer_files import write_tokenizer
+
+NEW = 10  # new tokens per input: random weights rarely stop, so every row runs to the limit
+
+
+@pytest.fixture(scope="module")
+def asr_dir(checkpoints, tmp_path_factory):
+    """The tiny ASR checkpoint (official layout) with the real Qwen tokenizer beside it."""
+    folder = str(tmp_path_factory.mktemp("asr") / "ckpt")
+    shutil.copytree(checkpoints("asr").official, folder)
+    write_tokenizer(folder, "official")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def asr(asr_dir):
+    return Transcriber.from_pretrained(asr_dir)
+
+
+def reference_ids(torch_model, tok, wave, language=None, context="", new=NEW) -> list[int]:
+    """transformers' greedy generate on one input alone, from the same prompt ids."""
+    feats, mask = reference_inputs(wave)
+    n_audio = audio_token_count(int(mask.sum()), torch_model_cfg(torch_model))
+    ids = torch.tensor([build_prompt_ids(tok, n_audio, context, language)])
+    with torch.no_grad():
+        out = torch_model.generate(input_ids=ids, input_features=feats, input_features_mask=mask,
+                                   max_new_tokens=new, do_sample=False, eos_token_id=list(tok.eos_ids))
+    gen = out[0, ids.shape[1]:].tolist()
+    return [t for t in gen[: next((i for i, t in enumerate(gen) if t in tok.eos_ids), len(gen))]]
+
+
+def torch_model_cfg(torch_model):
+    from qasr_jax.config import config_from_hf_dict
+
+    return config_from_hf_dict(torch_model.config.to_dict()).audio
+
+
+FILES = ["hello_en.wav", "zh.wav", "long_en.wav"]
+
+
+def test_greedy_ids_equal_reference_single_and_batched(checkpoints, asr):
+    ck = checkpoints("asr")
+    paths = [os.path.join(DATA, f) for f in FILES]
+    waves = [load_audio(p) for p in paths] + [synthetic(0.4, 7)]
+    expected = [reference_ids(ck.torch_model, asr.tokenizer, w) for w in waves]
+    batched = asr.transcribe(paths + [waves[-1]], max_new_tokens=NEW, batch_size=4)
+    assert [r.token_ids for r in batched] == expected
+    single = [asr.transcribe(w, max_new_tokens=NEW)[0] for w in waves]
+    assert [r.token_ids for r in single] == expected
+    for r, w in zip(batched, waves):
+        assert r.error is None and r.duration == pytest.approx(w.shape[0] / 16000)
+        assert r.text == asr.tokenizer.decode(r.token_ids).strip() or "<asr_text>" in asr.tokenizer.decode(r.token_ids)
+
+
+def test_forced_language_and_context_reach_the_prompt(checkpoints, asr):
+    ck = checkpoints("asr")
+    wave = load_audio(os.path.join(DATA, "hello_en.wav"))
+    expected = reference_ids(ck.torch_model, asr.tokenizer, wave, language="English", context="Qwen, JAX")
+    r = asr.transcribe(wave, language="en", context="Qwen, JAX", max_new_tokens=NEW)[0]
+    assert r.token_ids == expected
+    assert r.language == "English"  # forced: every generated token is text
+    assert r.text == asr.tokenizer.decode(expected).strip()
+
+
+def test_beam_search_runs_through_the_pipeline(checkpoints, asr):
+    ck = checkpoints("asr")
+    wave = load_audio(os.path.join(DATA, "zh.wav"))
+    feats, mask = reference_inputs(wave)
+    n_audio = audio_token_count(int(mask.sum()), ck.cfg.audio)
+    ids = torch.tensor([build_prompt_ids(asr.tokenizer, n_audio)])
+    with torch.no_grad():
+        out = ck.torch_model.generate(input_ids=ids, input_features=feats, input_features_mask=mask,
+                                      max_new_tokens=6, do_sample=False, num_beams=3, length_penalty=1.0,
+                                      eos_token_id=list(asr.tokenizer.eos_ids))
+    assert asr.transcribe(wave, beam_size=3, max_new_tokens=6)[0].token_ids == out[0, ids.shape[1]:].tolist()
+
+
+def test_long_audio_is_cut_into_pieces(asr):
+    path = os.path.join(DATA, "long_en.wav")
+    whole = load_audio(path)
+    r = asr.transcribe(path, max_new_tokens=NEW, max_audio_seconds=4.0)[0]
+    assert len(r.segments) == 3
+    starts = [s.start for s in r.segments]
+    assert starts[0] == 0.0 and all(b - a <= 4.0 for a, b in zip(starts, starts[1:] + [r.duration]))
+    assert r.segments[-1].end == pytest.approx(whole.shape[0] / 16000, abs=1e-3)
+    # Each piece is transcribed as if it were its own input.
+    pieces = [whole[int(round(a * 16000)) : int(round(b * 16000))] for a, b in zip(starts, starts[1:] + [r.duration])]
+    alone = asr.transcribe(pieces, max_new_tokens=NEW)
+    assert r.token_ids == [t for p in alone for t in p.token_ids]
+
+
+def test_new_lengths_inside_a_bucket_compile_nothing(asr):
+    """After one batch, a second batch of new lengths (same buckets) and another max_new_tokens compile nothing."""
+    asr.transcribe([synthetic(2.1, 1), synthetic(3.3, 2)], max_new_tokens=NEW, batch_size=2)
+    compiles = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        asr.transcribe([synthetic(4.4, 3), synthetic(1.7, 4)], max_new_tokens=NEW - 3, batch_size=2)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == []
+
+
+def test_bad_inputs_get_named_errors(asr, tmp_path):
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, np.float32), 16000)
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000, np.float32), 16000)
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"not audio at all")
+    for bad, words in [(empty, "empty"), (silent, "silent"), (garbage, "garbage.wav"), (tmp_path, "directory")]:
+        with pytest.raises(ValueError) as err:
+            asr.transcribe(str(bad))
+        assert str(bad) in str(err.value) and words in str(err.value).lower()
+    with pytest.raises(ValueError, match="Klingon.*English"):
+        asr.transcribe(synthetic(1.0), language="Klingon")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        asr.transcribe(synthetic(1.0), max_new_tokens=10**6)
+    # errors="collect": the bad one is reported, the good ones still come back.
+    out = asr.transcribe([str(garbage), synthetic(1.0)], max_new_tokens=3, errors="collect")
+    assert out[0].error and "garbage.wav" in out[0].error and out[1].error is None and len(out[1].token_ids) == 3
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "qasr_jax.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_every_format_parses_back(asr_dir, asr, tmp_path):
+    files = [os.path.join(DATA, f) for f in ("hello_en.wav", "long_en.wav")]
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF....")
+    out_dir = tmp_path / "out"
+    expected = {r.source: r for r in asr.transcribe(files, max_new_tokens=NEW, max_audio_seconds=6.0)}
+    for fmt in ("txt", "json", "srt", "vtt", "tsv"):
+        proc = _cli("transcribe", files[0], str(bad), files[1], "--model", asr_dir, "--max-new-tokens", str(NEW),
+                    "--max-audio-seconds", "6", "--output-format", fmt, "--output-dir", str(out_dir))
+        assert proc.returncode == 1 and "broken.wav" in proc.stderr  # one bad file: reported, others written
+        for f in files:
+            r = expected[f]
+            text = (out_dir / (os.path.splitext(os.path.basename(f))[0] + "." + fmt)).read_text(encoding="utf-8")
+            if fmt == "txt":
+                assert text.strip() == r.text
+            elif fmt == "json":
+                d = json.loads(text)
+                assert d["file"] == f and d["token_ids"] == r.token_ids and d["text"] == r.text
+            else:
+                cues = parse_cues(text, fmt)
+                assert [norm(c[2]) for c in cues] == [norm(s.text) for s in r.segments]
+                assert [c[0] for c in cues] == pytest.approx([s.start for s in r.segments], abs=1e-3)
+                assert [c[1] for c in cues] == pytest.approx([s.end for s in r.segments], abs=1e-3)
+    proc = _cli("transcribe", files[0], "--model", asr_dir, "--max-new-tokens", "4", "--output-format", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["token_ids"] == asr.transcribe(files[0], max_new_tokens=4)[0].token_ids
+
+
+def norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _seconds(stamp: str) -> float:
+    h, m, s = stamp.replace(",", ".").split(":")
+    return int(h) * 3600 + int(m) * 60 + float(s)
+
+
+def parse_cues(text: str, fmt: str) -> list[tuple[float, float, str]]:
+    """SRT / VTT / TSV back to (start, end, text) cues, written independently of qasr_jax.formats."""
+    if fmt == "tsv":
+        rows = [line.split("\t") for line in text.strip().splitlines()[1:]]
+        return [(int(a) / 1000, int(b) / 1000, t) for a, b, t in rows]
+    blocks = [b for b in text.strip().split("\n\n") if "-->" in b]
+    cues = []
+    for block in blocks:
+        lines = block.splitlines()
+        i = next(i for i, line in enumerate(lines) if "-->" in line)
+        a, b = [x.strip() for x in lines[i].split("-->")]
+        body = "\n".join(lines[i + 1:])
+        cues.append((_seconds(a), _seconds(b.split()[0]), html.unescape(body) if fmt == "vtt" else body))
+    return cues
