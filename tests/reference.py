@@ -8,6 +8,7 @@ config.json schema), so both loaders are checked against one reference forward p
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -115,8 +116,8 @@ def to_official_name(name: str) -> str:
 def save_hf(model: torch.nn.Module, path: str, dtype: torch.dtype = torch.float32, max_shard_size=None) -> str:
     """``save_pretrained`` in the -hf layout (sharded when max_shard_size is given)."""
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-    model.to(dtype).save_pretrained(path, **kwargs)
-    model.to(torch.float32)
+    # A copy: casting the shared reference to bf16 and back would round its weights for every later test.
+    copy.deepcopy(model).to(dtype).save_pretrained(path, **kwargs)
     return path
 
 
