@@ -1,7 +1,11 @@
 """qasr-jax: Qwen3-ASR and Qwen3-ForcedAligner in JAX/Flax."""
 
+from qasr_jax.aligner import Aligner, Word
 from qasr_jax.config import ModelConfig, load_config, preset
 from qasr_jax.loading import Model, load
+from qasr_jax.transcribe import Result, Segment, Transcriber
 
-__all__ = ["Model", "ModelConfig", "load", "load_config", "preset"]
+__all__ = [
+    "Aligner", "Model", "ModelConfig", "Result", "Segment", "Transcriber", "Word", "load", "load_config", "preset",
+]
 __version__ = "0.1.0"

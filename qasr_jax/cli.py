@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--aligner", default=None, help="ForcedAligner folder or hub id, for --timestamps")
     tr.add_argument("--timestamps", action="store_true", help="word timestamps (needs --aligner)")
     tr.set_defaults(func=_transcribe)
+
+    from qasr_jax.aligner import add_align_arguments, align_command
+
+    al = sub.add_parser("align", help="word timestamps for a known transcript (Qwen3-ForcedAligner)")
+    add_align_arguments(al).set_defaults(func=align_command)
     return parser
 
 

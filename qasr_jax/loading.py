@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qasr_jax.config import ModelConfig, audio_token_count, load_config
+from qasr_jax.hub import resolve_model_path
 from qasr_jax.model import KVCache, Qwen3ASRModule
 
 DTYPES = ("float32", "bfloat16")
@@ -109,16 +110,15 @@ class Model:
 
 
 def load(path: str | os.PathLike, dtype: str = "float32", attention_impl: str = "auto") -> Model:
-    """Load a Qwen3-ASR / ForcedAligner folder: official or -hf safetensors layout, or a qasr_jax Orbax export.
+    """Load a Qwen3-ASR / ForcedAligner folder (official or -hf safetensors layout, or a qasr_jax Orbax export)
+    or hub id.
 
     ``attention_impl`` picks the encoder's windowed attention: "auto" (the Pallas kernel where it applies, else
     XLA), "xla", or "pallas" (an error where the kernel cannot run).
     """
     from qasr_jax.convert.orbax_io import is_orbax_export, restore_orbax
 
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path!r} is not a folder: pass a checkpoint folder (config.json + *.safetensors)")
+    path = resolve_model_path(path)
     if is_orbax_export(path):
         params, cfg = restore_orbax(path)
     else:

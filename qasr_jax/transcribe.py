@@ -252,18 +252,17 @@ class Transcriber:
             self._align(result, order)
 
     def _align(self, result: Result, order) -> None:
-        words = []
+        spoken = [(piece, lang, text) for piece, lang, text, _ in order if text.strip()]
         try:
-            for piece, lang, text, _ in order:
-                if not text.strip():
-                    continue
-                for wd in self.aligner.align_batch([piece.samples], [text], [lang])[0]:
-                    words.append(dataclasses.replace(wd, start=round(wd.start + piece.offset, 3),
-                                                     end=round(wd.end + piece.offset, 3)))
+            per_piece = self.aligner.align_batch([p.samples for p, _, _ in spoken], [t for _, _, t in spoken],
+                                                 [lang or result.language for _, lang, _ in spoken])
         except ValueError as e:  # e.g. a language the aligner does not cover: keep the transcript
             result.error = f"{result.source}: timestamps unavailable: {e}"
             return
-        result.words = words
+        result.words = [
+            dataclasses.replace(w, start=round(w.start + piece.offset, 3), end=round(w.end + piece.offset, 3))
+            for (piece, _, _), words in zip(spoken, per_piece) for w in words
+        ]
 
 
 class _NoBar:

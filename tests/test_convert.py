@@ -164,7 +164,7 @@ def test_hf_config_parses_to_the_same_config(checkpoints):
 
 
 def test_not_a_checkpoint_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a folder"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         qasr_jax.load(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
