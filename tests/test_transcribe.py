@@ -40,22 +40,17 @@ def asr(asr_dir):
     return Transcriber.from_pretrained(asr_dir)
 
 
-def reference_ids(torch_model, tok, wave, language=None, context="", new=NEW) -> list[int]:
+def reference_ids(ck, tok, wave, language=None, context="", new=NEW) -> list[int]:
     """transformers' greedy generate on one input alone, from the same prompt ids."""
+    torch_model = ck.torch_model
     feats, mask = reference_inputs(wave)
-    n_audio = audio_token_count(int(mask.sum()), torch_model_cfg(torch_model))
+    n_audio = audio_token_count(int(mask.sum()), ck.cfg.audio)
     ids = torch.tensor([build_prompt_ids(tok, n_audio, context, language)])
     with torch.no_grad():
         out = torch_model.generate(input_ids=ids, input_features=feats, input_features_mask=mask,
                                    max_new_tokens=new, do_sample=False, eos_token_id=list(tok.eos_ids))
     gen = out[0, ids.shape[1]:].tolist()
-    return [t for t in gen[: next((i for i, t in enumerate(gen) if t in tok.eos_ids), len(gen))]]
-
-
-def torch_model_cfg(torch_model):
-    from qasr_jax.config import config_from_hf_dict
-
-    return config_from_hf_dict(torch_model.config.to_dict()).audio
+    return gen[: next((i for i, t in enumerate(gen) if t in tok.eos_ids), len(gen))]
 
 
 FILES = ["hello_en.wav", "zh.wav", "long_en.wav"]
@@ -65,7 +60,7 @@ def test_greedy_ids_equal_reference_single_and_batched(checkpoints, asr):
     ck = checkpoints("asr")
     paths = [os.path.join(DATA, f) for f in FILES]
     waves = [load_audio(p) for p in paths] + [synthetic(0.4, 7)]
-    expected = [reference_ids(ck.torch_model, asr.tokenizer, w) for w in waves]
+    expected = [reference_ids(ck, asr.tokenizer, w) for w in waves]
     batched = asr.transcribe(paths + [waves[-1]], max_new_tokens=NEW, batch_size=4)
     assert [r.token_ids for r in batched] == expected
     single = [asr.transcribe(w, max_new_tokens=NEW)[0] for w in waves]
@@ -78,7 +73,7 @@ def test_greedy_ids_equal_reference_single_and_batched(checkpoints, asr):
 def test_forced_language_and_context_reach_the_prompt(checkpoints, asr):
     ck = checkpoints("asr")
     wave = load_audio(os.path.join(DATA, "hello_en.wav"))
-    expected = reference_ids(ck.torch_model, asr.tokenizer, wave, language="English", context="Qwen, JAX")
+    expected = reference_ids(ck, asr.tokenizer, wave, language="English", context="Qwen, JAX")
     r = asr.transcribe(wave, language="en", context="Qwen, JAX", max_new_tokens=NEW)[0]
     assert r.token_ids == expected
     assert r.language == "English"  # forced: every generated token is text
