@@ -199,3 +199,40 @@ def parse_cues(text: str, fmt: str) -> list[tuple[float, float, str]]:
         body = "\n".join(lines[i + 1:])
         cues.append((_seconds(a), _seconds(b.split()[0]), html.unescape(body) if fmt == "vtt" else body))
     return cues
+
+
+@pytest.fixture(scope="module")
+def aligner_dir(checkpoints, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("aligner") / "ckpt")
+    shutil.copytree(checkpoints("aligner").hf, folder)
+    write_tokenizer(folder, "hf")
+    return folder
+
+
+def test_timestamps_through_api_and_cli(asr_dir, aligner_dir, tmp_path):
+    """Word times from the aligner, offset per piece: monotonic, inside the audio, and the same in SRT/VTT."""
+    from qasr_jax.aligner import Aligner
+
+    path = os.path.join(DATA, "long_en.wav")
+    al = Aligner.from_pretrained(aligner_dir)
+    asr = Transcriber.from_pretrained(asr_dir, aligner=al)
+    r = asr.transcribe(path, language="English", max_new_tokens=NEW, max_audio_seconds=6.0,
+                       return_timestamps=True)[0]
+    assert r.error is None and len(r.segments) >= 2 and r.words
+    # Each piece's words are that piece aligned alone, shifted by the piece's offset.
+    wave = load_audio(path)
+    for seg, nxt in zip(r.segments, r.segments[1:] + [None]):
+        piece = wave[int(round(seg.start * 16000)):None if nxt is None else int(round(nxt.start * 16000))]
+        alone = al.align(piece, seg.text, "English")
+        shifted = [(w.text, round(w.start + seg.start, 3), round(w.end + seg.start, 3)) for w in alone]
+        assert all(s in [(w.text, w.start, w.end) for w in r.words] for s in shifted)
+    starts = [w.start for w in r.words]
+    assert starts == sorted(starts) and all(0 <= w.start <= w.end <= r.duration + 1e-3 for w in r.words)
+    for fmt in ("srt", "vtt"):
+        proc = _cli("transcribe", path, "--model", asr_dir, "--aligner", aligner_dir, "--timestamps",
+                    "--language", "en", "--max-new-tokens", str(NEW), "--max-audio-seconds", "6",
+                    "--output-format", fmt)
+        assert proc.returncode == 0, proc.stderr
+        cues = parse_cues(proc.stdout, fmt)
+        assert [norm(c[2]) for c in cues] == [norm(w.text) for w in r.words]
+        assert [c[0] for c in cues] == pytest.approx(starts, abs=1e-3)
