@@ -289,7 +289,7 @@ def _beam_pick(s: BeamState, logits, cfg: SearchConfig, z: SearchSettings) -> Be
 
     # Finished hypotheses: only candidates among the first `beams` count, each penalised by its generated length.
     full_stop = z.early_stopping == EARLY_STOPPING[True]
-    just = ends & (jnp.arange(n_cand) < beams)[None, :]
+    just = ends & (jnp.arange(n_cand) < beams)[None, :] & (s.t < z.max_new_tokens)  # max_new_tokens 0: none
     fin = cand_scores / (s.t + 1).astype(jnp.float32) ** z.length_penalty
     fin += (jnp.all(s.done_mask, axis=1, keepdims=True) & full_stop) * NEG
     fin += ~s.improvable[:, None] * NEG
@@ -362,10 +362,12 @@ def search(step_fn: StepFn, logits: jax.Array, state, batch_axes, settings: Sear
     """Decode from the prompt's next-token logits (batch, V) and decoder state with `step_fn`; traceable, jit it.
 
     ``batch_axes`` is a prefix tree of ``state`` giving each leaf's batch axis (None: shared by all rows).
-    ``settings.max_new_tokens`` must not exceed the static ``out_len``. ``prompt_ids`` (batch, seq) with
-    ``prompt_len`` (batch,) real ids per row (right-padded) join the repetition guard's history.
+    ``settings.max_new_tokens`` is cut to the static ``out_len`` (``step_fn`` must have room for that many
+    steps). ``prompt_ids`` (batch, seq) with ``prompt_len`` (batch,) real ids per row (right-padded) join the
+    repetition guard's history.
     """
     batch, vocab = logits.shape
+    settings = settings.replace(max_new_tokens=jnp.minimum(settings.max_new_tokens, out_len))
     if prompt_ids is not None and prompt_len is None:
         prompt_len = jnp.full((batch,), prompt_ids.shape[1], jnp.int32)
     guard = _init_guard(cfg, prompt_ids, prompt_len, batch, vocab, out_len)

@@ -1,0 +1,324 @@
+"""Greedy and beam search: known answers on a scripted Markov-chain decoder, and token ids identical to
+transformers' ``generate`` on the tiny random reference (greedy, beams 2 and 4, length penalty, EOS, early
+stopping, repetition penalty, no-repeat n-grams, suppressed EOS); batched == single; one compilation per bucket.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import LogitsProcessorList
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+import qasr_jax
+from qasr_jax import search as S
+from qasr_jax.audio import log_mel_batch
+from qasr_jax.model import KVCache
+from tests.conftest import speech, synthetic
+from tests.reference import save_hf
+from tests.test_parity import PREFIX, SUFFIX, reference_inputs
+
+# ----------------------------------------------------------------------------------------------------------------
+# A scripted decoder: a Markov chain over 6 tokens whose log-probs are worked out by hand below.
+# ----------------------------------------------------------------------------------------------------------------
+
+EOS, A, B, C, D, E = range(6)
+_T = 1e-6  # "never" (kept finite so that sums stay comparable)
+CHAINS = {
+    # Greedy takes A (0.5) then a flat continuation; beams find B (0.4) then C (0.9). After C: EOS 0.5 or D 0.45,
+    # and D repeats itself with 0.97, so a long B C D D D D beats a short B C <eos> only when length counts.
+    "misleading": {
+        "first": [0.01, 0.5, 0.4, 0.04, 0.03, 0.02],
+        A: [0.01, 0.17, 0.22, 0.21, 0.2, 0.19],
+        B: [0.02, 0.02, 0.02, 0.9, 0.02, 0.02],
+        C: [0.5, 0.0125, 0.0125, 0.0125, 0.45, 0.0125],
+        D: [0.01, 0.005, 0.005, 0.005, 0.97, 0.005],
+        E: [1 / 6] * 6,
+        EOS: [1 / 6] * 6,
+    },
+    # EOS first (0.6); every later token: EOS 0.5, A 0.3, B 0.2. The empty hypothesis wins and, with two beams and
+    # early_stopping=False, nothing can beat it once two hypotheses are kept after the second token.
+    "eos-first": {
+        "first": [0.6, 0.3, 0.1, _T, _T, _T],
+        **{tok: [0.5, 0.3, 0.2, _T, _T, _T] for tok in (A, B, C, D, E)},
+        EOS: [1 / 6] * 6,
+    },
+}
+
+
+def _log_probs(chain: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(first (V,), table (V, V)) normalised log-probs; table[prev] is the distribution after token prev."""
+    norm = lambda p: np.log(np.asarray(p, np.float64) / np.sum(p))  # noqa: E731
+    return norm(chain["first"]), np.stack([norm(chain[tok]) for tok in range(6)])
+
+
+FIRST, TABLE = (np.stack(x).astype(np.float32) for x in zip(*(_log_probs(c) for c in CHAINS.values())))
+
+
+def path_logprob(chain: str, tokens: list[int]) -> float:
+    """Sum of log-probs of a token path under a chain (float64)."""
+    first, table = _log_probs(CHAINS[chain])
+    total, prev = first[tokens[0]], tokens[0]
+    for tok in tokens[1:]:
+        total, prev = total + table[prev, tok], tok
+    return float(total)
+
+
+def _chain_step(tokens, state):
+    return jnp.asarray(TABLE)[state["chain"], tokens], {**state, "calls": state["calls"] + 1}
+
+
+CHAIN_AXES = {"chain": 0, "calls": None}  # each row's chain on axis 0; a step counter shared by all rows
+
+
+def _chain_state(chains: list[str]) -> dict:
+    return {"chain": jnp.asarray([list(CHAINS).index(c) for c in chains]), "calls": jnp.zeros((), jnp.int32)}
+
+
+@functools.lru_cache(maxsize=None)
+def _chain_search(beam_size: int, out_len: int):
+    def run(logits, state, z):
+        return S.search(_chain_step, logits, state, CHAIN_AXES, z, out_len=out_len,
+                        cfg=S.SearchConfig(beam_size=beam_size))
+
+    return jax.jit(run)
+
+
+def scripted(chains: list[str], max_new_tokens: int, beam_size: int = 1, out_len: int = 8, **settings):
+    """Run the search core on the chains (one batch row each) -> SearchResult as numpy."""
+    state = _chain_state(chains)
+    z = S.SearchSettings.make(max_new_tokens, eos_ids=(EOS,), **settings)
+    return jax.device_get(_chain_search(beam_size, out_len)(jnp.asarray(FIRST)[state["chain"]], state, z))
+
+
+def hyp(result, row: int = 0) -> list[int]:
+    return result.tokens[row, : result.lengths[row]].tolist()
+
+
+def test_scripted_greedy_is_misled_and_beams_are_not():
+    # Two tokens: greedy A then B (0.5 * 0.22); beams B then C (0.4 * 0.9), score = sum / 2 at the length limit.
+    g = scripted(["misleading"], 2)
+    assert hyp(g) == [A, B] and not g.finished[0]
+    for beams in (2, 4):
+        r = scripted(["misleading"], 2, beam_size=beams)
+        assert hyp(r) == [B, C] and not r.finished[0] and r.steps == 2
+        np.testing.assert_allclose(r.scores[0], path_logprob("misleading", [B, C]) / 2, rtol=1e-6)
+    # Six tokens: greedy A B C then EOS (0.5 > 0.45); the score counts EOS in the sum and the length.
+    g = scripted(["misleading"], 6)
+    assert hyp(g) == [A, B, C] and g.finished[0] and g.steps == 4
+    np.testing.assert_allclose(g.scores[0], path_logprob("misleading", [A, B, C, EOS]) / 4, rtol=1e-6)
+    # Padding past the length, and max_new_tokens = 0.
+    assert (g.tokens[0, 3:] == S.PAD_ID).all()
+    z = scripted(["misleading"], 0, beam_size=2)
+    assert z.lengths[0] == 0 and z.steps == 0
+    # The core cuts max_new_tokens to its static buffer (generate raises instead, see below).
+    cut = scripted(["misleading"], 50, out_len=3)
+    assert hyp(cut) == [A, B, C] and cut.steps == 3 and not cut.finished[0]
+
+
+@pytest.mark.parametrize("beams", [2, 4])
+def test_scripted_length_penalty_picks_short_or_long(beams):
+    # length_penalty 0: B C <eos> (sum -1.714) is the best of all sequences and is kept at step 3.
+    r = scripted(["misleading"], 6, beam_size=beams, length_penalty=0.0)
+    assert hyp(r) == [B, C] and r.finished[0]
+    np.testing.assert_allclose(r.scores[0], path_logprob("misleading", [B, C, EOS]), rtol=1e-6)
+    # length_penalty 1: B C D D D D (-1.910 / 6) beats B C <eos> (-1.714 / 3); it ends at the length limit.
+    r = scripted(["misleading"], 6, beam_size=beams, length_penalty=1.0)
+    assert hyp(r) == [B, C, D, D, D, D] and not r.finished[0] and r.steps == 6
+    np.testing.assert_allclose(r.scores[0], path_logprob("misleading", [B, C, D, D, D, D]) / 6, rtol=1e-6)
+
+
+def test_scripted_early_stopping():
+    # Two beams keep B C <eos> (step 3) and A B C <eos> (step 4); early_stopping=True stops there.
+    r = scripted(["misleading"], 6, beam_size=2, early_stopping=True)
+    assert hyp(r) == [B, C] and r.finished[0] and r.steps == 4
+    # "eos-first": <eos> (log 0.6) and A <eos> (log 0.15 / 2 = -0.949) are kept after two tokens. The best live
+    # beam, A A, has log(0.09) / 2 = -1.20 < -0.949, so False stops after 2 steps. "never" divides the live beam
+    # A^k by max_new_tokens = 8 instead: 6 log(0.3) / 8 = -0.90 goes on, 7 log(0.3) / 8 = -1.05 stops, after 7.
+    for stopping, steps in ((False, 2), (True, 2), ("never", 7)):
+        r = scripted(["eos-first"], 8, beam_size=2, early_stopping=stopping)
+        assert hyp(r) == [] and r.finished[0] and r.steps == steps, stopping
+        np.testing.assert_allclose(r.scores[0], np.log(0.6), rtol=1e-5)
+
+
+def test_scripted_batch_rows_are_independent():
+    """In one batch a row that stops early changes nothing for the others, for greedy and beams."""
+    for beams, kw in ((1, {}), (2, {}), (4, {"length_penalty": 0.0}), (2, {"early_stopping": "never"})):
+        both = scripted(["misleading", "eos-first"], 6, beam_size=beams, **kw)
+        for row, chain in enumerate(["misleading", "eos-first"]):
+            alone = scripted([chain], 6, beam_size=beams, **kw)
+            assert hyp(both, row) == hyp(alone) and both.finished[row] == alone.finished[0]
+            np.testing.assert_allclose(both.scores[row], alone.scores[0], rtol=1e-6)
+
+
+def test_scripted_suppress_eos_and_one_beam():
+    # EOS suppressed: greedy runs to the limit, A B C D D D.
+    g = scripted(["misleading", "eos-first"], 6, suppress_eos=True)
+    assert hyp(g, 0) == [A, B, C, D, D, D] and (g.lengths == 6).all() and not g.finished.any()
+    assert (g.tokens[:, :6] != EOS).all()
+    # With nothing ending early, one beam takes the argmax every step, as greedy does.
+    z = S.SearchSettings.make(6, eos_ids=(EOS,), suppress_eos=True)
+    guard = S._init_guard(S.SearchConfig(), None, None, 2, 6, 8)
+    one_beam = jax.jit(functools.partial(S._beam_search, _chain_step, batch_axes=CHAIN_AXES, out_len=8,
+                                         cfg=S.SearchConfig(beam_size=1)))
+    one = one_beam(jnp.asarray(FIRST), _chain_state(["misleading", "eos-first"]), guard=guard, z=z)
+    np.testing.assert_array_equal(one.tokens, g.tokens)
+
+
+def test_beam_helpers_on_kv_cache():
+    cfg = qasr_jax.preset("tiny").text
+    cache = KVCache.init(cfg, 2, 5)
+    cache = cache.replace(k=cache.k.at[:, 1].set(1.0), valid=cache.valid.at[1, :3].set(True), end=jnp.int32(3))
+    wide = S.add_beam_dim(cache, S.KV_CACHE_AXES, 3)
+    assert wide.k.shape == (cfg.layers, 6, 5, cfg.kv_heads, cfg.head_dim) and wide.valid.shape == (6, 5)
+    assert int(wide.end) == 3 and float(wide.k[:, 3:].min()) == 1.0 and float(wide.k[:, :3].max()) == 0.0
+    picked = S.gather_rows(wide, S.KV_CACHE_AXES, jnp.asarray([5, 0]))
+    assert float(picked.k[:, 0].min()) == 1.0 and float(picked.k[:, 1].max()) == 0.0
+    assert picked.valid[0, :3].all() and not picked.valid[1].any()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tiny random reference. Its logits are scaled down (final norm x 0.3) so that beams disagree with greedy.
+# ----------------------------------------------------------------------------------------------------------------
+
+WIDTH = 64  # every prompt padded to one bucket
+N = 8
+
+
+@pytest.fixture(scope="module")
+def tiny(checkpoints, tmp_path_factory):
+    ck = checkpoints("asr")
+    ref = copy.deepcopy(ck.torch_model)
+    with torch.no_grad():
+        ref.model.language_model.norm.weight.mul_(0.3)
+    model = qasr_jax.load(save_hf(ref, str(tmp_path_factory.mktemp("flat-asr"))))
+    waves = [speech("hello_en.wav"), synthetic(0.7, 1), speech("zh.wav")]
+    feats, n_frames = log_mel_batch(waves)
+    audio, n_tok = model.encode_batch(jnp.asarray(feats), jnp.asarray(n_frames))
+    prompts = [PREFIX + [151676] * int(n) + SUFFIX for n in n_tok]
+    ids = np.full((len(waves), WIDTH), S.PAD_ID, np.int32)
+    mask = np.zeros((len(waves), WIDTH), bool)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)], mask[i, : len(p)] = p, True
+    embeds = model.embed(jnp.asarray(ids), audio)
+    return SimpleNamespace(ref=ref, model=model, waves=waves, prompts=prompts, ids=ids, mask=mask, embeds=embeds)
+
+
+def ours(tiny, rows=None, **kw):
+    """Our generate on the padded batch (or some rows of it) -> list of token lists, and the result."""
+    rows = list(range(len(tiny.waves))) if rows is None else rows
+    kw.setdefault("max_new_tokens", N)
+    if kw.pop("with_prompt", False):
+        kw["prompt_ids"] = tiny.ids[rows]
+    r = jax.device_get(S.generate(tiny.model, tiny.embeds[np.asarray(rows)], tiny.mask[rows], **kw))
+    return [r.tokens[i, : r.lengths[i]].tolist() for i in range(len(rows))], r
+
+
+def theirs(tiny, row: int, eos=S.EOS_IDS, **kw) -> tuple[list[int], float | None]:
+    """transformers' generate on one row alone -> (ids before the first EOS, sequences_scores or None)."""
+    feats, fmask = reference_inputs(tiny.waves[row])
+    ids = torch.tensor([tiny.prompts[row]])
+    out = tiny.ref.generate(
+        input_ids=ids, input_features=feats, input_features_mask=fmask, attention_mask=torch.ones_like(ids),
+        do_sample=False, max_new_tokens=kw.pop("max_new_tokens", N), eos_token_id=list(eos), pad_token_id=S.PAD_ID,
+        return_dict_in_generate=True, output_scores=True, **kw,
+    )
+    new = out.sequences[0, ids.shape[1]:].tolist()
+    score = None if out.get("sequences_scores") is None else float(out.sequences_scores[0])
+    return list(itertools.takewhile(lambda t: t not in eos, new)), score
+
+
+def assert_matches(tiny, got, result, **hf_kw):
+    for row, tokens in enumerate(got):
+        want, score = theirs(tiny, row, **hf_kw)
+        assert tokens == want, (row, hf_kw)
+        if score is not None:  # beam search: HF's length-penalised score of the best hypothesis
+            np.testing.assert_allclose(result.scores[row], score, rtol=1e-4)
+
+
+def test_greedy_matches_transformers(tiny):
+    got, r = ours(tiny)
+    assert_matches(tiny, got, r)
+    assert all(len(t) == N for t in got) and not r.finished.any()
+    # EOS handling: a token the model emits first in rows 0 and 2, and never in row 1.
+    eos = (got[0][0], 151645)
+    assert got[0][0] not in got[1]
+    got_e, r_e = ours(tiny, eos_ids=eos)
+    assert_matches(tiny, got_e, r_e, eos=eos)
+    assert r_e.finished.tolist() == [True, False, True] and r_e.lengths.tolist() == [0, N, 0]
+    # suppress_eos: every row runs to max_new_tokens and never emits an EOS (HF: suppress_tokens).
+    got_s, r_s = ours(tiny, eos_ids=eos, suppress_eos=True)
+    assert_matches(tiny, got_s, r_s, eos=eos, suppress_tokens=list(eos))
+    assert (r_s.lengths == N).all() and not np.isin(r_s.tokens[:, :N], eos).any()
+
+
+def test_batched_equals_single_and_compiles_once_per_bucket(tiny):
+    """Rows alone equal the batch; other max_new_tokens and prompt lengths in the same bucket compile nothing."""
+    batch, _ = ours(tiny)
+    alone, _ = ours(tiny, rows=[0])
+    assert alone[0] == batch[0]
+    compiled = S.generate_jit._cache_size()
+    for row, n in ((1, 7), (2, 5), (1, 1)):
+        assert len(tiny.prompts[row]) != len(tiny.prompts[0])
+        alone, r = ours(tiny, rows=[row], max_new_tokens=n)
+        assert alone[0] == batch[row][:n] and r.steps == n
+    assert S.generate_jit._cache_size() == compiled
+
+
+def test_generate_rejects_too_many_tokens(tiny):
+    with pytest.raises(ValueError, match=r"max_len=80.*max_len >= 81"):
+        ours(tiny, max_new_tokens=17, max_len=WIDTH + 16)
+    with pytest.raises(ValueError, match="early_stopping"):
+        ours(tiny, beam_size=2, early_stopping="sometimes")
+
+
+@pytest.mark.parametrize("beams", [2, 4])
+def test_beam_search_matches_transformers(tiny, beams):
+    greedy, _ = ours(tiny)
+    got, r = ours(tiny, beam_size=beams)
+    assert_matches(tiny, got, r, num_beams=beams)
+    assert got != greedy  # the beams find something greedy does not
+    # length_penalty 0 with a likely EOS: short finished hypotheses win (traced settings: no new compilation).
+    eos = (45764, 151645)
+    got, r = ours(tiny, beam_size=beams, length_penalty=0.0, eos_ids=eos)
+    assert_matches(tiny, got, r, num_beams=beams, length_penalty=0.0, eos=eos)
+    assert r.finished.any()
+
+
+def test_beam_search_with_ngram_guard_matches_transformers(tiny):
+    """Four beams, no-repeat bigrams over prompt + output, EOS mid-sequence, each early_stopping mode."""
+    eos = (51529, 151645)
+    for lp, stopping in ((0.5, False), (1.0, True), (0.5, "never")):
+        got, r = ours(tiny, beam_size=4, length_penalty=lp, early_stopping=stopping, eos_ids=eos,
+                      no_repeat_ngram_size=2, with_prompt=True)
+        assert_matches(tiny, got, r, num_beams=4, length_penalty=lp, early_stopping=stopping, eos=eos,
+                       no_repeat_ngram_size=2)
+        if stopping is False:
+            assert r.finished.tolist() == [True, False, True] and 0 < r.lengths[0] < N
+
+
+def test_greedy_repetition_guard_matches_transformers(tiny):
+    plain, _ = ours(tiny)
+    # Penalty and no-repeat bigrams over prompt + output (HF semantics), then an EOS mid-row.
+    got, r = ours(tiny, repetition_penalty=1.3, no_repeat_ngram_size=2, with_prompt=True)
+    assert_matches(tiny, got, r, repetition_penalty=1.3, no_repeat_ngram_size=2)
+    assert got != plain
+    stop = next(i for i, t in enumerate(got[1]) if i >= 2 and t not in got[1][:i])  # a new token mid-row
+    eos = (got[1][stop], 151645)
+    got, r = ours(tiny, repetition_penalty=1.3, no_repeat_ngram_size=2, with_prompt=True, eos_ids=eos)
+    assert_matches(tiny, got, r, repetition_penalty=1.3, no_repeat_ngram_size=2, eos=eos)
+    assert r.lengths[1] == stop and r.finished[1]
+    # Without prompt_ids only the generated tokens count: HF's prompt_ignore_length.
+    got, r = ours(tiny, repetition_penalty=1.3)
+    assert got != plain
+    for row, tokens in enumerate(got):
+        skip = RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=len(tiny.prompts[row]))
+        assert tokens == theirs(tiny, row, logits_processor=LogitsProcessorList([skip]))[0]
