@@ -21,7 +21,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qasr_jax.kernels import windowed_attention, windowed_attention_gpu, windowed_attention_reference
 from qasr_jax.kernels import windowed_attention_tpu

@@ -11,7 +11,9 @@ import pytest
 import soundfile as sf
 
 from qasr_jax.config import ModelConfig, preset
+from qasr_jax.tokenizer import Tokenizer
 from tests.reference import build_reference, save_hf, save_official
+from tests.tokenizer_files import write_tokenizer
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -50,6 +52,23 @@ def checkpoints(tmp_path_factory):
         return made[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory):
+    """Tokenizer folders in both layouts, from the real Qwen vocabulary plus the ASR tokens."""
+    root = tmp_path_factory.mktemp("tok")
+    return {layout: write_tokenizer(root / layout, layout) for layout in ("official", "hf")}
+
+
+@pytest.fixture(scope="session")
+def toks(folders):
+    return {layout: Tokenizer.from_dir(path) for layout, path in folders.items()}
+
+
+@pytest.fixture(scope="session")
+def tok(toks):
+    return toks["official"]
 
 
 def speech(name: str) -> np.ndarray:

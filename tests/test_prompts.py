@@ -3,7 +3,6 @@
 import random
 
 import pytest
-from tests.tokenizer_files import write_tokenizer
 from transformers.models.qwen3_asr import processing_qwen3_asr as reference
 
 from qasr_jax.prompts import (
@@ -16,27 +15,10 @@ from qasr_jax.prompts import (
     parse_output,
     supported_languages,
 )
-from qasr_jax.tokenizer import Tokenizer
 
 PREFIX = [151644, 8948, 198, 151645, 198, 151644, 872, 198, 151669]
 SUFFIX = [151670, 151645, 198, 151644, 77091, 198]
 AUDIO_PAD, ASR_TEXT, IM_END, ENDOFTEXT = 151676, 151704, 151645, 151643
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tok")
-    return {layout: write_tokenizer(root / layout, layout) for layout in ("official", "hf")}
-
-
-@pytest.fixture(scope="module")
-def toks(folders):
-    return {layout: Tokenizer.from_dir(path) for layout, path in folders.items()}
-
-
-@pytest.fixture(scope="module")
-def tok(toks):
-    return toks["official"]
 
 
 def rendered(context: str, n: int, language: str | None) -> str:

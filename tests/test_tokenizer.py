@@ -26,22 +26,6 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tok")
-    return {layout: write_tokenizer(root / layout, layout) for layout in ("official", "hf")}
-
-
-@pytest.fixture(scope="module")
-def toks(folders):
-    return {layout: Tokenizer.from_dir(path) for layout, path in folders.items()}
-
-
-@pytest.fixture(scope="module")
-def tok(toks):
-    return toks["official"]
-
-
-@pytest.fixture(scope="module")
 def package_tokenizer_json():
     return HFTokenizers.from_file(str(qwen_bpe_dir() / "tokenizer.json"))
 
