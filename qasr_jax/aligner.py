@@ -10,7 +10,7 @@ logits at every position; the argmax at the two ``<timestamp>`` after a unit, ti
 Times that go backwards are repaired (``qasr_jax.units.fix_timestamps``), then clamped to the audio's end.
 
 Batches run in one jitted call with bucketed shapes (batch to a power of two, audio to 8 s, tokens and timestamp
-slots to fixed steps), so new lengths inside a bucket compile nothing. One call takes audio up to ``max_seconds``
+slots to 8 steps per power of two), so new lengths inside a bucket compile nothing. One call takes audio up to ``max_seconds``
 (5 minutes); ``split=True`` aligns longer audio window by window (see ``Aligner.align``).
 """
 
@@ -42,8 +42,7 @@ __all__ = ["Aligner", "Word", "resolve_model_path", "align_command", "add_align_
 DEFAULT_MODEL = "Qwen/Qwen3-ForcedAligner-0.6B"
 MAX_SECONDS = 300.0  # one forward pass covers at most 5 min (the 5000 classes x 80 ms reach 400 s)
 SPLIT_GUARD_SECONDS = 2.0  # with split=True, units ending this close to a window's end are re-aligned in the next
-TOKEN_STEP = 128  # token-length bucket below 1024 tokens; 512 above
-SLOT_STEP = 64  # <timestamp> slots bucket (32 units)
+BUCKETS_PER_OCTAVE = 8  # token and slot counts round up to at most 1/8 more: 16, 32, 48, 64, 72, 80, ..., 128, 144, ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +58,10 @@ def _round_up(n: int, step: int) -> int:
     return max(step, -(-n // step) * step)
 
 
-def _token_bucket(n: int) -> int:
-    return _round_up(n, TOKEN_STEP) if n <= 1024 else _round_up(n, 512)
+def _length_bucket(n: int) -> int:
+    """n rounded up on a ladder of 8 steps per power of two (at least 16): little padding, few distinct shapes."""
+    step = max(16, (1 << max(0, (n - 1).bit_length())) // BUCKETS_PER_OCTAVE)
+    return _round_up(n, step)
 
 
 def _batch_bucket(n: int) -> int:
@@ -170,8 +171,8 @@ class Aligner:
         max_frames = max(n_frames(w.shape[0]) for w in waves)
         window = self.model.config.audio.n_window_infer  # 8 s of frames
         feats, frames = log_mel_batch(waves, pad_to=_round_up(max_frames, window))
-        seq = _token_bucket(max(len(it.ids) for it in items))
-        n_slots = _round_up(max(len(it.slots) for it in items), SLOT_STEP)
+        seq = _length_bucket(max(len(it.ids) for it in items))
+        n_slots = _length_bucket(max(len(it.slots) for it in items))
         ids = np.zeros((batch, seq), np.int32)
         mask = np.zeros((batch, seq), bool)
         slots = np.zeros((batch, n_slots), np.int32)
@@ -186,7 +187,7 @@ class Aligner:
                 ids[row, : n_audio], mask[row, : n_audio] = pad, True
         return jnp.asarray(ids), feats, jnp.asarray(frames), jnp.asarray(mask), jnp.asarray(slots)
 
-    def timestamp_logits(self, items: Sequence[_Item]) -> list[np.ndarray]:
+    def _logits(self, items: Sequence[_Item]) -> list[np.ndarray]:
         """Float32 class logits (2 * units, classes) at each item's <timestamp> positions, one batched call."""
         out = np.asarray(self._logits_fn(self.model.params, *self._batch_arrays(items)))
         return [out[i, : len(it.slots)] for i, it in enumerate(items)]
@@ -277,12 +278,12 @@ class Aligner:
             sure = [w for w in placed if w.end <= dur - min(SPLIT_GUARD_SECONDS, dur / 4)]
             sure = sure[: len(placed) - 1] if len(sure) == len(placed) and i + n < len(units) else sure
             if not sure:  # nothing certain here (silence, music): move on, keeping the guard zone
-                start += max(1, int((dur - min(SPLIT_GUARD_SECONDS, dur / 4)) * SAMPLE_RATE))
+                start += max(1, round((dur - min(SPLIT_GUARD_SECONDS, dur / 4)) * SAMPLE_RATE))
                 continue
             offset = start / SAMPLE_RATE
             words += [Word(w.text, round(w.start + offset, 3), round(w.end + offset, 3)) for w in sure]
             i += len(sure)
-            start += max(1, int(round(sure[-1].end * SAMPLE_RATE)))
+            start += max(1, round(sure[-1].end * SAMPLE_RATE))
         return words
 
 

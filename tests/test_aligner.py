@@ -105,7 +105,7 @@ def test_timestamp_logits_match_reference(aligner, processor, ref, name):
     want = reference_logits(ref.torch_model, inputs)[0].numpy()
     it = item(aligner, name)
     want = want[it.slots]  # (2 * units, 5000)
-    got = aligner.timestamp_logits([it])[0]
+    got = aligner._logits([it])[0]
     assert got.shape == want.shape
     assert rel(got, want) <= TOL
     assert (got.argmax(-1) == want.argmax(-1)).all()
@@ -114,13 +114,13 @@ def test_timestamp_logits_match_reference(aligner, processor, ref, name):
 def test_batched_equals_single_and_reference(aligner, processor, ref):
     names = ["long", "hello", "mixed", "zh"]
     items = [item(aligner, n) for n in names]
-    batched = aligner.timestamp_logits(items)
+    batched = aligner._logits(items)
     singles = []
     for name, it, got in zip(names, items, batched):
         audio, text, language = CLIPS[name]
         want = reference_logits(ref.torch_model, official_inputs(processor, audio(), text, language)[0])[0]
         want = want.numpy()[it.slots]
-        alone = aligner.timestamp_logits([it])[0]
+        alone = aligner._logits([it])[0]
         assert rel(got, want) <= TOL and rel(got, alone) <= TOL
         assert (got.argmax(-1) == want.argmax(-1)).all()
         singles.append(aligner._words(it, alone.argmax(-1)))
@@ -147,6 +147,21 @@ def early(ref, tmp_path_factory):
     return model, str(path)
 
 
+def test_bfloat16_close_to_reference(folder, processor, ref):
+    """bf16 weights and compute: timestamp logits within 2e-2 of the float32 reference, its class where clear."""
+    aligner = Aligner.from_pretrained(folder, dtype="bfloat16")
+    audio, text, language = CLIPS["mixed"]
+    it = item(aligner, "mixed")
+    want = reference_logits(ref.torch_model, official_inputs(processor, audio(), text, language)[0])[0].numpy()
+    want = want[it.slots]
+    got = aligner._logits([it])[0]
+    assert rel(got, want) <= 2e-2
+    top2 = np.sort(want, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2e-2 * np.abs(want).max()
+    assert clear.sum() >= len(it.slots) // 2
+    assert (got.argmax(-1)[clear] == want.argmax(-1)[clear]).all()
+
+
 def test_words_match_transformers_decode(early, processor):
     model, path = early
     aligner = Aligner.from_pretrained(path)  # official layout + tokenizer.json
@@ -169,9 +184,9 @@ def test_words_match_transformers_decode(early, processor):
 
 def test_bucketed_shapes_compile_once(aligner):
     """Two clips of different length, units and tokens inside one bucket reuse one compiled function."""
-    aligner.align(synthetic(1.7, 7), "one two three", "English")
+    aligner.align(synthetic(5.6, 7), "one two three", "English")  # 84 tokens, 6 slots
     before = aligner._classes_fn._cache_size()
-    aligner.align(synthetic(6.2, 8), "four five six seven eight nine", "English")
+    aligner.align(synthetic(6.2, 8), "four five six seven", "English")  # 95 tokens, 8 slots
     assert aligner._classes_fn._cache_size() == before
 
 
@@ -202,16 +217,59 @@ def test_rejects_a_speech_recognizer(checkpoints, folder):
 
 
 def test_audio_over_the_limit_needs_split(aligner):
-    short = Aligner(aligner.model, aligner.tokenizer, max_seconds=4.0)
-    short._classes_fn = aligner._classes_fn  # same model: share the compiled function
+    short = Aligner(aligner.model, aligner.tokenizer, max_seconds=6.0)
     audio, text, language = CLIPS["long"]
-    wave = audio()
-    with pytest.raises(ValueError, match=r"10\.1 s long.*at most 4 s.*split=True"):
-        short.align(wave, text, language)
-    words = short.align(wave, text, language, split=True)
-    assert [w.text for w in words] == item(aligner, "long").units
-    assert all(0 <= w.start <= w.end <= len(wave) / 16000 for w in words)
-    assert all(a.end <= b.start for a, b in zip(words, words[1:]))
+    with pytest.raises(ValueError, match=r"10\.1 s long.*at most 6 s.*split=True"):
+        short.align(audio(), text, language)
+
+
+def test_five_minutes_in_one_pass(aligner):
+    """300 s is the limit: it aligns in one pass (times inside the audio); 300.01 s is refused without split."""
+    words = aligner.align(synthetic(300.0, 9), "a b c", "en")
+    assert [w.text for w in words] == ["a", "b", "c"]
+    assert all(0 <= w.start <= w.end <= 300.0 for w in words)
+    with pytest.raises(ValueError, match="at most 300 s"):
+        aligner.align(np.zeros(300 * 16000 + 160, np.float32), "a b c", "en")
+
+
+def scripted(aligner, place):
+    """The aligner with its forward pass replaced: ``place(k)`` gives the (start, end) classes of window unit k."""
+    short = Aligner(aligner.model, aligner.tokenizer, max_seconds=6.0)
+    windows = []
+
+    def classes(items):
+        windows.extend((len(it.wave), list(it.units)) for it in items)
+        return [np.array([c for k in range(len(it.units)) for c in place(k)], np.int32) for it in items]
+
+    short._classes = classes
+    return short, windows
+
+
+def test_split_windows_by_hand(aligner):
+    """10 s of silence, 12 units, windows of at most 6 s, unit k of a window at 0.8k s for 0.4 s.
+
+    Silence is quietest everywhere, so each window is cut at the first 100 ms of its last 1.5 s: 4.55 s long.
+    Window 1 gets ceil(12 * 4.55/10 * 1.25) + 2 = 9 units; those ending by 4.55 - 4.55/4 = 3.4125 s are sure:
+    w0-w3 (ends 0.4 .. 2.8). Window 2 starts at 2.8 s, gets min(8, ceil(8 * 4.55/7.2 * 1.25) + 2) = 8 units and
+    keeps w4-w7; window 3 starts at 2.8 + 2.8 = 5.6 s with 4.4 s left, under the limit, and takes w8-w11.
+    """
+    short, windows = scripted(aligner, lambda k: (10 * k, 10 * k + 5))
+    text = " ".join(f"w{k}" for k in range(12))
+    words = short.align(np.zeros(160000, np.float32), text, "en", split=True)
+    assert [(n, len(u)) for n, u in windows] == [(72800, 9), (72800, 8), (70400, 4)]
+    offsets = [0.0] * 4 + [2.8] * 4 + [5.6] * 4
+    want = [Word(f"w{k}", round(o + 0.8 * (k % 4), 3), round(o + 0.8 * (k % 4) + 0.4, 3)) for k, o in enumerate(offsets)]
+    assert words == want
+
+
+def test_split_window_with_nothing_sure_moves_on(aligner):
+    """Every unit predicted past the window's end: nothing is sure, so each window advances by its length less the
+    guard (4.55 - 1.1375 s). Window 2 (6.5875 s left) gets min(12, ceil(12 * 4.55/6.5875 * 1.25) + 2) = 12 units;
+    the last window (3.175 s from 6.825 s) takes all 12, each clamped to its end: 10.0 s."""
+    short, windows = scripted(aligner, lambda k: (4999, 4999))
+    words = short.align(np.zeros(160000, np.float32), "a b c d e f g h i j k l", "en", split=True)
+    assert [(n, len(u)) for n, u in windows] == [(72800, 9), (72800, 12), (50800, 12)]
+    assert words == [Word(c, 10.0, 10.0) for c in "abcdefghijkl"]
 
 
 def run_cli(argv, capsys):
