@@ -198,7 +198,8 @@ class Aligner:
 
     def _words(self, item: _Item, classes: np.ndarray, offset: float = 0.0) -> list[Word]:
         """Classes at the <timestamp> slots -> repaired, clamped words, shifted by ``offset`` seconds."""
-        ms = fix_timestamps(classes.astype(np.float64) * self._segment_ms)
+        # Milliseconds in float32, as the reference computes them, before the repair truncates to integers.
+        ms = fix_timestamps(classes.astype(np.float32) * np.float32(self._segment_ms))
         end_of_audio = math.floor(item.wave.shape[0] / SAMPLE_RATE * 1000) / 1000  # the last whole millisecond
         times = [min(round(t / 1000.0, 3), end_of_audio) for t in ms]  # monotonic map: order is kept
         return [
