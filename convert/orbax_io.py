@@ -45,11 +45,24 @@ def save_orbax(dst: str, params, cfg: ModelConfig, copy_from: str | None = None)
                 shutil.copy2(src, os.path.join(dst, name))
 
 
-def restore_orbax(src: str, dtype: str | None = None) -> tuple[dict, ModelConfig]:
-    """Read a ``save_orbax`` folder: (params as numpy, config); ``dtype`` casts the floating leaves."""
+def restore_orbax(src: str, dtype: str | None = None, layout=None) -> tuple[dict, ModelConfig]:
+    """Read a ``save_orbax`` folder: (params as numpy, config); ``dtype`` casts the floating leaves.
+
+    With a ``layout`` (``qasr_jax.sharding.Layout``) every parameter is read straight into its shards on the mesh
+    (jax arrays, in ``dtype``, default float32): no device or host holds a whole sharded tensor.
+    """
     src = os.path.abspath(src)
     with open(os.path.join(src, CONFIG_FILE)) as f:
         cfg = ModelConfig.from_dict(json.load(f))
+    if layout is not None:
+        from qasr_jax.model import param_shapes
+        from qasr_jax.sharding import param_shardings
+
+        shapes = param_shapes(cfg, dtype or "float32")
+        target = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                        shapes, param_shardings(shapes, layout, cfg))
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(os.path.join(src, PARAMS_DIR), target), cfg
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.join(src, PARAMS_DIR))
     params = jax.tree_util.tree_map(np.asarray, params)

@@ -8,6 +8,7 @@ Norms, softmax, RoPE tables and logits are computed in float32 whatever the para
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -17,6 +18,7 @@ import numpy as np
 
 from qasr_jax.config import AudioConfig, ModelConfig, TextConfig, audio_token_count
 from qasr_jax.kernels import windowed_attention
+from qasr_jax.sharding import constrain, per_row_and_head, use_layout
 
 Dtype = jnp.dtype
 
@@ -75,6 +77,13 @@ def sinusoid_positions(length: int, channels: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Logical axes of the main activations (see qasr_jax.sharding): no-ops unless a Layout is active.
+_AUDIO_ACT = ("batch", "length", "audio_embed")
+_AUDIO_QKV = ("batch", "length", "audio_heads", None)
+_ACT = ("batch", "length", "embed")
+_KV_SLICE = ("batch", "length", "kv_heads", None)
+
+
 class EncoderLayer(nn.Module):
     """Pre-LN transformer layer with windowed self-attention and an exact-GELU MLP."""
 
@@ -89,14 +98,18 @@ class EncoderLayer(nn.Module):
         batch, seq, d = x.shape
         head_dim = d // cfg.heads
         h = LayerNorm(dt, name="attn_norm")(x)
-        q, k, v = (_dense(d, n, dt)(h).reshape(batch, seq, cfg.heads, head_dim) for n in ("q", "k", "v"))
-        att = windowed_attention(
-            q, k, v, n_tokens, cfg.window_tokens, impl=self.attention_impl, interpret=self.interpret
+        q, k, v = (
+            constrain(_dense(d, n, dt)(h).reshape(batch, seq, cfg.heads, head_dim), _AUDIO_QKV)
+            for n in ("q", "k", "v")
         )
+        attend = functools.partial(
+            windowed_attention, window=cfg.window_tokens, impl=self.attention_impl, interpret=self.interpret
+        )
+        att = per_row_and_head(attend, q, k, v, n_tokens)  # each device attends over its own rows and heads
         x = x + _dense(d, "o", dt)(att.reshape(batch, seq, d))
         h = LayerNorm(dt, name="mlp_norm")(x)
-        h = _dense(d, "fc2", dt)(gelu(_dense(cfg.ffn_dim, "fc1", dt)(h)))
-        return x + h, None
+        h = constrain(gelu(_dense(cfg.ffn_dim, "fc1", dt)(h)), ("batch", "length", "audio_mlp"))
+        return constrain(x + _dense(d, "fc2", dt)(h), _AUDIO_ACT), None
 
 
 class AudioEncoder(nn.Module):
@@ -140,7 +153,7 @@ class AudioEncoder(nn.Module):
         # Only the last chunk of an audio can be partial, so valid tokens are a prefix of each row.
         n_tokens = _token_count(n_frames, cfg)
         pad = (-x.shape[1]) % cfg.window_tokens
-        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+        x = constrain(jnp.pad(x, ((0, 0), (0, pad), (0, 0))), _AUDIO_ACT)
         layers = nn.scan(
             EncoderLayer,
             variable_axes={"params": 0},
@@ -167,8 +180,8 @@ class Projector(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = gelu(_dense(self.cfg.d_model, "proj1", self.dtype)(x))
-        return _dense(self.cfg.output_dim, "proj2", self.dtype)(x)
+        x = constrain(gelu(_dense(self.cfg.d_model, "proj1", self.dtype)(x)), ("batch", "length", "audio_mlp"))
+        return constrain(_dense(self.cfg.output_dim, "proj2", self.dtype)(x), _ACT)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,12 +248,14 @@ class DecoderLayer(nn.Module):
         q = _dense(cfg.heads * cfg.head_dim, "q", dt, bias=False)(h).reshape(batch, seq, cfg.heads, cfg.head_dim)
         k = _dense(cfg.kv_heads * cfg.head_dim, "k", dt, bias=False)(h).reshape(batch, seq, cfg.kv_heads, -1)
         v = _dense(cfg.kv_heads * cfg.head_dim, "v", dt, bias=False)(h).reshape(batch, seq, cfg.kv_heads, -1)
-        q = apply_rope(RMSNorm(dt, cfg.rms_norm_eps, name="q_norm")(q), cos, sin)
-        k = apply_rope(RMSNorm(dt, cfg.rms_norm_eps, name="k_norm")(k), cos, sin)
+        q = constrain(apply_rope(RMSNorm(dt, cfg.rms_norm_eps, name="q_norm")(q), cos, sin),
+                      ("batch", "length", "heads", None))
+        k = constrain(apply_rope(RMSNorm(dt, cfg.rms_norm_eps, name="k_norm")(k), cos, sin), _KV_SLICE)
+        v = constrain(v, _KV_SLICE)
         if kv is not None:
             ck, cv = kv
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, write_at, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, write_at, 0, 0))
+            ck = constrain(jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, write_at, 0, 0)), _KV_SLICE)
+            cv = constrain(jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, write_at, 0, 0)), _KV_SLICE)
             kv = (ck, cv)
             if mask.shape[-1] == ck.shape[1]:  # the mask spans the cache slots: attend over the cache
                 k, v = ck.astype(dt), cv.astype(dt)
@@ -254,7 +269,8 @@ class DecoderLayer(nn.Module):
         h = RMSNorm(dt, cfg.rms_norm_eps, name="mlp_norm")(x)
         gate = _dense(cfg.intermediate_size, "gate", dt, bias=False)(h)
         up = _dense(cfg.intermediate_size, "up", dt, bias=False)(h)
-        x = x + _dense(cfg.hidden_size, "down", dt, bias=False)(jax.nn.silu(gate) * up)
+        mlp = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        x = constrain(x + _dense(cfg.hidden_size, "down", dt, bias=False)(mlp), _ACT)
         return x, kv
 
 
@@ -280,8 +296,25 @@ class TextDecoder(nn.Module):
         """embeds (batch, seq, hidden), positions (batch, seq) -> (hidden after the final norm, new cache kv)."""
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
         kv = None if cache is None else (cache.k, cache.v)
-        x, kv = self.layers(embeds.astype(self.dtype), kv, cos, sin, mask, write_at)
+        x, kv = self.layers(constrain(embeds.astype(self.dtype), _ACT), kv, cos, sin, mask, write_at)
         return self.norm(x), kv
+
+
+def _in_layout(method):
+    """Run a Qwen3ASRModule method with its ``layout`` active, so the ``constrain`` calls inside pin activations."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        with use_layout(self.layout):
+            return method(self, *args, **kwargs)
+
+    return wrapped
+
+
+def _constrain_cache(cache: KVCache) -> KVCache:
+    kv = ("layers", "batch", "length", "kv_heads", None)
+    return KVCache(k=constrain(cache.k, kv), v=constrain(cache.v, kv), valid=constrain(cache.valid, ("batch", None)),
+                   end=cache.end)
 
 
 class Qwen3ASRModule(nn.Module):
@@ -291,6 +324,7 @@ class Qwen3ASRModule(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
     interpret: bool = False
+    layout: Any = None  # a qasr_jax.sharding.Layout: activations are pinned to its mesh while tracing
 
     def setup(self):
         cfg = self.cfg
@@ -304,32 +338,40 @@ class Qwen3ASRModule(nn.Module):
         elif not cfg.text.tie_word_embeddings:
             self.lm_head = nn.Dense(cfg.text.vocab_size, use_bias=False, dtype=f32, param_dtype=self.dtype)
 
+    @_in_layout
     def encode(self, feats, n_frames):
         """Log-mel (batch, mels, frames) -> (projector output (batch, seq, text hidden), n_tokens (batch,))."""
         hidden, n_tokens = self.audio_tower(feats, n_frames)
         return self.projector(hidden), n_tokens
 
+    @_in_layout
     def embed(self, input_ids, audio_embeds):
         """Token embeddings with the k-th ``<|audio_pad|>`` of each row replaced by that row's k-th audio token."""
         x = self.decoder.embed(input_ids)
         is_audio = input_ids == self.cfg.audio_token_id
         idx = jnp.clip(jnp.cumsum(is_audio, axis=1) - 1, 0, audio_embeds.shape[1] - 1)
         audio = jnp.take_along_axis(audio_embeds, idx[..., None], axis=1).astype(x.dtype)
-        return jnp.where(is_audio[..., None], audio, x)
+        return constrain(jnp.where(is_audio[..., None], audio, x), _ACT)
 
+    @_in_layout
     def head(self, hidden):
         """Final hidden states -> float32 logits (vocabulary, or aligner classes)."""
         hidden = hidden.astype(jnp.float32)
         if self.cfg.is_aligner:
-            return self.score(hidden)
-        if self.cfg.text.tie_word_embeddings:
-            return hidden @ self.decoder.embed.embedding.astype(jnp.float32).T
-        return self.lm_head(hidden)
+            logits = self.score(hidden)
+        elif self.cfg.text.tie_word_embeddings:
+            logits = hidden @ self.decoder.embed.embedding.astype(jnp.float32).T
+        else:
+            logits = self.lm_head(hidden)
+        axes = ("batch", "length", "classes" if self.cfg.is_aligner else "vocab")
+        return constrain(logits, axes[-logits.ndim:])
 
+    @_in_layout
     def decode(self, embeds, positions, mask, cache: KVCache | None = None, write_at=0):
         """Run the decoder (see TextDecoder) and return (hidden, kv)."""
         return self.decoder(embeds, positions, mask, cache, write_at)
 
+    @_in_layout
     def prefill(self, embeds, token_mask, cache: KVCache):
         """Right-padded prompt embeds (batch, seq, hidden) into an empty cache -> (next-token logits, cache)."""
         positions, mask = prompt_positions_and_mask(token_mask)
@@ -338,16 +380,18 @@ class Qwen3ASRModule(nn.Module):
         logits = self.head(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
         seq = token_mask.shape[1]
         valid = jax.lax.dynamic_update_slice(cache.valid, token_mask.astype(bool), (0, 0))
-        return logits, KVCache(k=k, v=v, valid=valid, end=jnp.asarray(seq, jnp.int32))
+        return logits, _constrain_cache(KVCache(k=k, v=v, valid=valid, end=jnp.asarray(seq, jnp.int32)))
 
+    @_in_layout
     def step(self, tokens, cache: KVCache):
         """One new token per row (batch,) at slot ``cache.end`` -> (logits (batch, vocab), cache)."""
         positions = cache.valid.sum(1)[:, None]  # each row's next position counts its real tokens only
         valid = cache.valid.at[:, cache.end].set(True)
         embeds = self.decoder.embed(tokens[:, None])
         hidden, (k, v) = self.decode(embeds, positions, valid[:, None, :], cache, cache.end)
-        return self.head(hidden[:, 0]), KVCache(k=k, v=v, valid=valid, end=cache.end + 1)
+        return self.head(hidden[:, 0]), _constrain_cache(KVCache(k=k, v=v, valid=valid, end=cache.end + 1))
 
+    @_in_layout
     def __call__(self, input_ids, feats, n_frames, token_mask=None):
         """Full forward without cache: logits (batch, seq, vocab or classes) at every prompt position."""
         audio, _ = self.encode(feats, n_frames)

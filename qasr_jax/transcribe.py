@@ -115,14 +115,21 @@ class Transcriber:
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, dtype: str = "float32", aligner=None,
-                        attention_impl: str = "auto") -> "Transcriber":
-        """Load from a local folder or a hub id ("Qwen/Qwen3-ASR-0.6B"); ``aligner`` is an Aligner or its path."""
+                        attention_impl: str = "auto", mesh=None, sharding=None) -> "Transcriber":
+        """Load from a local folder or a hub id ("Qwen/Qwen3-ASR-0.6B"); ``aligner`` is an Aligner or its path.
+
+        ``mesh`` ("data=4,model=2" or a ``jax.sharding.Mesh``) spreads the model and each batch over devices;
+        ``sharding`` picks the preset ("data", "tensor", "fsdp"; see ``qasr_jax.sharding``). Token ids are the
+        same as on one device; ``batch_size`` is then the global batch (a multiple of the data axis keeps every
+        device busy).
+        """
         path = resolve_model_path(model)
         if aligner is not None and not hasattr(aligner, "align_batch"):
             from qasr_jax.aligner import Aligner
 
             aligner = Aligner.from_pretrained(aligner, dtype=dtype)
-        return cls(load(path, dtype=dtype, attention_impl=attention_impl), Tokenizer.from_dir(path), aligner)
+        model = load(path, dtype=dtype, attention_impl=attention_impl, mesh=mesh, sharding=sharding)
+        return cls(model, Tokenizer.from_dir(path), aligner)
 
     # ------------------------------------------------------------------------------------------------------
     def transcribe(self, audio, language=None, context="", beam_size: int = 1, max_new_tokens: int = 448,
@@ -192,7 +199,7 @@ class Transcriber:
 
         pieces: dict[int, dict[int, tuple[Piece, str | None, str, list[int]]]] = collections.defaultdict(dict)
         work.sort(key=lambda w: -w.samples.shape[0])
-        bar = _progress(len(work), progress)
+        bar = _progress(sum(w.samples.shape[0] for w in work) / SAMPLE_RATE, progress)
         for start in range(0, len(work), batch_size):
             batch = work[start:start + batch_size]
             outs = self._run_batch(batch, langs, contexts, beam_size, max_new_tokens, batch_size,
@@ -204,7 +211,7 @@ class Transcriber:
                 if pending[w.index] == 0:
                     self._finish(results[w.index], pieces.pop(w.index), return_timestamps)
                     yield w.index, results[w.index]
-            bar.update(len(batch))
+            bar.update(sum(w.samples.shape[0] for w in batch) / SAMPLE_RATE)
         bar.close()
 
     # ------------------------------------------------------------------------------------------------------
@@ -214,11 +221,13 @@ class Transcriber:
 
         cfg = self.model.config
         rows = max(min(1 << (len(batch) - 1).bit_length(), batch_size), len(batch))  # 1, 2, 4, 8 ... rows
+        rows = _round_up(rows, self.model.data_size)  # every device of the data axis gets the same number of rows
         waves = [w.samples for w in batch] + [batch[-1].samples] * (rows - len(batch))
         longest = max(max(w.shape[0], 8000) // 160 for w in waves)
         frames = _frame_bucket(longest, cfg.audio.n_window_infer)
         feats, n_frames = log_mel_batch(waves, pad_to=frames)
         audio, n_tok = self.model.encode_batch(feats, jnp.asarray(n_frames))
+        n_tok = np.asarray(n_tok)  # one transfer; rows may live on different devices
         prompts = []
         for r in range(rows):
             w = batch[min(r, len(batch) - 1)]
@@ -230,11 +239,12 @@ class Transcriber:
         mask = np.zeros((rows, seq), bool)
         for r, p in enumerate(prompts):
             ids[r, : len(p)], mask[r, : len(p)] = p, True
-        embeds = self.model.embed(jnp.asarray(ids), audio)
+        ids_dev = self.model.put_batch(ids)
+        embeds = self.model.embed(ids_dev, audio)
         out = generate(
-            self.model, embeds, jnp.asarray(mask), max_new_tokens=max_new_tokens, beam_size=beam_size,
+            self.model, embeds, self.model.put_batch(mask), max_new_tokens=max_new_tokens, beam_size=beam_size,
             length_penalty=length_penalty, repetition_penalty=repetition_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size, prompt_ids=jnp.asarray(ids),
+            no_repeat_ngram_size=no_repeat_ngram_size, prompt_ids=ids_dev,
             eos_ids=self.tokenizer.eos_ids,
         )
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
@@ -273,10 +283,29 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
+class _AudioHoursBar:
+    """A tqdm bar over audio hours, showing throughput as audio hours per wall-clock hour."""
 
-    return tqdm(total=total, unit="piece", desc="transcribing")
+    def __init__(self, total_seconds: float):
+        import time
 
+        from tqdm import tqdm
+
+        self._clock = time.perf_counter
+        self._start = self._clock()
+        self._done = 0.0
+        self._bar = tqdm(total=round(total_seconds / 3600, 3), unit="audio-h", desc="transcribing",
+                         bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} audio-h [{elapsed}<{remaining}{postfix}]")
+
+    def update(self, seconds: float) -> None:
+        self._done += seconds
+        self._bar.update(round(seconds / 3600, 6))
+        wall = max(self._clock() - self._start, 1e-9)
+        self._bar.set_postfix_str(f"{self._done / wall:.1f} audio-h/h")
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _progress(total_seconds: float, enabled: bool):
+    return _AudioHoursBar(total_seconds) if enabled else _NoBar()
