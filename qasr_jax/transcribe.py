@@ -27,6 +27,7 @@ from qasr_jax.tokenizer import Tokenizer
 
 _WINDOW_MULTIPLES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 _CJK_JOIN = {"Chinese", "Cantonese", "Japanese"}
+ALIGN_PIECE_SECONDS = 180.0  # piece length when word timestamps are asked for (the official toolkit's choice)
 
 
 @dataclasses.dataclass
@@ -157,8 +158,11 @@ class Transcriber:
                         batch_size: int = 8, *, return_timestamps: bool = False, length_penalty: float = 1.0,
                         repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
                         max_audio_seconds: float = 1200.0, errors: str = "raise",
-                        progress: bool = False) -> Iterator[tuple[int, Result]]:
-        """Like ``transcribe`` but yields ``(input index, Result)`` as soon as each input is done."""
+                        progress: bool = False, suppress_eos: bool = False) -> Iterator[tuple[int, Result]]:
+        """Like ``transcribe`` but yields ``(input index, Result)`` as soon as each input is done.
+
+        ``suppress_eos=True`` makes every input run to ``max_new_tokens`` (for benchmarks).
+        """
         inputs = self._inputs(audio)
         n = len(inputs)
         if n == 0:
@@ -190,6 +194,8 @@ class Transcriber:
                 results[i].error = str(e)
                 continue
             results[i].duration = wave.shape[0] / SAMPLE_RATE
+            if return_timestamps:  # the aligner takes pieces of at most ALIGN_PIECE_SECONDS, as the official toolkit
+                max_audio_seconds = min(max_audio_seconds, ALIGN_PIECE_SECONDS)
             for p, piece in enumerate(split_long_audio(wave, max_audio_seconds)):
                 work.append(_Work(i, p, piece.samples, piece.offset))
                 pending[i] += 1
@@ -197,13 +203,15 @@ class Transcriber:
             if results[i].error is not None:
                 yield i, results[i]
 
+        search = dict(max_new_tokens=max_new_tokens, beam_size=beam_size, length_penalty=length_penalty,
+                      repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                      suppress_eos=suppress_eos, eos_ids=self.tokenizer.eos_ids)
         pieces: dict[int, dict[int, tuple[Piece, str | None, str, list[int]]]] = collections.defaultdict(dict)
         work.sort(key=lambda w: -w.samples.shape[0])
         bar = _progress(sum(w.samples.shape[0] for w in work) / SAMPLE_RATE, progress)
         for start in range(0, len(work), batch_size):
             batch = work[start:start + batch_size]
-            outs = self._run_batch(batch, langs, contexts, beam_size, max_new_tokens, batch_size,
-                                   length_penalty, repetition_penalty, no_repeat_ngram_size)
+            outs = self._run_batch(batch, langs, contexts, batch_size, search)
             for w, ids in zip(batch, outs):
                 lang, text = parse_output(ids, self.tokenizer, language=langs[w.index], supported=self.languages)
                 pieces[w.index][w.piece] = (Piece(w.samples, w.offset), lang or langs[w.index], text, ids)
@@ -215,8 +223,8 @@ class Transcriber:
         bar.close()
 
     # ------------------------------------------------------------------------------------------------------
-    def _run_batch(self, batch: Sequence[_Work], langs, contexts, beam_size, max_new_tokens, batch_size,
-                   length_penalty, repetition_penalty, no_repeat_ngram_size) -> list[list[int]]:
+    def _run_batch(self, batch: Sequence[_Work], langs, contexts, batch_size, search: dict) -> list[list[int]]:
+        """Encode, prompt and decode one batch of pieces; ``search`` holds ``qasr_jax.search.generate``'s options."""
         from qasr_jax.search import generate
 
         cfg = self.model.config
@@ -241,12 +249,7 @@ class Transcriber:
             ids[r, : len(p)], mask[r, : len(p)] = p, True
         ids_dev = self.model.put_batch(ids)
         embeds = self.model.embed(ids_dev, audio)
-        out = generate(
-            self.model, embeds, self.model.put_batch(mask), max_new_tokens=max_new_tokens, beam_size=beam_size,
-            length_penalty=length_penalty, repetition_penalty=repetition_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size, prompt_ids=ids_dev,
-            eos_ids=self.tokenizer.eos_ids,
-        )
+        out = generate(self.model, embeds, self.model.put_batch(mask), prompt_ids=ids_dev, **search)
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         return [tokens[r, : lengths[r]].tolist() for r in range(len(batch))]
 
