@@ -123,7 +123,9 @@ class Model:
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty KV cache of ``max_len`` slots for ``batch`` rows, in the model's dtype (sharded with a mesh)."""
         if self._init_cache is not None:
-            self.put_batch(np.zeros((batch, 0), bool))  # checks that the rows divide over the data axis
+            from qasr_jax.sharding import check_rows
+
+            check_rows(batch, self.layout)
             return self._init_cache(batch, max_len)
         return KVCache.init(self.config.text, batch, max_len, jnp.dtype(self.dtype))
 

@@ -128,8 +128,11 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence | N
     n = sizes["data"] * sizes["model"]
     if n > len(devices):
         raise ValueError(f"mesh {spec!r} needs {n} devices but this process has {len(devices)}: {devices}")
-    return jax.make_mesh((sizes["data"], sizes["model"]), MESH_AXES, axis_types=(AxisType.Auto,) * 2,
-                         devices=devices[:n])
+    shape, auto = (sizes["data"], sizes["model"]), (AxisType.Auto,) * 2
+    try:  # topology-aware device order (TPU torus, GPU NVLink islands)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices[:n])
+    except (ValueError, NotImplementedError, AssertionError):  # a subset the topology helper cannot lay out
+        return Mesh(np.array(devices[:n], dtype=object).reshape(shape), MESH_AXES, axis_types=auto)
 
 
 def _as_auto_mesh(mesh: Mesh) -> Mesh:
@@ -346,16 +349,20 @@ def describe(params) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def check_rows(rows: int, layout: Layout) -> None:
+    """Raise if ``rows`` batch rows do not divide over the layout's data axis."""
+    if rows % layout.data_size:
+        raise ValueError(
+            f"a batch of {rows} rows does not divide over the mesh's data axis ({layout.data_size} devices); "
+            "pad it to a multiple (Transcriber does this itself)"
+        )
+
+
 def put_batch(x, layout: Layout | None):
     """A host or device batch (leading axis = rows) placed with rows over ``data`` (jnp.asarray without a layout)."""
     if layout is None:
         return jax.numpy.asarray(x)
-    n = np.shape(x)[0]
-    if n % layout.data_size:
-        raise ValueError(
-            f"a batch of {n} rows does not divide over the mesh's data axis ({layout.data_size} devices); "
-            "pad it to a multiple (Transcriber does this itself)"
-        )
+    check_rows(np.shape(x)[0], layout)
     return jax.device_put(x, layout.batch_sharding(np.ndim(x)))
 
 

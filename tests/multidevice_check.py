@@ -193,6 +193,16 @@ def max_rel_err(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
+def one_input_logits(model) -> np.ndarray:
+    """Model.logits on one input (batch 1: rows cannot split over data, weights still split over model)."""
+    from qasr_jax.config import audio_token_count
+
+    feats = model.log_mel(speech("hello_en.wav"))
+    n = audio_token_count(feats.shape[1], model.config.audio)
+    input_ids = [151644, 8948, 198, 151645, 198, 151644, 872, 198, 151669] + [151676] * n + [151670, 151645, 198]
+    return model.logits(input_ids, feats)
+
+
 def cache_report(model) -> dict:
     """Shardings of the KV cache and logits through the Model's explicitly sharded programs (batch of 8)."""
     cache = model.init_cache(8, 96)
@@ -257,6 +267,7 @@ def main(model_dir: str, orbax_dir: str, work_dir: str, report_path: str) -> Non
         if (mesh, preset) == ("data=4,model=2", "tensor"):
             entry["beam"] = ids(asr, data["ragged"][:3], beam_size=2)
             entry["cache"] = cache_report(asr.model)
+            entry["one_input_rel_err"] = max_rel_err(one_input_logits(asr.model), one_input_logits(single.model))
         report["meshes"].append(entry)
         del asr
     orbax = Transcriber.from_pretrained(orbax_dir, mesh="data=2,model=4", sharding="tensor")
