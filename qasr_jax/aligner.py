@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qasr_jax.audio import SAMPLE_RATE, load_audio, log_mel_batch, n_frames
-from qasr_jax.config import audio_token_count
+from qasr_jax.config import audio_token_count, frame_bucket
 from qasr_jax.hub import resolve_model_path
 from qasr_jax.loading import DTYPES, Model, load
 from qasr_jax.model import Qwen3ASRModule, prompt_positions_and_mask
@@ -169,8 +169,7 @@ class Aligner:
         batch = _batch_bucket(len(items))
         waves = [it.wave for it in items] + [np.zeros(1, np.float32)] * (batch - len(items))  # padding rows
         max_frames = max(n_frames(w.shape[0]) for w in waves)
-        window = self.model.config.audio.n_window_infer  # 8 s of frames
-        feats, frames = log_mel_batch(waves, pad_to=_round_up(max_frames, window))
+        feats, frames = log_mel_batch(waves, pad_to=frame_bucket(max_frames, self.model.config.audio))
         seq = _length_bucket(max(len(it.ids) for it in items))
         n_slots = _length_bucket(max(len(it.slots) for it in items))
         ids = np.zeros((batch, seq), np.int32)

@@ -141,6 +141,16 @@ def audio_token_count(n_frames: int, audio: AudioConfig) -> int:
     return full * audio.tokens_per_chunk + conv_out_len(rem)
 
 
+def frame_bucket(n_frames: int, audio: AudioConfig) -> int:
+    """Feature frames padded for the encoder: whole 1 s chunks, exact up to 8 chunks, then 8 steps per octave.
+
+    Shapes inside a bucket share one compilation, and no bucket pads more than about 1/8 of its audio.
+    """
+    chunks = max(1, -(-n_frames // audio.chunk_frames))
+    step = max(1, (1 << (chunks - 1).bit_length()) // 8)
+    return -(-chunks // step) * step * audio.chunk_frames
+
+
 def _need(d: dict, key: str, where: str) -> Any:
     if key not in d:
         raise ConfigError(f"config.json: missing field {where}.{key}")

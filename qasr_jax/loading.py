@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qasr_jax.config import ModelConfig, audio_token_count, load_config
+from qasr_jax.config import ModelConfig, audio_token_count, frame_bucket, load_config
 from qasr_jax.hub import resolve_model_path
 from qasr_jax.model import KVCache, Qwen3ASRModule
 
@@ -100,9 +100,7 @@ class Model:
         n = feats.shape[1]
         if n == 0:
             raise ValueError("features have no frames")
-        # Bucket to whole attention windows (8 s): a new length inside a bucket compiles nothing.
-        step = self.config.audio.n_window_infer
-        padded = np.zeros((1, mels, _bucket(n, step)), np.float32)
+        padded = np.zeros((1, mels, frame_bucket(n, self.config.audio)), np.float32)  # new lengths reuse compiles
         padded[0, :, :n] = feats
         return jnp.asarray(padded), jnp.array([n], jnp.int32)
 

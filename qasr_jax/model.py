@@ -125,7 +125,7 @@ class AudioEncoder(nn.Module):
         """feats (batch, mels, frames) with frames a multiple of the chunk; n_frames (batch,) valid frames.
 
         Returns (hidden (batch, seq, d_model), n_tokens (batch,)); positions at or past n_tokens are padding.
-        seq is the token count of all chunks, rounded up to whole attention windows.
+        seq is the token count of all chunks (13 per chunk for the released models).
         """
         cfg, dt = self.cfg, self.dtype
         batch, mels, frames = feats.shape
@@ -152,8 +152,9 @@ class AudioEncoder(nn.Module):
         x = x.reshape(batch, n_chunks * steps, cfg.d_model)
         # Only the last chunk of an audio can be partial, so valid tokens are a prefix of each row.
         n_tokens = _token_count(n_frames, cfg)
-        pad = (-x.shape[1]) % cfg.window_tokens
-        x = constrain(jnp.pad(x, ((0, 0), (0, pad), (0, 0))), _AUDIO_ACT)
+        # No padding to whole windows here: the attention pads its own windows, projections and MLPs run on
+        # the chunks' tokens only.
+        x = constrain(x, _AUDIO_ACT)
         layers = nn.scan(
             EncoderLayer,
             variable_axes={"params": 0},

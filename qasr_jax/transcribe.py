@@ -18,14 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from qasr_jax.audio import SAMPLE_RATE, AudioError, load_audio, log_mel_batch
-from qasr_jax.config import audio_token_count
+from qasr_jax.config import audio_token_count, frame_bucket
 from qasr_jax.hub import resolve_model_path
 from qasr_jax.loading import Model, load
 from qasr_jax.longform import Piece, split_long_audio
 from qasr_jax.prompts import build_prompt_ids, normalize_language, parse_output, supported_languages
 from qasr_jax.tokenizer import Tokenizer
 
-_WINDOW_MULTIPLES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 _CJK_JOIN = {"Chinese", "Cantonese", "Japanese"}
 ALIGN_PIECE_SECONDS = 180.0  # piece length when word timestamps are asked for (the official toolkit's choice)
 
@@ -69,15 +68,6 @@ class _Work:
     piece: int  # piece index within the input
     samples: np.ndarray
     offset: float
-
-
-def _frame_bucket(n_frames: int, window_frames: int) -> int:
-    """Feature frames rounded up to a few multiples of the attention window (8 s), so shapes repeat."""
-    k = -(-n_frames // window_frames)
-    for m in _WINDOW_MULTIPLES:
-        if m >= k:
-            return m * window_frames
-    return -(-k // 256) * 256 * window_frames
 
 
 def _round_up(n: int, step: int) -> int:
@@ -232,7 +222,7 @@ class Transcriber:
         rows = _round_up(rows, self.model.data_size)  # every device of the data axis gets the same number of rows
         waves = [w.samples for w in batch] + [batch[-1].samples] * (rows - len(batch))
         longest = max(max(w.shape[0], 8000) // 160 for w in waves)
-        frames = _frame_bucket(longest, cfg.audio.n_window_infer)
+        frames = frame_bucket(longest, cfg.audio)
         feats, n_frames = log_mel_batch(waves, pad_to=frames)
         audio, n_tok = self.model.encode_batch(feats, jnp.asarray(n_frames))
         n_tok = np.asarray(n_tok)  # one transfer; rows may live on different devices
