@@ -184,9 +184,9 @@ def test_words_match_transformers_decode(early, processor):
 
 def test_bucketed_shapes_compile_once(aligner):
     """Two clips of different length, units and tokens inside one bucket reuse one compiled function."""
-    aligner.align(synthetic(5.6, 7), "one two three", "English")  # 84 tokens, 6 slots
+    aligner.align(synthetic(9.3, 7), "one two three", "English")  # 10 s of frames, about 131 tokens, 6 slots
     before = aligner._classes_fn._cache_size()
-    aligner.align(synthetic(6.2, 8), "four five six seven", "English")  # 95 tokens, 8 slots
+    aligner.align(synthetic(9.8, 8), "four five six seven", "English")  # 10 s of frames, about 140 tokens, 8 slots
     assert aligner._classes_fn._cache_size() == before
 
 
