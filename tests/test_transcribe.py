@@ -108,7 +108,8 @@ def test_long_audio_is_cut_into_pieces(asr):
 
 
 def test_new_lengths_inside_a_bucket_compile_nothing(asr):
-    """After one batch, a second batch of new lengths (same buckets) and another max_new_tokens compile nothing."""
+    """After one batch, a second batch of new lengths (longest in the same 4-chunk frame bucket) and another
+    max_new_tokens compile nothing."""
     asr.transcribe([synthetic(2.1, 1), synthetic(3.3, 2)], max_new_tokens=NEW, batch_size=2)
     compiles = []
 
@@ -118,7 +119,7 @@ def test_new_lengths_inside_a_bucket_compile_nothing(asr):
 
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
-        asr.transcribe([synthetic(4.4, 3), synthetic(1.7, 4)], max_new_tokens=NEW - 3, batch_size=2)
+        asr.transcribe([synthetic(3.7, 3), synthetic(1.2, 4)], max_new_tokens=NEW - 3, batch_size=2)
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     assert compiles == []
