@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from qasr_jax.compiles import COMPILE_EVENT  # noqa: E402
 from qasr_jax.config import preset  # noqa: E402
 from qasr_jax.loading import Model  # noqa: E402
 from qasr_jax.model import param_shapes  # noqa: E402
@@ -38,7 +39,6 @@ from qasr_jax.sharding import make_mesh  # noqa: E402
 from qasr_jax.tokenizer import Tokenizer  # noqa: E402
 from qasr_jax.transcribe import Transcriber  # noqa: E402
 
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 def random_params(cfg, dtype: str, seed: int = 0) -> dict:

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from qasr_jax.compiles import count_compilations  # noqa: E402
 from qasr_jax.config import audio_token_count, preset  # noqa: E402
 from qasr_jax.prompts import build_prompt_ids  # noqa: E402
 from qasr_jax.transcribe import Transcriber  # noqa: E402
@@ -85,19 +86,11 @@ def ours_run(asr: Transcriber, waves, batch: int, new: int) -> float:
     return time.perf_counter() - start
 
 
-def count_compiles(fn):
-    events = []
-
-    def listen(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+def timed_compiles(fn):
+    """(fn's result, backend compilations it caused, seconds they took)."""
+    with count_compilations() as c:
         value = fn()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
-    return value, len(events), sum(events)
+    return value, c.count, c.seconds
 
 
 def main() -> None:
@@ -124,9 +117,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for batch in (1, 8):
         ref_s = min(reference_run(ref, cfg, fe, asr.tokenizer, first, batch, args.new_tokens) for _ in range(2))
-        cold, _, compile_s = count_compiles(lambda: ours_run(asr, first, batch, args.new_tokens))
+        cold, _, compile_s = timed_compiles(lambda: ours_run(asr, first, batch, args.new_tokens))
         warm = min(ours_run(asr, first, batch, args.new_tokens) for _ in range(2))
-        new_len, n_compiles, _ = count_compiles(lambda: ours_run(asr, second, batch, args.new_tokens))
+        new_len, n_compiles, _ = timed_compiles(lambda: ours_run(asr, second, batch, args.new_tokens))
         print(f"| {batch} | {audio_s / ref_s:.2f} | {audio_s / warm:.2f} | {ref_s / warm:.2f}x | "
               f"{compile_s:.1f} (first run {cold:.1f} s) | {audio_s2 / new_len:.2f}, {n_compiles} |", flush=True)
 

@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import qasr_jax  # noqa: E402
+from qasr_jax.compiles import COMPILE_EVENT  # noqa: E402
 from qasr_jax import sharding  # noqa: E402
 from qasr_jax.transcribe import Transcriber  # noqa: E402
 from tests.conftest import DATA, speech, synthetic  # noqa: E402
@@ -35,7 +36,6 @@ NEW = 6  # new tokens per input
 # (mesh, preset): the meshes the issue names, both presets on data=4,model=2, and FSDP.
 CONFIGS = [("data=8", "data"), ("data=4,model=2", "data"), ("data=4,model=2", "tensor"), ("data=2,model=4", "tensor"),
            ("data=4,model=2", "fsdp")]
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 def batches() -> dict[str, list[np.ndarray]]:

@@ -9,13 +9,13 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
 from qasr_jax.audio import load_audio
+from qasr_jax.compiles import count_compilations
 from qasr_jax.config import audio_token_count
 from qasr_jax.prompts import build_prompt_ids
 from qasr_jax.transcribe import Transcriber
@@ -26,13 +26,18 @@ from tests.tokenizer_files import write_tokenizer
 NEW = 10  # new tokens per input: random weights rarely stop, so every row runs to the limit
 
 
+def with_tokenizer(source: str, tmp_path_factory, layout: str) -> str:
+    """A copy of a tiny checkpoint folder with the real Qwen tokenizer (in ``layout``) beside the weights."""
+    folder = str(tmp_path_factory.mktemp("ckpt") / "model")
+    shutil.copytree(source, folder)
+    write_tokenizer(folder, layout)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def asr_dir(checkpoints, tmp_path_factory):
-    """The tiny ASR checkpoint (official layout) with the real Qwen tokenizer beside it."""
-    folder = str(tmp_path_factory.mktemp("asr") / "ckpt")
-    shutil.copytree(checkpoints("asr").official, folder)
-    write_tokenizer(folder, "official")
-    return folder
+    """The tiny ASR checkpoint (official layout) with the official tokenizer files."""
+    return with_tokenizer(checkpoints("asr").official, tmp_path_factory, "official")
 
 
 @pytest.fixture(scope="module")
@@ -111,18 +116,9 @@ def test_new_lengths_inside_a_bucket_compile_nothing(asr):
     """After one batch, a second batch of new lengths (longest in the same 4-chunk frame bucket) and another
     max_new_tokens compile nothing."""
     asr.transcribe([synthetic(2.1, 1), synthetic(3.3, 2)], max_new_tokens=NEW, batch_size=2)
-    compiles = []
-
-    def listen(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with count_compilations() as compiles:
         asr.transcribe([synthetic(3.7, 3), synthetic(1.2, 4)], max_new_tokens=NEW - 3, batch_size=2)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
-    assert compiles == []
+    assert compiles.count == 0
 
 
 def test_bad_inputs_get_named_errors(asr, tmp_path):
@@ -204,10 +200,8 @@ def parse_cues(text: str, fmt: str) -> list[tuple[float, float, str]]:
 
 @pytest.fixture(scope="module")
 def aligner_dir(checkpoints, tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("aligner") / "ckpt")
-    shutil.copytree(checkpoints("aligner").hf, folder)
-    write_tokenizer(folder, "hf")
-    return folder
+    """The tiny aligner (-hf layout) with a tokenizer.json."""
+    return with_tokenizer(checkpoints("aligner").hf, tmp_path_factory, "hf")
 
 
 def test_timestamps_through_api_and_cli(asr_dir, aligner_dir, tmp_path):
