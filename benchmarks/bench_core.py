@@ -4,8 +4,9 @@ Both sides load one random-weight checkpoint from disk (built once with tests/re
 so both hold identical float32 values) and get the same input: tests/data/long_en.wav (10.07 s) continued from
 its start to 11.3 s, as log-mel features padded to whole 1 s chunks (1200 frames, 147 audio tokens).
 
-Stages (warm-up calls, then the median of ``--repeats`` timed calls; our compile time is reported on its own as
-the first call minus the median):
+Stages (each: warm-up calls, then ``--repeats`` timed calls with the reference and ours alternating call by call,
+so both see the same machine; median and minimum reported; our compile time on its own, as our first call minus
+our median):
 - encoder: log-mel -> projector output. Reference ``model.model.get_audio_features``; ours ``Model.encode_batch``.
 - prefill: prompt embeddings -> next-token logits + KV cache (decoder only). Reference
   ``model(inputs_embeds=..., use_cache=True, logits_to_keep=1)``; ours ``Model.embed`` + ``Model.prefill``.
@@ -15,11 +16,16 @@ the first call minus the median):
   cache cropped back after each call (every call sees the prompt as context); ours ``Model.step``.
 The reference runs under ``torch.inference_mode()`` with torch's default thread count; ours is block_until_ready.
 
+The machine may be shared: other processes' CPU use is measured from /proc during every timed call and reported,
+and by default each timed call first waits (up to 300 s) until they use under ``--quiet`` cores. Torch's OpenMP
+threads slow down far more than XLA's thread pool when another process takes a core (the reference's prefill
+went from 1.2 s to 10 s at a load average of 4 on 2 cores), so numbers from a busy machine are not comparable.
+
 The decode step is memory bound: its floor is the bytes it must read (decoder layer weights, final norm, one
 embedding row and the whole LM head, which for tied models is the embedding matrix) over the machine's copy
 bandwidth (large numpy copies, 1 and 2 threads, read + written bytes; the best is used).
 
-    python benchmarks/bench_core.py [--preset asr-0.6b] [--repeats 5] [--warmup 2] [--checkpoint DIR]
+    python benchmarks/bench_core.py [--preset asr-0.6b] [--repeats 5] [--warmup 2] [--quiet CORES] [--checkpoint DIR]
 
 Real size needs ~10 GB of RAM at peak (both frameworks hold the 3 GB float32 model); ``--preset tiny`` is a
 smoke test of the script.
