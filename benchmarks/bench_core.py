@@ -97,7 +97,7 @@ def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> dict[int, float]:
 def step_bytes(params, cfg) -> dict[str, int]:
     """Bytes of weights one decode step reads: decoder layers, final norm, one embedding row, the LM head."""
     dec = params["decoder"]
-    layers = sum(x.nbytes for x in jax.tree_util.tree_leaves(dec["layers"]))
+    layers = sum(x.nbytes for k, v in dec.items() if k.startswith("layers") for x in jax.tree_util.tree_leaves(v))
     emb = dec["embed"]["embedding"]
     if cfg.is_aligner:
         head = params["score"]["kernel"].nbytes

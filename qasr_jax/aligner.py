@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qasr_jax.audio import SAMPLE_RATE, load_audio, log_mel_batch, n_frames
+from qasr_jax.compiles import jit_with_encoder
 from qasr_jax.config import audio_token_count, frame_bucket
 from qasr_jax.hub import resolve_model_path
 from qasr_jax.loading import DTYPES, Model, load
@@ -120,8 +121,8 @@ class Aligner:
                 f"{self._timestamp_id}: the tokenizer files do not belong to this checkpoint"
             )
         module = model.module
-        self._logits_fn = jax.jit(functools.partial(_timestamp_logits, module))
-        self._classes_fn = jax.jit(
+        self._logits_fn = jit_with_encoder(functools.partial(_timestamp_logits, module))
+        self._classes_fn = jit_with_encoder(
             lambda *a: jnp.argmax(_timestamp_logits(module, *a), axis=-1).astype(jnp.int32)
         )
 

@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qasr_jax.compiles import jit_with_encoder
 from qasr_jax.config import ModelConfig, audio_token_count, frame_bucket, load_config
 from qasr_jax.hub import resolve_model_path
-from qasr_jax.model import KVCache, Qwen3ASRModule
+from qasr_jax.model import KVCache, Qwen3ASRModule, unstack_layers
 
 DTYPES = ("float32", "bfloat16")
+
 
 
 def _bucket(n: int, step: int) -> int:
@@ -23,6 +25,9 @@ def _bucket(n: int, step: int) -> int:
 
 class Model:
     """A loaded Qwen3-ASR or ForcedAligner: config, params and jitted encoder / forward functions.
+
+    On one device the params are held per layer (``layers_0``, ...; see ``qasr_jax.model``) and the layers run
+    unrolled, which reads each layer's weights in place; ``params`` may be passed in either layout.
 
     With a ``mesh`` (a ``jax.sharding.Mesh``, "data=4,model=2" or a ``qasr_jax.sharding.Layout``) the params are
     placed shard by shard as ``sharding`` says (a preset of ``qasr_jax.sharding.PRESETS`` or rules; None: "tensor"
@@ -41,11 +46,12 @@ class Model:
         if mesh is None:
             if sharding is not None:
                 raise ValueError("sharding= needs a mesh=")
-            self.module = Qwen3ASRModule(config, jnp.dtype(dtype), attention_impl, interpret)
-            self.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
-            self._encode = jax.jit(functools.partial(self.module.apply, method=Qwen3ASRModule.encode))
+            self.module = Qwen3ASRModule(config, jnp.dtype(dtype), attention_impl, interpret, scan_layers=False)
+            self.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype),
+                                                 unstack_layers(params, convert=lambda x: x))
+            self._encode = jit_with_encoder(functools.partial(self.module.apply, method=Qwen3ASRModule.encode))
             self._encode_batch = self._encode
-            self._forward = jax.jit(self.module.apply)
+            self._forward = jit_with_encoder(self.module.apply)
             self._embed = jax.jit(functools.partial(self.module.apply, method=Qwen3ASRModule.embed))
             self._prefill = jax.jit(functools.partial(self.module.apply, method=Qwen3ASRModule.prefill))
             self._step = jax.jit(functools.partial(self.module.apply, method=Qwen3ASRModule.step), donate_argnums=2)
@@ -61,8 +67,8 @@ class Model:
         self.module = Qwen3ASRModule(self.config, dt, self.attention_impl, interpret, self.layout)
         self.params = sh.place_params(params, self.layout, self.config, self.dtype)
         # One-input methods (encode, logits) take batch 1: plain jits, the params' shardings drive the partitioning.
-        self._encode = jax.jit(functools.partial(self.module.apply, method=Qwen3ASRModule.encode))
-        self._forward = jax.jit(self.module.apply)
+        self._encode = jit_with_encoder(functools.partial(self.module.apply, method=Qwen3ASRModule.encode))
+        self._forward = jit_with_encoder(self.module.apply)
         programs = sh.batch_programs(self.module, self.layout, sh.param_shardings(self.params, self.layout,
                                                                                   self.config), self.config)
         self._encode_batch, self._embed = programs["encode"], programs["embed"]

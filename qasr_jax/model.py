@@ -1,7 +1,13 @@
 """Flax (linen) modules: the AuT audio encoder, the projector, the Qwen3 decoder and the heads.
 
-Parameters are plain pytrees. Layers are stacked with ``nn.scan`` (leading ``layers`` axis on every per-layer
-parameter), so a 28-layer decoder compiles once per shape and converts, shards and saves as a few big arrays.
+Parameters are plain pytrees in one of two layouts, chosen by the modules' ``scan_layers``:
+- stacked (``scan_layers=True``, the canonical layout): layers run under ``nn.scan`` with a leading ``layers`` axis
+  on every per-layer parameter, so a 28-layer decoder compiles once per shape and converts, shards and saves as a
+  few big arrays;
+- per layer (``scan_layers=False``, what ``qasr_jax.Model`` runs on one device): ``layers_0``, ``layers_1``, ...
+  subtrees, the layers unrolled in Python. Under a scan XLA copies each layer's weights out of the stacked arrays
+  on every call (on CPU the decode step spends more time on that copy than on the matmuls); separate arrays are
+  read in place. :func:`unstack_layers` and :func:`stack_layers` convert between the two.
 Norms, softmax, RoPE tables and logits are computed in float32 whatever the parameter and activation dtype.
 """
 
@@ -119,6 +125,7 @@ class AudioEncoder(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
     interpret: bool = False  # run a Pallas kernel in the interpreter (tests on CPU)
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, feats, n_frames):
@@ -155,14 +162,18 @@ class AudioEncoder(nn.Module):
         # No padding to whole windows here: the attention pads its own windows, projections and MLPs run on
         # the chunks' tokens only.
         x = constrain(x, _AUDIO_ACT)
-        layers = nn.scan(
-            EncoderLayer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=nn.broadcast,
-            length=cfg.layers,
-        )(cfg, dt, self.attention_impl, self.interpret, name="layers")
-        x, _ = layers(x, n_tokens)
+        if self.scan_layers:
+            layers = nn.scan(
+                EncoderLayer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=nn.broadcast,
+                length=cfg.layers,
+            )(cfg, dt, self.attention_impl, self.interpret, name="layers")
+            x, _ = layers(x, n_tokens)
+        else:
+            for i in range(cfg.layers):
+                x, _ = EncoderLayer(cfg, dt, self.attention_impl, self.interpret, name=f"layers_{i}")(x, n_tokens)
         return LayerNorm(dt, name="ln_post")(x), n_tokens
 
 
@@ -236,11 +247,13 @@ class DecoderLayer(nn.Module):
     dtype: Dtype
 
     @nn.compact
-    def __call__(self, x, kv, cos, sin, mask, write_at):
-        """x (batch, seq, hidden); kv this layer's (k, v) cache or None; mask (batch, seq, keys) bool.
+    def __call__(self, x, kv, cos, sin, mask, write_at, layer=None):
+        """x (batch, seq, hidden); kv the (k, v) cache or None; mask (batch, seq, keys) bool.
 
-        With a cache, the new keys are written at slot ``write_at``. The mask's key axis says what the queries
-        attend over: the cache slots (max_len keys, one-token steps) or their own keys (seq keys, prefill).
+        kv is this layer's (batch, slots, kv_heads, head_dim) pair, or with ``layer`` (a static index) the whole
+        stacked (layers, batch, ...) pair, updated in place at that layer. With a cache, the new keys are written
+        at slot ``write_at``. The mask's key axis says what the queries attend over: the cache slots (max_len
+        keys, one-token steps) or their own keys (seq keys, prefill).
         """
         cfg, dt = self.cfg, self.dtype
         batch, seq, _ = x.shape
@@ -254,10 +267,14 @@ class DecoderLayer(nn.Module):
         k = constrain(apply_rope(RMSNorm(dt, cfg.rms_norm_eps, name="k_norm")(k), cos, sin), _KV_SLICE)
         v = constrain(v, _KV_SLICE)
         if kv is not None:
-            ck, cv = kv
-            ck = constrain(jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, write_at, 0, 0)), _KV_SLICE)
-            cv = constrain(jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, write_at, 0, 0)), _KV_SLICE)
-            kv = (ck, cv)
+            if layer is None:
+                ck, cv = (constrain(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, write_at, 0, 0)),
+                                    _KV_SLICE) for c, new in zip(kv, (k, v)))
+                kv = (ck, cv)
+            else:
+                kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, write_at, 0, 0))
+                           for c, new in zip(kv, (k, v)))
+                ck, cv = kv[0][layer], kv[1][layer]
             if mask.shape[-1] == ck.shape[1]:  # the mask spans the cache slots: attend over the cache
                 k, v = ck.astype(dt), cv.astype(dt)
         # (batch, seq, kv_heads, groups, head_dim): query heads grouped by the kv head they share.
@@ -276,28 +293,37 @@ class DecoderLayer(nn.Module):
 
 
 class TextDecoder(nn.Module):
-    """Qwen3 decoder stack: token embedding, scanned layers, final RMSNorm."""
+    """Qwen3 decoder stack: token embedding, layers (scanned or unrolled), final RMSNorm."""
 
     cfg: TextConfig
     dtype: Dtype = jnp.float32
+    scan_layers: bool = True
 
     def setup(self):
         cfg = self.cfg
         self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
-        self.layers = nn.scan(
-            DecoderLayer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.layers,
-        )(cfg, self.dtype)
+        if self.scan_layers:
+            self.layers = nn.scan(
+                DecoderLayer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.layers,
+            )(cfg, self.dtype)
+        else:
+            self.layers = [DecoderLayer(cfg, self.dtype) for _ in range(cfg.layers)]  # named layers_0, layers_1...
         self.norm = RMSNorm(self.dtype, cfg.rms_norm_eps)
 
     def __call__(self, embeds, positions, mask, cache: KVCache | None = None, write_at=0):
         """embeds (batch, seq, hidden), positions (batch, seq) -> (hidden after the final norm, new cache kv)."""
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
         kv = None if cache is None else (cache.k, cache.v)
-        x, kv = self.layers(constrain(embeds.astype(self.dtype), _ACT), kv, cos, sin, mask, write_at)
+        x = constrain(embeds.astype(self.dtype), _ACT)
+        if self.scan_layers:
+            x, kv = self.layers(x, kv, cos, sin, mask, write_at)
+        else:
+            for i, layer in enumerate(self.layers):
+                x, kv = layer(x, kv, cos, sin, mask, write_at, None if kv is None else i)
         return self.norm(x), kv
 
 
@@ -326,12 +352,13 @@ class Qwen3ASRModule(nn.Module):
     attention_impl: str = "xla"
     interpret: bool = False
     layout: Any = None  # a qasr_jax.sharding.Layout: activations are pinned to its mesh while tracing
+    scan_layers: bool = True  # False: per-layer parameters (layers_0, ...), layers unrolled (see the module doc)
 
     def setup(self):
         cfg = self.cfg
-        self.audio_tower = AudioEncoder(cfg.audio, self.dtype, self.attention_impl, self.interpret)
+        self.audio_tower = AudioEncoder(cfg.audio, self.dtype, self.attention_impl, self.interpret, self.scan_layers)
         self.projector = Projector(cfg.audio, self.dtype)
-        self.decoder = TextDecoder(cfg.text, self.dtype)
+        self.decoder = TextDecoder(cfg.text, self.dtype, self.scan_layers)
         # Heads compute in float32 on weights stored in the model dtype.
         f32 = jnp.float32
         if cfg.is_aligner:
@@ -361,7 +388,8 @@ class Qwen3ASRModule(nn.Module):
         if self.cfg.is_aligner:
             logits = self.score(hidden)
         elif self.cfg.text.tie_word_embeddings:
-            logits = hidden @ self.decoder.embed.embedding.astype(jnp.float32).T
+            # Contract over the embedding's own last axis: ``@ embedding.T`` makes XLA copy the whole matrix.
+            logits = jnp.einsum("...h,vh->...v", hidden, self.decoder.embed.embedding.astype(jnp.float32))
         else:
             logits = self.lm_head(hidden)
         axes = ("batch", "length", "classes" if self.cfg.is_aligner else "vocab")
@@ -423,3 +451,38 @@ def param_shapes(cfg: ModelConfig, dtype: str = "float32") -> dict:
     return jax.eval_shape(
         lambda: module.init(jax.random.PRNGKey(0), ids, feats, jnp.array([frames], jnp.int32))["params"]
     )
+
+
+STACKS = ("audio_tower", "decoder")  # the parameter subtrees whose per-layer parameters sit under "layers"
+
+
+def unstack_layers(params: dict, convert=None) -> dict:
+    """Stacked layout -> per-layer layout: ``<stack>/layers`` (leading layer axis) becomes ``layers_0``, ... .
+
+    ``convert`` (default ``jnp.asarray``) makes each per-layer array. A per-layer tree is returned as it is.
+    """
+    convert = jnp.asarray if convert is None else convert
+    out = dict(params)
+    for name in STACKS:
+        if name not in out or "layers" not in out[name]:
+            continue
+        sub = dict(out[name])
+        stacked = sub.pop("layers")
+        n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+        for i in range(n):
+            sub[f"layers_{i}"] = jax.tree_util.tree_map(lambda x: convert(x[i]), stacked)  # noqa: B023
+        out[name] = sub
+    return out
+
+
+def stack_layers(params: dict) -> dict:
+    """Per-layer layout -> stacked layout (the inverse of :func:`unstack_layers`); a stacked tree as it is."""
+    out = dict(params)
+    for name in STACKS:
+        if name not in out or "layers_0" not in out[name]:
+            continue
+        sub = dict(out[name])
+        layers = [sub.pop(f"layers_{i}") for i in range(sum(k.startswith("layers_") for k in out[name]))]
+        sub["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+        out[name] = sub
+    return out

@@ -370,6 +370,7 @@ def batch_programs(module, layout: Layout, params_sharding, cfg) -> dict[str, Ca
     """The encoder, embedding, prefill and one-step programs of ``module``, jitted with explicit in/out shardings:
     params as placed, batch rows over data, the KV cache as ``cache_shardings``, logits with the vocabulary over
     model where the rules say so. Each takes ``{"params": params}`` first, like ``module.apply``."""
+    from qasr_jax.compiles import jit_with_encoder
     from qasr_jax.model import KVCache, Qwen3ASRModule
 
     variables = {"params": params_sharding}
@@ -392,7 +393,7 @@ def batch_programs(module, layout: Layout, params_sharding, cfg) -> dict[str, Ca
         return module.apply(v, tokens, kv_cache, method=Qwen3ASRModule.step)
 
     return {
-        "encode": jax.jit(encode, in_shardings=(variables, b3, b1), out_shardings=(b3, b1)),
+        "encode": jit_with_encoder(encode, in_shardings=(variables, b3, b1), out_shardings=(b3, b1)),
         "embed": jax.jit(embed, in_shardings=(variables, b2, b3), out_shardings=b3),
         "prefill": jax.jit(prefill, in_shardings=(variables, b3, b2, cache), out_shardings=(logits, cache)),
         "step": jax.jit(step, in_shardings=(variables, b1, cache), out_shardings=(logits, cache), donate_argnums=2),

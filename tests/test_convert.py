@@ -18,6 +18,7 @@ import qasr_jax
 from qasr_jax.config import ConfigError, config_from_hf_dict, load_config
 from qasr_jax.convert.checkpoint import CheckpointError, load_hf_params, read_safetensors
 from qasr_jax.convert.orbax_io import restore_orbax, save_orbax
+from qasr_jax.model import stack_layers, unstack_layers
 from tests.reference import official_config, save_hf, save_official
 
 
@@ -71,7 +72,21 @@ def test_orbax_round_trip_is_bit_identical(checkpoints, tmp_path):
     assert leaves_equal(params, restored)
     # qasr_jax.load sees the export and gives the same model.
     model = qasr_jax.load(str(tmp_path / "exp"))
-    assert leaves_equal(params, model.params)
+    assert leaves_equal(params, stack_layers(model.params))
+
+
+def test_per_layer_layout_round_trips(checkpoints):
+    """The per-layer params a one-device Model runs on hold each stacked layer's arrays, and stack back exactly."""
+    ck = checkpoints("asr")
+    params = load_hf_params(ck.hf, ck.cfg)
+    per_layer = unstack_layers(params)
+    assert "layers" not in per_layer["decoder"] and "layers" not in per_layer["audio_tower"]
+    assert {k for k in per_layer["decoder"] if k.startswith("layers_")} == {
+        f"layers_{i}" for i in range(ck.cfg.text.layers)}
+    np.testing.assert_array_equal(per_layer["decoder"]["layers_1"]["q"]["kernel"],
+                                  params["decoder"]["layers"]["q"]["kernel"][1])
+    assert leaves_equal(stack_layers(per_layer), params)
+    assert unstack_layers(per_layer) == per_layer and stack_layers(params) == params
 
 
 def test_cli_convert_writes_a_loadable_export(checkpoints, tmp_path):
@@ -83,7 +98,7 @@ def test_cli_convert_writes_a_loadable_export(checkpoints, tmp_path):
     assert proc.returncode == 0, proc.stderr
     model = qasr_jax.load(str(dst))
     assert model.config == ck.cfg
-    assert leaves_equal(model.params, load_hf_params(ck.hf, ck.cfg))
+    assert leaves_equal(stack_layers(model.params), load_hf_params(ck.hf, ck.cfg))
 
 
 def _official_copy(ck, dst) -> tuple[str, dict]:
