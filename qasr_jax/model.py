@@ -87,7 +87,7 @@ def sinusoid_positions(length: int, channels: int) -> np.ndarray:
 _AUDIO_ACT = ("batch", "length", "audio_embed")
 _AUDIO_QKV = ("batch", "length", "audio_heads", None)
 _ACT = ("batch", "length", "embed")
-_KV_SLICE = ("batch", "length", "kv_heads", None)
+_KV_SLICE = ("batch", "kv_heads", "length", None)  # keys and values as cached: (batch, kv_heads, slots, head_dim)
 
 
 class EncoderLayer(nn.Module):
@@ -205,15 +205,16 @@ class Projector(nn.Module):
 class KVCache:
     """Fixed-size decoder KV cache; every item writes its next token into the same slot ``end``."""
 
-    k: jax.Array  # (layers, batch, max_len, kv_heads, head_dim)
-    v: jax.Array  # (layers, batch, max_len, kv_heads, head_dim)
+    # Slots next to head_dim, the layout attention's dots read without a transpose.
+    k: jax.Array  # (layers, batch, kv_heads, max_len, head_dim)
+    v: jax.Array  # (layers, batch, kv_heads, max_len, head_dim)
     valid: jax.Array  # (batch, max_len) bool: slots that hold a real (non-padding) token
     end: jax.Array  # () int32: next slot to write
 
     @classmethod
     def init(cls, cfg: TextConfig, batch: int, max_len: int, dtype: Dtype = jnp.float32) -> "KVCache":
         """An empty cache of ``max_len`` slots."""
-        shape = (cfg.layers, batch, max_len, cfg.kv_heads, cfg.head_dim)
+        shape = (cfg.layers, batch, cfg.kv_heads, max_len, cfg.head_dim)
         return cls(
             k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
             valid=jnp.zeros((batch, max_len), bool), end=jnp.zeros((), jnp.int32),
@@ -221,7 +222,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -250,7 +251,7 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, kv, cos, sin, mask, write_at, layer=None):
         """x (batch, seq, hidden); kv the (k, v) cache or None; mask (batch, seq, keys) bool.
 
-        kv is this layer's (batch, slots, kv_heads, head_dim) pair, or with ``layer`` (a static index) the whole
+        kv is this layer's (batch, kv_heads, slots, head_dim) pair, or with ``layer`` (a static index) the whole
         stacked (layers, batch, ...) pair, updated in place at that layer. With a cache, the new keys are written
         at slot ``write_at``. The mask's key axis says what the queries attend over: the cache slots (max_len
         keys, one-token steps) or their own keys (seq keys, prefill).
@@ -264,25 +265,25 @@ class DecoderLayer(nn.Module):
         v = _dense(cfg.kv_heads * cfg.head_dim, "v", dt, bias=False)(h).reshape(batch, seq, cfg.kv_heads, -1)
         q = constrain(apply_rope(RMSNorm(dt, cfg.rms_norm_eps, name="q_norm")(q), cos, sin),
                       ("batch", "length", "heads", None))
-        k = constrain(apply_rope(RMSNorm(dt, cfg.rms_norm_eps, name="k_norm")(k), cos, sin), _KV_SLICE)
-        v = constrain(v, _KV_SLICE)
+        k = apply_rope(RMSNorm(dt, cfg.rms_norm_eps, name="k_norm")(k), cos, sin)
+        k, v = (constrain(t.transpose(0, 2, 1, 3), _KV_SLICE) for t in (k, v))  # (batch, kv_heads, seq, head_dim)
         if kv is not None:
             if layer is None:
-                ck, cv = (constrain(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, write_at, 0, 0)),
+                ck, cv = (constrain(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, write_at, 0)),
                                     _KV_SLICE) for c, new in zip(kv, (k, v)))
                 kv = (ck, cv)
             else:
-                kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, write_at, 0, 0))
+                kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, 0, write_at, 0))
                            for c, new in zip(kv, (k, v)))
                 ck, cv = kv[0][layer], kv[1][layer]
-            if mask.shape[-1] == ck.shape[1]:  # the mask spans the cache slots: attend over the cache
+            if mask.shape[-1] == ck.shape[2]:  # the mask spans the cache slots: attend over the cache
                 k, v = ck.astype(dt), cv.astype(dt)
         # (batch, seq, kv_heads, groups, head_dim): query heads grouped by the kv head they share.
         qg = q.reshape(batch, seq, cfg.kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("bqhgd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32)
         scores = jnp.where(mask[:, None, None], scores * cfg.head_dim**-0.5, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        att = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(batch, seq, cfg.heads * cfg.head_dim)
+        att = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v).reshape(batch, seq, cfg.heads * cfg.head_dim)
         x = x + _dense(cfg.hidden_size, "o", dt, bias=False)(att)
         h = RMSNorm(dt, cfg.rms_norm_eps, name="mlp_norm")(x)
         gate = _dense(cfg.intermediate_size, "gate", dt, bias=False)(h)
@@ -339,7 +340,7 @@ def _in_layout(method):
 
 
 def _constrain_cache(cache: KVCache) -> KVCache:
-    kv = ("layers", "batch", "length", "kv_heads", None)
+    kv = ("layers", "batch", "kv_heads", "length", None)
     return KVCache(k=constrain(cache.k, kv), v=constrain(cache.v, kv), valid=constrain(cache.valid, ("batch", None)),
                    end=cache.end)
 

@@ -66,9 +66,9 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 )
 _PARAM_AXES = tuple((re.compile(p), axes) for p, axes in PARAM_AXES)
 
-# Logical axes of the KV cache leaves (model.KVCache): (layers, batch, slots, kv_heads, head_dim), valid, end.
-CACHE_AXES = {"k": ("layers", "batch", "length", "kv_heads", "head_dim"),
-              "v": ("layers", "batch", "length", "kv_heads", "head_dim"),
+# Logical axes of the KV cache leaves (model.KVCache): (layers, batch, kv_heads, slots, head_dim), valid, end.
+CACHE_AXES = {"k": ("layers", "batch", "kv_heads", "length", "head_dim"),
+              "v": ("layers", "batch", "kv_heads", "length", "head_dim"),
               "valid": ("batch", "length"), "end": ()}
 
 Rules = tuple[tuple[str, Any], ...]  # (logical name, mesh axis | tuple of mesh axes | None)

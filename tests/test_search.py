@@ -178,7 +178,7 @@ def test_beam_helpers_on_kv_cache():
     cache = KVCache.init(cfg, 2, 5)
     cache = cache.replace(k=cache.k.at[:, 1].set(1.0), valid=cache.valid.at[1, :3].set(True), end=jnp.int32(3))
     wide = S.add_beam_dim(cache, S.KV_CACHE_AXES, 3)
-    assert wide.k.shape == (cfg.layers, 6, 5, cfg.kv_heads, cfg.head_dim) and wide.valid.shape == (6, 5)
+    assert wide.k.shape == (cfg.layers, 6, cfg.kv_heads, 5, cfg.head_dim) and wide.valid.shape == (6, 5)
     assert int(wide.end) == 3 and float(wide.k[:, 3:].min()) == 1.0 and float(wide.k[:, :3].max()) == 0.0
     picked = S.gather_rows(wide, S.KV_CACHE_AXES, jnp.asarray([5, 0]))
     assert float(picked.k[:, 0].min()) == 1.0 and float(picked.k[:, 1].max()) == 0.0
