@@ -5,9 +5,11 @@ Parameters are plain pytrees in one of two layouts, chosen by the modules' ``sca
   on every per-layer parameter, so a 28-layer decoder compiles once per shape and converts, shards and saves as a
   few big arrays;
 - per layer (``scan_layers=False``, what ``qasr_jax.Model`` runs on one device): ``layers_0``, ``layers_1``, ...
-  subtrees, the layers unrolled in Python. Under a scan XLA copies each layer's weights out of the stacked arrays
-  on every call (on CPU the decode step spends more time on that copy than on the matmuls); separate arrays are
-  read in place. :func:`unstack_layers` and :func:`stack_layers` convert between the two.
+  subtrees, the layers unrolled in Python, and each decoder layer's q|k|v and gate|up kernels concatenated into
+  one ("qkv", "gate_up"). Under a scan XLA copies each layer's weights out of the stacked arrays on every call (on
+  CPU the decode step spent more time on that copy than on the matmuls); separate arrays are read in place, and
+  fewer, wider matmuls stream the weights faster in the memory-bound decode step. :func:`unstack_layers` and
+  :func:`stack_layers` convert between the two.
 Norms, softmax, RoPE tables and logits are computed in float32 whatever the parameter and activation dtype.
 """
 
@@ -241,11 +243,17 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
 
 
+def qkv_widths(cfg: TextConfig) -> tuple[int, int, int]:
+    """Output widths of the q, k and v projections."""
+    return cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+
+
 class DecoderLayer(nn.Module):
     """Qwen3 layer: GQA with per-head q/k RMSNorm before RoPE, SwiGLU MLP, pre-RMSNorm."""
 
     cfg: TextConfig
     dtype: Dtype
+    fused: bool = False  # per-layer layout: q|k|v and gate|up are one kernel each ("qkv", "gate_up")
 
     @nn.compact
     def __call__(self, x, kv, cos, sin, mask, write_at, layer=None):
@@ -260,9 +268,13 @@ class DecoderLayer(nn.Module):
         batch, seq, _ = x.shape
         groups = cfg.heads // cfg.kv_heads
         h = RMSNorm(dt, cfg.rms_norm_eps, name="attn_norm")(x)
-        q = _dense(cfg.heads * cfg.head_dim, "q", dt, bias=False)(h).reshape(batch, seq, cfg.heads, cfg.head_dim)
-        k = _dense(cfg.kv_heads * cfg.head_dim, "k", dt, bias=False)(h).reshape(batch, seq, cfg.kv_heads, -1)
-        v = _dense(cfg.kv_heads * cfg.head_dim, "v", dt, bias=False)(h).reshape(batch, seq, cfg.kv_heads, -1)
+        widths = qkv_widths(cfg)
+        if self.fused:
+            q, k, v = jnp.split(_dense(sum(widths), "qkv", dt, bias=False)(h), np.cumsum(widths)[:-1], axis=-1)
+        else:
+            q, k, v = (_dense(w, n, dt, bias=False)(h) for w, n in zip(widths, "qkv"))
+        q = q.reshape(batch, seq, cfg.heads, cfg.head_dim)
+        k, v = (t.reshape(batch, seq, cfg.kv_heads, cfg.head_dim) for t in (k, v))
         q = constrain(apply_rope(RMSNorm(dt, cfg.rms_norm_eps, name="q_norm")(q), cos, sin),
                       ("batch", "length", "heads", None))
         k = apply_rope(RMSNorm(dt, cfg.rms_norm_eps, name="k_norm")(k), cos, sin)
@@ -286,8 +298,10 @@ class DecoderLayer(nn.Module):
         att = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v).reshape(batch, seq, cfg.heads * cfg.head_dim)
         x = x + _dense(cfg.hidden_size, "o", dt, bias=False)(att)
         h = RMSNorm(dt, cfg.rms_norm_eps, name="mlp_norm")(x)
-        gate = _dense(cfg.intermediate_size, "gate", dt, bias=False)(h)
-        up = _dense(cfg.intermediate_size, "up", dt, bias=False)(h)
+        if self.fused:
+            gate, up = jnp.split(_dense(2 * cfg.intermediate_size, "gate_up", dt, bias=False)(h), 2, axis=-1)
+        else:
+            gate, up = (_dense(cfg.intermediate_size, n, dt, bias=False)(h) for n in ("gate", "up"))
         mlp = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
         x = constrain(x + _dense(cfg.hidden_size, "down", dt, bias=False)(mlp), _ACT)
         return x, kv
@@ -312,7 +326,7 @@ class TextDecoder(nn.Module):
                 length=cfg.layers,
             )(cfg, self.dtype)
         else:
-            self.layers = [DecoderLayer(cfg, self.dtype) for _ in range(cfg.layers)]  # named layers_0, layers_1...
+            self.layers = [DecoderLayer(cfg, self.dtype, fused=True) for _ in range(cfg.layers)]  # layers_0, ...
         self.norm = RMSNorm(self.dtype, cfg.rms_norm_eps)
 
     def __call__(self, embeds, positions, mask, cache: KVCache | None = None, write_at=0):
@@ -458,7 +472,8 @@ STACKS = ("audio_tower", "decoder")  # the parameter subtrees whose per-layer pa
 
 
 def unstack_layers(params: dict, convert=None) -> dict:
-    """Stacked layout -> per-layer layout: ``<stack>/layers`` (leading layer axis) becomes ``layers_0``, ... .
+    """Stacked layout -> per-layer layout: ``<stack>/layers`` (leading layer axis) becomes ``layers_0``, ... ,
+    decoder layers with their q|k|v and gate|up kernels concatenated (see the module doc).
 
     ``convert`` (default ``jnp.asarray``) makes each per-layer array. A per-layer tree is returned as it is.
     """
@@ -471,12 +486,24 @@ def unstack_layers(params: dict, convert=None) -> dict:
         stacked = sub.pop("layers")
         n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
         for i in range(n):
-            sub[f"layers_{i}"] = jax.tree_util.tree_map(lambda x: convert(x[i]), stacked)  # noqa: B023
+            layer = jax.tree_util.tree_map(lambda x: x[i], stacked)  # noqa: B023
+            if name == "decoder":
+                layer = _fuse_projections(layer)
+            sub[f"layers_{i}"] = jax.tree_util.tree_map(convert, layer)
         out[name] = sub
     return out
 
 
-def stack_layers(params: dict) -> dict:
+def _fuse_projections(layer: dict) -> dict:
+    layer = dict(layer)
+    for fused, parts in (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up"))):
+        kernels = [layer.pop(p)["kernel"] for p in parts]
+        xp = np if isinstance(kernels[0], np.ndarray) else jnp  # host arrays stay on the host until converted
+        layer[fused] = {"kernel": xp.concatenate(kernels, axis=-1)}
+    return layer
+
+
+def stack_layers(params: dict, cfg: ModelConfig) -> dict:
     """Per-layer layout -> stacked layout (the inverse of :func:`unstack_layers`); a stacked tree as it is."""
     out = dict(params)
     for name in STACKS:
@@ -484,6 +511,17 @@ def stack_layers(params: dict) -> dict:
             continue
         sub = dict(out[name])
         layers = [sub.pop(f"layers_{i}") for i in range(sum(k.startswith("layers_") for k in out[name]))]
+        if name == "decoder":
+            layers = [_split_projections(layer, cfg.text) for layer in layers]
         sub["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
         out[name] = sub
     return out
+
+
+def _split_projections(layer: dict, cfg: TextConfig) -> dict:
+    layer = dict(layer)
+    for fused, parts, widths in (("qkv", ("q", "k", "v"), qkv_widths(cfg)),
+                                 ("gate_up", ("gate", "up"), (cfg.intermediate_size,) * 2)):
+        kernels = jnp.split(layer.pop(fused)["kernel"], np.cumsum(widths)[:-1], axis=-1)
+        layer.update({p: {"kernel": k} for p, k in zip(parts, kernels)})
+    return layer

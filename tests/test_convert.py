@@ -72,21 +72,27 @@ def test_orbax_round_trip_is_bit_identical(checkpoints, tmp_path):
     assert leaves_equal(params, restored)
     # qasr_jax.load sees the export and gives the same model.
     model = qasr_jax.load(str(tmp_path / "exp"))
-    assert leaves_equal(params, stack_layers(model.params))
+    assert leaves_equal(params, stack_layers(model.params, model.config))
 
 
 def test_per_layer_layout_round_trips(checkpoints):
-    """The per-layer params a one-device Model runs on hold each stacked layer's arrays, and stack back exactly."""
+    """The per-layer params a one-device Model runs on hold each stacked layer's arrays (decoder q|k|v and gate|up
+    concatenated), and stack back exactly."""
     ck = checkpoints("asr")
     params = load_hf_params(ck.hf, ck.cfg)
     per_layer = unstack_layers(params)
     assert "layers" not in per_layer["decoder"] and "layers" not in per_layer["audio_tower"]
     assert {k for k in per_layer["decoder"] if k.startswith("layers_")} == {
         f"layers_{i}" for i in range(ck.cfg.text.layers)}
-    np.testing.assert_array_equal(per_layer["decoder"]["layers_1"]["q"]["kernel"],
-                                  params["decoder"]["layers"]["q"]["kernel"][1])
-    assert leaves_equal(stack_layers(per_layer), params)
-    assert unstack_layers(per_layer) == per_layer and stack_layers(params) == params
+    stacked, one = params["decoder"]["layers"], per_layer["decoder"]["layers_1"]
+    q, k, v = (stacked[n]["kernel"][1] for n in "qkv")
+    np.testing.assert_array_equal(one["qkv"]["kernel"], np.concatenate([q, k, v], axis=1))
+    np.testing.assert_array_equal(one["gate_up"]["kernel"][:, ck.cfg.text.intermediate_size:],
+                                  stacked["up"]["kernel"][1])
+    np.testing.assert_array_equal(per_layer["audio_tower"]["layers_1"]["fc1"]["kernel"],
+                                  params["audio_tower"]["layers"]["fc1"]["kernel"][1])
+    assert leaves_equal(stack_layers(per_layer, ck.cfg), params)
+    assert unstack_layers(per_layer) == per_layer and stack_layers(params, ck.cfg) == params
 
 
 def test_cli_convert_writes_a_loadable_export(checkpoints, tmp_path):
@@ -98,7 +104,7 @@ def test_cli_convert_writes_a_loadable_export(checkpoints, tmp_path):
     assert proc.returncode == 0, proc.stderr
     model = qasr_jax.load(str(dst))
     assert model.config == ck.cfg
-    assert leaves_equal(stack_layers(model.params), load_hf_params(ck.hf, ck.cfg))
+    assert leaves_equal(stack_layers(model.params, model.config), load_hf_params(ck.hf, ck.cfg))
 
 
 def _official_copy(ck, dst) -> tuple[str, dict]:
