@@ -69,6 +69,19 @@ def _batch_bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _similar_groups(items: Sequence, batch_size: int, size) -> list[list]:
+    """Items sorted by ``size`` (ascending) -> batches of at most ``batch_size`` whose largest item is at most twice
+    the smallest. Every row of a batch is padded to its largest item, so one batch of a 1 s and a 10 s clip would
+    encode and decode ten seconds twice; split, each pays for its own length."""
+    groups: list[list] = []
+    for item in items:
+        if groups and len(groups[-1]) < batch_size and size(item) <= 2 * size(groups[-1][0]):
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
 def _timestamp_logits(module: Qwen3ASRModule, params, ids, feats, frames, token_mask, slots):
     """Full forward pass, head applied only at the ``slots`` positions.
 
@@ -218,7 +231,8 @@ class Aligner:
 
     def align_batch(self, audios: Sequence[Any], texts: Sequence[str], languages: str | Sequence[str], *,
                     split: bool = False, batch_size: int = 8) -> list[list[Word]]:
-        """``align`` for many clips, ``batch_size`` per jitted call (similar lengths batched together)."""
+        """``align`` for many clips, up to ``batch_size`` per jitted call: clips sorted by length, and a batch
+        never mixes clips more than 2x apart in padded length (padding would cost more than the extra call)."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of transcripts, one per audio; for one clip use align()")
         if isinstance(languages, str):
@@ -245,8 +259,9 @@ class Aligner:
                     "with their own transcripts"
                 )
         short.sort(key=lambda pair: (pair[1].wave.shape[0], len(pair[1].ids)))  # similar shapes share a batch
-        for start in range(0, len(short), batch_size):
-            group = short[start : start + batch_size]
+        padded = self.model.config.audio
+        for group in _similar_groups(short, batch_size, lambda pair: frame_bucket(n_frames(pair[1].wave.shape[0]),
+                                                                                   padded)):
             for (i, item), classes in zip(group, self._classes([it for _, it in group])):
                 results[i] = self._words(item, classes)
         return results  # type: ignore[return-value]

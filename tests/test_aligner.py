@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 from transformers.models.qwen3_asr import Qwen3ASRFeatureExtractor, Qwen3ASRProcessor
 
 import qasr_jax
-from qasr_jax.aligner import Aligner, Word, add_align_arguments, align_command
+from qasr_jax.aligner import Aligner, Word, _similar_groups, add_align_arguments, align_command
 from qasr_jax.tokenizer import Tokenizer
 from qasr_jax.units import UnsupportedLanguageError
 from tests.conftest import speech, synthetic
@@ -180,6 +180,15 @@ def test_words_match_transformers_decode(early, processor):
             checked_inside += r["end_time"] < end_of_audio
         assert all(a.end <= b.start for a, b in zip(got, got[1:]))
     assert checked_inside >= 3  # the comparison saw times inside the audio, not only clamped ones
+
+
+def test_batches_never_mix_lengths_more_than_2x_apart():
+    """Sorted sizes 1 1 2 2 3 5 9 10 10 in batches of at most 4: a batch ends when full or when the next size
+    exceeds twice its first: [1 1 2 2] (full), [3 5] (then 9 > 2 x 3), [9 10 10]."""
+    sizes = [1, 1, 2, 2, 3, 5, 9, 10, 10]
+    assert _similar_groups(sizes, 4, lambda n: n) == [[1, 1, 2, 2], [3, 5], [9, 10, 10]]
+    assert _similar_groups(sizes, 1, lambda n: n) == [[n] for n in sizes]
+    assert _similar_groups([], 8, lambda n: n) == []
 
 
 def test_bucketed_shapes_compile_once(aligner):
