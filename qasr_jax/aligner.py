@@ -66,7 +66,10 @@ def _length_bucket(n: int) -> int:
 
 
 def _batch_bucket(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+    """Rows of a batch of n: 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 3/4 of them), so that a batch of
+    six pads to six rows, not eight."""
+    power = 1 << max(0, (n - 1).bit_length())
+    return power * 3 // 4 if power >= 4 and n <= power * 3 // 4 else power
 
 
 def _similar_groups(items: Sequence, batch_size: int, size) -> list[list]:
