@@ -147,12 +147,9 @@ class AudioEncoder(nn.Module):
         # (batch * chunks, mels, chunk_frames, 1): NHWC with H = mel bins, W = time; each chunk convolved alone.
         x = x.reshape(batch, mels, n_chunks, cfg.chunk_frames).transpose(0, 2, 1, 3)
         x = x.reshape(batch * n_chunks, mels, cfg.chunk_frames, 1)
-        for i in (1, 2, 3):
-            conv = nn.Conv(
-                cfg.downsample_hidden_size, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                dtype=dt, param_dtype=dt, name=f"conv2d{i}",
-            )
-            x = gelu(conv(x))
+        convs = [ConvParams((3, 3, 1 if i == 1 else cfg.downsample_hidden_size, cfg.downsample_hidden_size), dt,
+                            name=f"conv2d{i}")() for i in (1, 2, 3)]
+        x = _conv_stack(x, convs, dt)
         chunks, freq, steps, channels = x.shape  # (batch * chunks, 16, 13, hidden)
         # conv_out reads each time step flattened channel-major, (channels, freq), as torch's (C, F) view does.
         x = x.transpose(0, 2, 3, 1).reshape(chunks, steps, channels * freq)
@@ -177,6 +174,45 @@ class AudioEncoder(nn.Module):
             for i in range(cfg.layers):
                 x, _ = EncoderLayer(cfg, dt, self.attention_impl, self.interpret, name=f"layers_{i}")(x, n_tokens)
         return LayerNorm(dt, name="ln_post")(x), n_tokens
+
+
+class ConvParams(nn.Module):
+    """An HWIO 3x3 conv's kernel and bias (the parameters of ``nn.Conv``), applied by ``_conv_stack``."""
+
+    shape: tuple[int, int, int, int]
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), self.shape, self.dtype)
+        return kernel, self.param("bias", nn.initializers.zeros, self.shape[-1:], self.dtype)
+
+
+CONV_GROUP = 50  # chunks convolved per step: 50 s of audio keeps the 480-channel activations near 300 MB
+
+
+def _conv_stack(x: jax.Array, convs, dt, group: int = CONV_GROUP) -> jax.Array:
+    """Three stride-2 3x3 convs + GELU over (chunks, mels, frames, 1) chunks, ``group`` chunks at a time.
+
+    A long input would otherwise hold every chunk's first (largest) activation at once: 20 minutes of audio
+    needed 8.8 GB of XLA temp memory for the conv stack alone. Chunks are independent, so groups give the same
+    numbers; the last group is padded with zero chunks, cut off again after.
+    """
+
+    def stack(x):
+        for kernel, bias in convs:
+            x = jax.lax.conv_general_dilated(x.astype(dt), kernel, (2, 2), ((1, 1), (1, 1)),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            x = gelu(x + bias)
+        return x
+
+    chunks = x.shape[0]
+    if chunks <= group:
+        return stack(x)
+    groups = -(-chunks // group)
+    x = jnp.pad(x, ((0, groups * group - chunks),) + ((0, 0),) * 3)
+    y = jax.lax.map(stack, x.reshape(groups, group, *x.shape[1:]))
+    return y.reshape(groups * group, *y.shape[2:])[:chunks]
 
 
 def _token_count(n_frames: jax.Array, cfg: AudioConfig) -> jax.Array:

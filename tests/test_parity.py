@@ -15,6 +15,7 @@ from transformers.models.qwen3_asr import Qwen3ASRFeatureExtractor
 import qasr_jax
 from qasr_jax.audio import log_mel_batch
 from qasr_jax.config import audio_token_count
+from qasr_jax.model import _conv_stack
 from tests.conftest import speech, synthetic
 
 TOL = 1e-4
@@ -96,6 +97,18 @@ def test_encoder_with_pallas_kernel_equals_xla(checkpoints, models):
     for i in range(len(waves)):
         n = int(n_a[i])
         assert rel(np.asarray(b[i, :n]), np.asarray(a[i, :n])) <= 1e-5
+
+
+def test_conv_stack_in_groups_equals_one_pass(models):
+    """Long inputs run the conv stack a group of chunks at a time (lax.map, last group zero-padded): 7 chunks of
+    the tiny model's real conv weights in groups of 3 give the one-pass result."""
+    params = models("asr", "hf").params["audio_tower"]
+    convs = [(params[f"conv2d{i}"]["kernel"], params[f"conv2d{i}"]["bias"]) for i in (1, 2, 3)]
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((7, 128, 100, 1)), jnp.float32)
+    whole = np.asarray(_conv_stack(x, convs, jnp.float32, group=7))
+    grouped = np.asarray(_conv_stack(x, convs, jnp.float32, group=3))
+    assert grouped.shape == whole.shape == (7, 16, 13, convs[0][0].shape[-1])
+    assert rel(grouped, whole) <= 1e-6
 
 
 def test_batched_encode_matches_reference_and_single(checkpoints, models):
