@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qasr-jax`` command."""
     args = build_parser().parse_args(argv)
+    if args.command != "convert":
+        from qasr_jax.compiles import enable_compilation_cache
+
+        enable_compilation_cache()  # later runs with the same shapes skip compiling (see QASR_JAX_COMPILATION_CACHE)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

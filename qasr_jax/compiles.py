@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 
 import jax
 
@@ -47,3 +48,32 @@ def jit_with_encoder(fn, **kwargs):
     if jax.default_backend() == "cpu":
         kwargs["compiler_options"] = {**_CPU_CONV_OPTIONS, **kwargs.get("compiler_options", {})}
     return jax.jit(fn, **kwargs)
+
+
+CACHE_ENV = "QASR_JAX_COMPILATION_CACHE"
+
+
+def default_cache_dir() -> str:
+    """Where the ``qasr-jax`` command keeps compiled programs: $XDG_CACHE_HOME (or ~/.cache)/qasr-jax/xla."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qasr-jax", "xla")
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | None:
+    """Keep compiled XLA programs on disk, so a later process with the same shapes loads them instead of
+    compiling (the real-size model compiles one program per bucket, several seconds each).
+
+    ``path`` defaults to $QASR_JAX_COMPILATION_CACHE, else :func:`default_cache_dir`; "off" (or "0", "none")
+    turns it off. A cache directory JAX already has configured is kept. Returns the directory in use, or None.
+    The ``qasr-jax`` command calls this; library code leaves JAX's global configuration alone unless asked.
+    """
+    configured = jax.config.jax_compilation_cache_dir
+    if configured:
+        return configured
+    path = str(path or os.environ.get(CACHE_ENV) or default_cache_dir())
+    if path.strip().lower() in ("off", "0", "none", "false"):
+        return None
+    path = os.path.expanduser(path)
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return path

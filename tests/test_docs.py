@@ -69,6 +69,8 @@ def test_readme_python_examples_run(workdir, monkeypatch):
 def test_readme_commands_run(workdir, monkeypatch, capsys):
     root, models = workdir
     monkeypatch.chdir(root)
+    # cli.main runs in this process: keep JAX's global config (and ~/.cache) free of the on-disk compilation cache.
+    monkeypatch.setenv("QASR_JAX_COMPILATION_CACHE", "off")
     commands = []
     for block in readme_blocks("bash"):
         for line in block.splitlines():
