@@ -12,7 +12,8 @@ import numpy as np
 from qasr_jax.compiles import jit_with_encoder
 from qasr_jax.config import ModelConfig, audio_token_count, frame_bucket, load_config
 from qasr_jax.hub import resolve_model_path
-from qasr_jax.model import KVCache, Qwen3ASRModule, unstack_layers
+from qasr_jax.layouts import unstack_layers
+from qasr_jax.model import KVCache, Qwen3ASRModule
 
 DTYPES = ("float32", "bfloat16")
 

@@ -18,7 +18,7 @@ import qasr_jax
 from qasr_jax.config import ConfigError, config_from_hf_dict, load_config
 from qasr_jax.convert.checkpoint import CheckpointError, load_hf_params, read_safetensors
 from qasr_jax.convert.orbax_io import restore_orbax, save_orbax
-from qasr_jax.model import stack_layers, unstack_layers
+from qasr_jax.layouts import stack_layers, unstack_layers
 from tests.reference import official_config, save_hf, save_official
 
 
