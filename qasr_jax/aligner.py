@@ -261,9 +261,9 @@ class Aligner:
                     "with their own transcripts"
                 )
         short.sort(key=lambda pair: (pair[1].wave.shape[0], len(pair[1].ids)))  # similar shapes share a batch
-        padded = self.model.config.audio
-        for group in _similar_groups(short, batch_size, lambda pair: frame_bucket(n_frames(pair[1].wave.shape[0]),
-                                                                                   padded)):
+        audio_cfg = self.model.config.audio
+        for group in _similar_groups(short, batch_size,
+                                     lambda pair: frame_bucket(n_frames(pair[1].wave.shape[0]), audio_cfg)):
             for (i, item), classes in zip(group, self._classes([it for _, it in group])):
                 results[i] = self._words(item, classes)
         return results  # type: ignore[return-value]

@@ -13,13 +13,13 @@ from qasr_jax.model import qkv_widths
 STACKS = ("audio_tower", "decoder")  # the parameter subtrees whose per-layer parameters sit under "layers"
 
 
-def unstack_layers(params: dict, convert=None) -> dict:
+def unstack_layers(params: dict) -> dict:
     """Stacked layout -> per-layer layout: ``<stack>/layers`` (leading layer axis) becomes ``layers_0``, ... ,
     decoder layers with their q|k|v and gate|up kernels concatenated (see the module doc).
 
-    ``convert`` (default ``jnp.asarray``) makes each per-layer array. A per-layer tree is returned as it is.
+    Host (numpy) arrays stay on the host, as views or concatenations, until the caller converts them. A per-layer
+    tree is returned as it is.
     """
-    convert = jnp.asarray if convert is None else convert
     out = dict(params)
     for name in STACKS:
         if name not in out or "layers" not in out[name]:
@@ -29,9 +29,7 @@ def unstack_layers(params: dict, convert=None) -> dict:
         n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
         for i in range(n):
             layer = jax.tree_util.tree_map(lambda x: x[i], stacked)  # noqa: B023
-            if name == "decoder":
-                layer = _fuse_projections(layer)
-            sub[f"layers_{i}"] = jax.tree_util.tree_map(convert, layer)
+            sub[f"layers_{i}"] = _fuse_projections(layer) if name == "decoder" else layer
         out[name] = sub
     return out
 

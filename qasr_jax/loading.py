@@ -18,7 +18,6 @@ from qasr_jax.model import KVCache, Qwen3ASRModule
 DTYPES = ("float32", "bfloat16")
 
 
-
 def _bucket(n: int, step: int) -> int:
     """Round n up to a multiple of step (at least one step): shapes inside a bucket share one compilation."""
     return max(step, -(-n // step) * step)
@@ -48,8 +47,7 @@ class Model:
             if sharding is not None:
                 raise ValueError("sharding= needs a mesh=")
             self.module = Qwen3ASRModule(config, jnp.dtype(dtype), attention_impl, interpret, scan_layers=False)
-            self.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype),
-                                                 unstack_layers(params, convert=lambda x: x))
+            self.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), unstack_layers(params))
             self._encode = jit_with_encoder(functools.partial(self.module.apply, method=Qwen3ASRModule.encode))
             self._encode_batch = self._encode
             self._forward = jit_with_encoder(self.module.apply)

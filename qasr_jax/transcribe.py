@@ -17,7 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from qasr_jax.audio import SAMPLE_RATE, AudioError, load_audio, log_mel_batch
+from qasr_jax.audio import SAMPLE_RATE, AudioError, load_audio, log_mel_batch, n_frames
 from qasr_jax.config import audio_token_count, frame_bucket
 from qasr_jax.hub import resolve_model_path
 from qasr_jax.loading import Model, load
@@ -221,10 +221,10 @@ class Transcriber:
         rows = max(min(1 << (len(batch) - 1).bit_length(), batch_size), len(batch))  # 1, 2, 4, 8 ... rows
         rows = _round_up(rows, self.model.data_size)  # every device of the data axis gets the same number of rows
         waves = [w.samples for w in batch] + [batch[-1].samples] * (rows - len(batch))
-        longest = max(max(w.shape[0], 8000) // 160 for w in waves)
+        longest = max(n_frames(w.shape[0]) for w in waves)
         frames = frame_bucket(longest, cfg.audio)
-        feats, n_frames = log_mel_batch(waves, pad_to=frames)
-        audio, n_tok = self.model.encode_batch(feats, jnp.asarray(n_frames))
+        feats, valid_frames = log_mel_batch(waves, pad_to=frames)
+        audio, n_tok = self.model.encode_batch(feats, jnp.asarray(valid_frames))
         n_tok = np.asarray(n_tok)  # one transfer; rows may live on different devices
         prompts = []
         for r in range(rows):
