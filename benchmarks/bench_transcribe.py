@@ -1,12 +1,15 @@
 """End-to-end transcription speed: qasr_jax vs the transformers reference, same checkpoint, clips and machine.
 
 RTFx = seconds of audio / seconds of wall time, waveforms in and token ids out (features, encoder, prompt,
-greedy decoding of exactly ``--new-tokens`` tokens with EOS suppressed on both sides), float32, at batch 1 and
-batch 8. qasr_jax's compile time is reported apart, and a second set of clips with new lengths (inside the same
-buckets) is timed while counting compilations, which must stay at zero.
+greedy decoding of exactly ``--new-tokens`` tokens with EOS suppressed on both sides), at batch 1 and batch 8,
+in ``--dtype`` (float32 by default) on both sides. On a GPU both run there: the reference on ``cuda``, ours with
+the Pallas attention kernel (``attention_impl="auto"``). qasr_jax's compile time is reported apart, and a second
+set of clips with new lengths (inside the same buckets) is timed while counting compilations, which must stay at
+zero.
 
     python benchmarks/bench_transcribe.py            # random-weight ASR-0.6B (about 7 GB of RAM for both)
     python benchmarks/bench_transcribe.py --quick    # the tiny test config, for a smoke run
+    python benchmarks/bench_transcribe.py --dtype bfloat16    # on a GPU host
 """
 
 from __future__ import annotations
@@ -46,23 +49,26 @@ def clips(seed: int, count: int = 8) -> list[np.ndarray]:
             out.append(np.resize(speech, n).astype(np.float32))
         else:
             t = np.arange(n) / 16000
-            out.append((0.3 * np.sin(2 * np.pi * (150 + 300 * t) * t) + 0.05 * rng.standard_normal(n)).astype(np.float32))
+            chirp = 0.3 * np.sin(2 * np.pi * (150 + 300 * t) * t)
+            out.append((chirp + 0.05 * rng.standard_normal(n)).astype(np.float32))
     return out
 
 
-def machine() -> str:
+def machine(device: torch.device) -> str:
     cpu = platform.processor() or "unknown cpu"
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads)")
+    ours = f"{jax.default_backend()}: {jax.devices()[0].device_kind}"
+    theirs = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    return f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} ({ours}), torch {torch.__version__} ({theirs})"
 
 
 def reference_run(model, cfg, fe, tok, waves, batch: int, new: int) -> float:
     """transformers: feature extractor + left-padded prompts + generate(min_new_tokens = max_new_tokens)."""
+    device, dtype = model.device, model.dtype
     start = time.perf_counter()
     for i in range(0, len(waves), batch):
         group = waves[i : i + batch]
@@ -73,9 +79,11 @@ def reference_run(model, cfg, fe, tok, waves, batch: int, new: int) -> float:
         ids = torch.tensor([[tok.im_end_id] * (width - len(p)) + p for p in prompts])  # left padding
         attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=attn, input_features=inputs["input_features"],
-                           input_features_mask=inputs["attention_mask"], max_new_tokens=new, min_new_tokens=new,
-                           do_sample=False)
+            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                 input_features=inputs["input_features"].to(device, dtype),
+                                 input_features_mask=inputs["attention_mask"].to(device), max_new_tokens=new,
+                                 min_new_tokens=new, do_sample=False)
+        out.cpu()  # waits for the device
     return time.perf_counter() - start
 
 
@@ -97,21 +105,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny config instead of ASR-0.6B")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--torch-device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the reference runs (default: cuda when present)")
     args = parser.parse_args()
     cfg = preset("tiny" if args.quick else "asr-0.6b")
     workdir = tempfile.mkdtemp(prefix="bench_transcribe_")
     ref = build_reference(cfg)
     save_hf(ref, workdir)
+    device = torch.device(args.torch_device)
+    ref = ref.to(device, getattr(torch, args.dtype)).eval()
     write_tokenizer(workdir, "official")
     from transformers.models.qwen3_asr import Qwen3ASRFeatureExtractor
 
     fe = Qwen3ASRFeatureExtractor()
-    asr = Transcriber.from_pretrained(workdir, attention_impl="xla")
+    asr = Transcriber.from_pretrained(workdir, dtype=args.dtype)
     first, second = clips(0), clips(1)
     audio_s = sum(w.shape[0] for w in first) / 16000
     audio_s2 = sum(w.shape[0] for w in second) / 16000
-    print(f"machine: {machine()}")
-    print(f"model: {'tiny' if args.quick else 'ASR-0.6B'} random weights, float32; {len(first)} clips, "
+    print(f"machine: {machine(device)}")
+    print(f"model: {'tiny' if args.quick else 'ASR-0.6B'} random weights, {args.dtype}; {len(first)} clips, "
           f"{audio_s:.1f} s of audio; {args.new_tokens} new tokens each (EOS suppressed)\n")
     print("| batch | reference RTFx | qasr_jax RTFx | speed-up | qasr_jax compile (s) | new lengths: RTFx, compiles |")
     print("|---|---|---|---|---|---|")

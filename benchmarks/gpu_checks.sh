@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU checks behind the GPU rows of RESULTS.md, in one go: compiled Pallas kernels against the reference
+# (tests/test_kernels.py, no interpreter), the attention benchmark, then end-to-end transcription against
+# transformers on the same GPU. Logs go to $1 (default: gpu_logs/). Each step has its own time limit, so a slow
+# step leaves the others' results in place.
+#
+#     bash benchmarks/gpu_checks.sh [LOG_DIR]
+set -u
+cd "$(dirname "$0")/.."
+logs=${1:-gpu_logs}
+mkdir -p "$logs"
+export PYTHONUNBUFFERED=1
+# JAX and torch share the card: JAX takes under half of its memory up front, torch allocates as it goes.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
+py=${PYTHON:-python3}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  $py -c "import jax, flax, torch, transformers; print('jax', jax.__version__, jax.devices(), '| flax', flax.__version__,
+'| torch', torch.__version__, '| transformers', transformers.__version__)"
+} 2>&1 | tee "$logs/env.txt"
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$logs/$name.txt" 2>&1
+  echo "== $name: exit $? after $((SECONDS - start))s"
+  tail -n 40 "$logs/$name.txt"
+}
+
+step kernels 120 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not tpu"
+step attention 120 $py benchmarks/bench_attention.py --repeats 5
+step transcribe 210 $py benchmarks/bench_transcribe.py --dtype bfloat16
