@@ -2,12 +2,14 @@
 # The GPU checks behind the GPU rows of RESULTS.md, in one go: compiled Pallas kernels against the reference
 # (tests/test_kernels.py, no interpreter), the attention benchmark, then end-to-end transcription against
 # transformers on the same GPU. Logs go to $1 (default: gpu_logs/). Each step has its own time limit, so a slow
-# step leaves the others' results in place.
+# step leaves the others' results in place. Name steps to run only those.
 #
-#     bash benchmarks/gpu_checks.sh [LOG_DIR]
+#     bash benchmarks/gpu_checks.sh [LOG_DIR [kernels|attention|transcribe ...]]
 set -u
 cd "$(dirname "$0")/.."
 logs=${1:-gpu_logs}
+shift $(($# > 0))
+steps=${*:-kernels attention transcribe}
 mkdir -p "$logs"
 export PYTHONUNBUFFERED=1
 # JAX and torch share the card: JAX takes under half of its memory up front, torch allocates as it goes.
@@ -23,6 +25,7 @@ py=${PYTHON:-python3}
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2
+  [[ " $steps " == *" $name "* ]] || return 0
   echo "== $name (limit ${limit}s)"
   local start=$SECONDS
   timeout "$limit" "$@" > "$logs/$name.txt" 2>&1
@@ -30,6 +33,6 @@ step() {  # step NAME SECONDS COMMAND...
   tail -n 40 "$logs/$name.txt"
 }
 
-step kernels 120 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not tpu"
+step kernels 120 $py -m pytest -q -rf --durations=5 -p no:cacheprovider tests/test_kernels.py -k "not tpu"
 step attention 120 $py benchmarks/bench_attention.py --repeats 5
-step transcribe 210 $py benchmarks/bench_transcribe.py --dtype bfloat16
+step transcribe 240 $py benchmarks/bench_transcribe.py --dtype bfloat16
