@@ -33,6 +33,6 @@ step() {  # step NAME SECONDS COMMAND...
   tail -n 40 "$logs/$name.txt"
 }
 
-step kernels 120 $py -m pytest -q -rf --durations=5 -p no:cacheprovider tests/test_kernels.py -k "not tpu"
+step kernels 240 $py -m pytest -q -rf --durations=5 -p no:cacheprovider tests/test_kernels.py -k "not tpu"
 step attention 120 $py benchmarks/bench_attention.py --repeats 5
 step transcribe 240 $py benchmarks/bench_transcribe.py --dtype bfloat16
