@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-from functools import partial
 import warnings
+from functools import partial
 
 import jax
 import jax.numpy as jnp
