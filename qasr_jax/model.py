@@ -331,7 +331,10 @@ class DecoderLayer(nn.Module):
         scores = jnp.einsum("bqhgd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32)
         scores = jnp.where(mask[:, None, None], scores * cfg.head_dim**-0.5, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        att = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v).reshape(batch, seq, cfg.heads * cfg.head_dim)
+        # Batch axes leading in the output too: with (b, q, h, g, d) out XLA transposed every layer's V (b = 1) or
+        # ran 64 tiny products (b = 8); the transpose of the small result after is cheap.
+        att = jnp.einsum("bhgqk,bhkd->bhgqd", probs, v).transpose(0, 3, 1, 2, 4)
+        att = att.reshape(batch, seq, cfg.heads * cfg.head_dim)
         x = x + _dense(cfg.hidden_size, "o", dt, bias=False)(att)
         h = RMSNorm(dt, cfg.rms_norm_eps, name="mlp_norm")(x)
         if self.fused:
