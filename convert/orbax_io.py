@@ -45,22 +45,29 @@ def save_orbax(dst: str, params, cfg: ModelConfig, copy_from: str | None = None)
                 shutil.copy2(src, os.path.join(dst, name))
 
 
-def restore_orbax(src: str, dtype: str | None = None, layout=None) -> tuple[dict, ModelConfig]:
-    """Read a ``save_orbax`` folder: (params as numpy, config); ``dtype`` casts the floating leaves.
+def restore_orbax(src: str, dtype: str | None = None, placement=None) -> tuple[dict, ModelConfig]:
+    """Read a ``save_orbax`` folder: (params, config); ``dtype`` casts the floating leaves.
 
-    With a ``layout`` (``qasr_jax.sharding.Layout``) every parameter is read straight into its shards on the mesh
-    (jax arrays, in ``dtype``, default float32): no device or host holds a whole sharded tensor.
+    ``placement`` None gives host numpy arrays; "device" reads each parameter straight onto the default device,
+    and a ``qasr_jax.axes.Layout`` straight into its shards on the mesh (no device or host then holds a whole
+    sharded tensor), in ``dtype`` (default float32).
     """
     src = os.path.abspath(src)
     with open(os.path.join(src, CONFIG_FILE)) as f:
         cfg = ModelConfig.from_dict(json.load(f))
-    if layout is not None:
+    if placement is not None:
         from qasr_jax.model import param_shapes
-        from qasr_jax.sharding import param_shardings
 
         shapes = param_shapes(cfg, dtype or "float32")
+        if placement == "device":
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree_util.tree_map(lambda _: one, shapes)
+        else:
+            from qasr_jax.sharding import param_shardings
+
+            shardings = param_shardings(shapes, placement, cfg)
         target = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                        shapes, param_shardings(shapes, layout, cfg))
+                                        shapes, shardings)
         with ocp.StandardCheckpointer() as ckptr:
             return ckptr.restore(os.path.join(src, PARAMS_DIR), target), cfg
     with ocp.StandardCheckpointer() as ckptr:

@@ -25,15 +25,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from qasr_jax.audio import SAMPLE_RATE, load_audio, log_mel_batch, n_frames
-from qasr_jax.compiles import jit_with_encoder
-from qasr_jax.config import audio_token_count, frame_bucket
+from qasr_jax.buckets import aligner_rows, frame_bucket, length_bucket
+from qasr_jax.config import audio_token_count
 from qasr_jax.hub import resolve_model_path
 from qasr_jax.loading import DTYPES, Model, load
-from qasr_jax.model import Qwen3ASRModule, prompt_positions_and_mask
 from qasr_jax.tokenizer import Tokenizer
 from qasr_jax.units import aligner_language, fix_timestamps, split_units
 
@@ -42,7 +40,6 @@ __all__ = ["Aligner", "Word", "resolve_model_path", "align_command", "add_align_
 DEFAULT_MODEL = "Qwen/Qwen3-ForcedAligner-0.6B"
 MAX_SECONDS = 300.0  # one forward pass covers at most 5 min (the 5000 classes x 80 ms reach 400 s)
 SPLIT_GUARD_SECONDS = 2.0  # with split=True, units ending this close to a window's end are re-aligned in the next
-BUCKETS_PER_OCTAVE = 8  # token and slot counts round up to at most 1/8 more: 16, 32, 48, 64, 72, 80, ..., 128, 144, ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,23 +49,6 @@ class Word:
     text: str
     start: float
     end: float
-
-
-def _round_up(n: int, step: int) -> int:
-    return max(step, -(-n // step) * step)
-
-
-def _length_bucket(n: int) -> int:
-    """n rounded up on a ladder of 8 steps per power of two (at least 16): little padding, few distinct shapes."""
-    step = max(16, (1 << max(0, (n - 1).bit_length())) // BUCKETS_PER_OCTAVE)
-    return _round_up(n, step)
-
-
-def _batch_bucket(n: int) -> int:
-    """Rows of a batch of n: 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 3/4 of them), so that a batch of
-    six pads to six rows, not eight."""
-    power = 1 << max(0, (n - 1).bit_length())
-    return power * 3 // 4 if power >= 4 and n <= power * 3 // 4 else power
 
 
 def _similar_groups(items: Sequence, batch_size: int, size) -> list[list]:
@@ -82,24 +62,6 @@ def _similar_groups(items: Sequence, batch_size: int, size) -> list[list]:
         else:
             groups.append([item])
     return groups
-
-
-def _timestamp_logits(module: Qwen3ASRModule, params, ids, feats, frames, token_mask, slots):
-    """Full forward pass, head applied only at the ``slots`` positions.
-
-    ids, token_mask (batch, seq); feats (batch, mels, frames_bucket); frames (batch,); slots (batch, n_slots)
-    -> float32 logits (batch, n_slots, classes).
-    """
-
-    def run(m: Qwen3ASRModule):
-        audio, _ = m.encode(feats, frames)  # (batch, audio_seq, hidden)
-        embeds = m.embed(ids, audio)  # (batch, seq, hidden)
-        positions, mask = prompt_positions_and_mask(token_mask)
-        hidden, _ = m.decode(embeds, positions, mask)  # (batch, seq, hidden)
-        at_slots = jnp.take_along_axis(hidden, slots[..., None], axis=1)  # (batch, n_slots, hidden)
-        return m.head(at_slots)
-
-    return module.apply({"params": params}, method=run)
 
 
 @dataclasses.dataclass
@@ -135,11 +97,6 @@ class Aligner:
                 f"tokenizer's <timestamp> id {tokenizer.timestamp_id} differs from the model's timestamp_token_id "
                 f"{self._timestamp_id}: the tokenizer files do not belong to this checkpoint"
             )
-        module = model.module
-        self._logits_fn = jit_with_encoder(functools.partial(_timestamp_logits, module))
-        self._classes_fn = jit_with_encoder(
-            lambda *a: jnp.argmax(_timestamp_logits(module, *a), axis=-1).astype(jnp.int32)
-        )
 
     @classmethod
     def from_pretrained(cls, id_or_dir: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32",
@@ -182,12 +139,12 @@ class Aligner:
     # -- the forward pass ---------------------------------------------------------------------------------------
     def _batch_arrays(self, items: Sequence[_Item]):
         """Bucketed device inputs for items: (ids, feats, frames, token_mask, slots)."""
-        batch = _batch_bucket(len(items))
+        batch = aligner_rows(len(items))
         waves = [it.wave for it in items] + [np.zeros(1, np.float32)] * (batch - len(items))  # padding rows
         max_frames = max(n_frames(w.shape[0]) for w in waves)
         feats, frames = log_mel_batch(waves, pad_to=frame_bucket(max_frames, self.model.config.audio))
-        seq = _length_bucket(max(len(it.ids) for it in items))
-        n_slots = _length_bucket(max(len(it.slots) for it in items))
+        seq = length_bucket(max(len(it.ids) for it in items))
+        n_slots = length_bucket(max(len(it.slots) for it in items))
         ids = np.zeros((batch, seq), np.int32)
         mask = np.zeros((batch, seq), bool)
         slots = np.zeros((batch, n_slots), np.int32)
@@ -200,15 +157,15 @@ class Aligner:
             else:  # a padding row: its pads must match its (0.5 s) audio's token count
                 n_audio = audio_token_count(int(frames[row]), self.model.config.audio)
                 ids[row, : n_audio], mask[row, : n_audio] = pad, True
-        return jnp.asarray(ids), feats, jnp.asarray(frames), jnp.asarray(mask), jnp.asarray(slots)
+        return ids, feats, frames, mask, slots
 
     def _logits(self, items: Sequence[_Item]) -> list[np.ndarray]:
         """Float32 class logits (2 * units, classes) at each item's <timestamp> positions, one batched call."""
-        out = np.asarray(self._logits_fn(self.model.params, *self._batch_arrays(items)))
+        out = np.asarray(self.model.engine.score(*self._batch_arrays(items)))
         return [out[i, : len(it.slots)] for i, it in enumerate(items)]
 
     def _classes(self, items: Sequence[_Item]) -> list[np.ndarray]:
-        out = np.asarray(self._classes_fn(self.model.params, *self._batch_arrays(items)))  # (batch, n_slots)
+        out = np.asarray(self.model.engine.score(*self._batch_arrays(items), classes=True))  # (batch, n_slots)
         return [out[i, : len(it.slots)] for i, it in enumerate(items)]
 
     def _words(self, item: _Item, classes: np.ndarray, offset: float = 0.0) -> list[Word]:

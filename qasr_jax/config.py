@@ -15,7 +15,6 @@ AUDIO_TOKEN_ID = 151676
 AUDIO_START_TOKEN_ID = 151669
 AUDIO_END_TOKEN_ID = 151670
 TIMESTAMP_TOKEN_ID = 151705
-EOS_TOKEN_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 
 
 class ConfigError(ValueError):
@@ -139,16 +138,6 @@ def audio_token_count(n_frames: int, audio: AudioConfig) -> int:
     """Number of encoder tokens for ``n_frames`` valid mel frames (13 per full chunk plus the remainder's)."""
     full, rem = divmod(n_frames, audio.chunk_frames)
     return full * audio.tokens_per_chunk + conv_out_len(rem)
-
-
-def frame_bucket(n_frames: int, audio: AudioConfig) -> int:
-    """Feature frames padded for the encoder: whole 1 s chunks, exact up to 8 chunks, then 8 steps per octave.
-
-    Shapes inside a bucket share one compilation, and no bucket pads more than about 1/8 of its audio.
-    """
-    chunks = max(1, -(-n_frames // audio.chunk_frames))
-    step = max(1, (1 << (chunks - 1).bit_length()) // 8)
-    return -(-chunks // step) * step * audio.chunk_frames
 
 
 def _need(d: dict, key: str, where: str) -> Any:

@@ -1,16 +1,16 @@
 """Flax (linen) modules: the AuT audio encoder, the projector, the Qwen3 decoder and the heads.
 
-Parameters are plain pytrees in one of two layouts, chosen by the modules' ``scan_layers``:
-- stacked (``scan_layers=True``, the canonical layout): layers run under ``nn.scan`` with a leading ``layers`` axis
-  on every per-layer parameter, so a 28-layer decoder compiles once per shape and converts, shards and saves as a
-  few big arrays;
-- per layer (``scan_layers=False``, what ``qasr_jax.Model`` runs on one device): ``layers_0``, ``layers_1``, ...
-  subtrees, the layers unrolled in Python, and each decoder layer's q|k|v and gate|up kernels concatenated into
-  one ("qkv", "gate_up"). Under a scan XLA copies each layer's weights out of the stacked arrays on every call (on
-  CPU the decode step spent more time on that copy than on the matmuls); separate arrays are read in place, and
-  fewer, wider matmuls stream the weights faster in the memory-bound decode step. ``qasr_jax.layouts``
-  converts between the two.
-Norms, softmax, RoPE tables and logits are computed in float32 whatever the parameter and activation dtype.
+The parameter tree is the same on one device and on a mesh: each layer has its own subtree (``layers_0``,
+``layers_1``, ...) and the layers run unrolled, so every weight is read where it lies (under ``nn.scan`` XLA
+copied each layer's weights out of stacked arrays on every call, which cost the CPU decode step more than its
+matmuls). Each decoder layer's q, k and v kernels are one ``qkv`` kernel of shape (hidden, kv_heads, groups + 2,
+head_dim), the queries of a kv head next to that head's key and value, and gate and up are one ``gate_up`` kernel
+(hidden, 2, intermediate): fewer, wider matmuls stream the weights faster in the memory-bound decode step, and a
+split over kv heads or the MLP width keeps each device's q, k, v (or gate, up) together.
+
+A ``layout`` (``qasr_jax.axes.Layout``) passed to the module pins the main activations to a mesh; without one the
+annotations are no-ops. Norms, softmax, RoPE tables and logits are computed in float32 whatever the parameter and
+activation dtype.
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qasr_jax import axes as ax
+from qasr_jax.axes import constrain, per_row_and_head
 from qasr_jax.config import AudioConfig, ModelConfig, TextConfig, audio_token_count
 from qasr_jax.kernels import windowed_attention
-from qasr_jax.sharding import constrain, per_row_and_head, use_layout
 
 Dtype = jnp.dtype
+MASKED = -1e30  # attention score of a masked key: exp() is exactly 0, and a row with no key left stays finite
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -68,8 +70,35 @@ class RMSNorm(nn.Module):
         return scale * y.astype(self.dtype)
 
 
-def _dense(features: int, name: str, dtype: Dtype, bias: bool = True) -> nn.Dense:
-    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name)
+def project(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x (..., in) times kernel (in, *features) -> (..., *features), in the activations' dtype."""
+    return jax.lax.dot_general(x, kernel.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+
+
+class Linear(nn.Module):
+    """A projection over the last axis: kernel (in, *features), optional bias; every matmul of the model is one.
+
+    Parameters are stored in ``dtype``; the product runs in ``compute_dtype`` (default: ``dtype``).
+    """
+
+    features: int | tuple[int, ...]
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    compute_dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        init = nn.initializers.lecun_normal(in_axis=0, out_axis=tuple(range(1, 1 + len(features))))
+        kernel = self.param("kernel", init, (x.shape[-1], *features), self.dtype)
+        y = project(x.astype(self.compute_dtype or self.dtype), kernel)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, features, self.dtype)
+        return y
+
+
+def _dense(features, name: str, dtype: Dtype, bias: bool = True) -> Linear:
+    return Linear(features, bias, dtype, name=name)
 
 
 def sinusoid_positions(length: int, channels: int) -> np.ndarray:
@@ -85,13 +114,6 @@ def sinusoid_positions(length: int, channels: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# Logical axes of the main activations (see qasr_jax.sharding): no-ops unless a Layout is active.
-_AUDIO_ACT = ("batch", "length", "audio_embed")
-_AUDIO_QKV = ("batch", "length", "audio_heads", None)
-_ACT = ("batch", "length", "embed")
-_KV_SLICE = ("batch", "kv_heads", "length", None)  # keys and values as cached: (batch, kv_heads, slots, head_dim)
-
-
 class EncoderLayer(nn.Module):
     """Pre-LN transformer layer with windowed self-attention and an exact-GELU MLP."""
 
@@ -99,25 +121,24 @@ class EncoderLayer(nn.Module):
     dtype: Dtype
     attention_impl: str
     interpret: bool = False
+    layout: Any = None
 
     @nn.compact
     def __call__(self, x, n_tokens):
-        cfg, dt = self.cfg, self.dtype
+        cfg, dt, lay = self.cfg, self.dtype, self.layout
         batch, seq, d = x.shape
         head_dim = d // cfg.heads
         h = LayerNorm(dt, name="attn_norm")(x)
-        q, k, v = (
-            constrain(_dense(d, n, dt)(h).reshape(batch, seq, cfg.heads, head_dim), _AUDIO_QKV)
-            for n in ("q", "k", "v")
-        )
+        q, k, v = (constrain(_dense(d, n, dt)(h).reshape(batch, seq, cfg.heads, head_dim), ax.AUDIO_QKV, lay)
+                   for n in ("q", "k", "v"))
         attend = functools.partial(
             windowed_attention, window=cfg.window_tokens, impl=self.attention_impl, interpret=self.interpret
         )
-        att = per_row_and_head(attend, q, k, v, n_tokens)  # each device attends over its own rows and heads
+        att = per_row_and_head(attend, q, k, v, n_tokens, lay)  # each device attends over its own rows and heads
         x = x + _dense(d, "o", dt)(att.reshape(batch, seq, d))
         h = LayerNorm(dt, name="mlp_norm")(x)
-        h = constrain(gelu(_dense(cfg.ffn_dim, "fc1", dt)(h)), ("batch", "length", "audio_mlp"))
-        return constrain(x + _dense(d, "fc2", dt)(h), _AUDIO_ACT), None
+        h = constrain(gelu(_dense(cfg.ffn_dim, "fc1", dt)(h)), ax.AUDIO_MLP, lay)
+        return constrain(x + _dense(d, "fc2", dt)(h), ax.AUDIO_ACT, lay)
 
 
 class AudioEncoder(nn.Module):
@@ -127,7 +148,7 @@ class AudioEncoder(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
     interpret: bool = False  # run a Pallas kernel in the interpreter (tests on CPU)
-    scan_layers: bool = True
+    layout: Any = None
 
     @nn.compact
     def __call__(self, feats, n_frames):
@@ -160,19 +181,9 @@ class AudioEncoder(nn.Module):
         n_tokens = _token_count(n_frames, cfg)
         # No padding to whole windows here: the attention pads its own windows, projections and MLPs run on
         # the chunks' tokens only.
-        x = constrain(x, _AUDIO_ACT)
-        if self.scan_layers:
-            layers = nn.scan(
-                EncoderLayer,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=nn.broadcast,
-                length=cfg.layers,
-            )(cfg, dt, self.attention_impl, self.interpret, name="layers")
-            x, _ = layers(x, n_tokens)
-        else:
-            for i in range(cfg.layers):
-                x, _ = EncoderLayer(cfg, dt, self.attention_impl, self.interpret, name=f"layers_{i}")(x, n_tokens)
+        x = constrain(x, ax.AUDIO_ACT, self.layout)
+        for i in range(cfg.layers):
+            x = EncoderLayer(cfg, dt, self.attention_impl, self.interpret, self.layout, name=f"layers_{i}")(x, n_tokens)
         return LayerNorm(dt, name="ln_post")(x), n_tokens
 
 
@@ -227,11 +238,12 @@ class Projector(nn.Module):
 
     cfg: AudioConfig
     dtype: Dtype = jnp.float32
+    layout: Any = None
 
     @nn.compact
     def __call__(self, x):
-        x = constrain(gelu(_dense(self.cfg.d_model, "proj1", self.dtype)(x)), ("batch", "length", "audio_mlp"))
-        return constrain(_dense(self.cfg.output_dim, "proj2", self.dtype)(x), _ACT)
+        x = constrain(gelu(_dense(self.cfg.d_model, "proj1", self.dtype)(x)), ax.AUDIO_MLP, self.layout)
+        return constrain(_dense(self.cfg.output_dim, "proj2", self.dtype)(x), ax.ACT, self.layout)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,26 +253,30 @@ class Projector(nn.Module):
 
 @flax.struct.dataclass
 class KVCache:
-    """Fixed-size decoder KV cache; every item writes its next token into the same slot ``end``."""
+    """Fixed-size decoder KV cache of ``slots`` rows: row r holds its tokens' keys and values at [0, lengths[r]).
 
-    # Slots next to head_dim, the layout attention's dots read without a transpose.
-    k: jax.Array  # (layers, batch, kv_heads, max_len, head_dim)
-    v: jax.Array  # (layers, batch, kv_heads, max_len, head_dim)
-    valid: jax.Array  # (batch, max_len) bool: slots that hold a real (non-padding) token
-    end: jax.Array  # () int32: next slot to write
+    Each row has its own length (and so its own positions), so rows can be filled, extended and freed one by one
+    (the engine's slots) while one step advances all of them.
+    """
+
+    # Cache positions next to head_dim: the layout attention's dots read without a transpose.
+    k: jax.Array  # (layers, slots, kv_heads, max_len, head_dim)
+    v: jax.Array  # (layers, slots, kv_heads, max_len, head_dim)
+    lengths: jax.Array  # (slots,) int32: tokens held by each row
 
     @classmethod
-    def init(cls, cfg: TextConfig, batch: int, max_len: int, dtype: Dtype = jnp.float32) -> "KVCache":
-        """An empty cache of ``max_len`` slots."""
-        shape = (cfg.layers, batch, cfg.kv_heads, max_len, cfg.head_dim)
-        return cls(
-            k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-            valid=jnp.zeros((batch, max_len), bool), end=jnp.zeros((), jnp.int32),
-        )
+    def init(cls, cfg: TextConfig, slots: int, max_len: int, dtype: Dtype = jnp.float32) -> "KVCache":
+        """An empty cache of ``slots`` rows of ``max_len`` positions."""
+        shape = (cfg.layers, slots, cfg.kv_heads, max_len, cfg.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((slots,), jnp.int32))
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -272,16 +288,21 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x (batch, seq, heads, head_dim); rotation in float32, result in x's dtype."""
+    """x (batch, seq, ..., head_dim); rotation in float32, result in x's dtype."""
     x32 = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+    shape = cos.shape[:2] + (1,) * (x.ndim - 3) + cos.shape[2:]  # broadcast over the head axes
+    return (x32 * cos.reshape(shape) + rotated * sin.reshape(shape)).astype(x.dtype)
 
 
-def qkv_widths(cfg: TextConfig) -> tuple[int, int, int]:
-    """Output widths of the q, k and v projections."""
-    return cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+@flax.struct.dataclass
+class CacheWrite:
+    """Where a decoder call writes its new keys and values: cache rows ``rows`` (None: every row, in order), each
+    token i of row b at position ``positions[b, i]`` (at or past max_len: not written)."""
+
+    rows: jax.Array | None  # (batch,) int32
+    positions: jax.Array  # (batch, seq) int32
 
 
 class DecoderLayer(nn.Module):
@@ -289,47 +310,39 @@ class DecoderLayer(nn.Module):
 
     cfg: TextConfig
     dtype: Dtype
-    fused: bool = False  # per-layer layout: q|k|v and gate|up are one kernel each ("qkv", "gate_up")
+    layout: Any = None
 
     @nn.compact
-    def __call__(self, x, kv, cos, sin, mask, write_at, layer=None):
-        """x (batch, seq, hidden); kv the (k, v) cache or None; mask (batch, seq, keys) bool.
+    def __call__(self, x, cos, sin, mask, kv=None, write: CacheWrite | None = None, layer: int = 0):
+        """x (batch, seq, hidden); mask (batch, seq, keys) bool.
 
-        kv is this layer's (batch, kv_heads, slots, head_dim) pair, or with ``layer`` (a static index) the whole
-        stacked (layers, batch, ...) pair, updated in place at that layer. With a cache, the new keys are written
-        at slot ``write_at``. The mask's key axis says what the queries attend over: the cache slots (max_len
-        keys, one-token steps) or their own keys (seq keys, prefill).
+        Without ``kv`` the queries attend over their own keys (keys = seq). With ``kv``, the whole stacked
+        (k, v) cache pair, this layer's new keys and values are written as ``write`` says, and the queries attend
+        over their rows of the cache (keys = max_len); the updated pair is returned.
         """
-        cfg, dt = self.cfg, self.dtype
+        cfg, dt, lay = self.cfg, self.dtype, self.layout
         batch, seq, _ = x.shape
         groups = cfg.heads // cfg.kv_heads
         h = RMSNorm(dt, cfg.rms_norm_eps, name="attn_norm")(x)
-        widths = qkv_widths(cfg)
-        if self.fused:
-            q, k, v = jnp.split(_dense(sum(widths), "qkv", dt, bias=False)(h), np.cumsum(widths)[:-1], axis=-1)
-        else:
-            q, k, v = (_dense(w, n, dt, bias=False)(h) for w, n in zip(widths, "qkv"))
-        q = q.reshape(batch, seq, cfg.heads, cfg.head_dim)
-        k, v = (t.reshape(batch, seq, cfg.kv_heads, cfg.head_dim) for t in (k, v))
-        q = constrain(apply_rope(RMSNorm(dt, cfg.rms_norm_eps, name="q_norm")(q), cos, sin),
-                      ("batch", "length", "heads", None))
-        k = apply_rope(RMSNorm(dt, cfg.rms_norm_eps, name="k_norm")(k), cos, sin)
-        k, v = (constrain(t.transpose(0, 2, 1, 3), _KV_SLICE) for t in (k, v))  # (batch, kv_heads, seq, head_dim)
-        if kv is not None:
-            if layer is None:
-                ck, cv = (constrain(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, write_at, 0)),
-                                    _KV_SLICE) for c, new in zip(kv, (k, v)))
-                kv = (ck, cv)
-            else:
-                kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, 0, write_at, 0))
-                           for c, new in zip(kv, (k, v)))
-                ck, cv = kv[0][layer], kv[1][layer]
-            if mask.shape[-1] == ck.shape[2]:  # the mask spans the cache slots: attend over the cache
-                k, v = ck.astype(dt), cv.astype(dt)
+        qkv = _dense((cfg.kv_heads, groups + 2, cfg.head_dim), "qkv", dt, bias=False)(h)
         # (batch, seq, kv_heads, groups, head_dim): query heads grouped by the kv head they share.
-        qg = q.reshape(batch, seq, cfg.kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("bqhgd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask[:, None, None], scores * cfg.head_dim**-0.5, -jnp.inf)
+        q = qkv[:, :, :, :groups]
+        k, v = qkv[:, :, :, groups], qkv[:, :, :, groups + 1]  # (batch, seq, kv_heads, head_dim)
+        q = constrain(apply_rope(RMSNorm(dt, cfg.rms_norm_eps, name="q_norm")(q), cos, sin), ax.QUERY, lay)
+        k = apply_rope(RMSNorm(dt, cfg.rms_norm_eps, name="k_norm")(k), cos, sin)
+        if kv is not None:
+            rows = write.rows if write.rows is not None else jnp.arange(batch)
+            # Scatter (batch, seq, kv_heads, head_dim) into the stacked cache at (layer, row, :, position, :).
+            idx = (layer, rows[:, None], slice(None), write.positions, slice(None))
+            kv = tuple(c.at[idx].set(new.astype(c.dtype), mode="drop") for c, new in zip(kv, (k, v)))
+            k, v = kv[0][layer], kv[1][layer]  # (slots, kv_heads, max_len, head_dim)
+            if write.rows is not None:
+                k, v = k[write.rows], v[write.rows]
+            k, v = (constrain(t, ax.KV_SLICE, lay).astype(dt) for t in (k, v))
+        else:
+            k, v = (constrain(t.transpose(0, 2, 1, 3), ax.KV_SLICE, lay) for t in (k, v))
+        scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None, None], scores * cfg.head_dim**-0.5, MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         # Batch axes leading in the output too: with (b, q, h, g, d) out XLA transposed every layer's V (b = 1) or
         # ran 64 tiny products (b = 8); the transpose of the small result after is cheap.
@@ -337,65 +350,33 @@ class DecoderLayer(nn.Module):
         att = att.reshape(batch, seq, cfg.heads * cfg.head_dim)
         x = x + _dense(cfg.hidden_size, "o", dt, bias=False)(att)
         h = RMSNorm(dt, cfg.rms_norm_eps, name="mlp_norm")(x)
-        if self.fused:
-            gate, up = jnp.split(_dense(2 * cfg.intermediate_size, "gate_up", dt, bias=False)(h), 2, axis=-1)
-        else:
-            gate, up = (_dense(cfg.intermediate_size, n, dt, bias=False)(h) for n in ("gate", "up"))
-        mlp = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        x = constrain(x + _dense(cfg.hidden_size, "down", dt, bias=False)(mlp), _ACT)
+        gate_up = _dense((2, cfg.intermediate_size), "gate_up", dt, bias=False)(h)
+        mlp = constrain(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], ax.MLP, lay)
+        x = constrain(x + _dense(cfg.hidden_size, "down", dt, bias=False)(mlp), ax.ACT, lay)
         return x, kv
 
 
 class TextDecoder(nn.Module):
-    """Qwen3 decoder stack: token embedding, layers (scanned or unrolled), final RMSNorm."""
+    """Qwen3 decoder stack: token embedding, layers (``layers_0``, ...), final RMSNorm."""
 
     cfg: TextConfig
     dtype: Dtype = jnp.float32
-    scan_layers: bool = True
+    layout: Any = None
 
     def setup(self):
         cfg = self.cfg
         self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
-        if self.scan_layers:
-            self.layers = nn.scan(
-                DecoderLayer,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                length=cfg.layers,
-            )(cfg, self.dtype)
-        else:
-            self.layers = [DecoderLayer(cfg, self.dtype, fused=True) for _ in range(cfg.layers)]  # layers_0, ...
+        self.layers = [DecoderLayer(cfg, self.dtype, self.layout) for _ in range(cfg.layers)]  # layers_0, ...
         self.norm = RMSNorm(self.dtype, cfg.rms_norm_eps)
 
-    def __call__(self, embeds, positions, mask, cache: KVCache | None = None, write_at=0):
-        """embeds (batch, seq, hidden), positions (batch, seq) -> (hidden after the final norm, new cache kv)."""
+    def __call__(self, embeds, positions, mask, cache: KVCache | None = None, write: CacheWrite | None = None):
+        """embeds (batch, seq, hidden), positions (batch, seq) -> (hidden after the final norm, new (k, v) or None)."""
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
         kv = None if cache is None else (cache.k, cache.v)
-        x = constrain(embeds.astype(self.dtype), _ACT)
-        if self.scan_layers:
-            x, kv = self.layers(x, kv, cos, sin, mask, write_at)
-        else:
-            for i, layer in enumerate(self.layers):
-                x, kv = layer(x, kv, cos, sin, mask, write_at, None if kv is None else i)
+        x = constrain(embeds.astype(self.dtype), ax.ACT, self.layout)
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, mask, kv, write, i)
         return self.norm(x), kv
-
-
-def _in_layout(method):
-    """Run a Qwen3ASRModule method with its ``layout`` active, so the ``constrain`` calls inside pin activations."""
-
-    @functools.wraps(method)
-    def wrapped(self, *args, **kwargs):
-        with use_layout(self.layout):
-            return method(self, *args, **kwargs)
-
-    return wrapped
-
-
-def _constrain_cache(cache: KVCache) -> KVCache:
-    kv = ("layers", "batch", "kv_heads", "length", None)
-    return KVCache(k=constrain(cache.k, kv), v=constrain(cache.v, kv), valid=constrain(cache.valid, ("batch", None)),
-                   end=cache.end)
 
 
 class Qwen3ASRModule(nn.Module):
@@ -405,37 +386,32 @@ class Qwen3ASRModule(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
     interpret: bool = False
-    layout: Any = None  # a qasr_jax.sharding.Layout: activations are pinned to its mesh while tracing
-    scan_layers: bool = True  # False: per-layer parameters (layers_0, ...), layers unrolled (see the module doc)
+    layout: Any = None  # a qasr_jax.axes.Layout: activations are pinned to its mesh while tracing
 
     def setup(self):
-        cfg = self.cfg
-        self.audio_tower = AudioEncoder(cfg.audio, self.dtype, self.attention_impl, self.interpret, self.scan_layers)
-        self.projector = Projector(cfg.audio, self.dtype)
-        self.decoder = TextDecoder(cfg.text, self.dtype, self.scan_layers)
+        cfg, lay = self.cfg, self.layout
+        self.audio_tower = AudioEncoder(cfg.audio, self.dtype, self.attention_impl, self.interpret, lay)
+        self.projector = Projector(cfg.audio, self.dtype, lay)
+        self.decoder = TextDecoder(cfg.text, self.dtype, lay)
         # Heads compute in float32 on weights stored in the model dtype.
-        f32 = jnp.float32
         if cfg.is_aligner:
-            self.score = nn.Dense(cfg.num_labels, use_bias=False, dtype=f32, param_dtype=self.dtype)
+            self.score = Linear(cfg.num_labels, False, self.dtype, jnp.float32)
         elif not cfg.text.tie_word_embeddings:
-            self.lm_head = nn.Dense(cfg.text.vocab_size, use_bias=False, dtype=f32, param_dtype=self.dtype)
+            self.lm_head = Linear(cfg.text.vocab_size, False, self.dtype, jnp.float32)
 
-    @_in_layout
     def encode(self, feats, n_frames):
         """Log-mel (batch, mels, frames) -> (projector output (batch, seq, text hidden), n_tokens (batch,))."""
         hidden, n_tokens = self.audio_tower(feats, n_frames)
         return self.projector(hidden), n_tokens
 
-    @_in_layout
     def embed(self, input_ids, audio_embeds):
         """Token embeddings with the k-th ``<|audio_pad|>`` of each row replaced by that row's k-th audio token."""
         x = self.decoder.embed(input_ids)
         is_audio = input_ids == self.cfg.audio_token_id
         idx = jnp.clip(jnp.cumsum(is_audio, axis=1) - 1, 0, audio_embeds.shape[1] - 1)
         audio = jnp.take_along_axis(audio_embeds, idx[..., None], axis=1).astype(x.dtype)
-        return constrain(jnp.where(is_audio[..., None], audio, x), _ACT)
+        return constrain(jnp.where(is_audio[..., None], audio, x), ax.ACT, self.layout)
 
-    @_in_layout
     def head(self, hidden):
         """Final hidden states -> float32 logits (vocabulary, or aligner classes)."""
         hidden = hidden.astype(jnp.float32)
@@ -446,44 +422,58 @@ class Qwen3ASRModule(nn.Module):
             logits = jnp.einsum("...h,vh->...v", hidden, self.decoder.embed.embedding.astype(jnp.float32))
         else:
             logits = self.lm_head(hidden)
-        axes = ("batch", "length", "classes" if self.cfg.is_aligner else "vocab")
-        return constrain(logits, axes[-logits.ndim:])
+        names = ("batch",) + ("length",) * (logits.ndim - 2) + ("classes" if self.cfg.is_aligner else "vocab",)
+        return constrain(logits, names, self.layout)
 
-    @_in_layout
-    def decode(self, embeds, positions, mask, cache: KVCache | None = None, write_at=0):
+    def decode(self, embeds, positions, mask, cache: KVCache | None = None, write: CacheWrite | None = None):
         """Run the decoder (see TextDecoder) and return (hidden, kv)."""
-        return self.decoder(embeds, positions, mask, cache, write_at)
+        return self.decoder(embeds, positions, mask, cache, write)
 
-    @_in_layout
-    def prefill(self, embeds, token_mask, cache: KVCache):
-        """Right-padded prompt embeds (batch, seq, hidden) into an empty cache -> (next-token logits, cache)."""
-        positions, mask = prompt_positions_and_mask(token_mask)
-        hidden, (k, v) = self.decode(embeds, positions, mask, cache, 0)
-        last = jnp.maximum(token_mask.sum(1) - 1, 0)  # each row's last real token
+    def extend(self, embeds, n_new, cache: KVCache, rows=None):
+        """Append right-padded tokens to cache rows: embeds (batch, seq, hidden), ``n_new`` (batch,) real tokens
+        per row, ``rows`` (batch,) the cache rows (None: every row, in order). Each row's tokens go after the
+        ones it holds (a prompt into an empty row, a prompt's rest on top of a kept prefix, one decode step).
+
+        Returns (float32 logits after each row's last new token (batch, vocab), cache); a row with no new token
+        is left as it was.
+        """
+        batch, seq = embeds.shape[:2]
+        start = cache.lengths if rows is None else cache.lengths[rows]  # (batch,)
+        offsets = jnp.arange(seq)
+        positions = start[:, None] + offsets[None, :]  # (batch, seq): each row's positions continue its own
+        new = offsets[None, :] < n_new[:, None]
+        write = CacheWrite(rows, jnp.where(new, positions, cache.max_len))  # padding tokens are not written
+        mask = jnp.arange(cache.max_len)[None, None, :] <= positions[:, :, None]  # (batch, seq, max_len): causal
+        hidden, (k, v) = self.decode(embeds, positions, mask, cache, write)
+        last = jnp.maximum(n_new - 1, 0)  # each row's last new token
         logits = self.head(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
-        seq = token_mask.shape[1]
-        valid = jax.lax.dynamic_update_slice(cache.valid, token_mask.astype(bool), (0, 0))
-        return logits, _constrain_cache(KVCache(k=k, v=v, valid=valid, end=jnp.asarray(seq, jnp.int32)))
+        lengths = start + n_new
+        lengths = lengths if rows is None else cache.lengths.at[rows].set(lengths)
+        return logits, _constrain_cache(KVCache(k=k, v=v, lengths=lengths), self.layout)
 
-    @_in_layout
-    def step(self, tokens, cache: KVCache):
-        """One new token per row (batch,) at slot ``cache.end`` -> (logits (batch, vocab), cache)."""
-        positions = cache.valid.sum(1)[:, None]  # each row's next position counts its real tokens only
-        valid = cache.valid.at[:, cache.end].set(True)
+    def step(self, tokens, active, cache: KVCache):
+        """One new token per cache row (slots,) where ``active`` (slots,) -> (logits (slots, vocab), cache)."""
         embeds = self.decoder.embed(tokens[:, None])
-        hidden, (k, v) = self.decode(embeds, positions, valid[:, None, :], cache, cache.end)
-        return self.head(hidden[:, 0]), _constrain_cache(KVCache(k=k, v=v, valid=valid, end=cache.end + 1))
+        return self.extend(embeds, active.astype(jnp.int32), cache)
 
-    @_in_layout
     def __call__(self, input_ids, feats, n_frames, token_mask=None):
         """Full forward without cache: logits (batch, seq, vocab or classes) at every prompt position."""
+        return self.head(self.prompt_hidden(input_ids, feats, n_frames, token_mask))
+
+    def prompt_hidden(self, input_ids, feats, n_frames, token_mask=None):
+        """Final hidden states (batch, seq, hidden) at every prompt position of right-padded prompts, no cache."""
         audio, _ = self.encode(feats, n_frames)
         embeds = self.embed(input_ids, audio)
         if token_mask is None:
             token_mask = jnp.ones(input_ids.shape, bool)
         positions, mask = prompt_positions_and_mask(token_mask)
         hidden, _ = self.decode(embeds, positions, mask)
-        return self.head(hidden)
+        return hidden
+
+
+def _constrain_cache(cache: KVCache, layout) -> KVCache:
+    return KVCache(k=constrain(cache.k, ax.KV_CACHE, layout), v=constrain(cache.v, ax.KV_CACHE, layout),
+                   lengths=constrain(cache.lengths, ("batch",), layout))
 
 
 def prompt_positions_and_mask(token_mask: jax.Array) -> tuple[jax.Array, jax.Array]:

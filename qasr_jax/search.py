@@ -1,45 +1,45 @@
-"""Greedy and beam search over the fixed-size KV cache, as one jitted program: prefill + ``lax.while_loop``.
+"""Greedy and beam search, per request, over any decoder: a step function and a state pytree.
 
-The search core (:func:`search`) is model-agnostic: it takes the logits after the prompt, a decoder state whose
-leaves carry the batch on a known axis, and a ``step_fn(tokens, state) -> (logits, state)``, so it runs on the
-Qwen3 decoder (:func:`generate`) and on scripted step functions in tests alike.
+Nothing here knows the model. A decoder is ``step_fn(tokens (rows,), active (rows,), state) -> (logits (rows, V),
+state)`` plus ``batch_axes``, a prefix tree of ``state`` giving each leaf's row axis (None: shared), which beam
+search uses to reorder rows. Requests live in *rows*: one decoder row each for greedy search, ``beam_size``
+consecutive decoder rows for beam search. Every request has its own step count, so a request can join (``start``
+then ``pick`` on its prompt's logits) or leave while the others go on; that is what the engine's slots are made of.
+:func:`search` runs a whole batch to the end in one ``lax.while_loop`` (flax's wmt ``decode.py`` is the model).
 
 Semantics follow transformers' ``generate(do_sample=False)`` so that token ids are identical:
 
-* greedy: argmax of the processed logits; a row stops at its first EOS (EOS not returned).
+* greedy: argmax of the processed logits; a request stops at its first EOS (EOS not returned).
 * beam search (HF ``_beam_search``): the top ``max(2, 1 + len(eos_ids)) * beam_size`` candidates of all beams; a
   candidate ending in EOS (or reaching ``max_new_tokens``) is a finished hypothesis only when it ranks among the
   first ``beam_size`` candidates; finished scores are ``sum of log-probs (EOS included) / n ** length_penalty`` with
-  ``n`` the generated tokens including EOS (the prompt does not count); the best ``beam_size`` finished hypotheses
-  are kept. ``early_stopping``: False (HF default) stops a row when the best live beam divided by its current
-  length can no longer beat the worst kept hypothesis; True also stops as soon as ``beam_size`` are kept; "never"
-  with ``length_penalty > 0`` divides by ``max_new_tokens`` instead.
+  ``n`` the generated tokens including EOS; the best ``beam_size`` finished hypotheses are kept.
+  ``early_stopping``: False (HF default) stops a request when the best live beam divided by its current length can
+  no longer beat the worst kept hypothesis; True also stops as soon as ``beam_size`` are kept; "never" with
+  ``length_penalty > 0`` divides by ``max_new_tokens`` instead.
 * logits processors (repetition penalty, no-repeat n-grams, EOS suppression) act where HF's do: on the logits in
   greedy search, on the log-probs in beam search.
 
-The repetition guard's history is the prompt ids when ``prompt_ids`` is given (HF semantics: the prompt's
-``<|audio_pad|>``, chat-template and newline tokens count too) plus the generated tokens; without ``prompt_ids``
-only the generated tokens count (HF's ``prompt_ignore_length``).
+Each generated token also gets its log-probability (after the processors, before any length penalty).
+The repetition guard's history is the prompt ids when given (HF semantics: the prompt's ``<|audio_pad|>``,
+chat-template and newline tokens count too) plus the generated tokens; without prompt ids only the generated ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from qasr_jax.model import KVCache, Qwen3ASRModule
+from qasr_jax.buckets import EOS_IDS, PAD_ID
 
-EOS_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
-PAD_ID = 151643  # <|endoftext|>: fills token positions at and past each row's length
 NEG = -1.0e9  # HF's "impossible" score, added (not assigned) so that orderings match transformers'
-KV_CACHE_AXES = KVCache(k=1, v=1, valid=0, end=None)  # batch axis of each KVCache leaf; None: shared by all rows
 
-StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]  # (tokens (rows,), state) -> (logits (rows, V), state)
+# (tokens (rows,), active (rows,) bool, state) -> (logits (rows, V), state)
+StepFn = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,24 +63,27 @@ EARLY_STOPPING = {False: 0, True: 1, "never": 2}  # HF's early_stopping values -
 
 @flax.struct.dataclass
 class SearchSettings:
-    """Traced search settings: changing any of them compiles nothing."""
+    """Traced search settings shared by every request: changing any of them compiles nothing."""
 
-    max_new_tokens: jax.Array  # () int32, at most the static output buffer
     eos_ids: jax.Array  # (n_eos,) int32; only n_eos is static
     length_penalty: jax.Array  # () float32: beam scores are sum_logprobs / generated_len ** length_penalty
     repetition_penalty: jax.Array  # () float32, used when SearchConfig.penalize_repetition
     early_stopping: jax.Array  # () int32: EARLY_STOPPING[False | True | "never"] (beam search only)
-    suppress_eos: jax.Array  # () bool: EOS scores -inf, so every row runs to max_new_tokens
+    suppress_eos: jax.Array  # () bool: EOS scores -inf, so every request runs to its max_new_tokens
 
     @classmethod
-    def make(cls, max_new_tokens, eos_ids=EOS_IDS, length_penalty=1.0, repetition_penalty=1.0,
-             early_stopping: bool | str = False, suppress_eos=False) -> "SearchSettings":
+    def make(cls, eos_ids=EOS_IDS, length_penalty=1.0, repetition_penalty=1.0, early_stopping: bool | str = False,
+             suppress_eos=False) -> "SearchSettings":
         """Settings from Python values (HF names and meanings)."""
         if early_stopping not in EARLY_STOPPING:
             raise ValueError(f"early_stopping must be False, True or 'never', got {early_stopping!r}")
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 turns it off), got {repetition_penalty}")
+        eos = jnp.asarray(eos_ids, jnp.int32).reshape(-1)
+        if eos.shape[0] == 0:
+            raise ValueError("eos_ids is empty: pass at least one EOS id (suppress_eos=True runs to max_new_tokens)")
         return cls(
-            max_new_tokens=jnp.asarray(max_new_tokens, jnp.int32), eos_ids=jnp.asarray(eos_ids, jnp.int32).reshape(-1),
-            length_penalty=jnp.asarray(length_penalty, jnp.float32),
+            eos_ids=eos, length_penalty=jnp.asarray(length_penalty, jnp.float32),
             repetition_penalty=jnp.asarray(repetition_penalty, jnp.float32),
             early_stopping=jnp.asarray(EARLY_STOPPING[early_stopping], jnp.int32),
             suppress_eos=jnp.asarray(suppress_eos, bool),
@@ -88,17 +91,18 @@ class SearchSettings:
 
 
 class SearchResult(NamedTuple):
-    """Per batch row: the best hypothesis (EOS excluded) and its score."""
+    """Per request: the best hypothesis (EOS excluded), its score and each token's log-probability."""
 
-    tokens: jax.Array  # (batch, out_len) int32; positions at and past `lengths` hold pad_id
-    lengths: jax.Array  # (batch,) int32 generated tokens, EOS excluded
-    scores: jax.Array  # (batch,) float32 sum of log-probs (EOS included) / (lengths + finished) ** length_penalty
-    finished: jax.Array  # (batch,) bool: ended with an EOS (False: stopped at max_new_tokens)
-    steps: jax.Array  # () int32: tokens the loop advanced every row (< max_new_tokens when it stopped early)
+    tokens: jax.Array  # (requests, out_len) int32; positions at and past `lengths` hold pad_id
+    lengths: jax.Array  # (requests,) int32 generated tokens, EOS excluded
+    scores: jax.Array  # (requests,) float32 sum of log-probs (EOS included) / (lengths + finished) ** length_penalty
+    finished: jax.Array  # (requests,) bool: ended with an EOS (False: stopped at max_new_tokens)
+    steps: jax.Array  # (requests,) int32: tokens chosen (< max_new_tokens when it stopped early)
+    token_logprobs: jax.Array  # (requests, out_len) float32: log-prob of each token of `tokens` (0 past lengths)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Rows of a decoder state: each leaf holds the batch on its own axis (KV_CACHE_AXES for the KV cache).
+# Rows of a decoder state: each leaf holds the rows on its own axis (batch_axes).
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -114,8 +118,21 @@ def add_beam_dim(state, batch_axes, beam_size: int):
 
 
 def gather_rows(state, batch_axes, rows: jax.Array):
-    """Take rows (new_rows,) of every leaf along its batch axis (beam reordering)."""
+    """Take rows (new_rows,) of every leaf along its row axis (beam reordering)."""
     return _map_rows(lambda x, axis: jnp.take(x, rows, axis=axis), state, batch_axes)
+
+
+def _set_rows(big, idx: jax.Array, new):
+    """``big`` with rows ``idx`` (leading axis) replaced by ``new``'s rows (every leaf of two equal trees)."""
+    return jax.tree_util.tree_map(lambda b, n: b.at[idx].set(n), big, new)
+
+
+def _pick_rows(update: jax.Array, new, old):
+    """Per leading row: ``new`` where ``update``, else ``old`` (every leaf of two equal trees)."""
+    def choose(n, o):
+        return jnp.where(update.reshape(update.shape + (1,) * (n.ndim - 1)), n, o)
+
+    return jax.tree_util.tree_map(choose, new, old)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,24 +142,32 @@ def gather_rows(state, batch_axes, rows: jax.Array):
 
 @flax.struct.dataclass
 class Guard:
-    """Per-row token history for the repetition guard; fields are None when their processor is off."""
+    """Per decoder row token history for the repetition guard; fields are None when their processor is off."""
 
     seen: jax.Array | None  # (rows, vocab) bool: ids in the history (repetition penalty)
-    history: jax.Array | None  # (rows, prompt + out_len) int32: ids in order (no-repeat n-grams)
+    history: jax.Array | None  # (rows, history_len) int32: ids in order (no-repeat n-grams)
     length: jax.Array | None  # (rows,) int32: real ids in `history`
 
 
-def _init_guard(cfg: SearchConfig, prompt_ids, prompt_len, rows: int, vocab: int, out_len: int) -> Guard:
-    if prompt_ids is None:
-        prompt_ids = jnp.zeros((rows, 0), jnp.int32)
-        prompt_len = jnp.zeros((rows,), jnp.int32)
-    real = jnp.arange(prompt_ids.shape[1])[None, :] < prompt_len[:, None]  # (rows, prompt)
-    seen = history = length = None
-    if cfg.penalize_repetition:
-        seen = jnp.zeros((rows, vocab), bool).at[jnp.arange(rows)[:, None], prompt_ids].max(real)
+def _init_guard(cfg: SearchConfig, rows: int, vocab: int, history_len: int) -> Guard:
+    seen = jnp.zeros((rows, vocab), bool) if cfg.penalize_repetition else None
+    history = length = None
     if cfg.no_repeat_ngram_size:
-        prompt = jnp.where(real, prompt_ids, cfg.pad_id).astype(jnp.int32)
-        history = jnp.concatenate([prompt, jnp.full((rows, out_len), cfg.pad_id, jnp.int32)], axis=1)
+        history = jnp.full((rows, history_len), cfg.pad_id, jnp.int32)
+        length = jnp.zeros((rows,), jnp.int32)
+    return Guard(seen, history, length)
+
+
+def _guard_from_prompt(guard: Guard, cfg: SearchConfig, prompt_ids, prompt_len) -> Guard:
+    """A fresh guard for ``prompt_ids`` (rows, P) with ``prompt_len`` (rows,) real ids (P = 0: no history)."""
+    rows, width = prompt_ids.shape
+    real = jnp.arange(width)[None, :] < prompt_len[:, None]
+    seen = history = length = None
+    if guard.seen is not None:
+        seen = jnp.zeros((rows, guard.seen.shape[1]), bool).at[jnp.arange(rows)[:, None], prompt_ids].max(real)
+    if guard.history is not None:
+        history = jnp.full((rows, guard.history.shape[1]), cfg.pad_id, jnp.int32)
+        history = history.at[:, :width].set(jnp.where(real, prompt_ids, cfg.pad_id))
         length = prompt_len.astype(jnp.int32)
     return Guard(seen, history, length)
 
@@ -184,252 +209,287 @@ def _process(scores: jax.Array, guard: Guard, cfg: SearchConfig, z: SearchSettin
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Greedy search
+# Greedy search: one decoder row per request
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @flax.struct.dataclass
-class GreedyState:
-    t: jax.Array  # () int32: tokens chosen so far
-    tokens: jax.Array  # (batch, out_len) int32
-    lengths: jax.Array  # (batch,) int32, EOS excluded
-    finished: jax.Array  # (batch,) bool
-    logprob: jax.Array  # (batch,) float32: sum of log-probs of the chosen tokens, EOS included
-    last: jax.Array  # (batch,) int32: the token fed to the next step
+class GreedyRows:
+    t: jax.Array  # (rows,) int32: tokens chosen so far
+    max_new: jax.Array  # (rows,) int32
+    tokens: jax.Array  # (rows, out_len) int32
+    logprobs: jax.Array  # (rows, out_len) float32: each chosen token's log-prob
+    lengths: jax.Array  # (rows,) int32, EOS excluded
+    finished: jax.Array  # (rows,) bool: ended with an EOS
+    done: jax.Array  # (rows,) bool: no more steps (finished, at max_new, or no request)
+    logprob: jax.Array  # (rows,) float32: sum of log-probs of the chosen tokens, EOS included
+    last: jax.Array  # (rows,) int32: the token fed to the next step
     guard: Guard
 
 
-def _greedy_pick(s: GreedyState, logits, cfg: SearchConfig, z: SearchSettings) -> GreedyState:
-    active = (s.t < z.max_new_tokens) & ~s.finished  # (batch,)
+def _greedy_init(cfg: SearchConfig, n: int, out_len: int, vocab: int, history_len: int) -> GreedyRows:
+    zeros = jnp.zeros((n,), jnp.int32)
+    return GreedyRows(
+        t=zeros, max_new=zeros, tokens=jnp.full((n, out_len), cfg.pad_id, jnp.int32),
+        logprobs=jnp.zeros((n, out_len), jnp.float32), lengths=zeros, finished=zeros.astype(bool),
+        done=jnp.ones((n,), bool), logprob=jnp.zeros((n,), jnp.float32), last=zeros,
+        guard=_init_guard(cfg, n, vocab, history_len),
+    )
+
+
+def _greedy_pick(s: GreedyRows, logits, update, cfg: SearchConfig, z: SearchSettings) -> GreedyRows:
     scores = _process(logits, s.guard, cfg, z)  # HF processes the logits in greedy search
     token = jnp.argmax(scores, axis=-1).astype(jnp.int32)
     logp = jnp.take_along_axis(jax.nn.log_softmax(scores, axis=-1), token[:, None], axis=1)[:, 0]
     is_eos = jnp.isin(token, z.eos_ids)
-    keep = active & ~is_eos
+    keep = ~is_eos
     fed = jnp.where(keep, token, cfg.pad_id)
-    return GreedyState(
-        t=s.t + 1,
-        tokens=s.tokens.at[:, s.t].set(fed, mode="drop"),
-        lengths=s.lengths + keep,
-        finished=s.finished | (active & is_eos),
-        logprob=s.logprob + jnp.where(active, logp, 0.0),
-        last=fed,
-        guard=_guard_append(s.guard, fed),
+    at = jnp.arange(s.tokens.shape[1])[None, :] == s.t[:, None]  # (rows, out_len): this step's position
+    new = GreedyRows(
+        t=s.t + 1, max_new=s.max_new,
+        tokens=jnp.where(at & keep[:, None], token[:, None], s.tokens),
+        logprobs=jnp.where(at & keep[:, None], logp[:, None], s.logprobs),
+        lengths=s.lengths + keep, finished=is_eos, done=is_eos | (s.t + 1 >= s.max_new),
+        logprob=s.logprob + logp, last=fed, guard=_guard_append(s.guard, fed),
     )
+    return _pick_rows(update, new, s)
 
 
-def _greedy(step_fn: StepFn, logits, state, guard: Guard, z: SearchSettings, out_len: int,
-            cfg: SearchConfig) -> SearchResult:
-    batch = logits.shape[0]
-    s = GreedyState(
-        t=jnp.zeros((), jnp.int32), tokens=jnp.full((batch, out_len), cfg.pad_id, jnp.int32),
-        lengths=jnp.zeros((batch,), jnp.int32), finished=jnp.zeros((batch,), bool),
-        logprob=jnp.zeros((batch,), jnp.float32), last=jnp.zeros((batch,), jnp.int32), guard=guard,
-    )
-    s = _greedy_pick(s, logits, cfg, z)  # the first token comes from the prefill logits: n tokens take n - 1 steps
-
-    def cond(carry):
-        s, _ = carry
-        return (s.t < z.max_new_tokens) & ~jnp.all(s.finished)
-
-    def body(carry):
-        s, state = carry
-        logits, state = step_fn(s.last, state)
-        return _greedy_pick(s, logits, cfg, z), state
-
-    s, _ = jax.lax.while_loop(cond, body, (s, state))
+def _greedy_result(s: GreedyRows, z: SearchSettings) -> SearchResult:
     n = jnp.maximum(s.lengths + s.finished, 1).astype(jnp.float32)
-    steps = jnp.minimum(s.t, z.max_new_tokens)
-    return SearchResult(s.tokens, s.lengths, s.logprob / n**z.length_penalty, s.finished, steps)
+    return SearchResult(s.tokens, s.lengths, s.logprob / n**z.length_penalty, s.finished, s.t, s.logprobs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Beam search
+# Beam search: beam_size consecutive decoder rows per request
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @flax.struct.dataclass
-class BeamState:
-    t: jax.Array  # () int32: tokens in every live beam
-    alive_tokens: jax.Array  # (batch, beams, out_len) int32
-    alive_scores: jax.Array  # (batch, beams) float32 summed log-probs, best first
-    done_tokens: jax.Array  # (batch, beams, out_len) int32: kept finished hypotheses
-    done_scores: jax.Array  # (batch, beams) float32 length-penalised, best first; about NEG when empty
-    done_lengths: jax.Array  # (batch, beams) int32, EOS excluded
-    done_eos: jax.Array  # (batch, beams) bool: the hypothesis ended with an EOS
-    done_mask: jax.Array  # (batch, beams) bool: the slot holds a finished hypothesis
-    improvable: jax.Array  # (batch,) bool: a live beam may still beat the kept hypotheses
-    parents: jax.Array  # (batch * beams,) int32: flat row each live beam continues (reorders the state)
-    last: jax.Array  # (batch * beams,) int32: each live beam's newest token
-    guard: Guard
+class BeamRows:
+    t: jax.Array  # (requests,) int32: tokens in every live beam
+    max_new: jax.Array  # (requests,) int32
+    alive_tokens: jax.Array  # (requests, beams, out_len) int32
+    alive_logprobs: jax.Array  # (requests, beams, out_len) float32
+    alive_scores: jax.Array  # (requests, beams) float32 summed log-probs, best first
+    done_tokens: jax.Array  # (requests, beams, out_len) int32: kept finished hypotheses
+    done_logprobs: jax.Array  # (requests, beams, out_len) float32
+    done_scores: jax.Array  # (requests, beams) float32 length-penalised, best first; about NEG when empty
+    done_lengths: jax.Array  # (requests, beams) int32, EOS excluded
+    done_eos: jax.Array  # (requests, beams) bool: the hypothesis ended with an EOS
+    done_mask: jax.Array  # (requests, beams) bool: the slot holds a finished hypothesis
+    improvable: jax.Array  # (requests,) bool: a live beam may still beat the kept hypotheses
+    done: jax.Array  # (requests,) bool: no more steps
+    parents: jax.Array  # (requests * beams,) int32: decoder row each live beam continues (reorders the state)
+    last: jax.Array  # (requests * beams,) int32: each live beam's newest token
+    guard: Guard  # (requests * beams) rows
+
+
+def _beam_init(cfg: SearchConfig, n: int, out_len: int, vocab: int, history_len: int) -> BeamRows:
+    beams = cfg.beam_size
+    tokens = jnp.full((n, beams, out_len), cfg.pad_id, jnp.int32)
+    floats = jnp.zeros((n, beams, out_len), jnp.float32)
+    zeros = jnp.zeros((n, beams), jnp.int32)
+    return BeamRows(
+        t=jnp.zeros((n,), jnp.int32), max_new=jnp.zeros((n,), jnp.int32), alive_tokens=tokens,
+        alive_logprobs=floats, alive_scores=jnp.zeros((n, beams), jnp.float32), done_tokens=tokens,
+        done_logprobs=floats, done_scores=jnp.full((n, beams), NEG, jnp.float32), done_lengths=zeros,
+        done_eos=zeros.astype(bool), done_mask=zeros.astype(bool), improvable=jnp.ones((n,), bool),
+        done=jnp.ones((n,), bool), parents=jnp.arange(n * beams, dtype=jnp.int32),
+        last=jnp.zeros((n * beams,), jnp.int32), guard=_init_guard(cfg, n * beams, vocab, history_len),
+    )
 
 
 def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
-    """x (batch, n, ...) at idx (batch, m) along axis 1 -> (batch, m, ...)."""
+    """x (requests, n, ...) at idx (requests, m) along axis 1 -> (requests, m, ...)."""
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _beam_pick(s: BeamState, logits, cfg: SearchConfig, z: SearchSettings) -> BeamState:
-    batch, beams, _ = s.alive_tokens.shape
+def _beam_pick(s: BeamRows, logits, update, cfg: SearchConfig, z: SearchSettings) -> BeamRows:
+    requests, beams, out_len = s.alive_tokens.shape
     vocab = logits.shape[-1]
+    t = s.t[:, None]  # (requests, 1)
     n_cand = max(2, 1 + z.eos_ids.shape[0]) * beams  # enough that `beams` candidates survive all-EOS steps
     logp = _process(jax.nn.log_softmax(logits, axis=-1), s.guard, cfg, z)  # HF processes log-probs in beam search
-    logp = logp.reshape(batch, beams, vocab) + s.alive_scores[..., None]
-    cand_scores, flat = jax.lax.top_k(logp.reshape(batch, beams * vocab), n_cand)  # (batch, n_cand), best first
+    logp = logp.reshape(requests, beams * vocab)
+    total = logp + jnp.repeat(s.alive_scores, vocab, axis=1)
+    cand_scores, flat = jax.lax.top_k(total, n_cand)  # (requests, n_cand), best first
+    cand_logp = jnp.take_along_axis(logp, flat, axis=1)  # each candidate token's own log-prob
     parent, token = flat // vocab, (flat % vocab).astype(jnp.int32)
-    cand_tokens = _gather(s.alive_tokens, parent).at[:, :, s.t].set(token)  # (batch, n_cand, out_len)
+    at = (jnp.arange(out_len) == t[:, :, None])  # (requests, 1, out_len): this step's position
+    cand_tokens = jnp.where(at, token[..., None], _gather(s.alive_tokens, parent))  # (requests, n_cand, out_len)
+    cand_logprobs = jnp.where(at, cand_logp[..., None], _gather(s.alive_logprobs, parent))
     is_eos = jnp.isin(token, z.eos_ids)
-    ends = is_eos | (s.t + 1 >= z.max_new_tokens)  # (batch, n_cand)
+    ends = is_eos | (t + 1 >= s.max_new[:, None])  # (requests, n_cand)
 
     # Live beams for the next step: the best candidates that did not end.
     alive_scores, keep = jax.lax.top_k(cand_scores + ends * NEG, beams)
-    alive_tokens = _gather(cand_tokens, keep)
-    parents = (jnp.arange(batch)[:, None] * beams + _gather(parent, keep)).reshape(-1).astype(jnp.int32)
+    alive_tokens, alive_logprobs = _gather(cand_tokens, keep), _gather(cand_logprobs, keep)
+    parents = (jnp.arange(requests)[:, None] * beams + _gather(parent, keep)).reshape(-1).astype(jnp.int32)
     last = _gather(token, keep).reshape(-1)
 
     # Finished hypotheses: only candidates among the first `beams` count, each penalised by its generated length.
     full_stop = z.early_stopping == EARLY_STOPPING[True]
-    just = ends & (jnp.arange(n_cand) < beams)[None, :] & (s.t < z.max_new_tokens)  # max_new_tokens 0: none
-    fin = cand_scores / (s.t + 1).astype(jnp.float32) ** z.length_penalty
+    just = ends & (jnp.arange(n_cand) < beams)[None, :] & (t < s.max_new[:, None])  # max_new_tokens 0: none
+    fin = cand_scores / (t + 1).astype(jnp.float32) ** z.length_penalty
     fin += (jnp.all(s.done_mask, axis=1, keepdims=True) & full_stop) * NEG
     fin += ~s.improvable[:, None] * NEG
     fin += ~just * NEG
     done_scores, best = jax.lax.top_k(jnp.concatenate([s.done_scores, fin], axis=1), beams)
-    cand_lengths = jnp.broadcast_to(s.t + ~is_eos, is_eos.shape)  # EOS is not returned
+    cand_lengths = t + ~is_eos  # (requests, n_cand); EOS is not returned
 
     def merge(done, cand):
         return _gather(jnp.concatenate([done, cand], axis=1), best)
 
     # Can a live beam still beat the worst kept hypothesis? (HF's heuristic; sticky once False.)
     never = (z.early_stopping == EARLY_STOPPING["never"]) & (z.length_penalty > 0)
-    hypothetical = jnp.where(never, z.max_new_tokens, s.t + 1).astype(jnp.float32)
+    hypothetical = jnp.where(never, s.max_new[:, None], t + 1).astype(jnp.float32)
     best_alive = alive_scores[:, :1] / hypothetical**z.length_penalty
     done_mask = merge(s.done_mask, just)
     worst_done = jnp.where(done_mask, jnp.min(done_scores, axis=1, keepdims=True), NEG)
     improvable = s.improvable & jnp.any(best_alive > worst_done, axis=1)
+    full = jnp.all(done_mask, axis=1) & full_stop
 
-    return BeamState(
-        t=s.t + 1, alive_tokens=alive_tokens, alive_scores=alive_scores,
-        done_tokens=merge(s.done_tokens, cand_tokens), done_scores=done_scores,
+    new = BeamRows(
+        t=s.t + 1, max_new=s.max_new, alive_tokens=alive_tokens, alive_logprobs=alive_logprobs,
+        alive_scores=alive_scores, done_tokens=merge(s.done_tokens, cand_tokens),
+        done_logprobs=merge(s.done_logprobs, cand_logprobs), done_scores=done_scores,
         done_lengths=merge(s.done_lengths, cand_lengths), done_eos=merge(s.done_eos, is_eos), done_mask=done_mask,
-        improvable=improvable, parents=parents, last=last,
-        guard=_guard_append(jax.tree_util.tree_map(lambda x: x[parents], s.guard), last),
+        improvable=improvable, done=(s.t + 1 >= s.max_new) | ~improvable | full,
+        parents=parents, last=last, guard=_guard_append(jax.tree_util.tree_map(lambda x: x[parents], s.guard), last),
+    )
+    per_request = {f.name for f in dataclasses.fields(BeamRows)} - {"parents", "last", "guard"}
+    beam_update = jnp.repeat(update, beams)
+    chosen = _pick_rows(update, {k: getattr(new, k) for k in per_request}, {k: getattr(s, k) for k in per_request})
+    return BeamRows(
+        **chosen, parents=jnp.where(beam_update, new.parents, jnp.arange(requests * beams, dtype=jnp.int32)),
+        last=jnp.where(beam_update, new.last, s.last), guard=_pick_rows(beam_update, new.guard, s.guard),
     )
 
 
-def _beam_search(step_fn: StepFn, logits, state, batch_axes, guard: Guard, z: SearchSettings, out_len: int,
-                 cfg: SearchConfig) -> SearchResult:
-    batch, beams = logits.shape[0], cfg.beam_size
-    rows = batch * beams
-    state = add_beam_dim(state, batch_axes, beams)
-    guard = jax.tree_util.tree_map(lambda x: jnp.repeat(x, beams, axis=0), guard)
-    empty = jnp.full((batch, beams, out_len), cfg.pad_id, jnp.int32)
-    zeros = jnp.zeros((batch, beams), jnp.int32)
-    s = BeamState(
-        t=jnp.zeros((), jnp.int32), alive_tokens=empty,
-        # Only beam 0 may start: the beams are identical copies after the prompt.
-        alive_scores=jnp.zeros((batch, beams), jnp.float32).at[:, 1:].set(NEG),
-        done_tokens=empty, done_scores=jnp.full((batch, beams), NEG, jnp.float32), done_lengths=zeros,
-        done_eos=zeros.astype(bool), done_mask=zeros.astype(bool), improvable=jnp.ones((batch,), bool),
-        parents=jnp.arange(rows, dtype=jnp.int32), last=jnp.zeros((rows,), jnp.int32), guard=guard,
-    )
-    s = _beam_pick(s, jnp.repeat(logits, beams, axis=0), cfg, z)
+def _beam_result(s: BeamRows, cfg: SearchConfig) -> SearchResult:
+    out_len = s.done_tokens.shape[2]
+    lengths = s.done_lengths[:, 0]
+    real = jnp.arange(out_len)[None, :] < lengths[:, None]
+    tokens = jnp.where(real, s.done_tokens[:, 0], cfg.pad_id)
+    return SearchResult(tokens, lengths, s.done_scores[:, 0], s.done_eos[:, 0], jnp.minimum(s.t, s.max_new),
+                        jnp.where(real, s.done_logprobs[:, 0], 0.0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Requests in rows: start, pick, step, run, result
+# ----------------------------------------------------------------------------------------------------------------
+
+Rows = GreedyRows | BeamRows
+
+
+def init_rows(cfg: SearchConfig, requests: int, out_len: int, vocab: int, history_len: int = 0) -> Rows:
+    """Room for ``requests`` requests (``requests * beam_size`` decoder rows), all empty (done)."""
+    init = _greedy_init if cfg.beam_size == 1 else _beam_init
+    return init(cfg, requests, out_len, vocab, history_len)
+
+
+def start(rows: Rows, ids: jax.Array, max_new: jax.Array, cfg: SearchConfig, prompt_ids=None,
+          prompt_len=None) -> Rows:
+    """Reset requests ``ids`` (k,) for new prompts: ``max_new`` (k,) tokens each (cut to the output buffer), the
+    repetition guard's history from ``prompt_ids`` (k, P) with ``prompt_len`` (k,) real ids. Their first token
+    comes from ``pick`` on the prompts' logits (update: the started requests that are not done)."""
+    k, beams = ids.shape[0], _beams(rows)
+    out_len = rows.tokens.shape[1] if beams == 0 else rows.alive_tokens.shape[2]
+    fresh = (_greedy_init if beams == 0 else _beam_init)(cfg, k, out_len, 1, 0)
+    beams = max(beams, 1)
+    max_new = jnp.minimum(max_new.astype(jnp.int32), out_len)
+    fresh = fresh.replace(max_new=max_new, done=max_new == 0)
+    beam_rows = isinstance(rows, BeamRows)
+    if beam_rows:  # only beam 0 may start: the beams are identical copies after the prompt
+        fresh = fresh.replace(alive_scores=fresh.alive_scores.at[:, 1:].set(NEG))
+    if prompt_ids is None:
+        prompt_ids, prompt_len = jnp.zeros((k, 0), jnp.int32), jnp.zeros((k,), jnp.int32)
+    guard = _guard_from_prompt(rows.guard, cfg, jnp.repeat(prompt_ids, beams, axis=0), jnp.repeat(prompt_len, beams))
+    fields = {f.name: getattr(fresh, f.name) for f in dataclasses.fields(fresh)} | {"guard": guard}
+    decoder_rows = (ids[:, None] * beams + jnp.arange(beams)).reshape(-1)
+    if beam_rows:
+        fields["parents"] = decoder_rows.astype(jnp.int32)
+    out = {}
+    for name, value in fields.items():
+        current = getattr(rows, name)
+        per_row = name in ("parents", "last", "guard") and beam_rows
+        out[name] = _set_rows(current, decoder_rows if per_row else ids, value)
+    return type(rows)(**out)
+
+
+def _beams(rows: Rows) -> int:
+    """Decoder rows per request of beam-search rows; 0 for greedy rows."""
+    return rows.alive_tokens.shape[1] if isinstance(rows, BeamRows) else 0
+
+
+def pick(rows: Rows, logits: jax.Array, update: jax.Array, cfg: SearchConfig, z: SearchSettings) -> Rows:
+    """Choose the next token of requests where ``update`` (requests,) from ``logits`` (decoder rows, V)."""
+    if isinstance(rows, BeamRows):
+        return _beam_pick(rows, logits, update, cfg, z)
+    return _greedy_pick(rows, logits, update, cfg, z)
+
+
+def decoder_active(rows: Rows) -> jax.Array:
+    """(decoder rows,) bool: rows whose request still takes steps."""
+    return jnp.repeat(~rows.done, max(1, _beams(rows)))
+
+
+def step(step_fn: StepFn, rows: Rows, state, batch_axes, cfg: SearchConfig, z: SearchSettings):
+    """One decoder step for every live request, then its next token -> (rows, state)."""
+    active = ~rows.done
+    if isinstance(rows, BeamRows):
+        state = gather_rows(state, batch_axes, rows.parents)
+    logits, state = step_fn(rows.last, decoder_active(rows), state)
+    return pick(rows, logits, active, cfg, z), state
+
+
+def run(step_fn: StepFn, rows: Rows, state, batch_axes, cfg: SearchConfig, z: SearchSettings,
+        max_steps: jax.Array | int, until_any_done: bool = False):
+    """Step until every request is done, or ``max_steps`` steps, or (``until_any_done``) a request that was live
+    at the start is done -> (rows, state, steps taken). One ``lax.while_loop``."""
+    live = ~rows.done
 
     def cond(carry):
-        s, _ = carry
-        full = jnp.all(s.done_mask, axis=1) & (z.early_stopping == EARLY_STOPPING[True])
-        return (s.t < z.max_new_tokens) & jnp.any(s.improvable & ~full)
+        rows, _, n = carry
+        go = (n < max_steps) & jnp.any(~rows.done)
+        if until_any_done:
+            go &= ~jnp.any(live & rows.done)
+        return go
 
     def body(carry):
-        s, state = carry
-        logits, state = step_fn(s.last, gather_rows(state, batch_axes, s.parents))
-        return _beam_pick(s, logits, cfg, z), state
+        rows, state, n = carry
+        rows, state = step(step_fn, rows, state, batch_axes, cfg, z)
+        return rows, state, n + 1
 
-    s, _ = jax.lax.while_loop(cond, body, (s, state))
-    lengths = s.done_lengths[:, 0]
-    tokens = jnp.where(jnp.arange(out_len)[None, :] < lengths[:, None], s.done_tokens[:, 0], cfg.pad_id)
-    return SearchResult(tokens, lengths, s.done_scores[:, 0], s.done_eos[:, 0], jnp.minimum(s.t, z.max_new_tokens))
+    return jax.lax.while_loop(cond, body, (rows, state, jnp.zeros((), jnp.int32)))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Public entry points
-# ----------------------------------------------------------------------------------------------------------------
+def result(rows: Rows, cfg: SearchConfig, z: SearchSettings) -> SearchResult:
+    """The best hypothesis of every request."""
+    return _beam_result(rows, cfg) if isinstance(rows, BeamRows) else _greedy_result(rows, z)
 
 
-def search(step_fn: StepFn, logits: jax.Array, state, batch_axes, settings: SearchSettings, *, out_len: int,
-           cfg: SearchConfig = SearchConfig(), prompt_ids: jax.Array | None = None,
+def search(step_fn: StepFn, logits: jax.Array, state, batch_axes, settings: SearchSettings, max_new_tokens, *,
+           out_len: int, cfg: SearchConfig = SearchConfig(), prompt_ids: jax.Array | None = None,
            prompt_len: jax.Array | None = None) -> SearchResult:
-    """Decode from the prompt's next-token logits (batch, V) and decoder state with `step_fn`; traceable, jit it.
+    """Decode a batch to the end from its prompts' next-token logits (batch, V) and decoder state (one row per
+    prompt; beam search widens it) with ``step_fn``; traceable, jit it.
 
-    ``batch_axes`` is a prefix tree of ``state`` giving each leaf's batch axis (None: shared by all rows).
-    ``settings.max_new_tokens`` is cut to the static ``out_len`` (``step_fn`` must have room for that many
-    steps). ``prompt_ids`` (batch, seq) with ``prompt_len`` (batch,) real ids per row (right-padded) join the
-    repetition guard's history.
+    ``max_new_tokens`` (scalar or (batch,)) is cut to the static ``out_len`` (``step_fn`` must have room for that
+    many steps). ``prompt_ids`` (batch, seq) with ``prompt_len`` (batch,) real ids join the repetition guard.
     """
     batch, vocab = logits.shape
-    settings = settings.replace(max_new_tokens=jnp.minimum(settings.max_new_tokens, out_len))
+    ids = jnp.arange(batch)
+    history = 0 if prompt_ids is None else prompt_ids.shape[1]
     if prompt_ids is not None and prompt_len is None:
         prompt_len = jnp.full((batch,), prompt_ids.shape[1], jnp.int32)
-    guard = _init_guard(cfg, prompt_ids, prompt_len, batch, vocab, out_len)
-    if cfg.beam_size == 1:
-        return _greedy(step_fn, logits, state, guard, settings, out_len, cfg)
-    return _beam_search(step_fn, logits, state, batch_axes, guard, settings, out_len, cfg)
-
-
-@functools.partial(jax.jit, static_argnames=("module", "cache_len", "cfg"))
-def generate_jit(module: Qwen3ASRModule, params, embeds, token_mask, settings: SearchSettings, prompt_ids=None, *,
-                 cache_len: int, cfg: SearchConfig) -> SearchResult:
-    """Prefill + search in one compiled program; shapes, ``cache_len`` and ``cfg`` are static, ``settings`` traced."""
-    batch, seq = token_mask.shape
-    cache = KVCache.init(module.cfg.text, batch, cache_len, module.dtype)
-    logits, cache = module.apply({"params": params}, embeds, token_mask, cache, method=Qwen3ASRModule.prefill)
-
-    def step_fn(tokens, cache):
-        return module.apply({"params": params}, tokens, cache, method=Qwen3ASRModule.step)
-
-    return search(
-        step_fn, logits, cache, KV_CACHE_AXES, settings, out_len=cache_len - seq, cfg=cfg, prompt_ids=prompt_ids,
-        prompt_len=token_mask.sum(1).astype(jnp.int32),
-    )
-
-
-def _round_up(n: int, step: int) -> int:
-    return max(step, -(-n // step) * step)
-
-
-def generate(model, embeds, token_mask, *, max_new_tokens: int, beam_size: int = 1, length_penalty: float = 1.0,
-             early_stopping: bool | str = False, eos_ids=EOS_IDS, repetition_penalty: float = 1.0,
-             no_repeat_ngram_size: int = 0, prompt_ids=None, suppress_eos: bool = False,
-             max_len: int | None = None, pad_id: int = PAD_ID) -> SearchResult:
-    """Greedy (beam_size=1) or beam search from right-padded prompt embeds (batch, seq, hidden) + token_mask.
-
-    ``model`` is a ``qasr_jax.Model`` or a ``(module, params)`` pair. ``max_len`` is the KV cache's slot count
-    (prompt width + output buffer, static); by default the buffer is ``max_new_tokens`` rounded up to 64, so other
-    ``max_new_tokens`` and prompt lengths inside the same padded width reuse the compiled program. Pass
-    ``prompt_ids`` (batch, seq) to count the prompt in the repetition guard, as transformers does.
-    """
-    module, params = (model.module, model.params) if hasattr(model, "module") else model
-    batch, seq = token_mask.shape
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if max_len is None:
-        max_len = seq + _round_up(max_new_tokens, 64)
-    if seq + max_new_tokens > max_len:
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens} does not fit: the prompt takes {seq} of the KV cache's "
-            f"max_len={max_len} slots, leaving {max_len - seq} for new tokens; pass max_len >= "
-            f"{seq + max_new_tokens} or ask for fewer tokens"
-        )
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1.0 turns it off), got {repetition_penalty}")
-    settings = SearchSettings.make(max_new_tokens, eos_ids, length_penalty, repetition_penalty, early_stopping,
-                                   suppress_eos)
-    if settings.eos_ids.shape[0] == 0:
-        raise ValueError("eos_ids is empty: pass at least one EOS id (suppress_eos=True runs to max_new_tokens)")
-    cfg = SearchConfig(beam_size, repetition_penalty != 1.0, no_repeat_ngram_size, pad_id)
-    if prompt_ids is not None:
-        prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
-        if prompt_ids.shape != (batch, seq):
-            raise ValueError(f"prompt_ids must match token_mask's shape {(batch, seq)}, got {prompt_ids.shape}")
-    return generate_jit(module, params, jnp.asarray(embeds), jnp.asarray(token_mask, bool), settings, prompt_ids,
-                        cache_len=max_len, cfg=cfg)
+    rows = init_rows(cfg, batch, out_len, vocab, history + out_len)
+    max_new = jnp.broadcast_to(jnp.asarray(max_new_tokens, jnp.int32), (batch,))
+    rows = start(rows, ids, max_new, cfg, prompt_ids, prompt_len)
+    if cfg.beam_size > 1:
+        state = add_beam_dim(state, batch_axes, cfg.beam_size)
+        logits = jnp.repeat(logits, cfg.beam_size, axis=0)
+    rows = pick(rows, logits, ~rows.done, cfg, settings)
+    rows, _, _ = run(step_fn, rows, state, batch_axes, cfg, settings, out_len)
+    return result(rows, cfg, settings)

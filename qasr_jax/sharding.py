@@ -1,8 +1,8 @@
 """Scale-out: one jitted program over a ``jax.sharding.Mesh`` with ``data`` and ``model`` axes.
 
-Every parameter gets logical axis names from one regex table on its path (:data:`PARAM_AXES`; layers are stacked
-on a leading ``layers`` axis), and the main activations get them in the model (``constrain`` calls in model.py).
-One rules table per preset maps logical names onto mesh axes (:data:`PRESETS`):
+Every parameter gets logical axis names from one regex table on its path (:data:`PARAM_AXES`), the main
+activations get them in the model (``qasr_jax.axes``), and one rules table per preset maps logical names onto
+mesh axes (:data:`PRESETS`). The parameter tree is the same with and without a mesh:
 
 * ``"data"``: data parallel. Parameters replicated, the batch split over ``data``.
 * ``"tensor"``: tensor parallel as well. Attention heads, KV heads, MLP, vocabulary and aligner classes split over
@@ -20,58 +20,53 @@ Many hosts: each process builds its mesh from its own local devices and transcri
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
 import re
-import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "model")
+from qasr_jax.axes import MESH_AXES, Layout, Rules
+from qasr_jax.model import KVCache
 
 # Parameter path ("/"-joined Flax keys) -> logical axis names, one per dimension; the first full match wins.
 PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"audio_tower/conv2d\d/kernel", (None, None, None, "conv")),  # (3, 3, in, out)
     (r"audio_tower/conv2d\d/bias", ("conv",)),
     (r"audio_tower/conv_out/kernel", ("conv_flat", "audio_embed")),  # (channels * freq, d_model)
-    (r"audio_tower/layers/[qkv]/kernel", ("layers", "audio_embed", "audio_heads")),
-    (r"audio_tower/layers/[qkv]/bias", ("layers", "audio_heads")),
-    (r"audio_tower/layers/o/kernel", ("layers", "audio_heads", "audio_embed")),
-    (r"audio_tower/layers/fc1/kernel", ("layers", "audio_embed", "audio_mlp")),
-    (r"audio_tower/layers/fc1/bias", ("layers", "audio_mlp")),
-    (r"audio_tower/layers/fc2/kernel", ("layers", "audio_mlp", "audio_embed")),
-    (r"audio_tower/layers/(o|fc2)/bias", ("layers", "audio_embed")),
-    (r"audio_tower/layers/(attn|mlp)_norm/(scale|bias)", ("layers", "audio_embed")),
+    (r"audio_tower/layers_\d+/[qkv]/kernel", ("audio_embed", "audio_heads")),
+    (r"audio_tower/layers_\d+/[qkv]/bias", ("audio_heads",)),
+    (r"audio_tower/layers_\d+/o/kernel", ("audio_heads", "audio_embed")),
+    (r"audio_tower/layers_\d+/fc1/kernel", ("audio_embed", "audio_mlp")),
+    (r"audio_tower/layers_\d+/fc1/bias", ("audio_mlp",)),
+    (r"audio_tower/layers_\d+/fc2/kernel", ("audio_mlp", "audio_embed")),
+    (r"audio_tower/layers_\d+/(o|fc2)/bias", ("audio_embed",)),
+    (r"audio_tower/layers_\d+/(attn|mlp)_norm/(scale|bias)", ("audio_embed",)),
     (r"audio_tower/ln_post/(scale|bias)", ("audio_embed",)),
     (r"projector/proj1/kernel", ("audio_embed", "audio_mlp")),
     (r"projector/proj1/bias", ("audio_mlp",)),
     (r"projector/proj2/kernel", ("audio_mlp", "embed")),
     (r"projector/proj2/bias", ("embed",)),
     (r"decoder/embed/embedding", ("vocab", "embed")),
-    (r"decoder/layers/q/kernel", ("layers", "embed", "heads")),  # (layers, hidden, heads * head_dim)
-    (r"decoder/layers/[kv]/kernel", ("layers", "embed", "kv_heads")),
-    (r"decoder/layers/o/kernel", ("layers", "heads", "embed")),
-    (r"decoder/layers/(gate|up)/kernel", ("layers", "embed", "mlp")),
-    (r"decoder/layers/down/kernel", ("layers", "mlp", "embed")),
-    (r"decoder/layers/[qk]_norm/scale", ("layers", "head_dim")),
-    (r"decoder/layers/(attn|mlp)_norm/scale", ("layers", "embed")),
+    (r"decoder/layers_\d+/qkv/kernel", ("embed", "kv_heads", None, "head_dim")),  # (hidden, kv, groups + 2, hd)
+    (r"decoder/layers_\d+/o/kernel", ("heads", "embed")),  # (heads * head_dim, hidden)
+    (r"decoder/layers_\d+/gate_up/kernel", ("embed", None, "mlp")),  # (hidden, 2, intermediate)
+    (r"decoder/layers_\d+/down/kernel", ("mlp", "embed")),
+    (r"decoder/layers_\d+/[qk]_norm/scale", ("head_dim",)),
+    (r"decoder/layers_\d+/(attn|mlp)_norm/scale", ("embed",)),
     (r"decoder/norm/scale", ("embed",)),
     (r"lm_head/kernel", ("embed", "vocab")),
     (r"score/kernel", ("embed", "classes")),
 )
 _PARAM_AXES = tuple((re.compile(p), axes) for p, axes in PARAM_AXES)
 
-# Logical axes of the KV cache leaves (model.KVCache): (layers, batch, kv_heads, slots, head_dim), valid, end.
+# Logical axes of the KV cache leaves (model.KVCache): (layers, slots, kv_heads, max_len, head_dim) and lengths.
 CACHE_AXES = {"k": ("layers", "batch", "kv_heads", "length", "head_dim"),
-              "v": ("layers", "batch", "kv_heads", "length", "head_dim"),
-              "valid": ("batch", "length"), "end": ()}
+              "v": ("layers", "batch", "kv_heads", "length", "head_dim"), "lengths": ("batch",)}
 
-Rules = tuple[tuple[str, Any], ...]  # (logical name, mesh axis | tuple of mesh axes | None)
 
 _DATA: Rules = (("batch", "data"),)
 _TENSOR: Rules = _DATA + tuple(
@@ -155,50 +150,6 @@ def _as_auto_mesh(mesh: Mesh) -> Mesh:
     return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * 2)
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """A mesh plus the rules that map logical axis names onto it; hashable, so a jit can take it as static."""
-
-    mesh: Mesh
-    rules: Rules
-
-    @property
-    def data_size(self) -> int:
-        """Devices along ``data``: batches are padded to a multiple of this."""
-        return self.mesh.shape["data"]
-
-    def mesh_axes(self, name: str | None) -> tuple[str, ...]:
-        """The mesh axes a logical name maps to under these rules (empty: not split)."""
-        for logical, target in self.rules:
-            if logical == name:
-                return () if target is None else (target,) if isinstance(target, str) else tuple(target)
-        return ()
-
-    def spec(self, axes: Sequence[str | None], shape: Sequence[int] | None = None,
-             units: Mapping[str, int] | None = None) -> PartitionSpec:
-        """PartitionSpec for logical ``axes``: a dim is split only if its unit count (``units[name]``, else its
-        size in ``shape``; unknown: assumed to divide) divides by its mesh axes; size-1 and used axes are skipped."""
-        used: set[str] = set()
-        out = []
-        for i, name in enumerate(axes):
-            targets = tuple(a for a in self.mesh_axes(name) if a not in used and self.mesh.shape[a] > 1)
-            count = (units or {}).get(name, None if shape is None else shape[i])
-            if targets and count is not None and count % math.prod(self.mesh.shape[a] for a in targets):
-                targets = ()
-            used.update(targets)
-            out.append(None if not targets else targets[0] if len(targets) == 1 else targets)
-        return PartitionSpec(*out)
-
-    def sharding(self, axes: Sequence[str | None], shape: Sequence[int] | None = None,
-                 units: Mapping[str, int] | None = None) -> NamedSharding:
-        """NamedSharding on this mesh for logical ``axes`` (see ``spec``)."""
-        return NamedSharding(self.mesh, self.spec(axes, shape, units))
-
-    def batch_sharding(self, ndim: int) -> NamedSharding:
-        """Leading axis split over ``data``, the rest whole: inputs and outputs of the batched programs."""
-        return self.sharding(("batch",) + (None,) * (ndim - 1))
-
-
 def make_layout(mesh: Mesh | str | Layout | None = None, rules: str | Rules | None = None) -> Layout:
     """A Layout from a Mesh or "data=4,model=2" (None: all local devices on data) and a preset name or rules
     (None: "tensor" when the model axis has more than one device, else "data")."""
@@ -221,55 +172,12 @@ def make_layout(mesh: Mesh | str | Layout | None = None, rules: str | Rules | No
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Activations: constraints inside the model, active only while a Layout is (model.Qwen3ASRModule.layout)
-# ----------------------------------------------------------------------------------------------------------------
-
-_active = threading.local()
-
-
-@contextlib.contextmanager
-def use_layout(layout: Layout | None):
-    """Within this block (while tracing), ``constrain`` pins activations to ``layout``; None turns it off."""
-    before = getattr(_active, "layout", None)
-    _active.layout = layout
-    try:
-        yield layout
-    finally:
-        _active.layout = before
-
-
-def current_layout() -> Layout | None:
-    """The Layout of the innermost ``use_layout`` block, or None."""
-    return getattr(_active, "layout", None)
-
-
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """``x`` with its sharding pinned to logical ``axes`` under the active Layout; ``x`` itself without one."""
-    layout = current_layout()
-    if layout is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, layout.sharding(axes, x.shape))
-
-
-def per_row_and_head(fn: Callable, q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array) -> jax.Array:
-    """``fn(q, k, v, lengths)`` for attention independent per batch row and head, (batch, seq, heads, head_dim):
-    under a Layout each device runs it on its own rows and heads (``shard_map``), so a Pallas kernel, which XLA
-    cannot partition, runs sharded; without one, a plain call."""
-    layout = current_layout()
-    if layout is None:
-        return fn(q, k, v, lengths)
-    spec = layout.spec(("batch", "length", "audio_heads", None), q.shape)
-    return jax.shard_map(fn, mesh=layout.mesh, in_specs=(spec, spec, spec, PartitionSpec(spec[0])),
-                         out_specs=spec, check_vma=False)(q, k, v, lengths)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Parameters
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def param_path(path) -> str:
-    """A tree path from ``jax.tree_util`` as "decoder/layers/q/kernel"."""
+    """A tree path from ``jax.tree_util`` as "decoder/layers_0/qkv/kernel"."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
@@ -302,10 +210,8 @@ def param_shardings(shapes, layout: Layout, cfg) -> Any:
                                   is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def cache_shardings(layout: Layout, cfg):
-    """The KVCache's shardings: batch over data, KV heads over model where they divide."""
-    from qasr_jax.model import KVCache
-
+def cache_shardings(layout: Layout, cfg) -> KVCache:
+    """The KVCache's shardings: slots over data, KV heads over model where they divide."""
     units = {"kv_heads": cfg.text.kv_heads}
     return KVCache(**{name: layout.sharding(axes, None, units) for name, axes in CACHE_AXES.items()})
 
@@ -314,19 +220,19 @@ def _host_shard(host: np.ndarray, index, dtype) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(host[index]).astype(dtype, copy=False))
 
 
-def place_params(params, layout: Layout, cfg, dtype: str) -> Any:
-    """Put a parameter tree (host numpy or jax arrays) onto the mesh, each device receiving only its own shards
-    (``jax.make_array_from_callback`` on host slices, cast to ``dtype`` on the host)."""
+def place_leaf(x, sharding: NamedSharding, dtype) -> jax.Array:
+    """One parameter (host numpy or jax array) onto the mesh, each device receiving only its own shards."""
     target = jnp_dtype(dtype)
-    shardings = param_shardings(params, layout, cfg)
+    if isinstance(x, jax.Array) and x.dtype == target and x.sharding == sharding:
+        return x  # already in place (e.g. restored by Orbax into these shardings)
+    host = np.asarray(x)  # a jax.Array gathers to the host first: never to one device
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: _host_shard(host, idx, target))
 
-    def put(x, sharding):
-        if isinstance(x, jax.Array) and x.dtype == target and x.sharding == sharding:
-            return x  # already in place (e.g. restored by Orbax into these shardings)
-        host = np.asarray(x)  # a jax.Array gathers to the host first: never to one device
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: _host_shard(host, idx, target))
 
-    return jax.tree_util.tree_map(put, params, shardings)
+def place_params(params, layout: Layout, cfg, dtype: str) -> Any:
+    """Put a parameter tree (host numpy or jax arrays) onto the mesh, shard by shard, cast to ``dtype``."""
+    return jax.tree_util.tree_map(lambda x, sh: place_leaf(x, sh, dtype), params,
+                                  param_shardings(params, layout, cfg))
 
 
 def jnp_dtype(dtype) -> np.dtype:
@@ -335,7 +241,8 @@ def jnp_dtype(dtype) -> np.dtype:
 
 
 def describe(params) -> list[str]:
-    """One line per parameter: path, shape, logical axes and PartitionSpec (for printing a sharded model)."""
+    """One line per parameter, returned as a list: path, shape, logical axes and PartitionSpec (None: not on a
+    mesh); ``print("\\n".join(describe(model.params)))`` shows the layout, on one device or a mesh."""
     lines = []
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = param_path(path)
@@ -345,7 +252,7 @@ def describe(params) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Batched programs with explicit in/out shardings
+# Batches
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -359,47 +266,14 @@ def check_rows(rows: int, layout: Layout) -> None:
 
 
 def put_batch(x, layout: Layout | None):
-    """A host or device batch (leading axis = rows) placed with rows over ``data`` (jnp.asarray without a layout)."""
+    """A host or device batch (leading axis = rows) placed with rows over ``data`` (jnp.asarray without a layout).
+    A single row is replicated (one input runs whole on every device of the data axis, weights still split)."""
     if layout is None:
         return jax.numpy.asarray(x)
+    if np.shape(x)[0] == 1:
+        return jax.device_put(x, NamedSharding(layout.mesh, PartitionSpec()))
     check_rows(np.shape(x)[0], layout)
     return jax.device_put(x, layout.batch_sharding(np.ndim(x)))
-
-
-def batch_programs(module, layout: Layout, params_sharding, cfg) -> dict[str, Callable]:
-    """The encoder, embedding, prefill and one-step programs of ``module``, jitted with explicit in/out shardings:
-    params as placed, batch rows over data, the KV cache as ``cache_shardings``, logits with the vocabulary over
-    model where the rules say so. Each takes ``{"params": params}`` first, like ``module.apply``."""
-    from qasr_jax.compiles import jit_with_encoder
-    from qasr_jax.model import KVCache, Qwen3ASRModule
-
-    variables = {"params": params_sharding}
-    cache = cache_shardings(layout, cfg)
-    b1, b2, b3 = (layout.batch_sharding(n) for n in (1, 2, 3))
-    width = cfg.num_labels if cfg.is_aligner else cfg.text.vocab_size
-    logits = layout.sharding(("batch", "classes" if cfg.is_aligner else "vocab"), None,
-                             {"classes": width, "vocab": width})
-
-    def encode(v, feats, n_frames):
-        return module.apply(v, feats, n_frames, method=Qwen3ASRModule.encode)
-
-    def embed(v, input_ids, audio_embeds):
-        return module.apply(v, input_ids, audio_embeds, method=Qwen3ASRModule.embed)
-
-    def prefill(v, embeds, token_mask, kv_cache):
-        return module.apply(v, embeds, token_mask, kv_cache, method=Qwen3ASRModule.prefill)
-
-    def step(v, tokens, kv_cache):
-        return module.apply(v, tokens, kv_cache, method=Qwen3ASRModule.step)
-
-    return {
-        "encode": jit_with_encoder(encode, in_shardings=(variables, b3, b1), out_shardings=(b3, b1)),
-        "embed": jax.jit(embed, in_shardings=(variables, b2, b3), out_shardings=b3),
-        "prefill": jax.jit(prefill, in_shardings=(variables, b3, b2, cache), out_shardings=(logits, cache)),
-        "step": jax.jit(step, in_shardings=(variables, b1, cache), out_shardings=(logits, cache), donate_argnums=2),
-        "init_cache": jax.jit(lambda batch, max_len: KVCache.init(cfg.text, batch, max_len, module.dtype),
-                              static_argnums=(0, 1), out_shardings=cache),
-    }
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,11 +14,11 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from qasr_jax.audio import SAMPLE_RATE, AudioError, load_audio, log_mel_batch, n_frames
-from qasr_jax.config import audio_token_count, frame_bucket
+from qasr_jax.buckets import batch_rows, cache_length, frame_bucket, prompt_width
+from qasr_jax.config import audio_token_count
 from qasr_jax.hub import resolve_model_path
 from qasr_jax.loading import Model, load
 from qasr_jax.longform import Piece, split_long_audio
@@ -68,10 +68,6 @@ class _Work:
     piece: int  # piece index within the input
     samples: np.ndarray
     offset: float
-
-
-def _round_up(n: int, step: int) -> int:
-    return max(step, -(-n // step) * step)
 
 
 def _source_name(item: Any, i: int) -> str:
@@ -214,17 +210,17 @@ class Transcriber:
 
     # ------------------------------------------------------------------------------------------------------
     def _run_batch(self, batch: Sequence[_Work], langs, contexts, batch_size, search: dict) -> list[list[int]]:
-        """Encode, prompt and decode one batch of pieces; ``search`` holds ``qasr_jax.search.generate``'s options."""
-        from qasr_jax.search import generate
+        """Encode, prompt and decode one batch of pieces; ``search`` holds the search options."""
+        from qasr_jax import search as S
 
         cfg = self.model.config
-        rows = max(min(1 << (len(batch) - 1).bit_length(), batch_size), len(batch))  # 1, 2, 4, 8 ... rows
-        rows = _round_up(rows, self.model.data_size)  # every device of the data axis gets the same number of rows
+        engine = self.model.engine
+        rows = batch_rows(len(batch), batch_size, self.model.data_size)
         waves = [w.samples for w in batch] + [batch[-1].samples] * (rows - len(batch))
         longest = max(n_frames(w.shape[0]) for w in waves)
         frames = frame_bucket(longest, cfg.audio)
         feats, valid_frames = log_mel_batch(waves, pad_to=frames)
-        audio, n_tok = self.model.encode_batch(feats, jnp.asarray(valid_frames))
+        audio, n_tok = engine.encode(feats, valid_frames)
         n_tok = np.asarray(n_tok)  # one transfer; rows may live on different devices
         prompts = []
         for r in range(rows):
@@ -232,14 +228,19 @@ class Transcriber:
             prompts.append(build_prompt_ids(self.tokenizer, int(n_tok[r]), contexts[w.index], langs[w.index]))
         capacity = audio_token_count(frames, cfg.audio)
         overhead = max(len(p) - int(n_tok[r]) for r, p in enumerate(prompts))
-        seq = _round_up(capacity + overhead, 32)
+        seq = prompt_width(capacity + overhead)
         ids = np.zeros((rows, seq), np.int32)
-        mask = np.zeros((rows, seq), bool)
         for r, p in enumerate(prompts):
-            ids[r, : len(p)], mask[r, : len(p)] = p, True
-        ids_dev = self.model.put_batch(ids)
-        embeds = self.model.embed(ids_dev, audio)
-        out = generate(self.model, embeds, self.model.put_batch(mask), prompt_ids=ids_dev, **search)
+            ids[r, : len(p)] = p
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        embeds = engine.embed(ids, audio)
+        settings = S.SearchSettings.make(search["eos_ids"], search["length_penalty"], search["repetition_penalty"],
+                                         suppress_eos=search["suppress_eos"])
+        scfg = S.SearchConfig(search["beam_size"], search["repetition_penalty"] != 1.0,
+                              search["no_repeat_ngram_size"])
+        max_new = search["max_new_tokens"]
+        out = engine.generate(embeds, lengths, np.full(rows, max_new, np.int32), settings, scfg,
+                              max_len=cache_length(seq, max_new), prompt_ids=ids)
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         return [tokens[r, : lengths[r]].tolist() for r in range(len(batch))]
 

@@ -21,7 +21,9 @@ from transformers import AutoTokenizer
 from transformers.models.qwen3_asr import Qwen3ASRFeatureExtractor, Qwen3ASRProcessor
 
 import qasr_jax
-from qasr_jax.aligner import Aligner, Word, _batch_bucket, _similar_groups, add_align_arguments, align_command
+from qasr_jax.aligner import Aligner, Word, _similar_groups, add_align_arguments, align_command
+from qasr_jax.buckets import aligner_rows
+from qasr_jax.compiles import count_compilations
 from qasr_jax.tokenizer import Tokenizer
 from qasr_jax.units import UnsupportedLanguageError
 from tests.conftest import speech, synthetic
@@ -189,15 +191,15 @@ def test_batches_never_mix_lengths_more_than_2x_apart():
     assert _similar_groups(sizes, 4, lambda n: n) == [[1, 1, 2, 2], [3, 5], [9, 10, 10]]
     assert _similar_groups(sizes, 1, lambda n: n) == [[n] for n in sizes]
     assert _similar_groups([], 8, lambda n: n) == []
-    assert [_batch_bucket(n) for n in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
+    assert [aligner_rows(n) for n in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
 
 
 def test_bucketed_shapes_compile_once(aligner):
     """Two clips of different length, units and tokens inside one bucket reuse one compiled function."""
     aligner.align(synthetic(9.3, 7), "one two three", "English")  # 10 s of frames, about 131 tokens, 6 slots
-    before = aligner._classes_fn._cache_size()
-    aligner.align(synthetic(9.8, 8), "four five six seven", "English")  # 10 s of frames, about 140 tokens, 8 slots
-    assert aligner._classes_fn._cache_size() == before
+    with count_compilations() as compiled:
+        aligner.align(synthetic(9.8, 8), "four five six seven", "English")  # 10 s of frames, about 140 tokens, 8 slots
+    assert compiled.count == 0
 
 
 def test_errors(aligner):

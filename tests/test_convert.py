@@ -16,9 +16,11 @@ from safetensors.torch import save_file
 
 import qasr_jax
 from qasr_jax.config import ConfigError, config_from_hf_dict, load_config
-from qasr_jax.convert.checkpoint import CheckpointError, load_hf_params, read_safetensors
+from qasr_jax.convert.checkpoint import (
+    CheckpointError, expected_tensors, load_hf_params, params_to_hf, read_safetensors, tree_to_numpy,
+)
 from qasr_jax.convert.orbax_io import restore_orbax, save_orbax
-from qasr_jax.layouts import stack_layers, unstack_layers
+from qasr_jax.model import param_shapes
 from tests.reference import official_config, save_hf, save_official
 
 
@@ -31,19 +33,34 @@ def leaves_equal(a, b) -> bool:
 
 
 def test_torch_weights_land_where_the_model_reads_them(checkpoints):
-    """Spot checks of the transforms against the torch state dict (Linear transposed, Conv2d to HWIO, stacking)."""
+    """Spot checks of the transforms against the torch state dict (Linear transposed, Conv2d to HWIO, q|k|v grouped
+    by kv head, gate|up), and the way back: params -> checkpoint tensors gives the state dict exactly."""
     ck = checkpoints("asr")
     state = {k: v.numpy() for k, v in ck.torch_model.state_dict().items()}
     params = load_hf_params(ck.official, ck.cfg)
     conv = state["model.audio_tower.conv2d2.weight"]  # (out, in, kh, kw)
     np.testing.assert_array_equal(params["audio_tower"]["conv2d2"]["kernel"][2, 1, 5, 7], conv[7, 5, 2, 1])
-    q1 = state["model.language_model.layers.1.self_attn.q_proj.weight"]  # (out, in)
-    np.testing.assert_array_equal(params["decoder"]["layers"]["q"]["kernel"][1], q1.T)
+    t = ck.cfg.text
+    groups = t.heads // t.kv_heads
+    qkv = params["decoder"]["layers_1"]["qkv"]["kernel"]  # (hidden, kv_heads, groups + 2, head_dim)
+    assert qkv.shape == (t.hidden_size, t.kv_heads, groups + 2, t.head_dim)
+    q1 = state["model.language_model.layers.1.self_attn.q_proj.weight"]  # (heads * head_dim, hidden)
+    k1 = state["model.language_model.layers.1.self_attn.k_proj.weight"]  # (kv_heads * head_dim, hidden)
+    # Query head h uses kv head h // groups: its head_dim rows sit at [kv = h // groups, h % groups].
+    h, kv, d = 3, 1, 5
+    np.testing.assert_array_equal(qkv[:, h // groups, h % groups, d], q1[h * t.head_dim + d])
+    np.testing.assert_array_equal(qkv[:, kv, groups, d], k1[kv * t.head_dim + d])
+    up = state["model.language_model.layers.0.mlp.up_proj.weight"]  # (intermediate, hidden)
+    np.testing.assert_array_equal(params["decoder"]["layers_0"]["gate_up"]["kernel"][:, 1], up.T)
+    back = params_to_hf(params, ck.cfg)
+    assert set(back) == set(expected_tensors(ck.cfg)) == set(state) - {"lm_head.weight"}  # tied head
+    for name, tensor in back.items():
+        np.testing.assert_array_equal(tensor, state[name], err_msg=name)
     np.testing.assert_array_equal(
         params["projector"]["proj2"]["bias"], state["model.multi_modal_projector.linear_2.bias"]
     )
     np.testing.assert_array_equal(
-        params["audio_tower"]["layers"]["mlp_norm"]["scale"][0], state["model.audio_tower.layers.0.final_layer_norm.weight"]
+        params["audio_tower"]["layers_0"]["mlp_norm"]["scale"], state["model.audio_tower.layers.0.final_layer_norm.weight"]
     )
 
 
@@ -70,29 +87,10 @@ def test_orbax_round_trip_is_bit_identical(checkpoints, tmp_path):
     restored, cfg = restore_orbax(str(tmp_path / "exp"))
     assert cfg == ck.cfg
     assert leaves_equal(params, restored)
-    # qasr_jax.load sees the export and gives the same model.
+    # qasr_jax.load sees the export and gives the same model, with the same tree as every other load.
     model = qasr_jax.load(str(tmp_path / "exp"))
-    assert leaves_equal(params, stack_layers(model.params, model.config))
-
-
-def test_per_layer_layout_round_trips(checkpoints):
-    """The per-layer params a one-device Model runs on hold each stacked layer's arrays (decoder q|k|v and gate|up
-    concatenated), and stack back exactly."""
-    ck = checkpoints("asr")
-    params = load_hf_params(ck.hf, ck.cfg)
-    per_layer = unstack_layers(params)
-    assert "layers" not in per_layer["decoder"] and "layers" not in per_layer["audio_tower"]
-    assert {k for k in per_layer["decoder"] if k.startswith("layers_")} == {
-        f"layers_{i}" for i in range(ck.cfg.text.layers)}
-    stacked, one = params["decoder"]["layers"], per_layer["decoder"]["layers_1"]
-    q, k, v = (stacked[n]["kernel"][1] for n in "qkv")
-    np.testing.assert_array_equal(one["qkv"]["kernel"], np.concatenate([q, k, v], axis=1))
-    np.testing.assert_array_equal(one["gate_up"]["kernel"][:, ck.cfg.text.intermediate_size:],
-                                  stacked["up"]["kernel"][1])
-    np.testing.assert_array_equal(per_layer["audio_tower"]["layers_1"]["fc1"]["kernel"],
-                                  params["audio_tower"]["layers"]["fc1"]["kernel"][1])
-    assert leaves_equal(stack_layers(per_layer, ck.cfg), params)
-    assert unstack_layers(per_layer) == per_layer and stack_layers(params, ck.cfg) == params
+    assert leaves_equal(params, tree_to_numpy(model.params))
+    assert jax.tree_util.tree_structure(model.params) == jax.tree_util.tree_structure(param_shapes(ck.cfg))
 
 
 def test_cli_convert_writes_a_loadable_export(checkpoints, tmp_path):
@@ -104,7 +102,7 @@ def test_cli_convert_writes_a_loadable_export(checkpoints, tmp_path):
     assert proc.returncode == 0, proc.stderr
     model = qasr_jax.load(str(dst))
     assert model.config == ck.cfg
-    assert leaves_equal(stack_layers(model.params, model.config), load_hf_params(ck.hf, ck.cfg))
+    assert leaves_equal(tree_to_numpy(model.params), load_hf_params(ck.hf, ck.cfg))
 
 
 def _official_copy(ck, dst) -> tuple[str, dict]:
@@ -132,10 +130,41 @@ def test_bad_checkpoint_lists_every_problem(checkpoints, tmp_path):
         qasr_jax.load(folder)
     msg = str(err.value)
     assert folder in msg
-    assert "thinker.model.layers.1.mlp.up_proj.weight" in msg or "layers [1]" in msg
-    assert "up_proj" in msg
-    assert "thinker.audio_tower.extra_gate.weight" in msg
-    assert "thinker.audio_tower.conv_out.weight" in msg and "(7, 5)" in msg
+    assert "missing 1 tensor(s): thinker.model.layers.1.mlp.up_proj.weight\n" in msg
+    assert "1 unexpected tensor(s): thinker.audio_tower.extra_gate.weight" in msg
+    a = ck.cfg.audio
+    want = (a.d_model, a.downsample_hidden_size * a.freq_bins)  # torch Linear (out, in)
+    assert f"thinker.audio_tower.conv_out.weight: shape (5, 7), expected {want}" in msg
+
+
+def test_errors_name_the_exact_tensor_and_its_shapes(checkpoints, tmp_path):
+    """One layer's mis-shaped tensor: its name, its shape and the expected one (not a stacking error); a tensor
+    deleted from layer 2 is named as layer 2's."""
+    ck = checkpoints("asr")
+    folder, tensors = _official_copy(ck, tmp_path / "layer")
+    name = "thinker.model.layers.1.self_attn.k_proj.weight"
+    good = tensors[name].shape
+    tensors[name] = np.zeros((good[0] + 16, good[1]), np.float32)
+    del tensors["thinker.audio_tower.layers.1.fc2.bias"]
+    _rewrite(folder, tensors)
+    with pytest.raises(CheckpointError) as err:
+        qasr_jax.load(folder)
+    msg = str(err.value)
+    assert f"{name}: shape {(good[0] + 16, good[1])}, expected {good}" in msg
+    assert "missing 1 tensor(s): thinker.audio_tower.layers.1.fc2.bias\n" in msg
+    assert "layers.0" not in msg and "layers.2" not in msg
+
+
+def test_truncated_file_names_the_file_and_the_fix(checkpoints, tmp_path):
+    ck = checkpoints("asr")
+    folder = str(tmp_path / "cut")
+    shutil.copytree(ck.hf, folder)
+    file = os.path.join(folder, "model.safetensors")
+    data = open(file, "rb").read()
+    with open(file, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated or corrupt.*[Dd]ownload"):
+        qasr_jax.load(folder)
 
 
 def test_missing_whole_tensor_is_named(checkpoints, tmp_path):

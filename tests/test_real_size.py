@@ -69,13 +69,14 @@ def test_param_shapes_match_design_table(name):
         "audio_tower/conv2d3/kernel": (3, 3, DOWNSAMPLE, DOWNSAMPLE),
         **{f"audio_tower/conv2d{i}/bias": (DOWNSAMPLE,) for i in (1, 2, 3)},
         "audio_tower/conv_out/kernel": (DOWNSAMPLE * FREQ_AFTER_CONV, d),
-        **{f"audio_tower/layers/{p}/kernel": (layers, d, d) for p in "qkvo"},
-        **{f"audio_tower/layers/{p}/bias": (layers, d) for p in "qkvo"},
-        "audio_tower/layers/fc1/kernel": (layers, d, ffn),
-        "audio_tower/layers/fc1/bias": (layers, ffn),
-        "audio_tower/layers/fc2/kernel": (layers, ffn, d),
-        "audio_tower/layers/fc2/bias": (layers, d),
-        **{f"audio_tower/layers/{n}/{w}": (layers, d) for n in ("attn_norm", "mlp_norm") for w in ("scale", "bias")},
+        **{f"audio_tower/layers_{i}/{p}/kernel": (d, d) for p in "qkvo" for i in range(layers)},
+        **{f"audio_tower/layers_{i}/{p}/bias": (d,) for p in "qkvo" for i in range(layers)},
+        **{f"audio_tower/layers_{i}/fc1/kernel": (d, ffn) for i in range(layers)},
+        **{f"audio_tower/layers_{i}/fc1/bias": (ffn,) for i in range(layers)},
+        **{f"audio_tower/layers_{i}/fc2/kernel": (ffn, d) for i in range(layers)},
+        **{f"audio_tower/layers_{i}/fc2/bias": (d,) for i in range(layers)},
+        **{f"audio_tower/layers_{i}/{n}/{w}": (d,) for n in ("attn_norm", "mlp_norm") for w in ("scale", "bias")
+           for i in range(layers)},
         "audio_tower/ln_post/scale": (d,),
         "audio_tower/ln_post/bias": (d,),
         "projector/proj1/kernel": (d, d),
@@ -83,17 +84,14 @@ def test_param_shapes_match_design_table(name):
         "projector/proj2/kernel": (d, hidden),
         "projector/proj2/bias": (hidden,),
         "decoder/embed/embedding": (t["vocab"], hidden),
-        "decoder/layers/q/kernel": (dec_layers, hidden, q_heads * head_dim),
-        "decoder/layers/k/kernel": (dec_layers, hidden, kv_heads * head_dim),
-        "decoder/layers/v/kernel": (dec_layers, hidden, kv_heads * head_dim),
-        "decoder/layers/o/kernel": (dec_layers, q_heads * head_dim, hidden),
-        "decoder/layers/q_norm/scale": (dec_layers, head_dim),
-        "decoder/layers/k_norm/scale": (dec_layers, head_dim),
-        "decoder/layers/gate/kernel": (dec_layers, hidden, inter),
-        "decoder/layers/up/kernel": (dec_layers, hidden, inter),
-        "decoder/layers/down/kernel": (dec_layers, inter, hidden),
-        "decoder/layers/attn_norm/scale": (dec_layers, hidden),
-        "decoder/layers/mlp_norm/scale": (dec_layers, hidden),
+        # q|k|v grouped by kv head: (hidden, kv_heads, q heads per kv head + k + v, head_dim); gate|up.
+        **{f"decoder/layers_{i}/qkv/kernel": (hidden, kv_heads, q_heads // kv_heads + 2, head_dim)
+           for i in range(dec_layers)},
+        **{f"decoder/layers_{i}/o/kernel": (q_heads * head_dim, hidden) for i in range(dec_layers)},
+        **{f"decoder/layers_{i}/{n}_norm/scale": (head_dim,) for n in "qk" for i in range(dec_layers)},
+        **{f"decoder/layers_{i}/gate_up/kernel": (hidden, 2, inter) for i in range(dec_layers)},
+        **{f"decoder/layers_{i}/down/kernel": (inter, hidden) for i in range(dec_layers)},
+        **{f"decoder/layers_{i}/{n}_norm/scale": (hidden,) for n in ("attn", "mlp") for i in range(dec_layers)},
         "decoder/norm/scale": (hidden,),
     }
     if t["classes"] is not None:
@@ -142,13 +140,13 @@ def test_forward_shapes_at_real_size_without_memory(name):
     dec_layers, _, kv_heads, head_dim, _ = t["dec"]
     assert cache.k.shape == cache.v.shape == (dec_layers, 2, kv_heads, max_len, head_dim)
     next_logits, cache = jax.eval_shape(
-        lambda v, e, m, c: module.apply(v, e, m, c, method=Qwen3ASRModule.prefill),
-        variables, _abstract((2, seq, t["proj"])), _abstract((2, seq), jnp.bool_), cache,
+        lambda v, e, n, c: module.apply(v, e, n, c, method=Qwen3ASRModule.extend),
+        variables, _abstract((2, seq, t["proj"])), _abstract((2,), jnp.int32), cache,
     )
     assert next_logits.shape == (2, out_classes)
     step_logits, cache = jax.eval_shape(
-        lambda v, tok, c: module.apply(v, tok, c, method=Qwen3ASRModule.step),
-        variables, _abstract((2,), jnp.int32), cache,
+        lambda v, tok, a, c: module.apply(v, tok, a, c, method=Qwen3ASRModule.step),
+        variables, _abstract((2,), jnp.int32), _abstract((2,), jnp.bool_), cache,
     )
     assert step_logits.shape == (2, out_classes) and cache.max_len == max_len
     # Real buffers for the 20-minute encode alone would be several GB; tracing must not have touched them.

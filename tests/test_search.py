@@ -21,6 +21,9 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 import qasr_jax
 from qasr_jax import search as S
 from qasr_jax.audio import log_mel_batch
+from qasr_jax.buckets import EOS_IDS, PAD_ID, cache_length
+from qasr_jax.compiles import count_compilations
+from qasr_jax.engine import CACHE_AXES
 from qasr_jax.model import KVCache
 from tests.conftest import speech, synthetic
 from tests.reference import save_hf
@@ -72,7 +75,7 @@ def path_logprob(chain: str, tokens: list[int]) -> float:
     return float(total)
 
 
-def _chain_step(tokens, state):
+def _chain_step(tokens, active, state):
     return jnp.asarray(TABLE)[state["chain"], tokens], {**state, "calls": state["calls"] + 1}
 
 
@@ -85,8 +88,8 @@ def _chain_state(chains: list[str]) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _chain_search(beam_size: int, out_len: int):
-    def run(logits, state, z):
-        return S.search(_chain_step, logits, state, CHAIN_AXES, z, out_len=out_len,
+    def run(logits, state, z, max_new):
+        return S.search(_chain_step, logits, state, CHAIN_AXES, z, max_new, out_len=out_len,
                         cfg=S.SearchConfig(beam_size=beam_size))
 
     return jax.jit(run)
@@ -95,8 +98,9 @@ def _chain_search(beam_size: int, out_len: int):
 def scripted(chains: list[str], max_new_tokens: int, beam_size: int = 1, out_len: int = 8, **settings):
     """Run the search core on the chains (one batch row each) -> SearchResult as numpy."""
     state = _chain_state(chains)
-    z = S.SearchSettings.make(max_new_tokens, eos_ids=(EOS,), **settings)
-    return jax.device_get(_chain_search(beam_size, out_len)(jnp.asarray(FIRST)[state["chain"]], state, z))
+    z = S.SearchSettings.make(eos_ids=(EOS,), **settings)
+    run = _chain_search(beam_size, out_len)
+    return jax.device_get(run(jnp.asarray(FIRST)[state["chain"]], state, z, max_new_tokens))
 
 
 def hyp(result, row: int = 0) -> list[int]:
@@ -116,7 +120,7 @@ def test_scripted_greedy_is_misled_and_beams_are_not():
     assert hyp(g) == [A, B, C] and g.finished[0] and g.steps == 4
     np.testing.assert_allclose(g.scores[0], path_logprob("misleading", [A, B, C, EOS]) / 4, rtol=1e-6)
     # Padding past the length, and max_new_tokens = 0.
-    assert (g.tokens[0, 3:] == S.PAD_ID).all()
+    assert (g.tokens[0, 3:] == PAD_ID).all()
     z = scripted(["misleading"], 0, beam_size=2)
     assert z.lengths[0] == 0 and z.steps == 0
     # The core cuts max_new_tokens to its static buffer (generate raises instead, see below).
@@ -165,24 +169,31 @@ def test_scripted_suppress_eos_and_one_beam():
     assert hyp(g, 0) == [A, B, C, D, D, D] and (g.lengths == 6).all() and not g.finished.any()
     assert (g.tokens[:, :6] != EOS).all()
     # With nothing ending early, one beam takes the argmax every step, as greedy does.
-    z = S.SearchSettings.make(6, eos_ids=(EOS,), suppress_eos=True)
-    guard = S._init_guard(S.SearchConfig(), None, None, 2, 6, 8)
-    one_beam = jax.jit(functools.partial(S._beam_search, _chain_step, batch_axes=CHAIN_AXES, out_len=8,
-                                         cfg=S.SearchConfig(beam_size=1)))
-    one = one_beam(jnp.asarray(FIRST), _chain_state(["misleading", "eos-first"]), guard=guard, z=z)
+    z = S.SearchSettings.make(eos_ids=(EOS,), suppress_eos=True)
+    cfg = S.SearchConfig(beam_size=1)
+
+    def one_beam(logits, state):
+        rows = S.start(S._beam_init(cfg, 2, 8, 6, 0), jnp.arange(2), jnp.full((2,), 6), cfg)
+        rows = S.pick(rows, logits, ~rows.done, cfg, z)
+        rows, _, _ = S.run(_chain_step, rows, state, CHAIN_AXES, cfg, z, 8)
+        return S.result(rows, cfg, z)
+
+    one = jax.jit(one_beam)(jnp.asarray(FIRST), _chain_state(["misleading", "eos-first"]))
+    assert isinstance(S.init_rows(S.SearchConfig(beam_size=2), 1, 8, 6), S.BeamRows)
     np.testing.assert_array_equal(one.tokens, g.tokens)
 
 
 def test_beam_helpers_on_kv_cache():
     cfg = qasr_jax.preset("tiny").text
     cache = KVCache.init(cfg, 2, 5)
-    cache = cache.replace(k=cache.k.at[:, 1].set(1.0), valid=cache.valid.at[1, :3].set(True), end=jnp.int32(3))
-    wide = S.add_beam_dim(cache, S.KV_CACHE_AXES, 3)
-    assert wide.k.shape == (cfg.layers, 6, cfg.kv_heads, 5, cfg.head_dim) and wide.valid.shape == (6, 5)
-    assert int(wide.end) == 3 and float(wide.k[:, 3:].min()) == 1.0 and float(wide.k[:, :3].max()) == 0.0
-    picked = S.gather_rows(wide, S.KV_CACHE_AXES, jnp.asarray([5, 0]))
+    cache = cache.replace(k=cache.k.at[:, 1].set(1.0), lengths=cache.lengths.at[1].set(3))
+    wide = S.add_beam_dim(cache, CACHE_AXES, 3)
+    assert wide.k.shape == (cfg.layers, 6, cfg.kv_heads, 5, cfg.head_dim) and wide.lengths.shape == (6,)
+    assert wide.lengths.tolist() == [0, 0, 0, 3, 3, 3]
+    assert float(wide.k[:, 3:].min()) == 1.0 and float(wide.k[:, :3].max()) == 0.0
+    picked = S.gather_rows(wide, CACHE_AXES, jnp.asarray([5, 0]))
     assert float(picked.k[:, 0].min()) == 1.0 and float(picked.k[:, 1].max()) == 0.0
-    assert picked.valid[0, :3].all() and not picked.valid[1].any()
+    assert picked.lengths.tolist() == [3, 0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,7 +215,7 @@ def tiny(checkpoints, tmp_path_factory):
     feats, n_frames = log_mel_batch(waves)
     audio, n_tok = model.encode_batch(jnp.asarray(feats), jnp.asarray(n_frames))
     prompts = [PREFIX + [151676] * int(n) + SUFFIX for n in n_tok]
-    ids = np.full((len(waves), WIDTH), S.PAD_ID, np.int32)
+    ids = np.full((len(waves), WIDTH), PAD_ID, np.int32)
     mask = np.zeros((len(waves), WIDTH), bool)
     for i, p in enumerate(prompts):
         ids[i, : len(p)], mask[i, : len(p)] = p, True
@@ -212,23 +223,25 @@ def tiny(checkpoints, tmp_path_factory):
     return SimpleNamespace(ref=ref, model=model, waves=waves, prompts=prompts, ids=ids, mask=mask, embeds=embeds)
 
 
-def ours(tiny, rows=None, **kw):
-    """Our generate on the padded batch (or some rows of it) -> list of token lists, and the result."""
+def ours(tiny, rows=None, max_new_tokens=N, beam_size=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
+         with_prompt=False, max_len=None, **settings):
+    """The engine's one-call generate on the padded batch (or some rows of it) -> token lists, and the result."""
     rows = list(range(len(tiny.waves))) if rows is None else rows
-    kw.setdefault("max_new_tokens", N)
-    if kw.pop("with_prompt", False):
-        kw["prompt_ids"] = tiny.ids[rows]
-    r = jax.device_get(S.generate(tiny.model, tiny.embeds[np.asarray(rows)], tiny.mask[rows], **kw))
+    cfg = S.SearchConfig(beam_size, repetition_penalty != 1.0, no_repeat_ngram_size)
+    z = S.SearchSettings.make(repetition_penalty=repetition_penalty, **settings)
+    r = jax.device_get(tiny.model.engine.generate(
+        tiny.embeds[np.asarray(rows)], tiny.mask[rows].sum(1), np.full(len(rows), max_new_tokens), z, cfg,
+        max_len or cache_length(WIDTH, max_new_tokens), tiny.ids[rows] if with_prompt else None))
     return [r.tokens[i, : r.lengths[i]].tolist() for i in range(len(rows))], r
 
 
-def theirs(tiny, row: int, eos=S.EOS_IDS, **kw) -> tuple[list[int], float | None]:
+def theirs(tiny, row: int, eos=EOS_IDS, **kw) -> tuple[list[int], float | None]:
     """transformers' generate on one row alone -> (ids before the first EOS, sequences_scores or None)."""
     feats, fmask = reference_inputs(tiny.waves[row])
     ids = torch.tensor([tiny.prompts[row]])
     out = tiny.ref.generate(
         input_ids=ids, input_features=feats, input_features_mask=fmask, attention_mask=torch.ones_like(ids),
-        do_sample=False, max_new_tokens=kw.pop("max_new_tokens", N), eos_token_id=list(eos), pad_token_id=S.PAD_ID,
+        do_sample=False, max_new_tokens=kw.pop("max_new_tokens", N), eos_token_id=list(eos), pad_token_id=PAD_ID,
         return_dict_in_generate=True, output_scores=True, **kw,
     )
     new = out.sequences[0, ids.shape[1]:].tolist()
@@ -265,12 +278,12 @@ def test_batched_equals_single_and_compiles_once_per_bucket(tiny):
     batch, _ = ours(tiny)
     alone, _ = ours(tiny, rows=[0])
     assert alone[0] == batch[0]
-    compiled = S.generate_jit._cache_size()
-    for row, n in ((1, 7), (2, 5), (1, 1)):
-        assert len(tiny.prompts[row]) != len(tiny.prompts[0])
-        alone, r = ours(tiny, rows=[row], max_new_tokens=n)
-        assert alone[0] == batch[row][:n] and r.steps == n
-    assert S.generate_jit._cache_size() == compiled
+    with count_compilations() as compiled:
+        for row, n in ((1, 7), (2, 5), (1, 1)):
+            assert len(tiny.prompts[row]) != len(tiny.prompts[0])
+            alone, r = ours(tiny, rows=[row], max_new_tokens=n)
+            assert alone[0] == batch[row][:n] and r.steps == n
+    assert compiled.count == 0
 
 
 def test_generate_rejects_too_many_tokens(tiny):

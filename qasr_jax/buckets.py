@@ -1,0 +1,73 @@
+"""Every shape-bucket rule, and the constants they read.
+
+A compiled program is reused for every input whose padded shapes are the same, so each variable size is rounded
+up to a bucket: the batch rows, the feature frames (and so the audio tokens), the prompt width, the output buffer
+and the KV cache, the engine's slots, the aligner's tokens and timestamp positions. A new input length inside a
+bucket compiles nothing; a bucket never pads more than a small fraction of its content.
+"""
+
+from __future__ import annotations
+
+from qasr_jax.config import AudioConfig
+
+EOS_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
+PAD_ID = 151643  # <|endoftext|>: fills token positions at and past each row's length
+
+PROMPT_STEP = 32  # prompt widths round up to this
+OUTPUT_STEP = 64  # output buffers (new tokens) round up to this
+BUCKETS_PER_OCTAVE = 8  # aligner token and slot counts: at most 1/8 more than needed
+
+
+def round_up(n: int, step: int) -> int:
+    """n rounded up to a multiple of step (at least one step)."""
+    return max(step, -(-n // step) * step)
+
+
+def frame_bucket(n_frames: int, audio: AudioConfig) -> int:
+    """Feature frames padded for the encoder: whole 1 s chunks, exact up to 8 chunks, then 8 steps per octave.
+
+    Shapes inside a bucket share one compilation, and no bucket pads more than about 1/8 of its audio.
+    """
+    chunks = max(1, -(-n_frames // audio.chunk_frames))
+    step = max(1, (1 << (chunks - 1).bit_length()) // 8)
+    return -(-chunks // step) * step * audio.chunk_frames
+
+
+def batch_rows(n: int, cap: int, data_size: int = 1) -> int:
+    """Rows for a transcription batch of n items: the next power of two (at most ``cap``, at least n), rounded up to
+    a multiple of the mesh's data axis so every device gets the same rows."""
+    rows = max(min(1 << (n - 1).bit_length(), cap), n)
+    return round_up(rows, data_size)
+
+
+def aligner_rows(n: int) -> int:
+    """Rows of an aligner batch of n: 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 3/4 of them), so that a
+    batch of six pads to six rows, not eight (the aligner's cost is all in the rows)."""
+    power = 1 << max(0, (n - 1).bit_length())
+    return power * 3 // 4 if power >= 4 and n <= power * 3 // 4 else power
+
+
+def length_bucket(n: int) -> int:
+    """n rounded up on a ladder of 8 steps per power of two (at least 16): 16, 32, 48, 64, 72, 80, ..., 128, 144."""
+    step = max(16, (1 << max(0, (n - 1).bit_length())) // BUCKETS_PER_OCTAVE)
+    return round_up(n, step)
+
+
+def prompt_width(n: int) -> int:
+    """Padded width of a prompt batch whose longest prompt has n tokens."""
+    return round_up(n, PROMPT_STEP)
+
+
+def output_buffer(max_new_tokens: int) -> int:
+    """Static room for new tokens: max_new_tokens rounded up, so nearby values reuse a program."""
+    return round_up(max_new_tokens, OUTPUT_STEP)
+
+
+def cache_length(prompt: int, max_new_tokens: int) -> int:
+    """KV cache positions for prompts of up to ``prompt`` tokens and up to ``max_new_tokens`` new ones."""
+    return prompt_width(prompt) + output_buffer(max_new_tokens)
+
+
+def slot_count(n: int, beam_size: int = 1, data_size: int = 1) -> int:
+    """Decode slots for n concurrent requests: each takes ``beam_size`` slots; a multiple of the data axis."""
+    return round_up(n * beam_size, data_size * beam_size)

@@ -1,0 +1,257 @@
+"""The engine: every compiled program over the model, on one device or a mesh.
+
+Transcription, alignment, streaming, serving and the benchmarks all run these programs, and no other module jits
+the model. One device and a mesh are the same code: with a ``layout`` the programs pin their parameters, batch
+rows and KV cache to the mesh; without one they are plain jits.
+
+Decoding runs in *slots* (JetStream's engine is the model): a :class:`DecodeState` holds a KV cache of a fixed
+number of rows and the search state of one request per slot (``beam_size`` rows per request for beam search).
+
+* :meth:`Engine.insert` prefills new prompts into free slots, each on top of whatever its rows already hold (an
+  empty row for a new request; a kept prefix for a stream's next chunk), and picks their first tokens;
+* :meth:`Engine.advance` steps every live slot at once, until a request finishes or a step budget is spent;
+* :meth:`Engine.release` frees slots (or truncates them to a prefix to keep).
+
+Requests join and leave without compiling anything: slots, cache length, prompt width and output buffer are
+fixed per state. :meth:`Engine.generate` is the one-call path: prefill and decode a whole batch to the end in
+one program.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qasr_jax import search as S
+from qasr_jax.compiles import jit_with_encoder
+from qasr_jax.model import KVCache, Qwen3ASRModule
+
+CACHE_AXES = KVCache(k=1, v=1, lengths=0)  # row axis of each KVCache leaf (search.gather_rows)
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """The slots: a KV cache of ``slots`` rows and the search state of ``slots / beam_size`` requests."""
+
+    cache: KVCache
+    rows: S.GreedyRows | S.BeamRows
+
+
+class Engine:
+    """Every compiled program of one model: encode, embed, full-prompt logits, position scoring (the aligner),
+    one-call generation, and the slot programs (insert, advance, release) of continuous batching."""
+
+    def __init__(self, config, params, dtype: str = "float32", attention_impl: str = "auto",
+                 interpret: bool = False, layout=None):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.layout = layout
+        self.params = params
+        self.module = Qwen3ASRModule(config, self.dtype, attention_impl, interpret, layout)
+        vocab = config.num_labels if config.is_aligner else config.text.vocab_size
+        mod, text, dt = self.module, config.text, self.dtype
+        # The programs below close over these locals only, never over self: no reference cycle keeps a dropped
+        # engine's parameters alive until the garbage collector runs.
+
+        def new_cache(slots, max_len):
+            return KVCache.init(text, slots, max_len, dt)
+
+        def apply(params, *args, method):
+            return mod.apply({"params": params}, *args, method=method)
+
+        def step_fn(params):
+            return lambda tokens, active, cache: step(params, tokens, active, cache)
+
+        def encode(params, feats, n_frames):
+            return apply(params, feats, n_frames, method=Qwen3ASRModule.encode)
+
+        def embed(params, input_ids, audio_embeds):
+            return apply(params, input_ids, audio_embeds, method=Qwen3ASRModule.embed)
+
+        def logits(params, input_ids, feats, n_frames, token_mask):
+            return apply(params, input_ids, feats, n_frames, token_mask, method=Qwen3ASRModule.__call__)
+
+        def extend(params, embeds, n_new, cache, rows):
+            return apply(params, embeds, n_new, cache, rows, method=Qwen3ASRModule.extend)
+
+        def step(params, tokens, active, cache):
+            return apply(params, tokens, active, cache, method=Qwen3ASRModule.step)
+
+        def score(params, ids, feats, n_frames, token_mask, positions, classes):
+            hidden = apply(params, ids, feats, n_frames, token_mask, method=Qwen3ASRModule.prompt_hidden)
+            at = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # (batch, n_positions, hidden)
+            logits = apply(params, at, method=Qwen3ASRModule.head)
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32) if classes else logits
+
+        def generate(params, embeds, n_new, max_new, settings, prompt_ids, *, cfg, max_len):
+            batch, seq = embeds.shape[:2]
+            cache = new_cache(batch, max_len)
+            logits, cache = apply(params, embeds, n_new, cache, method=Qwen3ASRModule.extend)
+            return S.search(step_fn(params), logits, cache, CACHE_AXES, settings, max_new, out_len=max_len - seq,
+                            cfg=cfg, prompt_ids=prompt_ids, prompt_len=n_new)
+
+        def insert(params, state, embeds, n_new, ids, max_new, settings, prompt_ids, *, cfg):
+            beams = cfg.beam_size
+            first = ids * beams  # each request's first decoder row
+            logits, cache = apply(params, embeds, n_new, state.cache, first, method=Qwen3ASRModule.extend)
+            for b in range(1, beams):  # the other beams start as copies of the first
+                cache = KVCache(k=cache.k.at[:, first + b].set(cache.k[:, first]),
+                                v=cache.v.at[:, first + b].set(cache.v[:, first]),
+                                lengths=cache.lengths.at[first + b].set(cache.lengths[first]))
+            rows = S.start(state.rows, ids, max_new, cfg, prompt_ids, None if prompt_ids is None else n_new)
+            decoder_rows = (first[:, None] + jnp.arange(beams)).reshape(-1)
+            full = jnp.zeros((cache.slots, logits.shape[-1]), logits.dtype).at[decoder_rows].set(
+                jnp.repeat(logits, beams, axis=0))
+            started = jnp.zeros(rows.done.shape, bool).at[ids].set(True)
+            rows = S.pick(rows, full, started & ~rows.done, cfg, settings)
+            return DecodeState(cache, rows)
+
+        def advance(params, state, settings, max_steps, *, cfg, until_any_done):
+            rows, cache, steps = S.run(step_fn(params), state.rows, state.cache, CACHE_AXES, cfg, settings,
+                                       max_steps, until_any_done)
+            return DecodeState(cache, rows), steps
+
+        def release(state, ids, keep, *, beams):
+            decoder_rows = (ids[:, None] * beams + jnp.arange(beams)).reshape(-1)
+            lengths = state.cache.lengths.at[decoder_rows].set(jnp.repeat(keep, beams))
+            done = state.rows.done.at[ids].set(True)
+            return DecodeState(state.cache.replace(lengths=lengths), state.rows.replace(done=done))
+
+        def new_state(*, slots, max_len, cfg, out_len, history_len):
+            rows = S.init_rows(cfg, slots // cfg.beam_size, out_len, vocab, history_len)
+            return DecodeState(new_cache(slots, max_len), rows)
+
+        state_sh = self._state_shardings()
+        self._encode = jit_with_encoder(encode)
+        self._embed = jax.jit(embed)
+        self._logits = jit_with_encoder(logits)
+        self._score = jit_with_encoder(score, static_argnames="classes")
+        self._generate = jax.jit(generate, static_argnames=("cfg", "max_len"))
+        self._extend = jax.jit(extend, donate_argnums=3)
+        self._step = jax.jit(step, donate_argnums=3)
+        self._insert = jax.jit(insert, static_argnames="cfg", donate_argnums=1, out_shardings=state_sh)
+        self._advance = jax.jit(advance, static_argnames=("cfg", "until_any_done"), donate_argnums=1,
+                                out_shardings=(state_sh, None) if state_sh is not None else None)
+        self._release = jax.jit(release, static_argnames="beams", donate_argnums=0, out_shardings=state_sh)
+        self._new_state = jax.jit(new_state, static_argnames=("slots", "max_len", "cfg", "out_len", "history_len"),
+                                  out_shardings=state_sh)
+        self._init_cache = jax.jit(new_cache, static_argnums=(0, 1), out_shardings=self._cache_shardings())
+
+    # -- placement ----------------------------------------------------------------------------------------------
+    def _cache_shardings(self):
+        if self.layout is None:
+            return None
+        from qasr_jax.sharding import cache_shardings
+
+        return cache_shardings(self.layout, self.config)
+
+    def _state_shardings(self):
+        if self.layout is None:
+            return None
+        replicated = jax.sharding.NamedSharding(self.layout.mesh, jax.sharding.PartitionSpec())
+        return DecodeState(self._cache_shardings(), replicated)
+
+    @property
+    def data_size(self) -> int:
+        """Devices along the mesh's data axis (1 without a mesh): batches take a multiple of this many rows."""
+        return 1 if self.layout is None else self.layout.data_size
+
+    def put(self, x) -> jax.Array:
+        """A batch (rows first) on the devices: rows split over the data axis with a mesh, else ``jnp.asarray``."""
+        from qasr_jax.sharding import put_batch
+
+        return put_batch(x, self.layout)
+
+    # -- one-shot programs --------------------------------------------------------------------------------------
+    def encode(self, feats, n_frames) -> tuple[jax.Array, jax.Array]:
+        """Padded log-mel (batch, 128, frames), n_frames (batch,) -> (audio embeds (batch, seq, hidden), n_tokens)."""
+        return self._encode(self.params, self.put(feats), self.put(n_frames))
+
+    def embed(self, input_ids, audio_embeds) -> jax.Array:
+        """Prompt ids (batch, seq) + audio embeds (batch, audio_seq, hidden) -> decoder input embeds."""
+        return self._embed(self.params, self.put(input_ids), self.put(audio_embeds))
+
+    def logits(self, input_ids, feats, n_frames, token_mask) -> jax.Array:
+        """Right-padded prompts + their log-mel -> float32 logits (batch, seq, vocab or classes), no cache."""
+        return self._logits(self.params, *(self.put(x) for x in (input_ids, feats, n_frames, token_mask)))
+
+    def score(self, input_ids, feats, n_frames, token_mask, positions, classes: bool = False) -> jax.Array:
+        """The head only at ``positions`` (batch, n): float32 logits (batch, n, classes), or with ``classes`` their
+        argmax (the aligner's timestamp classes)."""
+        args = (self.put(x) for x in (input_ids, feats, n_frames, token_mask, positions))
+        return self._score(self.params, *args, classes=classes)
+
+    def generate(self, embeds, n_new, max_new, settings: S.SearchSettings, cfg: S.SearchConfig, max_len: int,
+                 prompt_ids=None) -> S.SearchResult:
+        """Prefill right-padded prompt embeds (batch, seq, hidden) with ``n_new`` (batch,) real tokens and decode
+        every row to the end (``max_new`` (batch,) tokens at most, ``max_len - seq`` the buffer), in one program."""
+        seq = np.shape(embeds)[1]
+        most = int(np.max(max_new))
+        if most < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {most}")
+        if seq + most > max_len:
+            raise ValueError(
+                f"max_new_tokens={most} does not fit: the prompt takes {seq} of the KV cache's max_len={max_len} "
+                f"positions, leaving {max_len - seq} for new tokens; pass max_len >= {seq + most} or ask for fewer"
+            )
+        args = (self.put(embeds), self.put(jnp.asarray(n_new, jnp.int32)), self.put(jnp.asarray(max_new, jnp.int32)))
+        prompt = None if prompt_ids is None else self.put(jnp.asarray(prompt_ids, jnp.int32))
+        return self._generate(self.params, *args, settings, prompt, cfg=cfg, max_len=max_len)
+
+    # -- the decoder over a cache -------------------------------------------------------------------------------
+    def init_cache(self, slots: int, max_len: int) -> KVCache:
+        """An empty KV cache of ``slots`` rows of ``max_len`` positions (sharded with a mesh)."""
+        return self._init_cache(slots, max_len)
+
+    def extend(self, cache: KVCache, embeds, n_new, rows=None) -> tuple[jax.Array, KVCache]:
+        """Append right-padded token embeds (batch, seq, hidden), ``n_new`` (batch,) real ones, to cache rows
+        ``rows`` (None: all) -> (float32 logits after each row's last new token, cache); the cache is donated."""
+        rows = None if rows is None else jnp.asarray(rows, jnp.int32)
+        return self._extend(self.params, self.put(embeds), self.put(jnp.asarray(n_new, jnp.int32)), cache, rows)
+
+    def step(self, cache: KVCache, tokens, active=None) -> tuple[jax.Array, KVCache]:
+        """One token per cache row (slots,), where ``active`` (default all) -> (logits, cache); cache donated."""
+        tokens = self.put(jnp.asarray(tokens, jnp.int32))
+        active = jnp.ones(tokens.shape, bool) if active is None else self.put(jnp.asarray(active, bool))
+        return self._step(self.params, tokens, active, cache)
+
+    # -- slots ----------------------------------------------------------------------------------------------------
+    def new_state(self, slots: int, max_len: int, cfg: S.SearchConfig, out_len: int,
+                  history_len: int = 0) -> DecodeState:
+        """Empty slots: ``slots`` cache rows of ``max_len`` positions, an ``out_len`` output buffer per request."""
+        if slots % cfg.beam_size or slots % self.data_size:
+            raise ValueError(f"slots={slots} must be a multiple of beam_size={cfg.beam_size} and of the mesh's "
+                             f"data axis ({self.data_size})")
+        return self._new_state(slots=slots, max_len=max_len, cfg=cfg, out_len=out_len, history_len=history_len)
+
+    def insert(self, state: DecodeState, embeds, n_new, ids, max_new, settings: S.SearchSettings,
+               cfg: S.SearchConfig, prompt_ids=None) -> DecodeState:
+        """Prefill k prompts (embeds (k, seq, hidden), ``n_new`` (k,) real tokens) into requests ``ids`` (k,) on top
+        of what their rows hold, and pick their first tokens; ``max_new`` (k,); the state is donated."""
+        ids, n_new, max_new = (jnp.asarray(x, jnp.int32) for x in (ids, n_new, max_new))
+        prompt = None if prompt_ids is None else jnp.asarray(prompt_ids, jnp.int32)
+        return self._insert(self.params, state, jnp.asarray(embeds), n_new, ids, max_new, settings, prompt, cfg=cfg)
+
+    def advance(self, state: DecodeState, settings: S.SearchSettings, cfg: S.SearchConfig, max_steps: int,
+                until_any_done: bool = True) -> tuple[DecodeState, int]:
+        """Step every live request until one finishes (``until_any_done``), all are done, or ``max_steps`` steps
+        -> (state, steps taken); the state is donated."""
+        state, steps = self._advance(self.params, state, settings, jnp.asarray(max_steps, jnp.int32), cfg=cfg,
+                                     until_any_done=until_any_done)
+        return state, int(steps)
+
+    def release(self, state: DecodeState, ids, cfg: S.SearchConfig, keep=None) -> DecodeState:
+        """Free requests ``ids`` (k,): their rows keep ``keep`` (k,) tokens (default 0: empty); state donated."""
+        ids = jnp.asarray(ids, jnp.int32).reshape(-1)
+        keep = jnp.zeros(ids.shape, jnp.int32) if keep is None else jnp.asarray(keep, jnp.int32).reshape(-1)
+        return self._release(state, ids, keep, beams=cfg.beam_size)
+
+    def results(self, state: DecodeState, cfg: S.SearchConfig, settings: S.SearchSettings) -> S.SearchResult:
+        """Every request's best hypothesis so far, on the host (numpy)."""
+        return jax.device_get(S.result(state.rows, cfg, settings))
+
+    def done(self, state: DecodeState) -> np.ndarray:
+        """(requests,) bool on the host: requests that take no more steps."""
+        return np.asarray(state.rows.done)
