@@ -44,12 +44,12 @@ class Engine:
     one-call generation, and the slot programs (insert, advance, release) of continuous batching."""
 
     def __init__(self, config, params, dtype: str = "float32", attention_impl: str = "auto",
-                 interpret: bool = False, layout=None):
+                 interpret: bool = False, layout=None, remat: bool = False):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.layout = layout
         self.params = params
-        self.module = Qwen3ASRModule(config, self.dtype, attention_impl, interpret, layout)
+        self.module = Qwen3ASRModule(config, self.dtype, attention_impl, interpret, layout, remat)
         vocab = config.num_labels if config.is_aligner else config.text.vocab_size
         mod, text, dt = self.module, config.text, self.dtype
         # The programs below close over these locals only, never over self: no reference cycle keeps a dropped
@@ -79,10 +79,13 @@ class Engine:
         def step(params, tokens, active, cache):
             return apply(params, tokens, active, cache, method=Qwen3ASRModule.step)
 
-        def score(params, ids, feats, n_frames, token_mask, positions, classes):
+        def forward(params, ids, feats, n_frames, token_mask, positions):
             hidden = apply(params, ids, feats, n_frames, token_mask, method=Qwen3ASRModule.prompt_hidden)
             at = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # (batch, n_positions, hidden)
-            logits = apply(params, at, method=Qwen3ASRModule.head)
+            return apply(params, at, method=Qwen3ASRModule.head)
+
+        def score(params, ids, feats, n_frames, token_mask, positions, classes):
+            logits = forward(params, ids, feats, n_frames, token_mask, positions)
             return jnp.argmax(logits, axis=-1).astype(jnp.int32) if classes else logits
 
         def generate(params, embeds, n_new, max_new, settings, prompt_ids, *, cfg, max_len):
@@ -123,6 +126,7 @@ class Engine:
             rows = S.init_rows(cfg, slots // cfg.beam_size, out_len, vocab, history_len)
             return DecodeState(new_cache(slots, max_len), rows)
 
+        self._forward = forward
         state_sh = self._state_shardings()
         self._encode = jit_with_encoder(encode)
         self._embed = jax.jit(embed)
@@ -163,6 +167,12 @@ class Engine:
         from qasr_jax.sharding import put_batch
 
         return put_batch(x, self.layout)
+
+    def forward(self, params, input_ids, feats, n_frames, token_mask, positions) -> jax.Array:
+        """The pure (un-jitted) prompt forward pass that position scoring is built from: right-padded prompts and
+        their log-mel -> float32 logits (batch, n_positions, V) at ``positions`` (batch, n_positions) only. Training
+        differentiates it inside its own compiled step; for inference call the compiled programs below."""
+        return self._forward(params, input_ids, feats, n_frames, token_mask, positions)
 
     # -- one-shot programs --------------------------------------------------------------------------------------
     def encode(self, feats, n_frames) -> tuple[jax.Array, jax.Array]:

@@ -149,6 +149,7 @@ class AudioEncoder(nn.Module):
     attention_impl: str = "xla"
     interpret: bool = False  # run a Pallas kernel in the interpreter (tests on CPU)
     layout: Any = None
+    remat: bool = False  # recompute each layer's activations in the backward pass (training memory)
 
     @nn.compact
     def __call__(self, feats, n_frames):
@@ -182,8 +183,9 @@ class AudioEncoder(nn.Module):
         # No padding to whole windows here: the attention pads its own windows, projections and MLPs run on
         # the chunks' tokens only.
         x = constrain(x, ax.AUDIO_ACT, self.layout)
+        layer = nn.remat(EncoderLayer) if self.remat else EncoderLayer
         for i in range(cfg.layers):
-            x = EncoderLayer(cfg, dt, self.attention_impl, self.interpret, self.layout, name=f"layers_{i}")(x, n_tokens)
+            x = layer(cfg, dt, self.attention_impl, self.interpret, self.layout, name=f"layers_{i}")(x, n_tokens)
         return LayerNorm(dt, name="ln_post")(x), n_tokens
 
 
@@ -362,11 +364,13 @@ class TextDecoder(nn.Module):
     cfg: TextConfig
     dtype: Dtype = jnp.float32
     layout: Any = None
+    remat: bool = False  # recompute each layer's activations in the backward pass (training memory)
 
     def setup(self):
         cfg = self.cfg
         self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
-        self.layers = [DecoderLayer(cfg, self.dtype, self.layout) for _ in range(cfg.layers)]  # layers_0, ...
+        layer = nn.remat(DecoderLayer, static_argnums=(7,)) if self.remat else DecoderLayer
+        self.layers = [layer(cfg, self.dtype, self.layout) for _ in range(cfg.layers)]  # layers_0, ...
         self.norm = RMSNorm(self.dtype, cfg.rms_norm_eps)
 
     def __call__(self, embeds, positions, mask, cache: KVCache | None = None, write: CacheWrite | None = None):
@@ -387,12 +391,13 @@ class Qwen3ASRModule(nn.Module):
     attention_impl: str = "xla"
     interpret: bool = False
     layout: Any = None  # a qasr_jax.axes.Layout: activations are pinned to its mesh while tracing
+    remat: bool = False  # recompute each layer's activations in the backward pass (training memory)
 
     def setup(self):
         cfg, lay = self.cfg, self.layout
-        self.audio_tower = AudioEncoder(cfg.audio, self.dtype, self.attention_impl, self.interpret, lay)
+        self.audio_tower = AudioEncoder(cfg.audio, self.dtype, self.attention_impl, self.interpret, lay, self.remat)
         self.projector = Projector(cfg.audio, self.dtype, lay)
-        self.decoder = TextDecoder(cfg.text, self.dtype, lay)
+        self.decoder = TextDecoder(cfg.text, self.dtype, lay, self.remat)
         # Heads compute in float32 on weights stored in the model dtype.
         if cfg.is_aligner:
             self.score = Linear(cfg.num_labels, False, self.dtype, jnp.float32)
