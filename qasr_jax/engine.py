@@ -95,7 +95,9 @@ class Engine:
             return S.search(step_fn(params), logits, cache, CACHE_AXES, settings, max_new, out_len=max_len - seq,
                             cfg=cfg, prompt_ids=prompt_ids, prompt_len=n_new)
 
-        def insert(params, state, embeds, n_new, ids, max_new, settings, prompt_ids, *, cfg):
+        def insert(params, state, embeds, n_new, ids, max_new, settings, prompt_ids, rows, *, cfg):
+            embeds, n_new = embeds[rows], n_new[rows]  # the batch's rows going into slots `ids`
+            prompt_ids = None if prompt_ids is None else prompt_ids[rows]
             beams = cfg.beam_size
             first = ids * beams  # each request's first decoder row
             logits, cache = apply(params, embeds, n_new, state.cache, first, method=Qwen3ASRModule.extend)
@@ -237,12 +239,18 @@ class Engine:
         return self._new_state(slots=slots, max_len=max_len, cfg=cfg, out_len=out_len, history_len=history_len)
 
     def insert(self, state: DecodeState, embeds, n_new, ids, max_new, settings: S.SearchSettings,
-               cfg: S.SearchConfig, prompt_ids=None) -> DecodeState:
-        """Prefill k prompts (embeds (k, seq, hidden), ``n_new`` (k,) real tokens) into requests ``ids`` (k,) on top
-        of what their rows hold, and pick their first tokens; ``max_new`` (k,); the state is donated."""
-        ids, n_new, max_new = (jnp.asarray(x, jnp.int32) for x in (ids, n_new, max_new))
+               cfg: S.SearchConfig, prompt_ids=None, rows=None) -> DecodeState:
+        """Prefill prompts into requests ``ids`` (k,) on top of what their rows hold, and pick their first tokens.
+
+        ``embeds`` (batch, seq, hidden) with ``n_new`` (batch,) real tokens; ``rows`` (k,) picks the batch rows that
+        go into ``ids`` (default: all, in order); ``max_new`` (k,); ``prompt_ids`` (batch, seq) feed the repetition
+        guard. The state is donated.
+        """
+        ids, max_new = (jnp.asarray(x, jnp.int32) for x in (ids, max_new))
+        rows = jnp.arange(ids.shape[0], dtype=jnp.int32) if rows is None else jnp.asarray(rows, jnp.int32)
         prompt = None if prompt_ids is None else jnp.asarray(prompt_ids, jnp.int32)
-        return self._insert(self.params, state, jnp.asarray(embeds), n_new, ids, max_new, settings, prompt, cfg=cfg)
+        return self._insert(self.params, state, jnp.asarray(embeds), jnp.asarray(n_new, jnp.int32), ids, max_new,
+                            settings, prompt, rows, cfg=cfg)
 
     def advance(self, state: DecodeState, settings: S.SearchSettings, cfg: S.SearchConfig, max_steps: int,
                 until_any_done: bool = True) -> tuple[DecodeState, int]:

@@ -362,7 +362,7 @@ def _beam_pick(s: BeamRows, logits, update, cfg: SearchConfig, z: SearchSettings
     beam_update = jnp.repeat(update, beams)
     chosen = _pick_rows(update, {k: getattr(new, k) for k in per_request}, {k: getattr(s, k) for k in per_request})
     return BeamRows(
-        **chosen, parents=jnp.where(beam_update, new.parents, jnp.arange(requests * beams, dtype=jnp.int32)),
+        **chosen, parents=jnp.where(beam_update, new.parents, s.parents),
         last=jnp.where(beam_update, new.last, s.last), guard=_pick_rows(beam_update, new.guard, s.guard),
     )
 
