@@ -44,11 +44,13 @@ SPLIT_GUARD_SECONDS = 2.0  # with split=True, units ending this close to a windo
 
 @dataclasses.dataclass(frozen=True)
 class Word:
-    """One aligned unit (a word, or one CJK character) and its start and end in seconds."""
+    """One aligned unit (a word, or one CJK character), its start and end in seconds, and (from transcription)
+    the mean log-probability of the generated tokens that spell it."""
 
     text: str
     start: float
     end: float
+    logprob: float | None = None
 
 
 def _similar_groups(items: Sequence, batch_size: int, size) -> list[list]:

@@ -22,6 +22,13 @@ def _check_dtype(dtype: str) -> None:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
 
 
+def _on_device(x, dtype: str) -> jax.Array:
+    """A parameter on the default device in ``dtype`` (host arrays are cast on the host, then transferred)."""
+    if isinstance(x, jax.Array):
+        return x if x.dtype == jnp.dtype(dtype) else x.astype(dtype)
+    return jax.device_put(np.asarray(x, jnp.dtype(dtype)))
+
+
 def _layout(mesh, sharding):
     if mesh is None:
         if sharding is not None:
@@ -48,7 +55,7 @@ class Model:
         self.dtype = dtype
         layout = _layout(mesh, sharding)
         if layout is None:
-            params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
+            params = jax.tree_util.tree_map(lambda x: _on_device(x, dtype), params)
         else:
             from qasr_jax.sharding import place_params
 
@@ -77,7 +84,7 @@ class Model:
         return self.engine.data_size
 
     def put_batch(self, x) -> jax.Array:
-        """A batch (rows first) on the devices: rows split over the data axis with a mesh, else ``jnp.asarray``."""
+        """A batch (rows first) on the devices: rows split over the data axis with a mesh."""
         return self.engine.put(x)
 
     # -- the audio front end -------------------------------------------------------------------------------

@@ -128,10 +128,13 @@ def test_bad_inputs_get_named_errors(asr, tmp_path):
     sf.write(silent, np.zeros(16000, np.float32), 16000)
     garbage = tmp_path / "garbage.wav"
     garbage.write_bytes(b"not audio at all")
-    for bad, words in [(empty, "empty"), (silent, "silent"), (garbage, "garbage.wav"), (tmp_path, "directory")]:
+    for bad, words in [(empty, "empty"), (garbage, "garbage.wav"), (tmp_path, "directory")]:
         with pytest.raises(ValueError) as err:
             asr.transcribe(str(bad))
         assert str(bad) in str(err.value) and words in str(err.value).lower()
+    # Silence is valid input: an empty transcript (even from random weights, which would babble), no error.
+    (quiet,) = asr.transcribe(str(silent), max_new_tokens=5)
+    assert (quiet.error, quiet.text, quiet.token_ids, quiet.language, quiet.duration) == (None, "", [], None, 1.0)
     with pytest.raises(ValueError, match="Klingon.*English"):
         asr.transcribe(synthetic(1.0), language="Klingon")
     with pytest.raises(ValueError, match="max_new_tokens"):
