@@ -22,6 +22,7 @@ from qasr_jax.config import audio_token_count, frame_bucket
 from qasr_jax.hub import resolve_model_path
 from qasr_jax.loading import Model, load
 from qasr_jax.longform import Piece, split_long_audio
+from qasr_jax.progress import audio_progress
 from qasr_jax.prompts import build_prompt_ids, normalize_language, parse_output, supported_languages
 from qasr_jax.tokenizer import Tokenizer
 
@@ -198,7 +199,7 @@ class Transcriber:
                       suppress_eos=suppress_eos, eos_ids=self.tokenizer.eos_ids)
         pieces: dict[int, dict[int, tuple[Piece, str | None, str, list[int]]]] = collections.defaultdict(dict)
         work.sort(key=lambda w: -w.samples.shape[0])
-        bar = _progress(sum(w.samples.shape[0] for w in work) / SAMPLE_RATE, progress)
+        bar = audio_progress(sum(w.samples.shape[0] for w in work), SAMPLE_RATE, progress)
         for start in range(0, len(work), batch_size):
             batch = work[start:start + batch_size]
             outs = self._run_batch(batch, langs, contexts, batch_size, search)
@@ -209,7 +210,7 @@ class Transcriber:
                 if pending[w.index] == 0:
                     self._finish(results[w.index], pieces.pop(w.index), return_timestamps)
                     yield w.index, results[w.index]
-            bar.update(sum(w.samples.shape[0] for w in batch) / SAMPLE_RATE)
+            bar.update(sum(w.samples.shape[0] for w in batch))
         bar.close()
 
     # ------------------------------------------------------------------------------------------------------
@@ -266,39 +267,3 @@ class Transcriber:
             dataclasses.replace(w, start=round(w.start + piece.offset, 3), end=round(w.end + piece.offset, 3))
             for (piece, _, _), words in zip(spoken, per_piece) for w in words
         ]
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-class _AudioHoursBar:
-    """A tqdm bar over audio hours, showing throughput as audio hours per wall-clock hour."""
-
-    def __init__(self, total_seconds: float):
-        import time
-
-        from tqdm import tqdm
-
-        self._clock = time.perf_counter
-        self._start = self._clock()
-        self._done = 0.0
-        self._bar = tqdm(total=round(total_seconds / 3600, 3), unit="audio-h", desc="transcribing",
-                         bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} audio-h [{elapsed}<{remaining}{postfix}]")
-
-    def update(self, seconds: float) -> None:
-        self._done += seconds
-        self._bar.update(round(seconds / 3600, 6))
-        wall = max(self._clock() - self._start, 1e-9)
-        self._bar.set_postfix_str(f"{self._done / wall:.1f} audio-h/h")
-
-    def close(self) -> None:
-        self._bar.close()
-
-
-def _progress(total_seconds: float, enabled: bool):
-    return _AudioHoursBar(total_seconds) if enabled else _NoBar()
