@@ -124,9 +124,10 @@ def check_transcribe_args(args: argparse.Namespace) -> None:
         problems.append("--skip-existing needs --output-dir (it skips the inputs whose output file is there)")
     cluster = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
                "--process-id": args.process_id}
-    if not args.distributed and any(v is not None for v in cluster.values()):
-        given = ", ".join(flag for flag, v in cluster.items() if v is not None)
-        problems.append(f"{given} only apply with --distributed; add --distributed or drop them")
+    given = [flag for flag, v in cluster.items() if v is not None]
+    if given and not args.distributed:
+        problems.append(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --distributed (several hosts); "
+                        "add it, or drop them")
     if args.num_processes is not None and args.num_processes < 1:
         problems.append(f"--num-processes must be >= 1, got {args.num_processes}")
     if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or args.process_id + 1):
