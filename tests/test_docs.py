@@ -64,7 +64,7 @@ def test_readme_python_examples_run(workdir, monkeypatch):
     assert namespace["results"][0].token_ids and namespace["results"][0].source == "a.wav"
     assert all(w.end >= w.start for w in namespace["r"].words)
     assert namespace["logits"].shape[0] == len(namespace["input_ids"])
-    assert namespace["input_ids"].count(namespace["tok"].audio_pad_id) == namespace["n"] > 0
+    assert namespace["input_ids"].count(namespace["tok"].audio_pad_id) == namespace["audio"].shape[0] > 0
 
 
 def test_readme_commands_run(workdir, monkeypatch, capsys):
