@@ -46,7 +46,7 @@ class AudioFileNotFoundError(AudioError, FileNotFoundError):
 def load_audio(src: Any, name: str | None = None) -> np.ndarray:
     """Return `src` (a file path, a ``(samples, rate)`` tuple, or a 16 kHz array) as 16 kHz mono float32 samples.
 
-    Arrays are 1-D or ``(channels, samples)``; channels are averaged and other rates are resampled with librosa.
+    Arrays are 1-D or ``(channels, samples)``; channels are averaged and other rates are resampled with soxr.
     Integer PCM arrays are scaled to [-1, 1). `name` labels the input in error messages (e.g. ``"array input #3"``).
     Raises AudioError (a ValueError) for anything unusable. Silent audio is valid.
     """
@@ -76,6 +76,8 @@ def _read_file(path: str, label: str) -> tuple[np.ndarray, int]:
         raise AudioFileNotFoundError(f"{label}: no such file; check the path")
     if os.path.isdir(path):
         raise AudioError(f"{label}: is a directory; pass the path of an audio file inside it")
+    if os.path.getsize(path) == 0:
+        raise AudioError(f"{label}: file is empty (0 bytes); record, copy or download it again")
     import soundfile
 
     try:
@@ -144,11 +146,21 @@ def _to_mono_16k(samples: np.ndarray, rate: int, label: str) -> np.ndarray:
     if not np.all(np.isfinite(samples)):
         raise AudioError(f"{label}: audio contains NaN or Inf samples; clean or re-decode the audio")
     if rate != SAMPLE_RATE:
-        import librosa
-
-        # Same resampler librosa.load(sr=16000) uses (soxr_hq), after the same channel mean.
-        samples = librosa.resample(samples, orig_sr=rate, target_sr=SAMPLE_RATE)
+        samples = _resample(samples, rate)
     return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def _resample(samples: np.ndarray, rate: int) -> np.ndarray:
+    """(n,) float samples at ``rate`` -> 16 kHz, exactly as ``librosa.resample`` (and so ``librosa.load(sr=16000)``)
+    does by default: soxr's "HQ" filter, then cut or zero-padded to ``ceil(n * 16000 / rate)`` samples.
+
+    Calling soxr directly keeps librosa, whose import compiles numba code for seconds on a first run, off the path.
+    """
+    import soxr
+
+    n_out = int(np.ceil(samples.shape[0] * (SAMPLE_RATE / rate)))
+    out = soxr.resample(samples, rate, SAMPLE_RATE, quality="soxr_hq")[:n_out]
+    return np.pad(out, (0, n_out - out.shape[0])).astype(samples.dtype, copy=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,17 +172,32 @@ def n_frames(n_samples: int) -> int:
     return max(int(n_samples), MIN_SAMPLES) // HOP
 
 
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale: linear below 1 kHz (3 mels per 200 Hz), logarithmic above (27 mels per factor 6.4)."""
+    mels = hz / (200.0 / 3)
+    log_part = hz >= 1000.0
+    return np.where(log_part, 15.0 + np.log(np.maximum(hz, 1000.0) / 1000.0) / (np.log(6.4) / 27.0), mels)
+
+
+def _mel_to_hz(mels: np.ndarray) -> np.ndarray:
+    """Inverse of ``_hz_to_mel``."""
+    hz = mels * (200.0 / 3)
+    log_part = mels >= 15.0
+    return np.where(log_part, 1000.0 * np.exp((np.log(6.4) / 27.0) * (mels - 15.0)), hz)
+
+
 @functools.lru_cache(maxsize=None)
 def mel_filters() -> np.ndarray:
     """The (201, 128) float32 Slaney mel filter bank over 0-8 kHz, frequency bins x mel bins (read-only)."""
-    import librosa
-
-    # librosa builds the same triangles and Slaney area normalisation as transformers' mel_filter_bank;
-    # tests/test_audio.py checks that the two agree.
-    bank = librosa.filters.mel(
-        sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=0.0, fmax=SAMPLE_RATE / 2, htk=False, norm="slaney",
-        dtype=np.float64,
-    )  # (mels, bins)
+    # The triangles and Slaney area normalisation of transformers' mel_filter_bank (and librosa.filters.mel), in
+    # float64; tests/test_audio.py checks that they agree to the last float32 bit.
+    bins = np.fft.rfftfreq(N_FFT, d=1.0 / SAMPLE_RATE)  # (201,) Hz
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(np.float64(0.0)), _hz_to_mel(np.float64(SAMPLE_RATE / 2)), N_MELS + 2))
+    widths = np.diff(edges)  # (129,)
+    ramps = edges[:, None] - bins[None, :]  # (130, 201)
+    rising = -ramps[:-2] / widths[:-1, None]  # (128, 201)
+    falling = ramps[2:] / widths[1:, None]
+    bank = np.maximum(0.0, np.minimum(rising, falling)) * (2.0 / (edges[2:] - edges[:-2]))[:, None]  # (mels, bins)
     bank = np.ascontiguousarray(bank.T, dtype=np.float32)
     bank.flags.writeable = False
     return bank

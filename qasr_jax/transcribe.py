@@ -22,6 +22,7 @@ from qasr_jax.hub import resolve_model_path
 from qasr_jax.loading import Model, load
 from qasr_jax.longform import Piece, split_long_audio
 from qasr_jax.pipeline import DecodeOptions, Pipeline, Work, token_budget
+from qasr_jax.progress import audio_progress
 from qasr_jax.prompts import normalize_language, parse_output, supported_languages
 from qasr_jax.tokenizer import IncrementalDecoder, Tokenizer
 from qasr_jax.units import unit_spans
@@ -233,7 +234,8 @@ class Transcriber:
                 yield i, results[i]
 
         parts: dict[int, dict[int, _Part]] = collections.defaultdict(dict)
-        bar = _progress(sum(p.duration for ps in pieces.values() for p in ps.values()), progress)
+        bar = audio_progress(sum(p.samples.shape[0] for ps in pieces.values() for p in ps.values()), SAMPLE_RATE,
+                             progress)
         while pipe.busy:
             for work, out in pipe.step():
                 i, p = work.key
@@ -241,7 +243,7 @@ class Transcriber:
                 lang, text = parse_output(out.token_ids, self.tokenizer, language=langs[i], supported=self.languages)
                 parts[i][p] = _Part(piece, lang or langs[i], text, out.token_ids, out.token_logprobs,
                                     not out.finished)
-                bar.update(piece.duration)
+                bar.update(piece.samples.shape[0])
                 if len(parts[i]) == len(pieces[i]):
                     self._finish(results[i], parts.pop(i), return_timestamps)
                     yield i, results[i]
@@ -274,39 +276,3 @@ class Transcriber:
             off = part.piece.offset
             result.words += [dataclasses.replace(w, start=round(w.start + off, 3), end=round(w.end + off, 3),
                                                  logprob=score) for w, score in zip(words, scores)]
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-class _AudioHoursBar:
-    """A tqdm bar over audio hours, showing throughput as audio hours per wall-clock hour."""
-
-    def __init__(self, total_seconds: float):
-        import time
-
-        from tqdm import tqdm
-
-        self._clock = time.perf_counter
-        self._start = self._clock()
-        self._done = 0.0
-        self._bar = tqdm(total=round(total_seconds / 3600, 3), unit="audio-h", desc="transcribing",
-                         bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} audio-h [{elapsed}<{remaining}{postfix}]")
-
-    def update(self, seconds: float) -> None:
-        self._done += seconds
-        self._bar.update(round(seconds / 3600, 6))
-        wall = max(self._clock() - self._start, 1e-9)
-        self._bar.set_postfix_str(f"{self._done / wall:.1f} audio-h/h")
-
-    def close(self) -> None:
-        self._bar.close()
-
-
-def _progress(total_seconds: float, enabled: bool):
-    return _AudioHoursBar(total_seconds) if enabled else _NoBar()
