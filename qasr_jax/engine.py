@@ -95,14 +95,14 @@ class Engine:
             logits = forward(params, ids, feats, n_frames, token_mask, positions)
             return jnp.argmax(logits, axis=-1).astype(jnp.int32) if classes else logits
 
-        def generate(params, embeds, n_new, max_new, settings, prompt_ids, *, cfg, max_len):
+        def generate(params, embeds, n_new, max_new, settings, prompt_ids, tries, *, cfg, max_len):
             batch, seq = embeds.shape[:2]
             cache = new_cache(batch, max_len)
             logits, cache = apply(params, embeds, n_new, cache, method=Qwen3ASRModule.extend)
             return S.search(step_fn(params), logits, cache, CACHE_AXES, settings, max_new, out_len=max_len - seq,
-                            cfg=cfg, prompt_ids=prompt_ids, prompt_len=n_new)
+                            cfg=cfg, prompt_ids=prompt_ids, prompt_len=n_new, tries=tries)
 
-        def insert(params, state, embeds, n_new, ids, max_new, settings, prompt_ids, rows, *, cfg):
+        def insert(params, state, embeds, n_new, ids, max_new, settings, prompt_ids, rows, tries, *, cfg):
             embeds, n_new = embeds[rows], n_new[rows]  # the batch's rows going into slots `ids`
             prompt_ids = None if prompt_ids is None else prompt_ids[rows]
             beams = cfg.beam_size
@@ -112,7 +112,7 @@ class Engine:
                 cache = KVCache(k=cache.k.at[:, first + b].set(cache.k[:, first]),
                                 v=cache.v.at[:, first + b].set(cache.v[:, first]),
                                 lengths=cache.lengths.at[first + b].set(cache.lengths[first]))
-            rows = S.start(state.rows, ids, max_new, cfg, prompt_ids, None if prompt_ids is None else n_new)
+            rows = S.start(state.rows, ids, max_new, cfg, prompt_ids, None if prompt_ids is None else n_new, tries)
             decoder_rows = (first[:, None] + jnp.arange(beams)).reshape(-1)
             full = jnp.zeros((cache.slots, logits.shape[-1]), logits.dtype).at[decoder_rows].set(
                 jnp.repeat(logits, beams, axis=0))
@@ -210,9 +210,10 @@ class Engine:
         return self._score(self.params, *args, classes=classes)
 
     def generate(self, embeds, n_new, max_new, settings: S.SearchSettings, cfg: S.SearchConfig, max_len: int,
-                 prompt_ids=None) -> S.SearchResult:
+                 prompt_ids=None, tries=None) -> S.SearchResult:
         """Prefill right-padded prompt embeds (batch, seq, hidden) with ``n_new`` (batch,) real tokens and decode
-        every row to the end (``max_new`` (batch,) tokens at most, ``max_len - seq`` the buffer), in one program."""
+        every row to the end (``max_new`` (batch,) tokens at most, ``max_len - seq`` the buffer), in one program;
+        ``tries`` (a ``hotwords.Trie`` of batch rows, with ``cfg.hotword_edges`` edges) biases the search."""
         seq = np.shape(embeds)[1]
         most = int(np.max(max_new))
         if most < 0:
@@ -224,7 +225,7 @@ class Engine:
             )
         args = (self.put(embeds), self.put(n_new, np.int32), self.put(max_new, np.int32))
         prompt = None if prompt_ids is None else self.put(prompt_ids, np.int32)
-        return self._generate(self.params, *args, settings, prompt, cfg=cfg, max_len=max_len)
+        return self._generate(self.params, *args, settings, prompt, tries, cfg=cfg, max_len=max_len)
 
     # -- the decoder over a cache -------------------------------------------------------------------------------
     def init_cache(self, slots: int, max_len: int) -> KVCache:
@@ -253,18 +254,18 @@ class Engine:
         return self._new_state(slots=slots, max_len=max_len, cfg=cfg, out_len=out_len, history_len=history_len)
 
     def insert(self, state: DecodeState, embeds, n_new, ids, max_new, settings: S.SearchSettings,
-               cfg: S.SearchConfig, prompt_ids=None, rows=None) -> DecodeState:
+               cfg: S.SearchConfig, prompt_ids=None, rows=None, tries=None) -> DecodeState:
         """Prefill prompts into requests ``ids`` (k,) on top of what their rows hold, and pick their first tokens.
 
         ``embeds`` (batch, seq, hidden) with ``n_new`` (batch,) real tokens; ``rows`` (k,) picks the batch rows that
         go into ``ids`` (default: all, in order); ``max_new`` (k,); ``prompt_ids`` (batch, seq) feed the repetition
-        guard. The state is donated.
+        guard; ``tries`` (k requests' ``hotwords.Trie``) bias their search. The state is donated.
         """
         ids, max_new = (jax.device_put(np.asarray(x, np.int32)) for x in (ids, max_new))
         rows = np.arange(ids.shape[0], dtype=np.int32) if rows is None else np.asarray(rows, np.int32)
         prompt = None if prompt_ids is None else _device(prompt_ids, np.int32)
         return self._insert(self.params, state, _device(embeds, None), _device(n_new, np.int32), ids, max_new,
-                            settings, prompt, jax.device_put(rows), cfg=cfg)
+                            settings, prompt, jax.device_put(rows), tries, cfg=cfg)
 
     def advance(self, state: DecodeState, settings: S.SearchSettings, cfg: S.SearchConfig, max_steps: int,
                 until_any_done: bool = True) -> tuple[DecodeState, int]:

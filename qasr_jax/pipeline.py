@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from qasr_jax import hotwords as hw
 from qasr_jax import search as S
 from qasr_jax.audio import log_mel_batch, n_frames
 from qasr_jax.buckets import batch_rows, frame_bucket, output_buffer, prompt_width, round_up
@@ -39,13 +40,15 @@ def token_budget(seconds: float) -> int:
 
 @dataclasses.dataclass
 class Work:
-    """One piece to transcribe: samples (16 kHz), forced language (canonical name) or None, context, budget."""
+    """One piece to transcribe: samples (16 kHz), forced language (canonical name) or None, context, budget, and
+    its hotwords as (host trie from ``hotwords.build_trie``, boost) or None."""
 
     key: Any
     samples: np.ndarray
     language: str | None
     context: str
     max_new: int
+    hotwords: tuple | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +75,11 @@ def _pow2(n: int, least: int) -> int:
 
 
 class _Group:
-    """The pieces that share one cache shape, and their batcher (made when first needed, dropped when idle)."""
+    """The pieces that share one cache shape and hotword trie size, and their batcher (made when first needed,
+    dropped when idle offline)."""
 
-    def __init__(self, width: int, out_len: int):
-        self.width, self.out_len = width, out_len
+    def __init__(self, width: int, out_len: int, edges: int):
+        self.width, self.out_len, self.edges = width, out_len, edges
         self.pending: collections.deque[Work] = collections.deque()
         self.batcher: SlotBatcher | None = None
 
@@ -94,17 +98,18 @@ class Pipeline:
         self.model, self.tokenizer, self.options = model, tokenizer, options
         self.batch_size, self.kv_bytes, self.side_by_side = batch_size, kv_bytes, side_by_side
         self.cfg, self.settings = options.config(), options.settings()
-        self.groups: dict[tuple[int, int], _Group] = {}
+        self.groups: dict[tuple[int, int, int], _Group] = {}
         self.steps = 0  # decode steps run by every batcher so far
 
     # -- shapes -------------------------------------------------------------------------------------------------
     def _prompt_len(self, work: Work, n_audio: int) -> int:
         return len(build_prompt_ids(self.tokenizer, n_audio, work.context, work.language))
 
-    def _group_of(self, work: Work) -> tuple[int, int]:
+    def _group_of(self, work: Work) -> tuple[int, int, int]:
         frames = frame_bucket(n_frames(work.samples.shape[0]), self.model.config.audio)
         width = self._prompt_len(work, audio_token_count(frames, self.model.config.audio))
-        return _pow2(prompt_width(width), 256), _pow2(output_buffer(work.max_new), 64)
+        edges = 0 if work.hotwords is None else hw.edge_bucket(len(work.hotwords[0][0]))
+        return _pow2(prompt_width(width), 256), _pow2(output_buffer(work.max_new), 64), edges
 
     def _slots(self, width: int, out_len: int) -> int:
         t = self.model.config.text
@@ -148,19 +153,20 @@ class Pipeline:
         batch = Prompts(self.model.engine.embed(ids_dev, audio), np.array([len(p) for p in prompts], np.int32),
                         ids_dev if self.cfg.penalize_repetition or self.cfg.no_repeat_ngram_size else None)
         for r, work in enumerate(take):
-            batcher.submit(Request(batch, r, work.max_new, tag=work))
+            batcher.submit(Request(batch, r, work.max_new, tag=work, hotwords=work.hotwords))
 
     def step(self) -> list[tuple[Work, Output]]:
         """Encode what free slots can take, decode until a piece finishes -> the finished pieces."""
         live = [g for g in self.groups.values() if not g.idle]
         if not self.side_by_side:  # one cache at a time: the group holding the longest prompts first
-            live = sorted(live, key=lambda g: (-g.width, -g.out_len))[:1]
+            live = sorted(live, key=lambda g: (-g.width, -g.out_len, g.edges))[:1]
         done: list[tuple[Work, Output]] = []
         for group in live:
             if group.batcher is None:
                 slots = self._slots(group.width, group.out_len)
+                cfg = dataclasses.replace(self.cfg, hotword_edges=group.edges)
                 group.batcher = SlotBatcher(self.model.engine, slots, group.width + group.out_len, group.out_len,
-                                            self.cfg, self.settings, history_len=group.width + group.out_len)
+                                            cfg, self.settings, history_len=group.width + group.out_len)
             if group.pending and not group.batcher.queue:
                 group.pending = collections.deque(sorted(group.pending, key=lambda w: -w.samples.shape[0]))
                 self._encode(group)

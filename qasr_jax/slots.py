@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from qasr_jax import hotwords as hw
 from qasr_jax import search as S
 
 
@@ -40,6 +41,7 @@ class Request:
     max_new: int
     slot: int | None = None
     tag: Any = None  # the caller's
+    hotwords: tuple | None = None  # (host trie arrays from hotwords.build_trie, boost), for a batcher with edges
 
 
 @dataclasses.dataclass
@@ -139,8 +141,13 @@ class SlotBatcher:
         rows = np.array([r.row for r, _ in padded], np.int32)
         ids = np.array([s for _, s in padded], np.int32)
         max_new = np.array([r.max_new for r, _ in padded], np.int32)
+        tries = None
+        if self.cfg.hotword_edges:
+            none = ((np.zeros(0, np.int32),) * 2 + (np.zeros(1, np.int32),) * 2, 0.0)
+            lists = [r.hotwords or none for r, _ in padded]
+            tries = hw.pack([t for t, _ in lists], [b for _, b in lists], self.cfg.hotword_edges)
         self.state = self.engine.insert(self.state, prompts.embeds, prompts.lengths, ids, max_new, self.settings,
-                                        self.cfg, prompts.ids, rows)
+                                        self.cfg, prompts.ids, rows, tries)
         for req, slot in group:
             self.live[slot] = req
 

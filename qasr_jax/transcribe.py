@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from qasr_jax import hotwords as hw
 from qasr_jax.audio import SAMPLE_RATE, AudioError, load_audio
 from qasr_jax.hub import resolve_model_path
 from qasr_jax.loading import Model, load
@@ -120,6 +121,21 @@ def word_logprobs(tok: Tokenizer, part: _Part, words: list[str]) -> list[float |
     return out
 
 
+def _hotword_lists(hotwords, n: int) -> list[list[str]]:
+    """One list of hotwords per input from None, a list of words (for all) or a list of lists (one per input)."""
+    if hotwords is None:
+        return [[] for _ in range(n)]
+    if isinstance(hotwords, str):
+        raise TypeError("hotwords must be a list of words (or one list per input), not a string; "
+                        "e.g. hotwords=['Qwen', 'Pallas']")
+    items = list(hotwords)
+    if items and all(isinstance(x, (list, tuple)) for x in items):
+        if len(items) != n:
+            raise ValueError(f"hotwords has {len(items)} lists for {n} inputs; pass one list per input or one list")
+        return [[str(w) for w in x if str(w).strip()] for x in items]
+    return [[str(w) for w in items if str(w).strip()]] * n
+
+
 def _join(texts: list[str], language: str | None) -> str:
     texts = [t.strip() for t in texts if t.strip()]
     return ("" if language in _CJK_JOIN else " ").join(texts)
@@ -163,7 +179,10 @@ class Transcriber:
         (text or one per input) biases towards names and terms. ``max_new_tokens`` (one for all, or one per input)
         caps each piece's output; None: a budget that grows with the piece's duration
         (``qasr_jax.pipeline.token_budget``). ``batch_size`` is the number of decode slots: a piece that finishes
-        frees its slot for the next at once. Other options: ``return_timestamps``,
+        frees its slot for the next at once. ``hotwords`` (a list of words and names for every input, or one list
+        per input) biases the search towards them by ``hotword_boost`` per matched token (see
+        ``qasr_jax.hotwords``) and, unless ``hotwords_in_context=False``, adds them to the context the model reads.
+        Other options: ``return_timestamps``,
         ``length_penalty``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``max_audio_seconds`` (longer
         inputs are cut into pieces), ``errors`` ("raise": stop on the first bad input before any work;
         "collect": report it in ``Result.error`` and go on), ``progress``.
@@ -183,7 +202,9 @@ class Transcriber:
                         batch_size: int = 8, *, return_timestamps: bool = False, length_penalty: float = 1.0,
                         repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
                         max_audio_seconds: float = 1200.0, errors: str = "raise",
-                        progress: bool = False, suppress_eos: bool = False) -> Iterator[tuple[int, Result]]:
+                        progress: bool = False, suppress_eos: bool = False, hotwords=None,
+                        hotword_boost: float = hw.DEFAULT_BOOST,
+                        hotwords_in_context: bool = True) -> Iterator[tuple[int, Result]]:
         """Like ``transcribe`` but yields ``(input index, Result)`` as soon as each input is done.
 
         ``suppress_eos=True`` makes every piece run to its ``max_new_tokens`` (for benchmarks).
@@ -206,6 +227,10 @@ class Transcriber:
             raise ValueError("return_timestamps=True needs a forced aligner: Transcriber.from_pretrained(..., aligner=...)")
         langs = [None if l is None else normalize_language(l, self.languages) for l in _as_list(language, n, "language")]
         contexts = [c or "" for c in _as_list(context, n, "context")]
+        words = _hotword_lists(hotwords, n)
+        if hotwords_in_context:  # the model was trained to read names and terms from its context
+            contexts = [" ".join(filter(None, [c, ", ".join(w)])) for c, w in zip(contexts, words)]
+        tries = [(hw.build_trie(w, self.tokenizer.encode), hotword_boost) if w else None for w in words]
         if return_timestamps:  # the aligner takes pieces of at most ALIGN_PIECE_SECONDS, as the official toolkit
             max_audio_seconds = min(max_audio_seconds, ALIGN_PIECE_SECONDS)
 
@@ -228,7 +253,7 @@ class Transcriber:
             for p, piece in enumerate(split_long_audio(wave, max_audio_seconds)):
                 pieces[i][p] = piece
                 budget = budgets[i] or min(token_budget(piece.duration), limit)
-                pipe.submit(Work((i, p), piece.samples, langs[i], contexts[i], budget))
+                pipe.submit(Work((i, p), piece.samples, langs[i], contexts[i], budget, tries[i]))
         for i in range(n):  # bad and silent inputs first: they are done
             if results[i].error is not None or i not in pieces:
                 yield i, results[i]
