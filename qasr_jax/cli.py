@@ -117,6 +117,8 @@ def check_transcribe_args(args: argparse.Namespace) -> None:
             problems.append(f"{flag} must be >= 1, got {value}")
     if not (math.isfinite(args.max_audio_seconds) and args.max_audio_seconds > 0):
         problems.append(f"--max-audio-seconds must be a positive number of seconds, got {args.max_audio_seconds:g}")
+    if args.hotword_boost is not None and not (math.isfinite(args.hotword_boost) and args.hotword_boost >= 0):
+        problems.append(f"--hotword-boost must be a non-negative number, got {args.hotword_boost:g}")
     if args.timestamps and not args.aligner:
         problems.append(f"--timestamps needs a forced aligner: add --aligner {DEFAULT_ALIGNER} (or a local aligner "
                         "folder)")
@@ -174,6 +176,19 @@ def report_result(result, args: argparse.Namespace) -> bool:
     return result.error is not None
 
 
+def read_hotwords(inline: str | None, path: str | None) -> list[str]:
+    """Hotwords from --hotwords "a,b" and --hotwords-file (one a line, # comments), in order, without repeats."""
+    words = [w.strip() for w in (inline or "").split(",")]
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                words += [line.split("#", 1)[0].strip() for line in f]
+        except OSError as e:
+            raise ValueError(f"--hotwords-file {path}: cannot read it ({e.strerror}); pass a UTF-8 text file with "
+                             "one hotword per line") from None
+    return list(dict.fromkeys(w for w in words if w))
+
+
 def _transcribe(args: argparse.Namespace) -> int:
     check_transcribe_args(args)
     if args.aligner and not args.timestamps:
@@ -213,10 +228,12 @@ def _transcribe(args: argparse.Namespace) -> int:
                          f"{args.max_new_tokens}; lower it, or cut the audio shorter with --max-audio-seconds")
     printer = InOrderPrinter(files, labels=len(files) > 1 and args.output_format != "json")
     failed = 0
+    boost = {} if args.hotword_boost is None else {"hotword_boost": args.hotword_boost}
     results = asr.transcribe_iter(
         files, language=args.language, context=args.context, beam_size=args.beam_size,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, return_timestamps=args.timestamps,
         max_audio_seconds=args.max_audio_seconds, errors="collect", progress=sys.stderr.isatty(),
+        hotwords=read_hotwords(args.hotwords, args.hotwords_file) or None, **boost,
     )
     for i, result in results:
         failed += report_result(result, args)
@@ -282,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model", default="Qwen/Qwen3-ASR-0.6B", help="checkpoint folder or hub id")
     tr.add_argument("--language", default=None, help="force a language (name or ISO code); default: detect")
     tr.add_argument("--context", default="", help="context text: names, hotwords, domain terms")
+    tr.add_argument("--hotwords", default=None, help="comma-separated words and names to bias the search towards "
+                    '(e.g. "Qwen,Pallas,JAX"); they are also added to the context')
+    tr.add_argument("--hotwords-file", default=None, help="a UTF-8 file of hotwords, one per line (# comments)")
+    tr.add_argument("--hotword-boost", type=float, default=None,
+                    help="bonus per matched hotword token, in log-probability units (default 2.0)")
     tr.add_argument("--beam-size", type=int, default=1, help="1 = greedy")
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--dtype", default="float32", choices=DTYPES)

@@ -117,10 +117,15 @@ def test_the_trie_holds_every_spelling_and_where_words_end():
 
 
 @pytest.fixture(scope="module")
-def asr(checkpoints, tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("hot") / "model")
-    shutil.copytree(checkpoints("asr").official, folder)
-    write_tokenizer(folder, "official")
+def folder(checkpoints, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("hot") / "model")
+    shutil.copytree(checkpoints("asr").official, path)
+    write_tokenizer(path, "official")
+    return path
+
+
+@pytest.fixture(scope="module")
+def asr(folder):
     return Transcriber.from_pretrained(folder)
 
 
@@ -142,3 +147,27 @@ def test_transcriber_steers_the_tiny_model_to_a_hotword(asr):
     assert two[0].token_ids == steered.token_ids and two[1].token_ids == plain.token_ids
     with pytest.raises(TypeError, match="list of words"):
         asr.transcribe(wave, hotwords="Pallas")
+
+
+def test_cli_hotwords_from_the_flag_and_a_file(asr, folder, tmp_path, capsys, monkeypatch):
+    import json
+
+    import soundfile as sf
+
+    from qasr_jax import cli
+
+    words = tmp_path / "words.txt"
+    words.write_text("Pallas  # the library\n\nQwen\nPallas\n", encoding="utf-8")
+    assert cli.read_hotwords("JAX, Qwen,,", str(words)) == ["JAX", "Qwen", "Pallas"]
+    with pytest.raises(ValueError, match="--hotwords-file .*missing.txt"):
+        cli.read_hotwords(None, str(tmp_path / "missing.txt"))
+    monkeypatch.setenv("QASR_JAX_COMPILATION_CACHE", "off")
+    wav = str(tmp_path / "clip.wav")
+    sf.write(wav, speech("hello_en.wav"), 16000)
+    code = cli.main(["transcribe", wav, "--model", folder, "--max-new-tokens", "8", "--hotwords-file", str(words),
+                     "--hotword-boost", "300", "--output-format", "json"])
+    ids = json.loads(capsys.readouterr().out)["token_ids"]
+    (want,) = asr.transcribe(wav, max_new_tokens=8, hotwords=["Pallas", "Qwen"], hotword_boost=300.0)
+    assert code == 0 and ids == want.token_ids
+    assert cli.main(["transcribe", wav, "--model", folder, "--hotword-boost", "-1"]) == 2
+    assert "--hotword-boost must be a non-negative number" in capsys.readouterr().err
