@@ -11,7 +11,8 @@ its own max_new_tokens (8 to 128, EOS suppressed so every clip generates exactly
 Runs alternate (fixed, slots, fixed, slots, ...) after one warm-up each; RTFx (audio seconds per wall second),
 decode steps and the ratio are printed with the CPU model, and the token ids of both paths are checked equal.
 
-    python benchmarks/bench_slots.py [--preset asr-0.6b] [--clips 24] [--batch 8] [--repeats 2] [--checkpoint DIR]
+    python benchmarks/bench_slots.py [--preset asr-0.6b] [--clips 48] [--seconds 2,8] [--batch 8] [--repeats 2]
+                                     [--checkpoint DIR]
 """
 
 from __future__ import annotations
@@ -44,13 +45,13 @@ def cpu_name() -> str:
            f"{os.cpu_count()} cores"
 
 
-def clips(n: int, seed: int = 0) -> tuple[list[np.ndarray], list[int]]:
-    """n clips of 4-12 s (espeak speech continued with noise) and a max_new_tokens of 8 to 128 for each."""
+def clips(n: int, low: float, high: float, seed: int = 0) -> tuple[list[np.ndarray], list[int]]:
+    """n clips of low-high s (espeak speech continued with noise) and a max_new_tokens of 8 to 128 for each."""
     rng = np.random.default_rng(seed)
     base = speech("long_en.wav")
     waves = []
     for i in range(n):
-        seconds = float(rng.uniform(4, 12))
+        seconds = float(rng.uniform(low, high))
         tail = synthetic(max(0.0, seconds - base.shape[0] / 16000), i)
         waves.append(np.concatenate([base, tail])[: int(seconds * 16000)])
     return waves, [int(x) for x in rng.integers(8, 129, n)]
@@ -96,7 +97,8 @@ def slots(asr, waves, budgets, batch) -> tuple[list[list[int]], int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="asr-0.6b")
-    parser.add_argument("--clips", type=int, default=24)
+    parser.add_argument("--clips", type=int, default=48)
+    parser.add_argument("--seconds", default="2,8", help="clip lengths: uniform between these (default 2,8)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--checkpoint", default=None, help="a saved random checkpoint folder (built if absent)")
@@ -112,7 +114,7 @@ def main() -> None:
 
     write_tokenizer(folder, "hf")
     asr = qasr_jax.Transcriber.from_pretrained(folder)
-    waves, budgets = clips(args.clips)
+    waves, budgets = clips(args.clips, *(float(x) for x in args.seconds.split(",")))
     audio_s = sum(w.shape[0] for w in waves) / 16000
     print(f"{cpu_name()}; {args.preset}; {args.clips} clips, {audio_s:.1f} s of audio; batch {args.batch}; "
           f"max_new_tokens {min(budgets)}-{max(budgets)} (sum {sum(budgets)})", flush=True)

@@ -106,6 +106,14 @@ def empty(requests: int, edges: int) -> Trie:
     return pack([(np.zeros(0, np.int32),) * 2 + (np.zeros(1, np.int32),) * 2] * requests, [0.0] * requests, edges)
 
 
+def initial(edges: int, requests: int, hypotheses: int) -> Bias | None:
+    """No hotwords yet for ``requests`` requests of ``hypotheses`` hypotheses; None when ``edges`` is 0 (off)."""
+    if not edges:
+        return None
+    zeros = jnp.zeros((hypotheses,), jnp.int32)
+    return Bias(empty(requests, edges), zeros, zeros.astype(jnp.float32))
+
+
 def _per_hypothesis(trie: Trie, beams: int) -> Trie:
     return jax.tree_util.tree_map(lambda x: jnp.repeat(x, beams, axis=0), trie)
 
@@ -155,3 +163,27 @@ def current_bonus(bias: Bias, beams: int = 1) -> jax.Array:
     """(hypotheses,) the bonus a hypothesis holds now (complete hotwords plus the current partial match)."""
     t = _per_hypothesis(bias.trie, beams)
     return bias.earned + jnp.take_along_axis(t.depth, bias.node[:, None], axis=1)[:, 0] * t.boost
+
+
+def candidates(bias: Bias, parent: jax.Array, token: jax.Array, beams: int) -> tuple[Bias, jax.Array]:
+    """Beam search's candidates (requests, n_cand), each continuing beam ``parent`` with ``token``: their trie
+    places (requests * n_cand hypotheses) and the bonus each keeps if it ends there (requests, n_cand)."""
+    requests, n_cand = parent.shape
+    hyp = (jnp.arange(requests)[:, None] * beams + parent).reshape(-1)
+    cand = transition(bias.replace(node=bias.node[hyp], earned=bias.earned[hyp]), token.reshape(-1), n_cand)
+    return cand, final_bonus(cand, n_cand).reshape(requests, n_cand)
+
+
+def keep(cand: Bias, chosen: jax.Array) -> Bias:
+    """The trie places of the candidates ``chosen`` (requests, beams) as the next live beams."""
+    requests, beams = chosen.shape
+    n_cand = cand.node.shape[0] // requests
+    pick = (jnp.arange(requests)[:, None] * n_cand + chosen).reshape(-1)
+    return cand.replace(node=cand.node[pick], earned=cand.earned[pick])
+
+
+def restart(bias: Bias, requests: jax.Array, hypotheses: jax.Array, tries: Trie) -> Bias:
+    """New ``tries`` for ``requests`` (k,), their ``hypotheses`` back at the root with nothing earned."""
+    trie = jax.tree_util.tree_map(lambda big, new: big.at[requests].set(new), bias.trie, tries)
+    zero = jnp.zeros(hypotheses.shape, jnp.int32)
+    return Bias(trie, bias.node.at[hypotheses].set(zero), bias.earned.at[hypotheses].set(zero.astype(jnp.float32)))

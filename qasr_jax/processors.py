@@ -1,5 +1,9 @@
 """Logits processors of the search: HF's repetition penalty and no-repeat n-grams on a fixed-size history, and EOS
-suppression, acting where transformers' do (on the logits in greedy search, on the log-probs in beam search)."""
+suppression, acting where transformers' do (on the logits in greedy search, on the log-probs in beam search).
+
+The repetition guard's history is the prompt ids when given (HF semantics: the prompt's ``<|audio_pad|>``,
+chat-template and newline tokens count too) plus the generated tokens; without prompt ids only the generated ones.
+"""
 
 from __future__ import annotations
 
@@ -17,17 +21,18 @@ class Guard:
     length: jax.Array | None  # (rows,) int32: real ids in `history`
 
 
-def init_guard(rows: int, vocab: int, history_len: int, penalize: bool, ngram_size: int, pad_id: int) -> Guard:
-    """An empty guard: ``seen`` when the repetition penalty is on, a history of ``history_len`` ids for n-grams."""
-    seen = jnp.zeros((rows, vocab), bool) if penalize else None
+def init_guard(rows: int, vocab: int, history_len: int, cfg) -> Guard:
+    """An empty guard for a ``search.SearchConfig``: ``seen`` when the repetition penalty is on, a history of
+    ``history_len`` ids for no-repeat n-grams."""
+    seen = jnp.zeros((rows, vocab), bool) if cfg.penalize_repetition else None
     history = length = None
-    if ngram_size:
-        history = jnp.full((rows, history_len), pad_id, jnp.int32)
+    if cfg.no_repeat_ngram_size:
+        history = jnp.full((rows, history_len), cfg.pad_id, jnp.int32)
         length = jnp.zeros((rows,), jnp.int32)
     return Guard(seen, history, length)
 
 
-def guard_from_prompt(guard: Guard, prompt_ids, prompt_len, pad_id: int) -> Guard:
+def guard_from_prompt(guard: Guard, prompt_ids, prompt_len, cfg) -> Guard:
     """A fresh guard for ``prompt_ids`` (rows, P) with ``prompt_len`` (rows,) real ids (P = 0: no history)."""
     rows, width = prompt_ids.shape
     real = jnp.arange(width)[None, :] < prompt_len[:, None]
@@ -35,8 +40,8 @@ def guard_from_prompt(guard: Guard, prompt_ids, prompt_len, pad_id: int) -> Guar
     if guard.seen is not None:
         seen = jnp.zeros((rows, guard.seen.shape[1]), bool).at[jnp.arange(rows)[:, None], prompt_ids].max(real)
     if guard.history is not None:
-        history = jnp.full((rows, guard.history.shape[1]), pad_id, jnp.int32)
-        history = history.at[:, :width].set(jnp.where(real, prompt_ids, pad_id))
+        history = jnp.full((rows, guard.history.shape[1]), cfg.pad_id, jnp.int32)
+        history = history.at[:, :width].set(jnp.where(real, prompt_ids, cfg.pad_id))
         length = prompt_len.astype(jnp.int32)
     return Guard(seen, history, length)
 
@@ -66,15 +71,16 @@ def _banned_ngrams(history: jax.Array, length: jax.Array, n: int, vocab: int) ->
     return jnp.zeros((rows, vocab), bool).at[jnp.arange(rows)[:, None], grams[..., n - 1]].max(match)
 
 
-def process(scores: jax.Array, guard: Guard, ngram_size: int, repetition_penalty, eos_ids, suppress_eos) -> jax.Array:
-    """HF's logits processors on scores (rows, vocab): repetition penalty, banned n-grams, suppressed EOS."""
+def process(scores: jax.Array, guard: Guard, cfg, z) -> jax.Array:
+    """HF's logits processors on scores (rows, vocab) for a ``search.SearchConfig`` and ``SearchSettings``:
+    repetition penalty, banned n-grams, suppressed EOS."""
     if guard.seen is not None:
-        p = repetition_penalty
+        p = z.repetition_penalty
         scores = jnp.where(guard.seen, jnp.where(scores < 0, scores * p, scores / p), scores)
     if guard.history is not None:
-        banned = _banned_ngrams(guard.history, guard.length, ngram_size, scores.shape[-1])
+        banned = _banned_ngrams(guard.history, guard.length, cfg.no_repeat_ngram_size, scores.shape[-1])
         scores = jnp.where(banned, -jnp.inf, scores)
-    is_eos = jnp.zeros(scores.shape[-1], bool).at[eos_ids].set(True)  # (vocab,)
-    return jnp.where(is_eos & suppress_eos, -jnp.inf, scores)
+    is_eos = jnp.zeros(scores.shape[-1], bool).at[z.eos_ids].set(True)  # (vocab,)
+    return jnp.where(is_eos & z.suppress_eos, -jnp.inf, scores)
 
 

@@ -20,9 +20,8 @@ Semantics follow transformers' ``generate(do_sample=False)`` so that token ids a
 * logits processors (repetition penalty, no-repeat n-grams, EOS suppression) act where HF's do: on the logits in
   greedy search, on the log-probs in beam search.
 
-Each generated token also gets its log-probability (after the processors, before any length penalty).
-The repetition guard's history is the prompt ids when given (HF semantics: the prompt's ``<|audio_pad|>``,
-chat-template and newline tokens count too) plus the generated tokens; without prompt ids only the generated ones.
+Each generated token also gets its log-probability (after the processors, before any length penalty); hotwords
+(``qasr_jax.hotwords``) bias the ranking only.
 """
 
 from __future__ import annotations
@@ -132,25 +131,8 @@ def _set_rows(big, idx: jax.Array, new):
 
 def _pick_rows(update: jax.Array, new, old):
     """Per leading row: ``new`` where ``update``, else ``old`` (every leaf of two equal trees)."""
-    def choose(n, o):
-        return jnp.where(update.reshape(update.shape + (1,) * (n.ndim - 1)), n, o)
-
-    return jax.tree_util.tree_map(choose, new, old)
-
-
-def _guard(cfg: SearchConfig, rows: int, vocab: int, history_len: int) -> P.Guard:
-    return P.init_guard(rows, vocab, history_len, cfg.penalize_repetition, cfg.no_repeat_ngram_size, cfg.pad_id)
-
-
-def _processed(scores, guard: P.Guard, cfg: SearchConfig, z: SearchSettings):
-    return P.process(scores, guard, cfg.no_repeat_ngram_size, z.repetition_penalty, z.eos_ids, z.suppress_eos)
-
-
-def _bias(cfg: SearchConfig, requests: int, hypotheses: int) -> hw.Bias | None:
-    if not cfg.hotword_edges:
-        return None
-    zeros = jnp.zeros((hypotheses,), jnp.int32)
-    return hw.Bias(hw.empty(requests, cfg.hotword_edges), zeros, zeros.astype(jnp.float32))
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(update.reshape(update.shape + (1,) * (n.ndim - 1)), n, o),
+                                  new, old)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -179,12 +161,12 @@ def _greedy_init(cfg: SearchConfig, n: int, out_len: int, vocab: int, history_le
         t=zeros, max_new=zeros, tokens=jnp.full((n, out_len), cfg.pad_id, jnp.int32),
         logprobs=jnp.zeros((n, out_len), jnp.float32), lengths=zeros, finished=zeros.astype(bool),
         done=jnp.ones((n,), bool), logprob=jnp.zeros((n,), jnp.float32), last=zeros,
-        guard=_guard(cfg, n, vocab, history_len), bias=_bias(cfg, n, n),
+        guard=P.init_guard(n, vocab, history_len, cfg), bias=hw.initial(cfg.hotword_edges, n, n),
     )
 
 
 def _greedy_pick(s: GreedyRows, logits, update, cfg: SearchConfig, z: SearchSettings) -> GreedyRows:
-    scores = _processed(logits, s.guard, cfg, z)  # HF processes the logits in greedy search
+    scores = P.process(logits, s.guard, cfg, z)  # HF processes the logits in greedy search
     rank = scores if s.bias is None else scores + hw.bonus_table(s.bias, scores.shape[-1])
     token = jnp.argmax(rank, axis=-1).astype(jnp.int32)
     logp = jnp.take_along_axis(jax.nn.log_softmax(scores, axis=-1), token[:, None], axis=1)[:, 0]
@@ -222,7 +204,7 @@ class BeamRows:
     alive_scores: jax.Array  # (requests, beams) float32 summed log-probs (no hotword bonus), best first
     done_tokens: jax.Array  # (requests, beams, out_len) int32: kept finished hypotheses
     done_logprobs: jax.Array  # (requests, beams, out_len) float32
-    done_scores: jax.Array  # (requests, beams) float32 length-penalised, best first; about NEG when empty
+    done_scores: jax.Array  # (requests, beams) float32 length-penalised, best first; ~NEG when empty
     done_lengths: jax.Array  # (requests, beams) int32, EOS excluded
     done_eos: jax.Array  # (requests, beams) bool: the hypothesis ended with an EOS
     done_mask: jax.Array  # (requests, beams) bool: the slot holds a finished hypothesis
@@ -245,8 +227,8 @@ def _beam_init(cfg: SearchConfig, n: int, out_len: int, vocab: int, history_len:
         done_logprobs=floats, done_scores=jnp.full((n, beams), NEG, jnp.float32), done_lengths=zeros,
         done_eos=zeros.astype(bool), done_mask=zeros.astype(bool), improvable=jnp.ones((n,), bool),
         done=jnp.ones((n,), bool), parents=jnp.arange(n * beams, dtype=jnp.int32),
-        last=jnp.zeros((n * beams,), jnp.int32), guard=_guard(cfg, n * beams, vocab, history_len),
-        bias=_bias(cfg, n, n * beams),
+        last=jnp.zeros((n * beams,), jnp.int32), guard=P.init_guard(n * beams, vocab, history_len, cfg),
+        bias=hw.initial(cfg.hotword_edges, n, n * beams),
     )
 
 
@@ -260,7 +242,7 @@ def _beam_pick(s: BeamRows, logits, update, cfg: SearchConfig, z: SearchSettings
     vocab = logits.shape[-1]
     t = s.t[:, None]  # (requests, 1)
     n_cand = max(2, 1 + z.eos_ids.shape[0]) * beams  # enough that `beams` candidates survive all-EOS steps
-    logp = _processed(jax.nn.log_softmax(logits, axis=-1), s.guard, cfg, z)  # HF processes log-probs in beam search
+    logp = P.process(jax.nn.log_softmax(logits, axis=-1), s.guard, cfg, z)  # HF processes log-probs in beam search
     rank = logp if s.bias is None else logp + hw.bonus_table(s.bias, vocab, beams)  # hotwords: ranking only
     logp, rank = (x.reshape(requests, beams * vocab) for x in (logp, rank))
     total = rank + jnp.repeat(s.alive_scores, vocab, axis=1)
@@ -268,12 +250,7 @@ def _beam_pick(s: BeamRows, logits, update, cfg: SearchConfig, z: SearchSettings
     cand_logp = jnp.take_along_axis(logp, flat, axis=1)  # each candidate token's own log-prob
     parent, token = flat // vocab, (flat % vocab).astype(jnp.int32)
     cand_scores = cand_rank if s.bias is None else _gather(s.alive_scores, parent) + cand_logp
-    cand_bias = final = None
-    if s.bias is not None:
-        hyp = (jnp.arange(requests)[:, None] * beams + parent).reshape(-1)
-        cand_bias = hw.transition(s.bias.replace(node=s.bias.node[hyp], earned=s.bias.earned[hyp]),
-                                  token.reshape(-1), n_cand)
-        final = hw.final_bonus(cand_bias, n_cand).reshape(requests, n_cand)
+    cand_bias, final = (None, None) if s.bias is None else hw.candidates(s.bias, parent, token, beams)
     at = (jnp.arange(out_len) == t[:, :, None])  # (requests, 1, out_len): this step's position
     cand_tokens = jnp.where(at, token[..., None], _gather(s.alive_tokens, parent))  # (requests, n_cand, out_len)
     cand_logprobs = jnp.where(at, cand_logp[..., None], _gather(s.alive_logprobs, parent))
@@ -286,10 +263,7 @@ def _beam_pick(s: BeamRows, logits, update, cfg: SearchConfig, z: SearchSettings
     alive_tokens, alive_logprobs = _gather(cand_tokens, keep), _gather(cand_logprobs, keep)
     parents = (jnp.arange(requests)[:, None] * beams + _gather(parent, keep)).reshape(-1).astype(jnp.int32)
     last = _gather(token, keep).reshape(-1)
-    bias = s.bias
-    if bias is not None:
-        pick_kept = (jnp.arange(requests)[:, None] * n_cand + keep).reshape(-1)
-        bias = bias.replace(node=cand_bias.node[pick_kept], earned=cand_bias.earned[pick_kept])
+    bias = s.bias if s.bias is None else hw.keep(cand_bias, keep)
 
     # Finished hypotheses: only candidates among the first `beams` count, each penalised by its generated length.
     full_stop = z.early_stopping == EARLY_STOPPING[True]
@@ -325,14 +299,12 @@ def _beam_pick(s: BeamRows, logits, update, cfg: SearchConfig, z: SearchSettings
     per_request = {f.name for f in dataclasses.fields(BeamRows)} - {"parents", "last", "guard", "bias"}
     beam_update = jnp.repeat(update, beams)
     chosen = _pick_rows(update, {k: getattr(new, k) for k in per_request}, {k: getattr(s, k) for k in per_request})
-    out = BeamRows(
+    return BeamRows(
         **chosen, parents=jnp.where(beam_update, new.parents, s.parents),
-        last=jnp.where(beam_update, new.last, s.last), guard=_pick_rows(beam_update, new.guard, s.guard), bias=s.bias,
+        last=jnp.where(beam_update, new.last, s.last), guard=_pick_rows(beam_update, new.guard, s.guard),
+        bias=bias if bias is None else bias.replace(node=jnp.where(beam_update, bias.node, s.bias.node),
+                                                    earned=jnp.where(beam_update, bias.earned, s.bias.earned)),
     )
-    if bias is not None:
-        out = out.replace(bias=bias.replace(node=jnp.where(beam_update, bias.node, s.bias.node),
-                                            earned=jnp.where(beam_update, bias.earned, s.bias.earned)))
-    return out
 
 
 def _beam_result(s: BeamRows, cfg: SearchConfig) -> SearchResult:
@@ -359,10 +331,9 @@ def init_rows(cfg: SearchConfig, requests: int, out_len: int, vocab: int, histor
 
 def start(rows: Rows, ids: jax.Array, max_new: jax.Array, cfg: SearchConfig, prompt_ids=None,
           prompt_len=None, tries: hw.Trie | None = None) -> Rows:
-    """Reset requests ``ids`` (k,) for new prompts: ``max_new`` (k,) tokens each (cut to the output buffer), the
-    repetition guard's history from ``prompt_ids`` (k, P) with ``prompt_len`` (k,) real ids, hotword ``tries``
-    (k requests; None: none). Their first token comes from ``pick`` on the prompts' logits (update: the started
-    requests that are not done)."""
+    """Reset requests ``ids`` (k,) for new prompts: ``max_new`` (k,) tokens each (cut to the output buffer), guard
+    history ``prompt_ids`` (k, P) with ``prompt_len`` (k,) real ids, hotword ``tries`` (k requests, or None). Their
+    first token: ``pick`` on the prompts' logits, updating the started requests that are not done."""
     k, beams = ids.shape[0], _beams(rows)
     out_len = rows.tokens.shape[1] if beams == 0 else rows.alive_tokens.shape[2]
     fresh = (_greedy_init if beams == 0 else _beam_init)(dataclasses.replace(cfg, hotword_edges=0), k, out_len, 1, 0)
@@ -375,7 +346,7 @@ def start(rows: Rows, ids: jax.Array, max_new: jax.Array, cfg: SearchConfig, pro
     if prompt_ids is None:
         prompt_ids, prompt_len = jnp.zeros((k, 0), jnp.int32), jnp.zeros((k,), jnp.int32)
     guard = P.guard_from_prompt(rows.guard, jnp.repeat(prompt_ids, beams, axis=0), jnp.repeat(prompt_len, beams),
-                                cfg.pad_id)
+                                cfg)
     fields = {f.name: getattr(fresh, f.name) for f in dataclasses.fields(fresh)} | {"guard": guard}
     decoder_rows = (ids[:, None] * beams + jnp.arange(beams)).reshape(-1)
     if beam_rows:
@@ -387,10 +358,7 @@ def start(rows: Rows, ids: jax.Array, max_new: jax.Array, cfg: SearchConfig, pro
         per_row = name in ("parents", "last", "guard") and beam_rows
         out[name] = _set_rows(current, decoder_rows if per_row else ids, value)
     if rows.bias is not None:
-        tries = hw.empty(k, cfg.hotword_edges) if tries is None else tries
-        zero = jnp.zeros(decoder_rows.shape, jnp.int32)
-        bias = hw.Bias(_set_rows(rows.bias.trie, ids, tries), rows.bias.node.at[decoder_rows].set(zero),
-                       rows.bias.earned.at[decoder_rows].set(zero.astype(jnp.float32)))
+        bias = hw.restart(rows.bias, ids, decoder_rows, hw.empty(k, cfg.hotword_edges) if tries is None else tries)
     return type(rows)(**out, bias=bias)
 
 
@@ -422,8 +390,8 @@ def step(step_fn: StepFn, rows: Rows, state, batch_axes, cfg: SearchConfig, z: S
 
 def run(step_fn: StepFn, rows: Rows, state, batch_axes, cfg: SearchConfig, z: SearchSettings,
         max_steps: jax.Array | int, until_any_done: bool = False):
-    """Step until every request is done, or ``max_steps`` steps, or (``until_any_done``) a request that was live
-    at the start is done -> (rows, state, steps taken). One ``lax.while_loop``."""
+    """Step (one ``lax.while_loop``) until all requests are done, ``max_steps`` steps, or (``until_any_done``) a
+    request live at the start is done -> (rows, state, steps taken)."""
     live = ~rows.done
 
     def cond(carry):
