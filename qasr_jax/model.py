@@ -281,6 +281,16 @@ class CacheWrite:
     positions: jax.Array  # (batch, seq) int32
 
 
+def _scatter(cache: jax.Array, idx, new: jax.Array) -> jax.Array:
+    """``cache.at[idx].set(new)``, positions past the end dropped. A 16-bit float cache is scattered as uint16:
+    XLA:CPU scatters bf16 by converting the whole stacked cache to float32 and back, in every layer."""
+    if cache.dtype.itemsize != 2:
+        return cache.at[idx].set(new.astype(cache.dtype), mode="drop")
+    bits = jax.lax.bitcast_convert_type(new.astype(cache.dtype), jnp.uint16)
+    out = jax.lax.bitcast_convert_type(cache, jnp.uint16).at[idx].set(bits, mode="drop")
+    return jax.lax.bitcast_convert_type(out, cache.dtype)
+
+
 class DecoderLayer(nn.Module):
     """Qwen3 layer: GQA with per-head q/k RMSNorm before RoPE, SwiGLU MLP, pre-RMSNorm."""
 
@@ -310,7 +320,7 @@ class DecoderLayer(nn.Module):
             rows = write.rows if write.rows is not None else jnp.arange(batch)
             # Scatter (batch, seq, kv_heads, head_dim) into the stacked cache at (layer, row, :, position, :).
             idx = (layer, rows[:, None], slice(None), write.positions, slice(None))
-            kv = tuple(c.at[idx].set(new.astype(c.dtype), mode="drop") for c, new in zip(kv, (k, v)))
+            kv = tuple(_scatter(c, idx, new) for c, new in zip(kv, (k, v)))
             k, v = kv[0][layer], kv[1][layer]  # (slots, kv_heads, max_len, head_dim)
             if write.rows is not None:
                 k, v = k[write.rows], v[write.rows]
