@@ -2,7 +2,8 @@
 bfloat16, core stages and end to end, in one run, each figure next to this machine's floor for it; the report is
 printed and appended to benchmarks/RESULTS.md.
 
-    python benchmarks/bench_all.py [--preset asr-0.6b] [--repeats 5] [--e2e-repeats 2] [--no-append]
+    python benchmarks/bench_all.py [--preset asr-0.6b] [--repeats 5] [--e2e-repeats 2] [--e2e-clips 8]
+                                   [--torch-threads N] [--no-append]
 
 Sides: ``torch f32`` and ``torch bf16`` (transformers, loaded from the same bf16 checkpoint, so both sides hold the
 same weight values), ``ours f32``, ``ours bf16`` (``qasr_jax.load(dtype="bfloat16")``) and ``ours int8``
@@ -136,11 +137,11 @@ def load_torch(folder: str, side: str):
     return transformers.Qwen3ASRForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
 
 
-def end_to_end(ours: dict, ref_side: str, ref, folder: str, repeats: int) -> tuple[dict, float]:
-    """{(side, batch): (seconds of the best pass, others' cores)}: 8 clips, NEW_TOKENS each, round robin."""
+def end_to_end(ours: dict, ref_side: str, ref, folder: str, repeats: int, n_clips: int) -> tuple[dict, float]:
+    """{(side, batch): (seconds of the best pass, others' cores)}: ``n_clips`` clips, NEW_TOKENS each, round robin."""
     from transformers.models.qwen3_asr import Qwen3ASRFeatureExtractor
 
-    waves, fe, tok = clips(0), Qwen3ASRFeatureExtractor(), Tokenizer.from_dir(folder)
+    waves, fe, tok = clips(0)[:n_clips], Qwen3ASRFeatureExtractor(), Tokenizer.from_dir(folder)
     cfg = next(iter(ours.values())).config
     out = {}
     for batch in (1, 8):
@@ -168,9 +169,18 @@ def main() -> None:
     ap.add_argument("--e2e-repeats", type=int, default=2)
     ap.add_argument("--checkpoint", help="folder for the random-weight checkpoint (reused when it exists)")
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    ap.add_argument("--torch-threads", type=int, help="torch's thread count (default: torch's own; on a machine "
+                    "shared with other jobs 1 keeps its OpenMP threads from stalling each other)")
+    ap.add_argument("--e2e-clips", type=int, default=8, help="clips timed end to end (of bench_transcribe's 8)")
     args = ap.parse_args()
     import torch
     import transformers
+
+    from qasr_jax.compiles import enable_compilation_cache
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    enable_compilation_cache()  # a rerun loads our programs instead of compiling them (compile time is not timed)
 
     from tests.tokenizer_files import write_tokenizer
 
@@ -207,7 +217,8 @@ def main() -> None:
             timed = round_robin({side: fns[side][stage] for side in (ref_side, *sides)}, 2, args.repeats)
             core.setdefault(stage, {}).update({(ref_side, side): v for side, v in timed.items()})
             print(ref_side, stage, {s: round(statistics.median(v[0]), 1) for s, v in timed.items()}, flush=True)
-        timed, audio_s = end_to_end({s: ours[s] for s in E2E[ref_side]}, ref_side, ref, folder, args.e2e_repeats)
+        timed, audio_s = end_to_end({s: ours[s] for s in E2E[ref_side]}, ref_side, ref, folder, args.e2e_repeats,
+                                    args.e2e_clips)
         e2e.update({(ref_side, side, batch): v for (side, batch), v in timed.items()})
         print(ref_side, "end to end", timed, flush=True)
         del ref, fns[ref_side]
@@ -246,7 +257,9 @@ def report(args, core, e2e, audio_s, floors, quality, load, bandwidth, rates, ve
     others = [o for runs in core.values() for _, o in runs.values() for o in o]
     lines = [f"## Precision on CPU: bench_all.py ({datetime.datetime.now().isoformat(timespec='minutes')})", "",
              f"CPU: {cpu_line()}. {versions}. Random-weight {args.preset} (bf16 checkpoint, both sides), 11.3 s clip, "
-             f"prompt {n_prompt} tokens, decode steps with the prompt as context; median of {args.repeats} calls per "
+             f"prompt {n_prompt} tokens, decode steps with the prompt as context; end to end {args.e2e_clips} clips "
+             f"({audio_s:.1f} s of audio, {NEW_TOKENS} new tokens each, best of {args.e2e_repeats} passes); "
+             f"median of {args.repeats} calls per "
              f"side, sides round robin within each table. Load: 1-min average {load[0]:.2f} before, {load[1]:.2f} "
              f"after; other processes used {statistics.mean(others):.2f} cores on average during the timed calls (max "
              f"{max(others):.2f}). Peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB. "
