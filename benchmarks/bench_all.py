@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
+import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -156,10 +158,51 @@ def end_to_end(ours: dict, ref_side: str, ref, folder: str, repeats: int, n_clip
     return out, sum(w.shape[0] for w in waves) / 16000
 
 
-# Phases: one reference model in memory at a time, with the sides its targets compare, so a 0.6B run peaks near
-# 9 GB (two earlier layouts were OOM-killed at 13-14 GB on a 24 GB machine shared with other jobs).
-PHASES = {"torch f32": ("ours f32",), "torch bf16": ("ours f32", "ours bf16", "ours int8")}
-E2E = {"torch f32": ("ours f32",), "torch bf16": ("ours bf16", "ours int8")}
+# Each phase runs in its own process with only the models it compares (0.6B runs that held everything in one
+# process were OOM-killed at 9-14 GB on a 24 GB machine shared with other jobs): our three precisions together,
+# then each reference with the sides its targets compare.
+PHASES = {"ours": (None, ("ours f32", "ours bf16", "ours int8"), ()),
+          "torch bf16": ("torch bf16", ("ours bf16", "ours int8"), ("ours bf16", "ours int8")),
+          "torch f32": ("torch f32", ("ours f32",), ("ours f32",))}
+STAGES = ("encoder", "prefill", "step b1", "step b8")
+
+
+def load_sides(folder: str, sides) -> dict:
+    """Our models for ``sides``; bf16 and int8 are made from the float32 load, which is dropped unless wanted."""
+    f32 = qasr_jax.load(folder)
+    return {side: f32 if side == "ours f32" else derive(f32, side) for side in sides}
+
+
+def run_phase(args, name: str, cfg, folder: str, bandwidth: float, rates) -> dict:
+    """One phase, in this process -> JSON-ready results."""
+    ref_side, sides, e2e_sides = PHASES[name]
+    feats, n_frames = log_mel_batch([clip()])
+    feats = np.asarray(feats)
+    ids = PREFIX + [AUDIO_TOKEN_ID] * audio_token_count(int(n_frames[0]), cfg.audio) + SUFFIX
+    ours = load_sides(folder, sides)
+    out = {"core": {}, "e2e": {}, "quality": {}, "floors": {}, "n_prompt": len(ids)}
+    if name == "ours":
+        mel = feats[0, :, : int(n_frames[0])]
+        want = np.asarray(ours["ours f32"].logits(ids, mel), np.float64)
+        for side in ("ours bf16", "ours int8"):
+            got = np.asarray(ours[side].logits(ids, mel))
+            out["quality"][side] = float(np.abs(got - want).max() / np.abs(want).max())
+        floors = stage_floors(ours, cfg, feats.shape[-1] // cfg.audio.chunk_frames, len(ids), bandwidth, rates)
+        out["floors"] = {f"{side}|{stage}": v for (side, stage), v in floors.items()}
+    fns = {side: ours_core(m, feats, n_frames, ids) for side, m in ours.items()}
+    ref = None if ref_side is None else load_torch(folder, ref_side)
+    if ref is not None:
+        fns = {ref_side: torch_core(ref, feats, n_frames, ids), **fns}
+    for stage in STAGES:
+        timed = round_robin({side: f[stage] for side, f in fns.items()}, 2, args.repeats)
+        out["core"].update({f"{name}|{side}|{stage}": v for side, v in timed.items()})
+        print(name, stage, {s: round(statistics.median(v[0]), 1) for s, v in timed.items()}, flush=True)
+    if ref is not None:
+        timed, out["audio_s"] = end_to_end({s: ours[s] for s in e2e_sides}, ref_side, ref, folder,
+                                           args.e2e_repeats, args.e2e_clips)
+        out["e2e"] = {f"{name}|{side}|{batch}": v for (side, batch), v in timed.items()}
+        print(name, "end to end", timed, flush=True)
+    return out
 
 
 def main() -> None:
@@ -172,6 +215,9 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, help="torch's thread count (default: torch's own; on a machine "
                     "shared with other jobs 1 keeps its OpenMP threads from stalling each other)")
     ap.add_argument("--e2e-clips", type=int, default=8, help="clips timed end to end (of bench_transcribe's 8)")
+    ap.add_argument("--phase", choices=list(PHASES), help=argparse.SUPPRESS)  # a child process: one phase
+    ap.add_argument("--floors", help=argparse.SUPPRESS)  # the parent's bandwidth and rates (JSON)
+    ap.add_argument("--out", help=argparse.SUPPRESS)  # where the child writes its results (JSON)
     args = ap.parse_args()
     import torch
     import transformers
@@ -181,11 +227,17 @@ def main() -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     enable_compilation_cache()  # a rerun loads our programs instead of compiling them (compile time is not timed)
+    cfg = preset(args.preset)
+    folder = args.checkpoint or os.path.join("/tmp", f"qasr_bench_all_{args.preset}")
+    if args.phase:
+        measured = json.loads(args.floors)
+        rates = {k: {int(r): v for r, v in d.items()} for k, d in measured["rates"].items()}
+        with open(args.out, "w") as f:
+            json.dump(run_phase(args, args.phase, cfg, folder, measured["bandwidth"], rates), f)
+        return
 
     from tests.tokenizer_files import write_tokenizer
 
-    cfg = preset(args.preset)
-    folder = args.checkpoint or os.path.join("/tmp", f"qasr_bench_all_{args.preset}")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         print(f"building the random-weight checkpoint in {folder} ...", flush=True)
         make_checkpoint(cfg, folder)
@@ -195,39 +247,26 @@ def main() -> None:
     bandwidth = max(copy_bandwidth().values())
     rates = matmul_rates()
     print(f"copy bandwidth {bandwidth:.1f} GB/s; matmul GFLOP/s by rows: {rates}", flush=True)
-
-    feats, n_frames = log_mel_batch([clip()])
-    feats = np.asarray(feats)
-    n_audio = audio_token_count(int(n_frames[0]), cfg.audio)
-    ids = PREFIX + [AUDIO_TOKEN_ID] * n_audio + SUFFIX
-    ours = {"ours f32": qasr_jax.load(folder)}
-    fns, core, e2e, quality = {}, {}, {}, {}
-    f32_logits = np.asarray(ours["ours f32"].logits(ids, feats[0, :, : int(n_frames[0])]), np.float64)
-    for ref_side, sides in PHASES.items():
-        for side in sides:
-            if side not in ours:
-                ours[side] = derive(ours["ours f32"], side)
-                logits = np.asarray(ours[side].logits(ids, feats[0, :, : int(n_frames[0])]))
-                quality[side] = float(np.abs(logits - f32_logits).max() / np.abs(f32_logits).max())
-            if side not in fns:
-                fns[side] = ours_core(ours[side], feats, n_frames, ids)
-        ref = load_torch(folder, ref_side)
-        fns[ref_side] = torch_core(ref, feats, n_frames, ids)
-        for stage in ("encoder", "prefill", "step b1", "step b8"):
-            timed = round_robin({side: fns[side][stage] for side in (ref_side, *sides)}, 2, args.repeats)
-            core.setdefault(stage, {}).update({(ref_side, side): v for side, v in timed.items()})
-            print(ref_side, stage, {s: round(statistics.median(v[0]), 1) for s, v in timed.items()}, flush=True)
-        timed, audio_s = end_to_end({s: ours[s] for s in E2E[ref_side]}, ref_side, ref, folder, args.e2e_repeats,
-                                    args.e2e_clips)
-        e2e.update({(ref_side, side, batch): v for (side, batch), v in timed.items()})
-        print(ref_side, "end to end", timed, flush=True)
-        del ref, fns[ref_side]
-        gc.collect()
+    results, failed = {"core": {}, "e2e": {}, "quality": {}, "floors": {}}, []
+    argv = [a for a in sys.argv[1:] if a != "--no-append"]
+    for name in PHASES:
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            child = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--checkpoint", folder,
+                                    "--phase", name, "--out", out.name,
+                                    "--floors", json.dumps({"bandwidth": bandwidth, "rates": rates})])
+            if child.returncode:
+                failed.append(f"{name} (exit {child.returncode})")
+                continue
+            with open(out.name) as f:
+                part = json.load(f)
+        for key in ("core", "e2e", "quality", "floors"):
+            results[key].update(part[key])
+        results.update({k: part[k] for k in ("audio_s", "n_prompt") if k in part})
     load.append(os.getloadavg()[0])
-    floors = stage_floors(ours, cfg, feats.shape[-1] // cfg.audio.chunk_frames, len(ids), bandwidth, rates)
-    versions = (f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-                f"transformers {transformers.__version__}")
-    text = report(args, core, e2e, audio_s, floors, quality, load, bandwidth, rates, versions, len(ids))
+    versions = (f"jax {jax.__version__}, torch {torch.__version__} "
+                f"({args.torch_threads or torch.get_num_threads()} threads), transformers {transformers.__version__}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+    text = report(args, results, load, bandwidth, rates, versions, failed, peak)
     print(text)
     if not args.no_append:
         with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
@@ -250,60 +289,70 @@ def stage_floors(ours, cfg, chunks: int, n_prompt: int, bandwidth: float, rates)
     return out
 
 
-def report(args, core, e2e, audio_s, floors, quality, load, bandwidth, rates, versions, n_prompt) -> str:
-    """Markdown: machine and floors, one table per reference phase, the targets."""
-    med = {(ref, side, stage): statistics.median(v[0])
-           for stage, runs in core.items() for (ref, side), v in runs.items()}
-    others = [o for runs in core.values() for _, o in runs.values() for o in o]
+def report(args, results, load, bandwidth, rates, versions, failed, peak) -> str:
+    """Markdown: machine, floors and quality; one table per phase (ms, with our floors); the targets."""
+    med = {tuple(k.split("|")): statistics.median(v[0]) for k, v in results["core"].items()}
+    e2e = {tuple(k.split("|")): v[0] for k, v in results["e2e"].items()}
+    floors = {tuple(k.split("|")): v for k, v in results["floors"].items()}
+    quality = results["quality"]
+    others = [o for v in results["core"].values() for o in v[1]] or [0.0]
+    audio_s = results.get("audio_s", 0.0)
     lines = [f"## Precision on CPU: bench_all.py ({datetime.datetime.now().isoformat(timespec='minutes')})", "",
              f"CPU: {cpu_line()}. {versions}. Random-weight {args.preset} (bf16 checkpoint, both sides), 11.3 s clip, "
-             f"prompt {n_prompt} tokens, decode steps with the prompt as context; end to end {args.e2e_clips} clips "
-             f"({audio_s:.1f} s of audio, {NEW_TOKENS} new tokens each, best of {args.e2e_repeats} passes); "
-             f"median of {args.repeats} calls per "
-             f"side, sides round robin within each table. Load: 1-min average {load[0]:.2f} before, {load[1]:.2f} "
-             f"after; other processes used {statistics.mean(others):.2f} cores on average during the timed calls (max "
-             f"{max(others):.2f}). Peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB. "
-             f"Floors: copy bandwidth {bandwidth:.1f} GB/s; matmul GFLOP/s (GOP/s for int8) at "
-             f"{'/'.join(str(k) for k in next(iter(rates.values())))} rows: "
-             + ", ".join(f"{k} " + "/".join(f"{v:.0f}" for v in r.values()) for k, r in rates.items()) + ". "
-             f"Prompt logits against ours f32 (max rel): bf16 {quality['ours bf16']:.1e}, int8 "
-             f"{quality['ours int8']:.1e}."]
-    for ref, sides in PHASES.items():
-        cols = (ref, *sides)
-        lines += ["", "| ms (floor) | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-        for stage in core:
-            cells = [f"{med[ref, s, stage]:.0f}" + (f" ({floors[s, stage]:.0f})" if (s, stage) in floors else "")
-                     for s in cols]
+             f"prompt {results.get('n_prompt', '?')} tokens, decode steps with the prompt as context; end to end "
+             f"{args.e2e_clips} clips ({audio_s:.1f} s of audio, {NEW_TOKENS} new tokens each, best of "
+             f"{args.e2e_repeats} passes); median of {args.repeats} calls per side, sides round robin within each "
+             f"table (one process per table). Load: 1-min average {load[0]:.2f} before, {load[1]:.2f} after; other "
+             f"processes used {statistics.mean(others):.2f} cores on average during the timed calls (max "
+             f"{max(others):.2f}). Peak RSS of a phase {peak:.1f} GB. Floors: copy bandwidth {bandwidth:.1f} GB/s; "
+             f"matmul GFLOP/s (GOP/s for int8) at {'/'.join(str(k) for k in next(iter(rates.values())))} rows: "
+             + ", ".join(f"{k} " + "/".join(f"{v:.0f}" for v in r.values()) for k, r in rates.items()) + "."
+             + "".join(f" Prompt logits of {s} against ours f32 (max rel): {q:.1e}." for s, q in quality.items())
+             + (f" Phases that failed: {', '.join(failed)}." if failed else "")]
+    for name, (ref, sides, _) in PHASES.items():
+        cols = ((ref,) if ref else ()) + sides
+        if not any((name, s, "step b1") in med for s in cols):
+            continue
+        lines += ["", "| ms (our floor) | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+        for stage in STAGES:
+            cells = [(f"{med[name, s, stage]:.0f}" if (name, s, stage) in med else "")
+                     + (f" ({floors[s, stage]:.0f})" if (s, stage) in floors else "") for s in cols]
             lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-        for batch in (1, 8):
-            cells = [f"{audio_s / e2e[ref, s, batch][0]:.2f}" if (ref, s, batch) in e2e else "" for s in cols]
-            lines.append(f"| RTFx end to end, batch {batch} | " + " | ".join(cells) + " |")
+        for batch in ("1", "8"):
+            if any((name, s, batch) in e2e for s in cols):
+                cells = [f"{audio_s / e2e[name, s, batch]:.2f}" if (name, s, batch) in e2e else "" for s in cols]
+                lines.append(f"| RTFx end to end, batch {batch} | " + " | ".join(cells) + " |")
 
-    def faster(a, b, stage):  # how many times faster side a is than side b, in the phase that times both
-        ref = b if b in PHASES else next(r for r, sides in PHASES.items() if a in sides and b in sides)
-        if isinstance(stage, int):
-            return e2e[ref, b, stage][0] / e2e[ref, a, stage][0]
-        return med[ref, b, stage] / med[ref, a, stage]
+    def faster(phase, a, b, stage):  # how many times faster side a is than side b, in one phase
+        if stage in ("1", "8"):
+            return e2e[phase, b, stage] / e2e[phase, a, stage]
+        return med[phase, b, stage] / med[phase, a, stage]
 
-    speed = [("bf16 step b1 vs ours f32", "ours bf16", "ours f32", "step b1", 1.0),
-             ("bf16 step b8 vs ours f32", "ours bf16", "ours f32", "step b8", 1.5),
-             ("bf16 end to end b1 vs torch bf16", "ours bf16", "torch bf16", 1, 1.2),
-             ("bf16 end to end b8 vs torch bf16", "ours bf16", "torch bf16", 8, 1.0),
-             ("bf16 encoder vs torch bf16", "ours bf16", "torch bf16", "encoder", 1.0),
-             ("int8 step b1 vs ours f32", "ours int8", "ours f32", "step b1", 1.5),
-             ("int8 step b8 vs ours f32", "ours int8", "ours f32", "step b8", 2.0)]
+    speed = [("bf16 step b1 vs ours f32", "ours", "ours bf16", "ours f32", "step b1", 1.0),
+             ("bf16 step b8 vs ours f32", "ours", "ours bf16", "ours f32", "step b8", 1.5),
+             ("bf16 end to end b1 vs torch bf16", "torch bf16", "ours bf16", "torch bf16", "1", 1.2),
+             ("bf16 end to end b8 vs torch bf16", "torch bf16", "ours bf16", "torch bf16", "8", 1.0),
+             ("bf16 encoder vs torch bf16", "torch bf16", "ours bf16", "torch bf16", "encoder", 1.0),
+             ("int8 step b1 vs ours f32", "ours", "ours int8", "ours f32", "step b1", 1.5),
+             ("int8 step b8 vs ours f32", "ours", "ours int8", "ours f32", "step b8", 2.0)]
     lines += ["", "| target | measured | met |", "|---|---:|---|"]
-    for name, a, b, stage, want in speed:
-        value = faster(a, b, stage)
-        lines.append(f"| {name} >= {want:.1f}x | {value:.2f}x | {'yes' if value >= want else 'no'} |")
-    q = quality["ours int8"]
-    lines.append(f"| int8 prompt logits within 2% of f32 | {100 * q:.2f}% | {'yes' if q <= 0.02 else 'no'} |")
+    for label, phase, a, b, stage, want in speed:
+        try:
+            value = faster(phase, a, b, stage)
+        except KeyError:
+            lines.append(f"| {label} >= {want:.1f}x | not measured | |")
+            continue
+        lines.append(f"| {label} >= {want:.1f}x | {value:.2f}x | {'yes' if value >= want else 'no'} |")
+    if "ours int8" in quality:
+        q = quality["ours int8"]
+        lines.append(f"| int8 prompt logits within 2% of f32 | {100 * q:.2f}% | {'yes' if q <= 0.02 else 'no'} |")
     for side in OURS:
         for batch, want in ((1, 1.3), (8, 1.5)):
             stage = f"step b{batch}"
-            value = med["torch bf16", side, stage] / floors[side, stage]
-            lines.append(f"| {side} {stage} within {want}x of its floor ({floors[side, stage]:.0f} ms) | "
-                         f"{value:.2f}x | {'yes' if value <= want else 'no'} |")
+            if ("ours", side, stage) in med and (side, stage) in floors:
+                value = med["ours", side, stage] / floors[side, stage]
+                lines.append(f"| {side} {stage} within {want}x of its floor ({floors[side, stage]:.0f} ms) | "
+                             f"{value:.2f}x | {'yes' if value <= want else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
