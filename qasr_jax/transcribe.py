@@ -154,7 +154,8 @@ class Transcriber:
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, dtype: str = "float32", aligner=None,
-                        attention_impl: str = "auto", mesh=None, sharding=None) -> "Transcriber":
+                        attention_impl: str = "auto", mesh=None, sharding=None, quantize: str | None = None
+                        ) -> "Transcriber":
         """Load from a local folder or a hub id ("Qwen/Qwen3-ASR-0.6B"); ``aligner`` is an Aligner or its path.
 
         ``mesh`` ("data=4,model=2" or a ``jax.sharding.Mesh``) spreads the model and each batch over devices;
@@ -167,7 +168,7 @@ class Transcriber:
             from qasr_jax.aligner import Aligner
 
             aligner = Aligner.from_pretrained(aligner, dtype=dtype)
-        model = load(path, dtype=dtype, attention_impl=attention_impl, mesh=mesh, sharding=sharding)
+        model = load(path, dtype=dtype, attention_impl=attention_impl, mesh=mesh, sharding=sharding, quantize=quantize)
         return cls(model, Tokenizer.from_dir(path), aligner)
 
     # ------------------------------------------------------------------------------------------------------
