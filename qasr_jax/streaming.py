@@ -91,7 +91,12 @@ def generated_text(tok, ids: Iterable[int]) -> str:
 def segment_context(tok, context: str, committed: str) -> str:
     """The system context of a new segment: the stream's ``context`` and the last ``CARRY_TOKENS`` tokens of the
     text committed so far, on a line of their own."""
-    tail = tok.decode(tok.encode(committed)[-CARRY_TOKENS:]).lstrip("\ufffd").strip() if committed else ""
+    ids, tail = tok.encode(committed)[-CARRY_TOKENS:], ""
+    while ids:  # re-encoded, the decoded tail may take more tokens than it came from
+        tail = tok.decode(ids).lstrip("\ufffd").strip()
+        if len(tok.encode(tail)) <= CARRY_TOKENS:
+            break
+        ids, tail = ids[1:], ""
     return "\n".join(t for t in (context, tail) if t)
 
 
@@ -275,7 +280,7 @@ class StreamDriver:
                         int(unfixed_tokens), int(max_new_tokens))
         head, after = prompt_parts(self.tokenizer, opts.context, language, "")
         # The largest first chunk of a segment: the context, the carried text, one chunk of audio, the template.
-        need = len(head) + CARRY_TOKENS + 2 + audio_token_count(n_frames(opts.chunk_samples), self.config.audio)
+        need = len(head) + CARRY_TOKENS + 4 + audio_token_count(n_frames(opts.chunk_samples), self.config.audio)
         if need + len(after) > self.max_len - self.out_len:
             raise ValueError(
                 f"a chunk of {chunk_seconds} s with this context needs {need + len(after)} prompt positions, more "

@@ -17,16 +17,16 @@ import pytest
 import soundfile as sf
 import torch
 
-from qasr_jax import cli
+from qasr_jax import cli, cli_stream
 from qasr_jax import search as S
 from qasr_jax.audio import AudioError
-from qasr_jax.buckets import round_up
 from qasr_jax.compiles import count_compilations
 from qasr_jax.prompts import parse_output
 from qasr_jax.streaming import segment_context
 from qasr_jax.transcribe import Transcriber
 from tests.conftest import speech, synthetic
 from tests.reference import save_official
+from tests.test_stream_audio import offline
 from tests.tokenizer_files import write_tokenizer
 
 SR = 16000
@@ -64,7 +64,7 @@ def wave_12s() -> np.ndarray:
 def greedy(asr, ids: list[int], audio: np.ndarray, max_new: int) -> list[int]:
     """Greedy decoding of one whole prompt from an empty cache (EOS excluded)."""
     tok, model = asr.tokenizer, asr.model
-    width = round_up(len(ids), 64)
+    width = max(128, 1 << (len(ids) - 1).bit_length())
     padded = np.full((1, width), tok.endoftext_id, np.int32)
     padded[0, : len(ids)] = ids
     audio_rows = np.zeros((1, width, audio.shape[1]), np.float32)
@@ -101,7 +101,7 @@ def refeed(asr, wave, seconds, language=None, context="", unfixed_chunks=2, unfi
                         prefix = ""
                         break
                     cut += 1
-        audio = model.encode(model.log_mel(wave[:end]))
+        audio = offline(model, wave[:end])
         prompt = (f"<|im_start|>system\n{context}<|im_end|>\n<|im_start|>user\n<|audio_start|>"
                   + "<|audio_pad|>" * audio.shape[0] + "<|audio_end|><|im_end|>\n<|im_start|>assistant\n"
                   + (f"language {language}<asr_text>" if language else "") + prefix)
@@ -150,16 +150,20 @@ def test_stream_equals_the_plain_refeed_at_every_chunk(asr, seconds, language, c
     assert any(raw for _, raw in want[2:])
 
 
-def test_stream_segments_each_equal_the_algorithm_on_their_audio(asr):
-    """segment_seconds=3 on noise with two pauses: segments end at the pauses (0-4 s, 4-8 s, 8-12.5 s), and each is
-    the official algorithm on its own audio, with the committed text's tail as its context."""
-    wave = synthetic(12.5, 7)
-    for pause in (4, 8):
+def test_segments_end_at_pauses_or_a_full_cache_and_each_is_the_algorithm_on_its_audio(asr):
+    """segment_seconds=2 and a cache of 256 positions, on noise with pauses before 3 s and 6 s and none after: the
+    first two segments end at the pauses, the later ones where the next chunk would not fit the cache; each is the
+    official algorithm on its own audio, with the committed text's tail as its context."""
+    wave = synthetic(14.0, 7)
+    for pause in (3, 6):
         wave[int((pause - 0.4) * SR) : pause * SR] = 0.0
-    driver = asr.stream_driver(slots=2, segment_seconds=3.0)
+    driver = asr.stream_driver(slots=1, segment_seconds=2.0, context_tokens=64)
+    assert driver.max_len == 256
     got, result = streamed(driver.stream(chunk_seconds=1.0), wave, 1.0)
-    assert [(s.start, s.end) for s in result.segments] == [(0.0, 4.0), (4.0, 8.0), (8.0, 12.5)]
-    assert got[3][1].fixed_text == result.segments[0].text and got[2][1].fixed_text == ""
+    spans = [(seg.start, seg.end) for seg in result.segments]
+    assert spans[:2] == [(0.0, 3.0), (3.0, 6.0)] and len(spans) >= 4, spans
+    assert [a for a, _ in spans[1:]] == [b for _, b in spans[:-1]] and spans[-1][1] == 14.0
+    assert got[2][1].fixed_text == result.segments[0].text and got[1][1].fixed_text == ""
     texts, at = [], 0
     for seg in result.segments:
         audio = wave[int(seg.start * SR) : int(seg.end * SR)]
@@ -168,24 +172,7 @@ def test_stream_segments_each_equal_the_algorithm_on_their_audio(asr):
         assert seg.text == parsed_text(asr, want[-1][1], None)
         texts.append(seg.text)
         at += len(want)
-    assert result.text == " ".join(texts)
-
-
-def test_a_segment_ends_when_its_cache_is_full(asr):
-    """No pause at all, and a small cache: segments end where the next chunk would not fit, and each is still the
-    official algorithm on its audio."""
-    wave = synthetic(14.0, 8)
-    driver = asr.stream_driver(slots=1, segment_seconds=2.0, context_tokens=64)
-    got, result = streamed(driver.stream(chunk_seconds=1.0), wave, 1.0)
-    assert len(result.segments) >= 2
-    texts, at = [], 0
-    for seg in result.segments:
-        audio = wave[int(seg.start * SR) : int(seg.end * SR)]
-        want = refeed(asr, audio, 1.0, context=segment_context(asr.tokenizer, "", " ".join(texts)))
-        assert [ids for ids, _ in got[at : at + len(want)]] == [ids for ids, _ in want], seg
-        texts.append(seg.text)
-        at += len(want)
-    assert at == len(got)
+    assert at == len(got) and result.text == " ".join(texts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -205,9 +192,9 @@ def interleaved_inputs():
     return options, pieces, [0, 2, 5]  # stream i joins at round starts[i]
 
 
-def test_streams_fed_interleaved_equal_each_alone(asr):
-    options, pieces, starts = interleaved_inputs()
-    driver = asr.stream_driver(slots=4)
+def run_interleaved(driver, options, pieces, starts):
+    """Streams joining at rounds ``starts``, fed a piece each per round, finished (and leaving) after their last
+    -> per stream: (generated ids, Partial) per feed, and the Result."""
     streams, together = {}, {i: [] for i in range(3)}
     results = {}
     for rnd in range(100):
@@ -223,7 +210,19 @@ def test_streams_fed_interleaved_equal_each_alone(asr):
         done = [i for i, s in streams.items() if i not in results and rnd - starts[i] == len(pieces[i]) - 1]
         for i, r in zip(done, driver.finish([streams[i] for i in done])):
             results[i] = r
+    return together, results
+
+
+def test_streams_fed_interleaved_equal_each_alone_and_join_and_leave_without_compiling(asr):
+    options, pieces, starts = interleaved_inputs()
+    driver = asr.stream_driver(slots=4)
+    together, results = run_interleaved(driver, options, pieces, starts)
     assert driver.free == 4
+    with count_compilations() as compiled:  # again: new streams joining and leaving, in other slots
+        again = run_interleaved(driver, options, pieces, starts)
+    assert compiled.count == 0 and again[0] == together
+    assert [again[1][i].to_dict() | {"file": ""} for i in range(3)] == [
+        results[i].to_dict() | {"file": ""} for i in range(3)]
     for i in range(3):
         alone = asr.stream(**options[i])
         seen = [(alone.feed(p), alone.generated_ids) for p in pieces[i]]
@@ -231,36 +230,14 @@ def test_streams_fed_interleaved_equal_each_alone(asr):
         assert alone.finish().to_dict() | {"file": ""} == results[i].to_dict() | {"file": ""}
 
 
-def test_streams_join_and_leave_without_compiling(asr):
-    driver = asr.stream_driver(slots=3)
-    wave = wave_12s()
-
-    def scenario():
-        a = driver.stream(chunk_seconds=1.0)
-        a.feed(wave[: 3 * SR])
-        b = driver.stream(language="en", chunk_seconds=1.0)
-        driver.feed({a: wave[3 * SR : 5 * SR], b: wave[: 2 * SR]})
-        a.finish()
-        c = driver.stream(chunk_seconds=1.0)
-        driver.feed({b: wave[2 * SR : 9 * SR], c: wave[: 7 * SR + 900]})
-        b.close()
-        return c.finish()
-
-    first = scenario()
-    with count_compilations() as compiled:
-        again = scenario()  # new streams, in other slots
-    assert compiled.count == 0
-    assert again.token_ids == first.token_ids
-
-
 def test_abandoned_and_closed_streams_free_their_slots(asr):
-    driver = asr.stream_driver(slots=2)
+    driver = asr.stream_driver(slots=4)
     wave = wave_12s()
     s = driver.stream(chunk_seconds=1.0)
     s.feed(wave[: 2 * SR])
-    t = driver.stream()
+    t, *others = (driver.stream() for _ in range(3))
     assert driver.free == 0
-    with pytest.raises(RuntimeError, match="all 2 stream slots"):
+    with pytest.raises(RuntimeError, match="all 4 stream slots"):
         driver.stream()
     del s
     gc.collect()
@@ -273,6 +250,8 @@ def test_abandoned_and_closed_streams_free_their_slots(asr):
     assert driver.free == 1
     with pytest.raises(RuntimeError, match="finished or closed"):
         t.feed(wave[:100])
+    driver.close(others + [u])
+    assert driver.free == 4
 
 
 def test_bad_input_gives_a_clear_error(asr):
@@ -292,7 +271,7 @@ def test_bad_input_gives_a_clear_error(asr):
         s.feed(np.zeros(10, np.float32))
     with pytest.raises(RuntimeError, match="finished or closed"):
         s.finish()
-    driver = asr.stream_driver(slots=2)
+    driver = asr.stream_driver(slots=4)
     a, b = driver.stream(chunk_seconds=1.0), driver.stream(chunk_seconds=1.0)
     with pytest.raises(AudioError, match="NaN"):  # nothing of a good input is used when another is bad
         driver.feed({a: wave_12s()[: 2 * SR], b: np.full(10, np.inf, np.float32)})
@@ -310,31 +289,32 @@ def test_bad_input_gives_a_clear_error(asr):
 # The command
 
 
-def test_cli_streams_a_file_and_stdin(asr, asr_dir, tmp_path, monkeypatch, capsys):
+def test_cli_streams_stdin_and_paces_a_file(asr, asr_dir, tmp_path, monkeypatch, capsys):
+    """``qasr-jax stream -`` on raw s16le: one line per change of the transcript, then the final one; a file is
+    read in chunks, no faster than it plays with --realtime; bad flags are named before anything loads."""
     monkeypatch.setenv("QASR_JAX_COMPILATION_CACHE", "off")
-    wave = wave_12s()[: int(4.5 * SR)]
-    pcm = (wave * 32767).astype(np.int16)
-    path = str(tmp_path / "in.wav")
-    sf.write(path, pcm, SR, subtype="PCM_16")
+    pcm = (wave_12s()[: int(2.5 * SR)] * 32767).astype(np.int16)
     s = asr.stream(chunk_seconds=1.0, language="en")
-    want = [" ".join(s.feed(pcm[k * SR : (k + 1) * SR]).text.splitlines()).strip() for k in range(5)]
+    want = [" ".join(s.feed(pcm[k * SR : (k + 1) * SR]).text.splitlines()).strip() for k in range(3)]
     final = " ".join(s.finish().text.splitlines()).strip()  # one line per update
     distinct = [t for k, t in enumerate(want) if k == 0 or t != want[k - 1]]
-    start = time.monotonic()
-    assert cli.main(["stream", path, "--model", asr_dir, "--chunk-seconds", "1", "--language", "en",
-                     "--realtime"]) == 0
-    assert time.monotonic() - start >= 4.4  # paced: 4.5 s of audio
-    assert capsys.readouterr().out.splitlines() == distinct + [final]
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(pcm.tobytes() + b"\x01")))  # an odd last byte
     assert cli.main(["stream", "-", "--model", asr_dir, "--chunk-seconds", "1", "--language", "en"]) == 0
     assert capsys.readouterr().out.splitlines() == distinct + [final]
+
+    path = str(tmp_path / "in.wav")
+    sf.write(path, pcm, SR, subtype="PCM_16")
+    start = time.monotonic()
+    blocks = list(cli_stream._file_blocks(path, SR, realtime=True))
+    assert time.monotonic() - start >= 2.45  # 2.5 s of audio, the last block fed once it has played
+    assert [b.shape[0] for b in blocks] == [SR, SR, SR // 2]
+    np.testing.assert_allclose(np.concatenate(blocks), pcm / 32768, atol=1e-7)
     assert cli.main(["stream", path, "--chunk-seconds", "0", "--unfixed-tokens", "-1"]) == 2
     err = capsys.readouterr().err
     assert "--chunk-seconds must be a positive number" in err and "--unfixed-tokens must be >= 0" in err
 
 
 def test_terminal_display_rewrites_the_live_line():
-    from qasr_jax.cli_stream import LineDisplay
     from qasr_jax.streaming import Partial
 
     class Tty(io.StringIO):
@@ -342,7 +322,7 @@ def test_terminal_display_rewrites_the_live_line():
             return True
 
     out = Tty()
-    display = LineDisplay(out)
+    display = cli_stream.LineDisplay(out)
     display.update(Partial(None, "hello wor", ""))
     display.update(Partial(None, "hello world. next", "hello world."))
     display.final("hello world. next one")
