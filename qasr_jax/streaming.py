@@ -41,16 +41,16 @@ from qasr_jax import search as S
 from qasr_jax.audio import SAMPLE_RATE, AudioError, n_frames
 from qasr_jax.buckets import (output_buffer, pow2_rows, slot_count, stream_cache_length, stream_prompt_width)
 from qasr_jax.config import audio_token_count
-from qasr_jax.prompts import build_prompt_ids, normalize_language, parse_output
+from qasr_jax.prompts import normalize_language, parse_output
 from qasr_jax.slots import Prompts, Request, SlotBatcher
 from qasr_jax.stream_audio import StreamAudio, refresh
+from qasr_jax.stream_prompts import CARRY_TOKENS, generated_text, prompt_parts, rollback_prefix, segment_context
 from qasr_jax.transcribe import Result, Segment, _join
 
 DEFAULT_SEGMENT_SECONDS = 20.0
 QUIET_SECONDS = 0.3  # a pause: the segment's last 0.3 s ...
 QUIET_DB = 20.0  # ... at least 20 dB below its loudest 0.1 s block
 LOUDNESS_BLOCK = SAMPLE_RATE // 10
-CARRY_TOKENS = 32  # committed text a new segment's context carries
 CONTEXT_TOKENS = 256  # default room for the system prompt (context and carried text) in a slot's cache
 
 
@@ -62,56 +62,6 @@ class Partial:
     language: str | None
     text: str
     fixed_text: str
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The official algorithm's text rules
-
-
-def rollback_prefix(tok, raw: str, unfixed_tokens: int, final: bool = False) -> str:
-    """The prefix the next decode starts from: ``raw`` encoded, its last ``unfixed_tokens`` tokens dropped (and one
-    more while the text holds a split character), decoded; ``final`` (the tail at finish): ``max(1, n - unfixed)``
-    tokens kept, no split-character loop."""
-    ids = tok.encode(raw, parse_special=True)
-    if final:
-        return tok.decode(ids[: max(1, len(ids) - unfixed_tokens)], skip_special_tokens=False)
-    for end in range(len(ids) - unfixed_tokens, 0, -1):
-        prefix = tok.decode(ids[:end], skip_special_tokens=False)
-        if "\ufffd" not in prefix:
-            return prefix
-    return ""
-
-
-def generated_text(tok, ids: Iterable[int]) -> str:
-    """Text of generated ids as vLLM's incremental detokenizer emits it: special tokens skipped, trailing bytes of
-    an unfinished character (U+FFFD) never emitted."""
-    return tok.decode(ids).rstrip("\ufffd")
-
-
-def segment_context(tok, context: str, committed: str) -> str:
-    """The system context of a new segment: the stream's ``context`` and the last ``CARRY_TOKENS`` tokens of the
-    text committed so far, on a line of their own."""
-    ids, tail = tok.encode(committed)[-CARRY_TOKENS:], ""
-    while ids:  # re-encoded, the decoded tail may take more tokens than it came from
-        tail = tok.decode(ids).lstrip("\ufffd").strip()
-        if len(tok.encode(tail)) <= CARRY_TOKENS:
-            break
-        ids, tail = ids[1:], ""
-    return "\n".join(t for t in (context, tail) if t)
-
-
-def prompt_parts(tok, context: str, language: str | None, prefix: str) -> tuple[list[int], list[int]]:
-    """The prompt around the audio pads, as the official prompt string ``prompt_raw + prefix`` tokenizes: (ids up
-    to ``<|audio_start|>``, ids after the pads). Unforced, ``assistant\\n`` and the prefix are one text run."""
-    ids = build_prompt_ids(tok, 0, context, language)
-    at = ids.index(tok.audio_start_id) + 1
-    head, after = ids[:at], ids[at:]
-    if not prefix:
-        return head, after
-    if language is None:
-        opener = tok.encode("assistant\n")
-        return head, after[: len(after) - len(opener)] + tok.encode("assistant\n" + prefix, parse_special=True)
-    return head, after + tok.encode(prefix, parse_special=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

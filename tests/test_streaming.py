@@ -22,7 +22,7 @@ from qasr_jax import search as S
 from qasr_jax.audio import AudioError
 from qasr_jax.compiles import count_compilations
 from qasr_jax.prompts import parse_output
-from qasr_jax.streaming import segment_context
+from qasr_jax.stream_prompts import segment_context
 from qasr_jax.transcribe import Transcriber
 from tests.conftest import speech, synthetic
 from tests.reference import save_official
