@@ -20,6 +20,9 @@ Random weights never emit EOS, so every chunk decodes ``--max-new-tokens`` token
 5 rolled-back tokens and adds about 7, 3.5 tokens a second); 32 (the official example's cap) runs every chunk to
 the cap and grows the transcript 4x faster than speech does.
 
+``--stages`` also times each step's programs (log-mel, encoder, embedding, prefill, decode loop, slot release)
+by waiting for each one's result; what is left is host work (tokenizing, bookkeeping, copies).
+
 Machine load (load average and the CPU other processes took during each step, from /proc) is recorded with every
 step: on a shared machine compare rows of the same run only.
 
@@ -37,6 +40,7 @@ import sys
 import tempfile
 import time
 
+import jax
 import numpy as np
 import soundfile as sf
 
@@ -45,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_core import OthersMeter, cpu_model, make_checkpoint  # noqa: E402
 from qasr_jax.audio import log_mel_batch, n_frames  # noqa: E402
 from qasr_jax.buckets import frame_bucket, output_buffer, prompt_width  # noqa: E402
+from qasr_jax import stream_audio  # noqa: E402
 from qasr_jax.compiles import count_compilations  # noqa: E402
 from qasr_jax.config import preset  # noqa: E402
 from qasr_jax import search as S  # noqa: E402
@@ -70,12 +75,34 @@ def track(seconds: float, seed: int = 0) -> np.ndarray:
     return np.concatenate(parts)[: int(seconds * SR)]
 
 
+STAGES = {"encode": "encoder", "embed": "embed", "insert": "prefill", "advance": "decode", "release": "release"}
+
+
+def time_stages(engine) -> dict[str, float]:
+    """Wrap the engine's programs (and the streams' log-mel) so that each waits for its result and adds its wall
+    time in ms to the returned dict, under its stage's name."""
+    spent: dict[str, float] = {}
+
+    def timed(fn, name):
+        def run(*a, **k):
+            t = time.perf_counter()
+            out = jax.block_until_ready(fn(*a, **k))
+            spent[name] = spent.get(name, 0.0) + (time.perf_counter() - t) * 1e3
+            return out
+        return run
+
+    for method, name in STAGES.items():
+        setattr(engine, method, timed(getattr(engine, method), name))
+    stream_audio.log10_mel_padded_jit = timed(stream_audio.log10_mel_padded_jit, "log-mel")
+    return spent
+
+
 class Run:
     """``n`` streams in a driver of ``n`` slots, each reading the track from its own offset, stepped chunk by chunk:
     every step's wall time (the latency each stream sees for that chunk), compilations and machine load."""
 
-    def __init__(self, asr, audio: np.ndarray, n: int, args, out):
-        self.audio, self.n, self.args, self.out = audio, n, args, out
+    def __init__(self, asr, audio: np.ndarray, n: int, args, out, stages: dict | None = None):
+        self.audio, self.n, self.args, self.out, self.stages = audio, n, args, out, stages
         self.label = f"{n} stream{'s' * (n > 1)}"
         self.size = round(args.chunk_seconds * SR)
         self.driver = asr.stream_driver(slots=n, segment_seconds=args.segment_seconds,
@@ -107,6 +134,8 @@ class Run:
     def step(self) -> None:
         """One chunk for every stream, timed."""
         inputs = {s: self._chunk(i, self.k) for i, s in enumerate(self.streams)}
+        if self.stages is not None:
+            self.stages.clear()
         self.meter.start()
         with count_compilations() as compiled:
             t = time.perf_counter()
@@ -117,6 +146,8 @@ class Run:
         row = {"run": self.label, "streams": self.n, "position": self.position, "ms": round(ms, 1),
                "compiles": compiled.count, "others": round(self.meter.stop(), 2), "load": os.getloadavg()[0],
                "segments": len(self.streams[0]._state.committed)}
+        if self.stages is not None:
+            row["stages"] = {k: round(v, 1) for k, v in self.stages.items()}
         self.rows.append(row)
         self.out.write(json.dumps(row) + "\n")
         self.out.flush()
@@ -168,6 +199,7 @@ def main() -> None:
     ap.add_argument("--chunk-seconds", type=float, default=2.0)
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--segment-seconds", type=float, default=20.0)
+    ap.add_argument("--stages", action="store_true", help="time each step's programs too")
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "bench_stream.jsonl"),
                     help="every step as a JSON line (appended as it runs)")
     args = ap.parse_args()
@@ -181,14 +213,15 @@ def main() -> None:
         make_checkpoint(preset(args.preset), folder)
         write_tokenizer(folder, "official")
     asr = Transcriber.from_pretrained(folder, dtype="float32")
+    stages = time_stages(asr.model.engine) if args.stages else None
     longest = max(minutes) * 60
     audio = track(longest + STREAM_OFFSET * max(counts) + 2 * args.segment_seconds)
     print(f"{cpu_model()}; {os.cpu_count()} cores; preset {args.preset}; chunk {args.chunk_seconds} s, "
           f"max_new_tokens {args.max_new_tokens}, segment {args.segment_seconds} s", flush=True)
 
     out = open(args.out, "a")
-    single = Run(asr, audio, 1, args, out)
-    many = {n: Run(asr, audio, n, args, out) for n in counts if n > 1}
+    single = Run(asr, audio, 1, args, out, stages)
+    many = {n: Run(asr, audio, n, args, out, stages) for n in counts if n > 1}
     many_until = (args.many_minutes or max(minutes)) * 60
     refeeds = {}
     while single.position < longest:
@@ -225,6 +258,14 @@ def main() -> None:
             p50, p95, steps, load = stats
             rf = f"{refeeds[m]:.0f} ({refeeds[m] / p50:.1f}x p50)" if n == 1 and m in refeeds else ""
             print(f"| {n} | {m} | {p50:.0f} | {p95:.0f} | {steps} | {load:.1f} | {rf} |")
+    if stages is not None:
+        print("\nmean ms per step (steps without compiling):")
+        for n, run in runs.items():
+            steady = [r for r in run.rows if r["compiles"] == 0]
+            mean = {k: statistics.mean(r["stages"].get(k, 0.0) for r in steady) for k in
+                    ("log-mel", *STAGES.values())}
+            mean["host"] = statistics.mean(r["ms"] for r in steady) - sum(mean.values())
+            print(f"  {n} stream(s): " + ", ".join(f"{k} {v:.0f}" for k, v in mean.items()))
     compiling = sum(r["compiles"] > 0 for run in runs.values() for r in run.rows)
     print(f"\nsteps that compiled after the warm-up (left out above): {compiling}; every step in {args.out}")
 
