@@ -15,6 +15,7 @@ from qasr_jax.aligner import DEFAULT_MODEL as DEFAULT_ALIGNER
 from qasr_jax.aligner import MAX_SECONDS as ALIGN_MAX_SECONDS
 from qasr_jax.aligner import Aligner
 from qasr_jax.loading import DTYPES
+from qasr_jax.server.command import add_command as add_serve
 
 FORMATS = tuple(formats.FORMATS)
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma", ".webm", ".mp4")
@@ -323,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--split", action="store_true",
                     help=f"align audio over {ALIGN_MAX_SECONDS / 60:g} min window by window (approximate at joins)")
     al.set_defaults(func=_align)
+    add_serve(sub)
     return parser
 
 

@@ -1,0 +1,197 @@
+"""The engine thread: every request's pieces decode in shared steps over the engine's slots.
+
+HTTP handlers run on the event loop; they hand a :class:`Job` (a request's audio pieces and options) to the
+:class:`Scheduler` and wait for its events. One background thread owns the model: it feeds new pieces into a
+:class:`qasr_jax.pipeline.Pipeline` (``side_by_side=True``: groups of different cache shapes decode side by side,
+so a long request never holds up short ones), encodes whatever arrived together in one batch, and steps every
+live slot a few tokens at a time, so that new requests join within a few steps and streamed requests get their
+tokens as they are generated. A job that is cancelled (its client went away) frees its slots at the next step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from qasr_jax.audio import SAMPLE_RATE
+from qasr_jax.buckets import frame_bucket
+from qasr_jax.config import AudioConfig
+from qasr_jax.longform import Piece
+from qasr_jax.pipeline import DecodeOptions, Pipeline, Work, token_budget
+
+log = logging.getLogger("qasr_jax.server")
+
+STEP_TOKENS = 8  # decode steps between looks at the queue: new requests wait at most this many steps to join
+
+_ids = itertools.count()
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """What the engine thread tells a job: ``tokens`` (a streamed piece's ids and log-probabilities so far),
+    ``piece`` (a piece is done: its decoder ``Output``), or ``failed`` (``message`` says why)."""
+
+    kind: str
+    piece: int = 0
+    token_ids: tuple[int, ...] = ()
+    token_logprobs: tuple[float, ...] = ()
+    output: Any = None
+    message: str = ""
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One request: its audio pieces, forced language (canonical name) or None, context, each piece's token
+    budget and the beam size; ``deliver`` is called on the engine thread with each :class:`Event`."""
+
+    pieces: list[Piece]
+    language: str | None
+    context: str
+    budgets: list[int]
+    deliver: Callable[[Event], None]
+    beam_size: int = 1
+    stream: bool = False  # deliver ``tokens`` events (greedy only: a beam's best hypothesis can still change)
+    id: int = dataclasses.field(default_factory=lambda: next(_ids))
+
+
+def warmup_seconds(max_seconds: float, audio: AudioConfig) -> list[float]:
+    """Clip lengths whose shapes the warm-up compiles: both ends of every encoder frame bucket up to
+    ``max_seconds`` (the ends also span every KV cache group a length in that bucket can fall into)."""
+    out, lo = [], 0
+    while lo < max_seconds * 100:  # frames (100 per second)
+        hi = frame_bucket(lo + 1, audio)
+        out += [(lo + 1) / 100, min(hi / 100, max_seconds)]
+        lo = hi
+    return sorted(set(out))
+
+
+class Scheduler:
+    """Drives one Pipeline per beam size from one thread (see the module doc); thread-safe ``submit``/``cancel``."""
+
+    def __init__(self, asr, max_slots: int, step_tokens: int = STEP_TOKENS):
+        self.asr, self.max_slots, self.step_tokens = asr, max_slots, step_tokens
+        self.pipes: dict[int, Pipeline] = {}
+        self.jobs: dict[int, tuple[Job, set[int]]] = {}  # engine thread only: job id -> (job, pieces not done)
+        self._cond = threading.Condition()
+        self._new: list[Job] = []
+        self._gone: list[Job] = []
+        self._stop = False
+        self.waiting = 0  # pieces waiting for a slot (read by the metrics)
+        self.live = 0  # pieces decoding
+
+    # -- any thread -----------------------------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        """Queue a job's pieces; events come back through ``job.deliver``."""
+        with self._cond:
+            self._new.append(job)
+            self.waiting += len(job.pieces)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Drop a job (its client went away): its pieces leave the queue and their slots at the next step."""
+        with self._cond:
+            self._gone.append(job)
+            self._cond.notify()
+
+    def stop(self) -> None:
+        """Make ``run`` return once the jobs in flight are done."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+
+    # -- the engine thread ------------------------------------------------------------------------------------------
+    def _pipe(self, beam_size: int) -> Pipeline:
+        if beam_size not in self.pipes:
+            options = DecodeOptions(beam_size, eos_ids=tuple(self.asr.tokenizer.eos_ids))
+            self.pipes[beam_size] = Pipeline(self.asr.model, self.asr.tokenizer, options, self.max_slots,
+                                             side_by_side=True)
+        return self.pipes[beam_size]
+
+    def warm_up(self, max_seconds: float) -> int:
+        """Compile what requests of up to ``max_seconds`` need (greedy): for each clip length of
+        ``warmup_seconds``, encode, insert into a slot, one step, read, release; then batches of 1, 2, 4, ...
+        ``max_slots`` short clips. Returns the number of warm-up clips."""
+        pipe = self._pipe(1)
+        rng = np.random.default_rng(0)
+        limit = self.asr.model.config.text.max_position_embeddings // 2
+        clips = [[s] for s in warmup_seconds(max_seconds, self.asr.model.config.audio)]
+        k = 1
+        while k <= self.max_slots:
+            clips.append([1.0] * k)
+            k *= 2
+        for n, batch in enumerate(clips):
+            works = [Work(("warm-up", n, i), (0.05 * rng.standard_normal(int(s * SAMPLE_RATE))).astype(np.float32),
+                          None, "", min(token_budget(s), limit)) for i, s in enumerate(batch)]
+            for w in works:
+                pipe.submit(w)
+            pipe.step(max_steps=1)
+            pipe.partial()
+            for w in works:
+                pipe.cancel(w.key)
+        return sum(map(len, clips))
+
+    def _busy(self) -> bool:
+        return any(p.busy for p in self.pipes.values())
+
+    def run(self) -> None:
+        """The engine loop: take new and cancelled jobs, step every busy pipeline, deliver what finished."""
+        while True:
+            with self._cond:
+                while not (self._new or self._gone or self._stop or self._busy()):
+                    self._cond.wait()
+                new, gone, self._new, self._gone = self._new, self._gone, [], []
+                if self._stop and not new and not self.jobs:
+                    return
+            for job in gone:
+                self._drop(job)
+            for job in new:
+                self._start(job)
+            for beam, pipe in list(self.pipes.items()):
+                if pipe.busy:
+                    self._step(beam, pipe)
+            with self._cond:
+                self.waiting = sum(p.waiting for p in self.pipes.values()) + sum(len(j.pieces) for j in self._new)
+                self.live = sum(p.live for p in self.pipes.values())
+
+    def _start(self, job: Job) -> None:
+        pipe = self._pipe(job.beam_size)
+        self.jobs[job.id] = (job, set(range(len(job.pieces))))
+        for p, (piece, budget) in enumerate(zip(job.pieces, job.budgets)):
+            pipe.submit(Work((job.id, p), piece.samples, job.language, job.context, budget))
+
+    def _drop(self, job: Job) -> None:
+        if self.jobs.pop(job.id, None) is None:
+            return  # finished before the client went away
+        pipe = self._pipe(job.beam_size)
+        for p in range(len(job.pieces)):
+            pipe.cancel((job.id, p))
+
+    def _step(self, beam: int, pipe: Pipeline) -> None:
+        try:
+            finished = pipe.step(self.step_tokens)
+            partial = pipe.partial() if any(j.stream and j.beam_size == 1 for j, _ in self.jobs.values()) else []
+        except Exception as e:  # the engine failed (e.g. out of memory): fail this pipeline's jobs, start afresh
+            log.exception("decoding failed")
+            del self.pipes[beam]
+            for job_id, (job, _) in list(self.jobs.items()):
+                if job.beam_size == beam:
+                    del self.jobs[job_id]
+                    job.deliver(Event("failed", message=f"decoding failed: {type(e).__name__}: {e}"))
+            return
+        for work, out in finished:
+            job_id, p = work.key
+            job, left = self.jobs[job_id]
+            left.discard(p)
+            if not left:
+                del self.jobs[job_id]
+            job.deliver(Event("piece", p, output=out))
+        for work, ids, logprobs in partial:
+            job_id, p = work.key
+            if job_id in self.jobs and self.jobs[job_id][0].stream:
+                self.jobs[job_id][0].deliver(Event("tokens", p, tuple(ids), tuple(logprobs)))
