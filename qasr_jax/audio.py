@@ -210,11 +210,13 @@ def _hann_window() -> np.ndarray:
     return (0.5 - 0.5 * np.cos(2.0 * np.pi * k / N_FFT)).astype(np.float32)
 
 
-def log_mel_padded(samples: jax.Array, lengths: jax.Array, frames: int) -> jax.Array:
-    """Log-mel of each row of zero-padded `samples` (batch, S) cut to its length, as (batch, 128, frames) float32.
+def log10_mel_padded(samples: jax.Array, lengths: jax.Array, frames: int) -> tuple[jax.Array, jax.Array]:
+    """log10 of the mel power of each row of zero-padded `samples` (batch, S), before the floor: ``(log_spec
+    (batch, 128, frames) float32, valid (batch, 1, frames) bool)``; frames at and past a row's ``n_frames`` are
+    not valid (their values are meaningless).
 
-    Pure jax.numpy, usable inside jit with `frames` static. Each row is treated as if alone: zero-padded to 0.5 s,
-    reflect-padded at its own end, floored against its own max. Frames at and past a row's ``n_frames`` are 0.0.
+    Each row is treated as if alone (zero-padded to 0.5 s, reflect-padded at its own end); frame t depends only on
+    samples t*160 - 200 .. t*160 + 199, so a stream recomputes only the frames that appended audio reaches.
     Each length must be <= S, and samples past it must be zero (they stand in for the 0.5 s minimum padding).
     """
     samples = jnp.asarray(samples, jnp.float32)
@@ -250,12 +252,30 @@ def log_mel_padded(samples: jax.Array, lengths: jax.Array, frames: int) -> jax.A
 
     log_spec = jnp.log10(jnp.maximum(mel, _LOG_FLOOR))
     valid = (jnp.arange(frames)[None, :] < valid_frames[:, None])[:, None, :]  # (batch, 1, frames)
+    return log_spec, valid
+
+
+def floor_log_mel(log_spec, peak):
+    """Whisper's floor and scale of log10 mel power: ``(max(log_spec, peak - 8) + 4) / 4``, where ``peak`` is the
+    utterance's largest log10 value; numpy in, numpy out (the same float32 operations as under jit)."""
+    xp = np if isinstance(log_spec, np.ndarray) else jnp
+    return (xp.maximum(log_spec, peak - _DYNAMIC_RANGE) + 4.0) / 4.0
+
+
+def log_mel_padded(samples: jax.Array, lengths: jax.Array, frames: int) -> jax.Array:
+    """Log-mel of each row of zero-padded `samples` (batch, S) cut to its length, as (batch, 128, frames) float32.
+
+    Pure jax.numpy, usable inside jit with `frames` static. Each row is treated as if alone: zero-padded to 0.5 s,
+    reflect-padded at its own end, floored against its own max. Frames at and past a row's ``n_frames`` are 0.0.
+    Each length must be <= S, and samples past it must be zero (they stand in for the 0.5 s minimum padding).
+    """
+    log_spec, valid = log10_mel_padded(samples, lengths, frames)
     peak = jnp.max(jnp.where(valid, log_spec, -jnp.inf), axis=(1, 2), keepdims=True)  # (batch, 1, 1)
-    log_spec = jnp.maximum(log_spec, peak - _DYNAMIC_RANGE)
-    return jnp.where(valid, (log_spec + 4.0) / 4.0, 0.0)
+    return jnp.where(valid, floor_log_mel(log_spec, peak), 0.0)
 
 
 _log_mel_padded_jit = jax.jit(log_mel_padded, static_argnames="frames")
+log10_mel_padded_jit = jax.jit(log10_mel_padded, static_argnames="frames")  # the unfloored values, for streams
 
 
 def _round_up(x: int, multiple: int) -> int:

@@ -324,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--split", action="store_true",
                     help=f"align audio over {ALIGN_MAX_SECONDS / 60:g} min window by window (approximate at joins)")
     al.set_defaults(func=_align)
+    from qasr_jax import cli_stream  # the stream command lives in its own module
+
+    cli_stream.add_command(sub)
     add_serve(sub)
     return parser
 

@@ -155,6 +155,23 @@ class Transcriber:
         return cls(model, Tokenizer.from_dir(path), aligner)
 
     # ------------------------------------------------------------------------------------------------------
+    def stream(self, language=None, context="", chunk_seconds: float = 2.0, unfixed_chunks: int = 2,
+               unfixed_tokens: int = 5, max_new_tokens: int = 32):
+        """A live stream (``qasr_jax.streaming.Stream``): ``feed()`` 16 kHz audio as it comes, read each Partial,
+        ``finish()`` for the Result. For many streams stepped together use ``stream_driver``."""
+        from qasr_jax.streaming import shared_driver
+
+        return shared_driver(self, max_new_tokens).stream(language, context, chunk_seconds, unfixed_chunks,
+                                                          unfixed_tokens, max_new_tokens)
+
+    def stream_driver(self, slots: int = 8, **options):
+        """A ``qasr_jax.streaming.StreamDriver``: up to ``slots`` streams advanced in one step (``driver.stream()``,
+        ``driver.feed({stream: samples, ...})``); options: ``segment_seconds``, ``max_new_tokens``,
+        ``context_tokens``."""
+        from qasr_jax.streaming import StreamDriver
+
+        return StreamDriver(self, slots, **options)
+
     def transcribe(self, audio, language=None, context="", beam_size: int = 1, max_new_tokens=None,
                    batch_size: int = 8, **kwargs) -> list[Result]:
         """Transcribe one input or a list (paths, ``(samples, rate)`` tuples, 16 kHz arrays) -> one Result each.
