@@ -12,15 +12,17 @@ import contextlib
 import dataclasses
 import hmac
 import logging
+import signal
 import threading
 import time
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from qasr_jax.compiles import count_compilations
+from qasr_jax.server import realtime
 from qasr_jax.server.metrics import Metrics
 from qasr_jax.server.openai_format import APIError
 from qasr_jax.server.scheduler import STEP_TOKENS, Job, Scheduler
@@ -39,6 +41,7 @@ class ServerConfig:
     max_upload_mb: float = 25.0
     max_audio_seconds: float = 1200.0
     max_queue: int = 256
+    realtime_slots: int = 8
     step_tokens: int = STEP_TOKENS
 
 
@@ -49,11 +52,12 @@ class Server:
         self.asr, self.config = asr, config
         self.model_id = config.model_id
         self.token_limit = asr.model.config.text.max_position_embeddings // 2  # the KV cache's room
-        self.scheduler = Scheduler(asr, config.max_slots, config.step_tokens)
+        self.scheduler = Scheduler(asr, config.max_slots, config.realtime_slots, config.step_tokens)
         self._compiles = contextlib.ExitStack()
         self.compiles = self._compiles.enter_context(count_compilations())
         self.metrics = Metrics(self.scheduler, self.compiles)
         self.ready = threading.Event()
+        self.failed: str | None = None  # why the engine thread stopped, if it did
         self.in_flight: set[int] = set()  # ids of admitted transcription jobs (event loop only)
         self._thread = threading.Thread(target=self._engine, name="qasr-engine", daemon=True)
 
@@ -62,12 +66,18 @@ class Server:
         self._thread.start()
 
     def _engine(self) -> None:
-        start = time.perf_counter()
-        clips = self.scheduler.warm_up(self.config.max_audio_seconds)
-        log.info("warm-up: %d clips, %d compilations, %.1f s; ready", clips, self.compiles.count,
-                 time.perf_counter() - start)
-        self.ready.set()
-        self.scheduler.run()
+        try:
+            start = time.perf_counter()
+            clips = self.scheduler.warm_up(self.config.max_audio_seconds)
+            log.info("warm-up: %d clips, %d compilations, %.1f s; ready", clips, self.compiles.count,
+                     time.perf_counter() - start)
+            self.ready.set()
+            self.scheduler.run()
+        except Exception as e:  # nothing can be served without the engine: stop the server, which exits with 1
+            log.exception("the engine thread failed")
+            self.failed = f"{type(e).__name__}: {e}"
+            self.ready.clear()
+            signal.raise_signal(signal.SIGTERM)
 
     def close(self) -> None:
         """Stop the engine thread (after the jobs in flight) and the compilation counter."""
@@ -178,6 +188,8 @@ def build_app(server: Server) -> FastAPI:
         """200 once the warm-up is done (ready for requests), 503 before."""
         if server.ready.is_set():
             return {"status": "ok", "model": server.model_id}
+        if server.failed:
+            return JSONResponse({"status": "failed", "error": server.failed}, status_code=500)
         return JSONResponse({"status": "warming up", "model": server.model_id}, status_code=503,
                             headers={"Retry-After": "5"})
 
@@ -206,5 +218,10 @@ def build_app(server: Server) -> FastAPI:
         auth(request)
         raise APIError(404, "translation is not supported: Qwen3-ASR transcribes speech in the language spoken "
                             "and does not translate; use POST /v1/audio/transcriptions", code="unsupported_endpoint")
+
+    @app.websocket("/v1/realtime")
+    async def realtime_session(ws: WebSocket):
+        """OpenAI's realtime transcription session (see qasr_jax.server.realtime)."""
+        await realtime.session(ws, server)
 
     return app

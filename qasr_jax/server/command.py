@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import signal
 import sys
 
 from qasr_jax.loading import DTYPES
@@ -27,6 +28,8 @@ def add_command(subparsers) -> None:
     sv.add_argument("--max-audio-seconds", type=float, default=1200.0, help="longer audio gets a 400")
     sv.add_argument("--max-queue", type=int, default=256, help="requests in flight at most; more get a 503 with "
                     "Retry-After")
+    sv.add_argument("--realtime-slots", type=int, default=8, help="realtime utterances transcribed at once "
+                    "(WS /v1/realtime; 0 turns the endpoint's streams off)")
     sv.add_argument("--served-model-name", default=None, help="the model id clients send and /v1/models lists "
                     "(default: --model)")
     sv.set_defaults(func=serve)
@@ -40,6 +43,8 @@ def check_serve_args(args: argparse.Namespace) -> None:
     for flag, value in (("--max-slots", args.max_slots), ("--max-queue", args.max_queue)):
         if value < 1:
             problems.append(f"{flag} must be >= 1, got {value}")
+    if args.realtime_slots < 0:
+        problems.append(f"--realtime-slots must be >= 0, got {args.realtime_slots}")
     for flag, value in (("--max-upload-mb", args.max_upload_mb), ("--max-audio-seconds", args.max_audio_seconds)):
         if not (math.isfinite(value) and value > 0):
             problems.append(f"{flag} must be a positive number, got {value:g}")
@@ -65,9 +70,17 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     asr = Transcriber.from_pretrained(args.model, dtype=args.dtype, aligner=args.aligner, mesh=_mesh_arg(args.mesh))
     config = ServerConfig(args.served_model_name or args.model, args.max_slots, args.api_key, args.max_upload_mb,
-                          args.max_audio_seconds, args.max_queue)
+                          args.max_audio_seconds, args.max_queue, args.realtime_slots)
     print(f"qasr-jax serve: {config.model_id} loaded; warming up, then serving on http://{args.host}:{args.port}",
           file=sys.stderr, flush=True)
-    uvicorn.run(build_app(Server(asr, config)), host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=None)
+    # uvicorn finishes the requests in flight on SIGTERM/SIGINT, then raises the signal again for the handler
+    # that was there before it: this one, so that a graceful stop exits with 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server = Server(asr, config)
+    uvicorn.run(build_app(server), host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=None)
+    if server.failed:
+        print(f"qasr-jax serve: error: the engine failed: {server.failed}", file=sys.stderr)
+        return 1
+    print("qasr-jax serve: stopped", file=sys.stderr)
     return 0

@@ -29,6 +29,7 @@ log = logging.getLogger("qasr_jax.server")
 
 STEP_TOKENS = 8  # decode steps between looks at the queue: new requests wait at most this many steps to join
 
+WARMUP_STREAM_SAMPLES = 7 * SAMPLE_RATE  # three 2 s chunks and a tail
 _ids = itertools.count()
 
 
@@ -74,9 +75,12 @@ def warmup_seconds(max_seconds: float, audio: AudioConfig) -> list[float]:
 class Scheduler:
     """Drives one Pipeline per beam size from one thread (see the module doc); thread-safe ``submit``/``cancel``."""
 
-    def __init__(self, asr, max_slots: int, step_tokens: int = STEP_TOKENS):
+    def __init__(self, asr, max_slots: int, realtime_slots: int = 8, step_tokens: int = STEP_TOKENS):
         self.asr, self.max_slots, self.step_tokens = asr, max_slots, step_tokens
         self.pipes: dict[int, Pipeline] = {}
+        self.realtime_slots = realtime_slots
+        self.driver = None  # the streams' StreamDriver, made by the warm-up (on the engine thread)
+        self._rt: list[tuple] = []  # realtime operations waiting for the engine thread
         self.jobs: dict[int, tuple[Job, set[int]]] = {}  # engine thread only: job id -> (job, pieces not done)
         self._cond = threading.Condition()
         self._new: list[Job] = []
@@ -99,6 +103,13 @@ class Scheduler:
             self._gone.append(job)
             self._cond.notify()
 
+    def realtime(self, op: str, item, samples: np.ndarray | None = None) -> None:
+        """Queue a realtime operation on an utterance (``qasr_jax.server.realtime.Item``): "open" its stream,
+        "feed" it 16 kHz samples, "commit" it (its Result is delivered), or "close" it (no result)."""
+        with self._cond:
+            self._rt.append((op, item, samples))
+            self._cond.notify()
+
     def stop(self) -> None:
         """Make ``run`` return once the jobs in flight are done."""
         with self._cond:
@@ -116,7 +127,7 @@ class Scheduler:
     def warm_up(self, max_seconds: float) -> int:
         """Compile what requests of up to ``max_seconds`` need (greedy): for each clip length of
         ``warmup_seconds``, encode, insert into a slot, one step, read, release; then batches of 1, 2, 4, ...
-        ``max_slots`` short clips. Returns the number of warm-up clips."""
+        ``max_slots`` short clips; and a stream of a few chunks. Returns the number of warm-up clips."""
         pipe = self._pipe(1)
         rng = np.random.default_rng(0)
         limit = self.asr.model.config.text.max_position_embeddings // 2
@@ -134,6 +145,11 @@ class Scheduler:
             pipe.partial()
             for w in works:
                 pipe.cancel(w.key)
+        if self.realtime_slots:  # streams: a few chunks of one stream, and its finish
+            self.driver = self.asr.stream_driver(slots=self.realtime_slots)
+            stream = self.driver.stream()
+            self.driver.feed({stream: (0.05 * rng.standard_normal(WARMUP_STREAM_SAMPLES)).astype(np.float32)})
+            self.driver.finish([stream])
         return sum(map(len, clips))
 
     def _busy(self) -> bool:
@@ -143,21 +159,59 @@ class Scheduler:
         """The engine loop: take new and cancelled jobs, step every busy pipeline, deliver what finished."""
         while True:
             with self._cond:
-                while not (self._new or self._gone or self._stop or self._busy()):
+                while not (self._new or self._gone or self._rt or self._stop or self._busy()):
                     self._cond.wait()
                 new, gone, self._new, self._gone = self._new, self._gone, [], []
+                rt, self._rt = self._rt, []
                 if self._stop and not new and not self.jobs:
                     return
             for job in gone:
                 self._drop(job)
             for job in new:
                 self._start(job)
+            if rt:
+                self._realtime(rt)
             for beam, pipe in list(self.pipes.items()):
                 if pipe.busy:
                     self._step(beam, pipe)
             with self._cond:
                 self.waiting = sum(p.waiting for p in self.pipes.values()) + sum(len(j.pieces) for j in self._new)
                 self.live = sum(p.live for p in self.pipes.values())
+
+    def _realtime(self, ops: list[tuple]) -> None:
+        """Every session's new audio in one ``feed`` (one step for all streams with a complete chunk), then the
+        commits in one ``finish``; each utterance's Partial or Result goes back through its ``deliver``."""
+        feeds: dict = {}
+        ends: dict[str, list] = {"commit": [], "close": []}
+        for op, item, samples in ops:
+            if op == "open":
+                try:
+                    item.stream = self.driver.stream(item.language, item.context)
+                except (RuntimeError, ValueError) as e:  # every stream slot taken, or a context too long
+                    item.deliver(("failed", item, str(e)))
+            elif item.stream is None:
+                continue  # its stream could not open: already told
+            elif op == "feed":
+                feeds.setdefault(item, []).append(samples)
+            else:
+                ends[op].append(item)
+        closed = set(ends["close"])
+        try:
+            feeds = {item: np.concatenate(parts) for item, parts in feeds.items() if item not in closed}
+            if feeds:
+                partial = self.driver.feed({item.stream: samples for item, samples in feeds.items()})
+                for item in feeds:
+                    item.deliver(("partial", item, partial[item.stream]))
+            commits = [item for item in ends["commit"] if item not in closed]
+            if commits:
+                for item, result in zip(commits, self.driver.finish([item.stream for item in commits])):
+                    item.deliver(("completed", item, result))
+        except Exception as e:  # the engine failed: these utterances end with an error, their slots freed
+            log.exception("streaming failed")
+            for item in {*feeds, *ends["commit"]}:
+                item.deliver(("failed", item, f"streaming failed: {type(e).__name__}: {e}"))
+                closed.add(item)
+        self.driver.close([item.stream for item in closed])
 
     def _start(self, job: Job) -> None:
         pipe = self._pipe(job.beam_size)
