@@ -25,7 +25,7 @@ from qasr_jax.compiles import count_compilations
 from qasr_jax.server import realtime
 from qasr_jax.server.metrics import Metrics
 from qasr_jax.server.openai_format import APIError
-from qasr_jax.server.scheduler import STEP_TOKENS, Job, Scheduler
+from qasr_jax.server.scheduler import STEP_SECONDS, Job, Scheduler
 from qasr_jax.server.transcriptions import CLIENT_CLOSED, transcribe
 
 log = logging.getLogger("qasr_jax.server")
@@ -42,7 +42,7 @@ class ServerConfig:
     max_audio_seconds: float = 1200.0
     max_queue: int = 256
     realtime_slots: int = 8
-    step_tokens: int = STEP_TOKENS
+    step_seconds: float = STEP_SECONDS
 
 
 class Server:
@@ -52,7 +52,7 @@ class Server:
         self.asr, self.config = asr, config
         self.model_id = config.model_id
         self.token_limit = asr.model.config.text.max_position_embeddings // 2  # the KV cache's room
-        self.scheduler = Scheduler(asr, config.max_slots, config.realtime_slots, config.step_tokens)
+        self.scheduler = Scheduler(asr, config.max_slots, config.realtime_slots, config.step_seconds)
         self._compiles = contextlib.ExitStack()
         self.compiles = self._compiles.enter_context(count_compilations())
         self.metrics = Metrics(self.scheduler, self.compiles)

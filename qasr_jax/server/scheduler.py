@@ -4,8 +4,9 @@ HTTP handlers run on the event loop; they hand a :class:`Job` (a request's audio
 :class:`Scheduler` and wait for its events. One background thread owns the model: it feeds new pieces into a
 :class:`qasr_jax.pipeline.Pipeline` (``side_by_side=True``: groups of different cache shapes decode side by side,
 so a long request never holds up short ones), encodes whatever arrived together in one batch, and steps every
-live slot a few tokens at a time, so that new requests join within a few steps and streamed requests get their
-tokens as they are generated. A job that is cancelled (its client went away) frees its slots at the next step.
+live slot a few tokens at a time, so that new requests join within about ``STEP_SECONDS`` (the steps per look
+follow the measured time per step) and streamed requests get their tokens as they are generated. A job that is
+cancelled (its client went away) frees its slots at the next step.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +29,8 @@ from qasr_jax.pipeline import DecodeOptions, Pipeline, Work, token_budget
 
 log = logging.getLogger("qasr_jax.server")
 
-STEP_TOKENS = 8  # decode steps between looks at the queue: new requests wait at most this many steps to join
+STEP_SECONDS = 0.1  # decoding between looks at the queue: a new request waits about this long to join
+MAX_STEP_TOKENS = 256
 
 WARMUP_STREAM_SAMPLES = 7 * SAMPLE_RATE  # three 2 s chunks and a tail
 _ids = itertools.count()
@@ -75,8 +78,9 @@ def warmup_seconds(max_seconds: float, audio: AudioConfig) -> list[float]:
 class Scheduler:
     """Drives one Pipeline per beam size from one thread (see the module doc); thread-safe ``submit``/``cancel``."""
 
-    def __init__(self, asr, max_slots: int, realtime_slots: int = 8, step_tokens: int = STEP_TOKENS):
-        self.asr, self.max_slots, self.step_tokens = asr, max_slots, step_tokens
+    def __init__(self, asr, max_slots: int, realtime_slots: int = 8, step_seconds: float = STEP_SECONDS):
+        self.asr, self.max_slots, self.step_seconds = asr, max_slots, step_seconds
+        self.seconds_per_step = 0.0  # measured: decode steps run for about step_seconds between looks
         self.pipes: dict[int, Pipeline] = {}
         self.realtime_slots = realtime_slots
         self.driver = None  # the streams' StreamDriver, made by the warm-up (on the engine thread)
@@ -227,8 +231,14 @@ class Scheduler:
             pipe.cancel((job.id, p))
 
     def _step(self, beam: int, pipe: Pipeline) -> None:
+        per_step = self.seconds_per_step or self.step_seconds / 8  # 8 steps until a step has been timed
+        steps = max(1, min(MAX_STEP_TOKENS, int(self.step_seconds / per_step)))
         try:
-            finished = pipe.step(self.step_tokens)
+            start, before = time.perf_counter(), pipe.steps
+            finished = pipe.step(steps)
+            if pipe.steps > before:  # the time per step, smoothed (it includes the encoding of new pieces)
+                now = (time.perf_counter() - start) / (pipe.steps - before)
+                self.seconds_per_step = now if not self.seconds_per_step else 0.8 * self.seconds_per_step + 0.2 * now
             partial = pipe.partial() if any(j.stream and j.beam_size == 1 for j, _ in self.jobs.values()) else []
         except Exception as e:  # the engine failed (e.g. out of memory): fail this pipeline's jobs, start afresh
             log.exception("decoding failed")
