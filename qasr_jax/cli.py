@@ -15,6 +15,7 @@ from qasr_jax.aligner import DEFAULT_MODEL as DEFAULT_ALIGNER
 from qasr_jax.aligner import MAX_SECONDS as ALIGN_MAX_SECONDS
 from qasr_jax.aligner import Aligner
 from qasr_jax.loading import DTYPES
+from qasr_jax.server.command import add_command as add_serve
 
 FORMATS = tuple(formats.FORMATS)
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma", ".webm", ".mp4")
@@ -348,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     from qasr_jax import cli_stream  # the stream command lives in its own module
 
     cli_stream.add_command(sub)
+    add_serve(sub)
     return parser
 
 

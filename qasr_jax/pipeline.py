@@ -132,6 +132,30 @@ class Pipeline:
         """Pieces queued or decoding."""
         return any(not g.idle for g in self.groups.values())
 
+    @property
+    def waiting(self) -> int:
+        """Pieces queued for a slot (not decoding yet)."""
+        return sum(len(g.pending) + (len(g.batcher.queue) if g.batcher else 0) for g in self.groups.values())
+
+    @property
+    def live(self) -> int:
+        """Pieces decoding in slots now."""
+        return sum(len(g.batcher.live) for g in self.groups.values() if g.batcher)
+
+    def cancel(self, key: Any) -> None:
+        """Drop the pieces of ``key`` (``Work.key``), queued or decoding; their slots take other pieces."""
+        for group in self.groups.values():
+            group.pending = collections.deque(w for w in group.pending if w.key != key)
+            if group.batcher is not None:
+                for req in [*group.batcher.queue, *group.batcher.live.values()]:
+                    if req.tag.key == key:
+                        group.batcher.cancel(req)
+
+    def partial(self) -> list[tuple[Work, list[int], list[float]]]:
+        """Every decoding piece's tokens so far and their log-probabilities (see ``SlotBatcher.partial``)."""
+        return [(req.tag, ids, lps) for g in self.groups.values() if g.batcher
+                for req, ids, lps in g.batcher.partial()]
+
     def _encode(self, group: _Group) -> None:
         """Encode the group's next pieces (as many as it has slots) and queue them in its batcher."""
         batcher = group.batcher
@@ -155,8 +179,9 @@ class Pipeline:
         for r, work in enumerate(take):
             batcher.submit(Request(batch, r, work.max_new, tag=work, hotwords=work.hotwords))
 
-    def step(self) -> list[tuple[Work, Output]]:
-        """Encode what free slots can take, decode until a piece finishes -> the finished pieces."""
+    def step(self, max_steps: int | None = None) -> list[tuple[Work, Output]]:
+        """Encode what free slots can take, decode until a piece finishes (or ``max_steps`` steps: a server keeps
+        them few, so that new pieces join soon) -> the finished pieces."""
         live = [g for g in self.groups.values() if not g.idle]
         if not self.side_by_side:  # one cache at a time: the group holding the longest prompts first
             live = sorted(live, key=lambda g: (-g.width, -g.out_len, g.edges))[:1]
@@ -171,7 +196,7 @@ class Pipeline:
                 group.pending = collections.deque(sorted(group.pending, key=lambda w: -w.samples.shape[0]))
                 self._encode(group)
             before = group.batcher.steps
-            done += [(out.request.tag, out) for out in group.batcher.run()]
+            done += [(out.request.tag, out) for out in group.batcher.run(max_steps)]
             self.steps += group.batcher.steps - before
             if group.idle and not self.side_by_side:
                 group.batcher = None  # its cache is freed; a later piece makes a new one

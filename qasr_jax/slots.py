@@ -97,6 +97,28 @@ class SlotBatcher:
         self.free.append(slot)
 
     # -- the queue ------------------------------------------------------------------------------------------------
+    def cancel(self, request: Request) -> None:
+        """Drop a queued or decoding request (a client that went away): its slot is emptied, and freed unless held."""
+        if any(r is request for r in self.queue):  # by identity: requests hold device arrays
+            self.queue = collections.deque(r for r in self.queue if r is not request)
+            return
+        slot = next((s for s, r in self.live.items() if r is request), None)
+        if slot is None:
+            return  # finished already
+        del self.live[slot]
+        self.state = self.engine.release(self.state, [slot], self.cfg)
+        if slot not in self.held:
+            self.free.append(slot)
+
+    def partial(self) -> list[tuple[Request, list[int], list[float]]]:
+        """Every decoding request's tokens so far and their log-probabilities (a beam request: its best beam, which
+        can still change), for callers that stream tokens as they are generated."""
+        if not self.live:
+            return []
+        res = self.engine.results(self.state, self.cfg, self.settings)
+        return [(req, res.tokens[slot, : int(res.lengths[slot])].tolist(),
+                 res.token_logprobs[slot, : int(res.lengths[slot])].tolist()) for slot, req in self.live.items()]
+
     def submit(self, request: Request) -> None:
         """Queue a request (checked here: its prompt and tokens must fit the cache)."""
         width = request.prompts.embeds.shape[1]

@@ -283,16 +283,22 @@ class Transcriber:
             for work, out in pipe.step():
                 i, p = work.key
                 piece = pieces[i][p]
-                lang, text = parse_output(out.token_ids, self.tokenizer, language=langs[i], supported=self.languages)
-                parts[i][p] = _Part(piece, lang or langs[i], text, out.token_ids, out.token_logprobs,
-                                    not out.finished)
+                parts[i][p] = self.decoded(piece, out, langs[i])
                 bar.update(piece.samples.shape[0])
                 if len(parts[i]) == len(pieces[i]):
-                    self._finish(results[i], parts.pop(i), return_timestamps)
+                    self.finish(results[i], parts.pop(i), return_timestamps)
                     yield i, results[i]
         bar.close()
 
-    def _finish(self, result: Result, parts: dict[int, _Part], return_timestamps: bool) -> None:
+    def decoded(self, piece: Piece, out, language: str | None) -> _Part:
+        """A piece's decoder ``Output`` (``qasr_jax.slots.Output``) read as language and text; ``language`` is the
+        forced one (canonical name) or None."""
+        lang, text = parse_output(out.token_ids, self.tokenizer, language=language, supported=self.languages)
+        return _Part(piece, lang or language, text, out.token_ids, out.token_logprobs, not out.finished)
+
+    def finish(self, result: Result, parts: dict[int, _Part], return_timestamps: bool) -> None:
+        """Fill ``result`` from its decoded pieces (``decoded``, keyed by piece order): language, text, tokens,
+        segments, and with ``return_timestamps`` the aligner's words."""
         order = [parts[k] for k in sorted(parts)]
         langs = [p.language for p in order if p.language]
         result.language = collections.Counter(langs).most_common(1)[0][0] if langs else None

@@ -47,9 +47,13 @@ def substitute(text: str, models: dict[str, str]) -> str:
     return text
 
 
-def readme_blocks(lang: str) -> list[str]:
+def readme_blocks(lang: str, serving: bool = False) -> list[str]:
+    """The README's ``lang`` code blocks: those of the "Serving" section (which need a running server;
+    tests/test_server.py runs them against one) or, by default, all the others."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        return re.findall(rf"```{lang}\n(.*?)```", f.read(), flags=re.S)
+        sections = re.split(r"(?m)^## ", f.read())
+    text = "".join(s for s in sections if s.startswith("Serving\n") == serving)
+    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
 
 
 def test_readme_python_examples_run(workdir, monkeypatch):

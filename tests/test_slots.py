@@ -147,3 +147,29 @@ def test_token_logprobs_are_the_reference_log_softmax(tiny):
     want = [float(logp[start + i, t]) for i, t in enumerate(tokens)]
     np.testing.assert_allclose(got.token_logprobs[0, :new], want, rtol=1e-4, atol=1e-4)
     assert int(logp[start].argmax()) == tokens[0]
+
+
+def test_partial_tokens_grow_into_the_result_and_cancel_frees_the_slot(tiny):
+    """``partial`` gives each decoding request's tokens so far (a prefix of what it ends with); ``cancel`` of a
+    decoding and of a queued request takes them out, and the others still decode as if alone."""
+    model, _, _, _, batch = tiny
+    cfg, z = S.SearchConfig(), S.SearchSettings.make()
+    out_len = max(MAX_NEW)
+    slots = SlotBatcher(model.engine, 2, cache_length(batch.embeds.shape[1], out_len), out_len, cfg, z)
+    reqs = {row: Request(batch, row, MAX_NEW[row], tag=row) for row in (1, 9, 3, 7)}  # 96, 88, 33, 50 tokens
+    for req in reqs.values():
+        slots.submit(req)
+    assert slots.run(max_steps=5) == []
+    seen = {req.tag: (ids, lps) for req, ids, lps in slots.partial()}
+    assert sorted(seen) == [1, 9] and all(len(ids) == len(lps) == 6 for ids, lps in seen.values())
+    slots.cancel(reqs[9])  # decoding: its slot goes to the next in the queue
+    slots.cancel(reqs[3])  # queued: never starts
+    assert [r.tag for r in slots.queue] == [7] and slots.free == [1]
+    outs = {o.request.tag: o for o in slots.drain()}
+    assert sorted(outs) == [1, 7]
+    for row, o in outs.items():
+        want = alone(model, batch, row, MAX_NEW[row], cfg, z)
+        assert o.token_ids == want.tokens[0, : want.lengths[0]].tolist()
+    assert outs[1].token_ids[:6] == seen[1][0]
+    np.testing.assert_allclose(outs[1].token_logprobs[:6], seen[1][1], rtol=1e-5, atol=1e-6)
+    assert slots.idle and sorted(slots.free) == [0, 1]
