@@ -15,6 +15,7 @@ from qasr_jax.aligner import DEFAULT_MODEL as DEFAULT_ALIGNER
 from qasr_jax.aligner import MAX_SECONDS as ALIGN_MAX_SECONDS
 from qasr_jax.aligner import Aligner
 from qasr_jax.loading import DTYPES
+from qasr_jax.quant import QUANTIZE_MODES
 from qasr_jax.server.command import add_command as add_serve
 
 FORMATS = tuple(formats.FORMATS)
@@ -118,8 +119,7 @@ def check_transcribe_args(args: argparse.Namespace) -> None:
             problems.append(f"{flag} must be >= 1, got {value}")
     if not (math.isfinite(args.max_audio_seconds) and args.max_audio_seconds > 0):
         problems.append(f"--max-audio-seconds must be a positive number of seconds, got {args.max_audio_seconds:g}")
-    if args.hotword_boost is not None and not (math.isfinite(args.hotword_boost) and args.hotword_boost >= 0):
-        problems.append(f"--hotword-boost must be a non-negative number, got {args.hotword_boost:g}")
+    problems += hotword_problems(args)
     if args.timestamps and not args.aligner:
         problems.append(f"--timestamps needs a forced aligner: add --aligner {DEFAULT_ALIGNER} (or a local aligner "
                         "folder)")
@@ -177,6 +177,29 @@ def report_result(result, args: argparse.Namespace) -> bool:
     return result.error is not None
 
 
+def add_hotword_flags(parser: argparse.ArgumentParser) -> None:
+    """--hotwords, --hotwords-file and --hotword-boost (read with ``read_hotwords``)."""
+    parser.add_argument("--hotwords", default=None, help="comma-separated words and names to bias the search "
+                        'towards (e.g. "Qwen,Pallas,JAX"); they are also added to the context')
+    parser.add_argument("--hotwords-file", default=None, help="a UTF-8 file of hotwords, one per line (# comments)")
+    parser.add_argument("--hotword-boost", type=float, default=None,
+                        help="bonus per matched hotword token, in log-probability units (default 2.0)")
+
+
+def hotword_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with the hotword flags (see ``add_hotword_flags``)."""
+    if args.hotword_boost is not None and not (math.isfinite(args.hotword_boost) and args.hotword_boost >= 0):
+        return [f"--hotword-boost must be a non-negative number, got {args.hotword_boost:g}"]
+    return []
+
+
+def add_quantize_flag(parser: argparse.ArgumentParser) -> None:
+    """--quantize: int8 decoder weights (``qasr_jax.quant``)."""
+    parser.add_argument("--quantize", default=None, choices=QUANTIZE_MODES,
+                        help="int8: the decoder's weights and LM head as int8 (a quarter of float32's bytes, a "
+                             "faster decode step on CPU; one device only; see the README's Precision section)")
+
+
 def read_hotwords(inline: str | None, path: str | None) -> list[str]:
     """Hotwords from --hotwords "a,b" and --hotwords-file (one a line, # comments), in order, without repeats."""
     words = [w.strip() for w in (inline or "").split(",")]
@@ -222,7 +245,7 @@ def _transcribe(args: argparse.Namespace) -> int:
     if not files:  # everything done already, or more processes than inputs
         return 0
     asr = Transcriber.from_pretrained(args.model, dtype=args.dtype, aligner=args.aligner,
-                                      mesh=_mesh_arg(args.mesh), sharding=args.sharding)
+                                      mesh=_mesh_arg(args.mesh), sharding=args.sharding, quantize=args.quantize)
     limit = asr.model.config.text.max_position_embeddings // 2  # the KV cache's room, as Transcriber checks it
     if args.max_new_tokens is not None and args.max_new_tokens > limit:
         raise ValueError(f"--max-new-tokens must be at most {limit} for this model (its KV cache), got "
@@ -300,14 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model", default="Qwen/Qwen3-ASR-0.6B", help="checkpoint folder or hub id")
     tr.add_argument("--language", default=None, help="force a language (name or ISO code); default: detect")
     tr.add_argument("--context", default="", help="context text: names, hotwords, domain terms")
-    tr.add_argument("--hotwords", default=None, help="comma-separated words and names to bias the search towards "
-                    '(e.g. "Qwen,Pallas,JAX"); they are also added to the context')
-    tr.add_argument("--hotwords-file", default=None, help="a UTF-8 file of hotwords, one per line (# comments)")
-    tr.add_argument("--hotword-boost", type=float, default=None,
-                    help="bonus per matched hotword token, in log-probability units (default 2.0)")
+    add_hotword_flags(tr)
     tr.add_argument("--beam-size", type=int, default=1, help="1 = greedy")
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--dtype", default="float32", choices=DTYPES)
+    add_quantize_flag(tr)
     tr.add_argument("--max-new-tokens", type=int, default=None,
                     help="cap on each piece's output tokens (default: 32 + 10 per second of audio)")
     tr.add_argument("--max-audio-seconds", type=float, default=1200.0, help="longer audio is cut into pieces")

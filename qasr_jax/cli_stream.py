@@ -38,6 +38,10 @@ def add_command(sub) -> None:
                     help="commit the text at the first pause after this much audio (default 20)")
     st.add_argument("--realtime", action="store_true", help="feed a file no faster than it plays")
     st.add_argument("--dtype", default="float32", choices=DTYPES)
+    from qasr_jax.cli import add_hotword_flags, add_quantize_flag
+
+    add_quantize_flag(st)
+    add_hotword_flags(st)
     st.set_defaults(func=run)
 
 
@@ -52,6 +56,9 @@ def check_args(args: argparse.Namespace) -> None:
                                ("--max-new-tokens", args.max_new_tokens, 1)):
         if value < least:
             problems.append(f"{flag} must be >= {least}, got {value}")
+    from qasr_jax.cli import hotword_problems
+
+    problems += hotword_problems(args)
     if args.realtime and args.source == "-":
         problems.append("--realtime paces a file; audio on stdin arrives at its own pace: drop --realtime")
     if problems:
@@ -126,11 +133,18 @@ def run(args: argparse.Namespace) -> int:
     from qasr_jax.audio import SAMPLE_RATE
     from qasr_jax.transcribe import Transcriber
 
-    asr = Transcriber.from_pretrained(args.model, dtype=args.dtype)
+    from qasr_jax import hotwords as hw
+    from qasr_jax.cli import read_hotwords
+
+    words = read_hotwords(args.hotwords, args.hotwords_file)
+    boost = hw.DEFAULT_BOOST if args.hotword_boost is None else args.hotword_boost
+    asr = Transcriber.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize)
     options = {} if args.segment_seconds is None else {"segment_seconds": args.segment_seconds}
-    driver = asr.stream_driver(slots=1, max_new_tokens=max(32, args.max_new_tokens), **options)
+    bias = hw.request(words, asr.tokenizer.encode, boost)
+    driver = asr.stream_driver(slots=1, max_new_tokens=max(32, args.max_new_tokens),
+                               hotword_edges=0 if bias is None else len(bias[0][0]), **options)
     stream = driver.stream(args.language, args.context, args.chunk_seconds, args.unfixed_chunks,
-                           args.unfixed_tokens, args.max_new_tokens)
+                           args.unfixed_tokens, args.max_new_tokens, words, boost)
     block = max(1, round(args.chunk_seconds * SAMPLE_RATE))
     blocks = _stdin_blocks(block) if args.source == "-" else _file_blocks(args.source, block, args.realtime)
     display = LineDisplay(sys.stdout)

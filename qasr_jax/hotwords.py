@@ -88,6 +88,22 @@ def build_trie(words: Sequence[str], encode: Callable[[str], list[int]]) -> tupl
     return parent, token, np.asarray(depth, np.int32), term
 
 
+def request(words: Sequence[str] | None, encode: Callable[[str], list[int]],
+            boost: float = DEFAULT_BOOST) -> tuple | None:
+    """One request's hotwords as the search takes them: (host trie, boost), or None without hotwords."""
+    words = [w for w in (words or []) if w.strip()]
+    if not words:
+        return None
+    if not (np.isfinite(boost) and boost >= 0):
+        raise ValueError(f"hotword_boost must be a non-negative number, got {boost!r}")
+    return build_trie(words, encode), float(boost)
+
+
+def with_context(context: str, words: Sequence[str] | None) -> str:
+    """The context text with the hotwords after it (the model was trained to read names and terms there)."""
+    return " ".join(filter(None, [context, ", ".join(w for w in (words or []) if w.strip())]))
+
+
 def pack(tries: Sequence[tuple[np.ndarray, ...]], boosts: Sequence[float], edges: int) -> Trie:
     """Stack per-request host tries, padded to ``edges`` edges, into one Trie."""
     k = len(tries)

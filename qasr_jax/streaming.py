@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from qasr_jax import hotwords as hw
 from qasr_jax import search as S
 from qasr_jax.audio import SAMPLE_RATE, AudioError, n_frames
 from qasr_jax.buckets import (output_buffer, pow2_rows, slot_count, stream_cache_length, stream_prompt_width)
@@ -76,6 +77,7 @@ class _Options:
     unfixed_chunks: int
     unfixed_tokens: int
     max_new: int
+    hotwords: tuple | None = None  # (host trie, boost): hotwords.request
 
 
 class _Segment:
@@ -181,7 +183,7 @@ class StreamDriver:
     through one log-mel, encoder, prefill and decode step (see the module doc)."""
 
     def __init__(self, transcriber, slots: int = 8, segment_seconds: float = DEFAULT_SEGMENT_SECONDS,
-                 max_new_tokens: int = 32, context_tokens: int = CONTEXT_TOKENS):
+                 max_new_tokens: int = 32, context_tokens: int = CONTEXT_TOKENS, hotword_edges: int = 0):
         if slots < 1 or max_new_tokens < 1 or context_tokens < 1:
             raise ValueError(f"slots, max_new_tokens and context_tokens must be >= 1, got {slots}, "
                              f"{max_new_tokens} and {context_tokens}")
@@ -194,8 +196,11 @@ class StreamDriver:
         self.segment_seconds = float(segment_seconds)
         self.out_len = output_buffer(max_new_tokens)
         self.max_len = stream_cache_length(segment_seconds, context_tokens, self.out_len, self.config.audio)
+        # Streams may carry hotword tries of up to this many edges (0: none; a biased step costs a little more).
+        self.hotword_edges = hw.edge_bucket(hotword_edges) if hotword_edges > 0 else 0
         self.batcher = SlotBatcher(self.engine, slot_count(slots, 1, self.engine.data_size), self.max_len,
-                                   self.out_len, S.SearchConfig(), S.SearchSettings.make(self.tokenizer.eos_ids))
+                                   self.out_len, S.SearchConfig(hotword_edges=self.hotword_edges),
+                                   S.SearchSettings.make(self.tokenizer.eos_ids))
         self._lock = threading.RLock()
         self._abandoned: collections.deque[_State] = collections.deque()
         self._made = 0
@@ -212,8 +217,13 @@ class StreamDriver:
 
     # -- streams join and leave -----------------------------------------------------------------------------------
     def stream(self, language=None, context: str = "", chunk_seconds: float = 2.0, unfixed_chunks: int = 2,
-               unfixed_tokens: int = 5, max_new_tokens: int = 32) -> Stream:
-        """A new stream in a free slot (the official algorithm's parameters and defaults; see the module doc)."""
+               unfixed_tokens: int = 5, max_new_tokens: int = 32, hotwords=None,
+               hotword_boost: float = hw.DEFAULT_BOOST, hotwords_in_context: bool = True) -> Stream:
+        """A new stream in a free slot (the official algorithm's parameters and defaults; see the module doc).
+
+        ``hotwords`` (words and names) bias its decoding by ``hotword_boost`` per matched token and, unless
+        ``hotwords_in_context=False``, join its context, as in ``Transcriber.transcribe``; the driver must have
+        been made with room for their trie (``hotword_edges``; ``Transcriber.stream`` sizes it itself)."""
         if not chunk_seconds > 0:
             raise ValueError(f"chunk_seconds must be > 0, got {chunk_seconds}")
         if unfixed_chunks < 0 or unfixed_tokens < 0:
@@ -226,8 +236,14 @@ class StreamDriver:
             language = normalize_language(language, self.transcriber.languages)
         else:
             language = None
-        opts = _Options(language, context or "", max(1, round(chunk_seconds * SAMPLE_RATE)), int(unfixed_chunks),
-                        int(unfixed_tokens), int(max_new_tokens))
+        bias = hw.request(hotwords, self.tokenizer.encode, hotword_boost)
+        if bias is not None and len(bias[0][0]) > self.hotword_edges:
+            raise ValueError(f"these hotwords make a trie of {len(bias[0][0])} edges and this driver has room for "
+                             f"{self.hotword_edges}; make a driver with more: "
+                             f"asr.stream_driver(hotword_edges={len(bias[0][0])})")
+        context = hw.with_context(context or "", hotwords) if hotwords_in_context else context or ""
+        opts = _Options(language, context, max(1, round(chunk_seconds * SAMPLE_RATE)), int(unfixed_chunks),
+                        int(unfixed_tokens), int(max_new_tokens), bias)
         head, after = prompt_parts(self.tokenizer, opts.context, language, "")
         # The largest first chunk of a segment: the context, the carried text, one chunk of audio, the template.
         need = len(head) + CARRY_TOKENS + 4 + audio_token_count(n_frames(opts.chunk_samples), self.config.audio)
@@ -363,7 +379,8 @@ class StreamDriver:
         lengths[: len(rows)] = [len(ids) for ids, _ in rows]
         prompts = Prompts(self.engine.embed(ids_batch, audio_batch), lengths)
         for r, (state, _, prefix, _) in enumerate(jobs):
-            self.batcher.submit(Request(prompts, r, state.opts.max_new, slot=state.slot, tag=(state, prefix)))
+            self.batcher.submit(Request(prompts, r, state.opts.max_new, slot=state.slot, tag=(state, prefix),
+                                        hotwords=state.opts.hotwords))
 
         for out in self.batcher.drain():
             state, prefix = out.request.tag
@@ -419,13 +436,15 @@ def _samples(x, label: str) -> np.ndarray:
     return arr
 
 
-def shared_driver(transcriber, max_new_tokens: int) -> StreamDriver:
+def shared_driver(transcriber, max_new_tokens: int, hotword_edges: int = 0) -> StreamDriver:
     """A one-slot driver of ``transcriber`` with a free slot (made when all are taken): what ``asr.stream()`` uses,
-    so that a lone stream decodes one row per step."""
+    so that a lone stream decodes one row per step. ``hotword_edges``: the trie size its hotwords need (0: none;
+    rounded up to ``hotwords.edge_bucket``)."""
+    edges = hw.edge_bucket(hotword_edges) if hotword_edges > 0 else 0
     drivers = transcriber.__dict__.setdefault("_stream_drivers", [])
     for driver in drivers:
-        if driver.out_len >= max_new_tokens and driver.free:
+        if driver.out_len >= max_new_tokens and driver.hotword_edges == edges and driver.free:
             return driver
-    driver = StreamDriver(transcriber, slots=1, max_new_tokens=max(32, max_new_tokens))
+    driver = StreamDriver(transcriber, slots=1, max_new_tokens=max(32, max_new_tokens), hotword_edges=edges)
     drivers.append(driver)
     return driver

@@ -173,18 +173,22 @@ class Transcriber:
 
     # ------------------------------------------------------------------------------------------------------
     def stream(self, language=None, context="", chunk_seconds: float = 2.0, unfixed_chunks: int = 2,
-               unfixed_tokens: int = 5, max_new_tokens: int = 32):
+               unfixed_tokens: int = 5, max_new_tokens: int = 32, hotwords=None,
+               hotword_boost: float = hw.DEFAULT_BOOST, hotwords_in_context: bool = True):
         """A live stream (``qasr_jax.streaming.Stream``): ``feed()`` 16 kHz audio as it comes, read each Partial,
-        ``finish()`` for the Result. For many streams stepped together use ``stream_driver``."""
+        ``finish()`` for the Result. ``hotwords``, ``hotword_boost`` and ``hotwords_in_context`` as in
+        ``transcribe`` (one list of words). For many streams stepped together use ``stream_driver``."""
         from qasr_jax.streaming import shared_driver
 
-        return shared_driver(self, max_new_tokens).stream(language, context, chunk_seconds, unfixed_chunks,
-                                                          unfixed_tokens, max_new_tokens)
+        bias = hw.request(hotwords, self.tokenizer.encode, hotword_boost)
+        driver = shared_driver(self, max_new_tokens, 0 if bias is None else len(bias[0][0]))
+        return driver.stream(language, context, chunk_seconds, unfixed_chunks, unfixed_tokens, max_new_tokens,
+                             hotwords, hotword_boost, hotwords_in_context)
 
     def stream_driver(self, slots: int = 8, **options):
         """A ``qasr_jax.streaming.StreamDriver``: up to ``slots`` streams advanced in one step (``driver.stream()``,
         ``driver.feed({stream: samples, ...})``); options: ``segment_seconds``, ``max_new_tokens``,
-        ``context_tokens``."""
+        ``context_tokens``, ``hotword_edges`` (room for the streams' hotword tries, see ``hotwords.edge_bucket``)."""
         from qasr_jax.streaming import StreamDriver
 
         return StreamDriver(self, slots, **options)
@@ -246,9 +250,9 @@ class Transcriber:
         langs = [None if l is None else normalize_language(l, self.languages) for l in _as_list(language, n, "language")]
         contexts = [c or "" for c in _as_list(context, n, "context")]
         words = _hotword_lists(hotwords, n)
-        if hotwords_in_context:  # the model was trained to read names and terms from its context
-            contexts = [" ".join(filter(None, [c, ", ".join(w)])) for c, w in zip(contexts, words)]
-        tries = [(hw.build_trie(w, self.tokenizer.encode), hotword_boost) if w else None for w in words]
+        if hotwords_in_context:
+            contexts = [hw.with_context(c, w) for c, w in zip(contexts, words)]
+        tries = [hw.request(w, self.tokenizer.encode, hotword_boost) for w in words]
         if return_timestamps:  # the aligner takes pieces of at most ALIGN_PIECE_SECONDS, as the official toolkit
             max_audio_seconds = min(max_audio_seconds, ALIGN_PIECE_SECONDS)
 

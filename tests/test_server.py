@@ -169,6 +169,20 @@ def test_64_clients_256_requests_each_get_their_own(server, client, asr):
     assert server.gauge("qasr_live_slots") == 0 and server.gauge("qasr_queue_depth") == 0
 
 
+def test_hotwords_field_biases_as_offline(client, asr):
+    """hotwords (a list, or one comma-separated string) and hotword_boost: the text equals the offline
+    transcription with the same hotwords, and the boosted word appears where the plain decoding lacks it (this
+    tied random head repeats one token at log-probability ~-0.01, so the boost that turns it is large)."""
+    path = os.path.join(DATA, "hello_en.wav")
+    offline = asr.transcribe(path, hotwords=["Pallas", "Flax"], hotword_boost=40.0, max_new_tokens=NEW)[0]
+    plain = asr.transcribe(path, max_new_tokens=NEW)[0].text
+    assert "flax" in offline.text.lower() and "flax" not in plain.lower()
+    for words in (["Pallas", "Flax"], "Pallas, Flax"):
+        r = client.audio.transcriptions.create(file=open(path, "rb"), model="qwen3-asr-tiny", extra_body={
+            "max_new_tokens": NEW, "hotwords": words, "hotword_boost": 40.0})
+        assert r.text == offline.text
+
+
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client, tmp_path):
     ok = {"model": "qwen3-asr-tiny"}
     audio = {"file": ("a.wav", wav_bytes(synthetic(1.0)))}
@@ -182,6 +196,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client, t
         ({**ok, "language": "Klingon"}, audio, SERVER_KEY, 400, "language"),
         ({**ok, "temperature": "0.7"}, audio, SERVER_KEY, 400, "temperature"),
         ({**ok, "beam_size": "zero"}, audio, SERVER_KEY, 400, "beam_size"),
+        ({**ok, "hotwords": "Qwen", "hotword_boost": "-1"}, audio, SERVER_KEY, 400, "hotword_boost"),
         ({**ok, "stream": "true", "response_format": "srt"}, audio, SERVER_KEY, 400, "stream"),
         ({"model": "whisper-1"}, audio, SERVER_KEY, 404, "model"),
         (ok, audio, None, 401, None),

@@ -338,3 +338,25 @@ def test_asr_stream_gives_each_lone_stream_a_one_slot_driver(asr):
     assert c.driver is a.driver  # the freed slot is reused
     b.close()
     c.close()
+
+
+def test_hotwords_bias_a_stream_and_leave_the_others_in_its_step_alone(asr):
+    """A stream's hotwords (boosted hard, kept out of the context so that only the search changes) bring the word
+    into its text; a stream beside it in the same driver decodes exactly as in a driver without hotwords, and the
+    biased stream exactly as alone."""
+    wave, word = speech("long_en.wav")[: 3 * SR], "Pallas"
+    hot = {"hotwords": [word], "hotword_boost": 10.0, "hotwords_in_context": False}
+    plain, plain_result = streamed(asr.stream(), wave, 1.0)
+    biased, biased_result = streamed(asr.stream(**hot), wave, 1.0)
+    assert word not in plain_result.text and word in biased_result.text
+    driver = asr.stream_driver(slots=2, hotword_edges=1)
+    a, b = driver.stream(**hot), driver.stream()
+    seen = {a: [], b: []}
+    for start in range(0, wave.shape[0], SR):
+        partials = driver.feed({a: wave[start : start + SR], b: wave[start : start + SR]})
+        for s in (a, b):
+            seen[s].append((s.generated_ids, partials[s]))
+    assert seen[a] == biased and seen[b] == plain
+    assert [r.text for r in driver.finish([a, b])] == [biased_result.text, plain_result.text]
+    with pytest.raises(ValueError, match="hotword_edges"):
+        asr.stream_driver(slots=1).stream(hotwords=[word])

@@ -61,6 +61,7 @@ class Job:
     deliver: Callable[[Event], None]
     beam_size: int = 1
     stream: bool = False  # deliver ``tokens`` events (greedy only: a beam's best hypothesis can still change)
+    hotwords: tuple | None = None  # (host trie, boost) from hotwords.request
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
 
 
@@ -221,7 +222,7 @@ class Scheduler:
         pipe = self._pipe(job.beam_size)
         self.jobs[job.id] = (job, set(range(len(job.pieces))))
         for p, (piece, budget) in enumerate(zip(job.pieces, job.budgets)):
-            pipe.submit(Work((job.id, p), piece.samples, job.language, job.context, budget))
+            pipe.submit(Work((job.id, p), piece.samples, job.language, job.context, budget, job.hotwords))
 
     def _drop(self, job: Job) -> None:
         if self.jobs.pop(job.id, None) is None:

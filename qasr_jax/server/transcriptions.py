@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import os
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from qasr_jax import hotwords as hw
 from qasr_jax.audio import SAMPLE_RATE, AudioError, load_audio
 from qasr_jax.longform import split_long_audio
 from qasr_jax.pipeline import token_budget
@@ -29,6 +31,7 @@ from qasr_jax.transcribe import ALIGN_PIECE_SECONDS, Result
 
 PIECE_SECONDS = 1200.0  # longer audio is cut into pieces, as Transcriber.transcribe's default max_audio_seconds
 MAX_BEAM = 8
+MAX_HOTWORDS = 1000
 CLIENT_CLOSED = 499  # the status recorded for a request whose client went away (nginx's convention)
 
 
@@ -44,7 +47,8 @@ class Options:
     words: bool = False
     beam_size: int = 1
     max_new_tokens: int | None = None
-    # hotwords (its own issue) joins these as one more field read in parse_options.
+    hotwords: list[str] = dataclasses.field(default_factory=list)
+    hotword_boost: float = hw.DEFAULT_BOOST
 
 
 def _values(form, name: str) -> list[str]:
@@ -117,6 +121,21 @@ def parse_options(form, server) -> Options:
                        "timestamp_granularities", "aligner_unavailable")
     o.beam_size = _int(form, "beam_size", 1, MAX_BEAM) or 1
     o.max_new_tokens = _int(form, "max_new_tokens", 1, server.token_limit)
+    o.hotwords = list(dict.fromkeys(w.strip() for v in _values(form, "hotwords") for w in v.split(",") if w.strip()))
+    if len(o.hotwords) > MAX_HOTWORDS:
+        raise APIError(400, f"{len(o.hotwords)} hotwords is more than {MAX_HOTWORDS}; send the ones that matter",
+                       "hotwords", "invalid_value")
+    raw = form.get("hotword_boost")
+    if raw not in (None, ""):
+        try:
+            o.hotword_boost = float(str(raw))
+        except ValueError:
+            o.hotword_boost = float("nan")
+        if not (math.isfinite(o.hotword_boost) and o.hotword_boost >= 0):
+            raise APIError(400, f"hotword_boost must be a non-negative number, got {raw!r}", "hotword_boost",
+                           "invalid_value")
+    if o.hotwords:
+        o.context = hw.with_context(o.context, o.hotwords)  # as offline: the model reads them too
     return o
 
 
@@ -171,7 +190,7 @@ async def transcribe(request: Request, server) -> Response:
     budgets = [o.max_new_tokens or min(token_budget(p.duration), server.token_limit) for p in pieces]
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     job = Job(pieces, o.language, o.context, budgets, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-              o.beam_size, o.stream)
+              o.beam_size, o.stream, hw.request(o.hotwords, server.asr.tokenizer.encode, o.hotword_boost))
     server.admit(job)
     if o.stream:
         return StreamingResponse(_stream(server, job, events, result, o), media_type="text/event-stream",
