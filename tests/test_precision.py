@@ -8,6 +8,7 @@ on the random ASR-0.6B the slow test measures the int8 noise floor (5.6-7.2%; is
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -200,6 +201,22 @@ def test_new_lengths_inside_a_bucket_compile_nothing(transcribers, mode):
         asr.transcribe([synthetic(3.7, 3), synthetic(1.2, 4)], max_new_tokens=NEW - 3, batch_size=2)
         asr.transcribe(synthetic(1.1, 5), max_new_tokens=NEW - 2)
     assert compiles.count == 0
+
+
+def test_cli_quantize_flag_gives_the_int8_transcript(transcribers, asr_dir, capsys):
+    """qasr-jax transcribe --quantize int8 prints what Transcriber(quantize="int8") gives, which is not float32's
+    text token for token (the flag reaches the model)."""
+    from qasr_jax.cli import main
+
+    path = os.path.join(DATA, "long_en.wav")
+    want = transcribers("int8").transcribe(path, max_new_tokens=NEW)[0]
+    assert main(["transcribe", path, "--model", asr_dir, "--quantize", "int8", "--max-new-tokens", str(NEW),
+                 "--output-format", "json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["text"] == want.text
+    assert got["token_logprobs"] == pytest.approx(want.token_logprobs, abs=1e-6)
+    f32 = transcribers("float32").transcribe(path, max_new_tokens=NEW)[0]
+    assert f32.token_logprobs != pytest.approx(want.token_logprobs, abs=1e-6)
 
 
 def test_quantize_needs_one_device(checkpoints):
