@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -91,6 +92,10 @@ def test_orbax_round_trip_is_bit_identical(checkpoints, tmp_path):
     model = qasr_jax.load(str(tmp_path / "exp"))
     assert leaves_equal(params, tree_to_numpy(model.params))
     assert jax.tree_util.tree_structure(model.params) == jax.tree_util.tree_structure(param_shapes(ck.cfg))
+    # Restored a layer at a time (convert/orbax_io.py), cast on the way: bf16 equals the params cast to bf16.
+    half = qasr_jax.load(str(tmp_path / "exp"), dtype="bfloat16")
+    assert leaves_equal(jax.tree_util.tree_map(lambda x: np.asarray(x, jnp.bfloat16), params),
+                        tree_to_numpy(half.params))
 
 
 def test_cli_convert_writes_a_loadable_export(checkpoints, tmp_path):
