@@ -51,22 +51,26 @@ print(json.dumps({"base": base, "peak": rss("VmHWM"), "after": rss("VmRSS"), "pa
 """
 
 
+BUILD = r"""
+import sys
+import torch
+from qasr_jax.config import preset
+from tests.reference import build_reference, save_hf, save_official
+cfg = preset(sys.argv[1])
+ref = build_reference(cfg, seed=0)
+save_hf(ref, sys.argv[2], dtype=torch.bfloat16)
+save_official(ref, cfg, sys.argv[3], dtype=torch.bfloat16, shards=4)
+"""
+
+
 def checkpoints(preset: str, work: str) -> dict[str, str]:
     """The preset's -hf (bf16, one file), official (bf16, 4 shards) and Orbax (float32) folders, made if absent."""
     folder = os.path.join(work, preset)
     out = {name: os.path.join(folder, name) for name in ("hf", "official", "orbax")}
     if all(os.path.isdir(p) for p in out.values()):
         return out
-    import torch
-
-    from qasr_jax.config import preset as config_preset
-    from tests.reference import build_reference, save_hf, save_official
-
-    cfg = config_preset(preset)
-    ref = build_reference(cfg, seed=0)
-    save_hf(ref, out["hf"], dtype=torch.bfloat16)
-    save_official(ref, cfg, out["official"], dtype=torch.bfloat16, shards=4)
-    del ref
+    # Each step in its own process, so that no two of the model's copies (torch's, the converter's) meet in memory.
+    subprocess.run([sys.executable, "-c", BUILD, preset, out["hf"], out["official"]], check=True, cwd=ROOT)
     subprocess.run([sys.executable, "-m", "qasr_jax.cli", "convert", out["hf"], out["orbax"], "--force"],
                    check=True, cwd=ROOT)
     return out
