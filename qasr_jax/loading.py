@@ -42,10 +42,11 @@ class Model:
     """
 
     def __init__(self, config: ModelConfig, params, dtype: str = "float32", attention_impl: str = "auto",
-                 interpret: bool = False, mesh=None, sharding=None):
+                 interpret: bool = False, mesh=None, sharding=None, source: str | None = None):
         _check_dtype(dtype)
         self.config = config
         self.dtype = dtype
+        self.source = source  # the folder it was loaded from (its tokenizer lives there), or None
         layout = _layout(mesh, sharding)
         if layout is None:
             params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
@@ -169,7 +170,7 @@ def load(path: str | os.PathLike, dtype: str = "float32", attention_impl: str = 
 
         cfg = load_config(path)
         params = load_hf_params(path, cfg, dtype, place=_placer(layout, cfg, dtype))
-    return Model(cfg, params, dtype=dtype, attention_impl=attention_impl, mesh=layout)
+    return Model(cfg, params, dtype=dtype, attention_impl=attention_impl, mesh=layout, source=path)
 
 
 def _placer(layout, cfg: ModelConfig, dtype: str):
