@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     al = sub.add_parser("align", help="word timestamps for a known transcript (Qwen3-ForcedAligner)")
     add_align_arguments(al).set_defaults(func=align_command)
+    from qasr_jax.cli_train import add_commands
+
+    add_commands(sub)  # finetune, evaluate
     return parser
 
 
