@@ -90,10 +90,8 @@ def _check_resume(output: str, record: dict) -> None:
         raise ValueError(f"--resume: {output} holds no {RUN_FILE}; start a new run there without --resume")
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
-    saved["train_config"] = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["train_config"].items()}
     for key in ("train_config", "model_config", "train_examples"):
-        if json.dumps(saved[key], sort_keys=True, default=list) != json.dumps(record[key], sort_keys=True,
-                                                                              default=list):
+        if json.dumps(saved[key], sort_keys=True) != json.dumps(record[key], sort_keys=True):
             raise ValueError(f"--resume: this run's {key} differs from the one saved in {path}; resume with the "
                              "same model, manifest and options, or start a new output folder")
 
@@ -132,6 +130,7 @@ def finetune(model, tokenizer: Tokenizer, train: Sequence[Example], output: str,
         restored = manager.restore(start, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(loader.iterator)))
         state = restored.state
+        trainer.release_base()
     else:
         state = trainer.init_state()
     metrics = _Metrics(os.path.join(output, METRICS_FILE), start)

@@ -184,14 +184,19 @@ def merge_lora(params: Mapping, adapters: Mapping, rank: int, alpha: float) -> d
     return merge(params, adapters)
 
 
-def init_params(cfg, seed: int = 0) -> dict:
-    """Random float32 weights for ``cfg`` (Flax's initializers), to train a model from scratch."""
+def init_params(cfg, seed: int = 0, embedding_std: float = 0.02) -> dict:
+    """Random float32 weights for ``cfg`` to train a model from scratch: Flax's initializers, and the token embedding
+    drawn at ``embedding_std`` (transformers' 0.02). With a tied head over 151936 ids a wider draw makes every
+    unused id a near-miss of every hidden state, and the loss stalls for thousands of steps on pushing them down."""
     module = Qwen3ASRModule(cfg)
     frames = cfg.audio.chunk_frames
     ids = jnp.full((1, cfg.audio.tokens_per_chunk), cfg.audio_token_id, jnp.int32)
     feats = jnp.zeros((1, cfg.audio.num_mel_bins, frames), jnp.float32)
-    init = jax.jit(lambda key: module.init(key, ids, feats, jnp.array([frames]))["params"])
-    return jax.device_get(init(jax.random.PRNGKey(seed)))
+    key, embed_key = jax.random.split(jax.random.PRNGKey(seed))
+    params = jax.device_get(jax.jit(lambda k: module.init(k, ids, feats, jnp.array([frames]))["params"])(key))
+    shape = params["decoder"]["embed"]["embedding"].shape
+    params["decoder"]["embed"]["embedding"] = np.asarray(embedding_std * jax.random.normal(embed_key, shape))
+    return params
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,7 +264,9 @@ class Trainer:
     """The compiled train step of one model and config, on the model's devices (one, or its mesh).
 
     ``model`` is ``qasr_jax.load(...)`` in float32 (the master weights; ``sharding="fsdp"`` on a mesh). The frozen
-    part of the weights is held in the compute dtype; ``init_state`` gives the trained part and AdamW's state.
+    part of the weights is also held in the compute dtype. The trained part moves into the TrainState, so a 0.6B
+    model is not held twice: ``init_state`` donates those buffers (and ``release_base`` frees them when a checkpoint
+    is restored instead); ``model.params`` is then unusable for them; read the weights with ``params(state)``.
     """
 
     def __init__(self, model, config: TrainConfig):
@@ -280,7 +287,8 @@ class Trainer:
         else:
             frozen_prefixes = tuple(p for part in config.freeze for p in FREEZABLE[part])
             frozen, trained = split_params(model.params, lambda p: p.startswith(frozen_prefixes))
-        self.base = trained  # the float32 weights the run starts from (empty with LoRA)
+        self._base = trained  # the float32 weights the run starts from (empty with LoRA), until the state takes them
+        self._base_shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trained)
         self._frozen_f32 = frozen
         self.frozen = jax.tree_util.tree_map(lambda x: x.astype(dt), frozen)
         self.optimizer = optimizer(config)
@@ -309,25 +317,33 @@ class Trainer:
         return TrainState(step=rep, params=params, opt_state=opt)
 
     def init_state(self) -> TrainState:
-        """Step 0: the trained weights (LoRA: fresh adapters from the seed) and a zeroed AdamW state."""
+        """Step 0: the trained weights (LoRA: fresh adapters from the seed) and a zeroed AdamW state; the model's
+        trained buffers are donated to it (call once)."""
         if self.provider:
             params = init_lora(self.engine.module, self.provider, jax.random.PRNGKey(self.config.seed))
             shardings = self._param_shardings(params)
             params = params if shardings is None else jax.device_put(params, shardings)
+        elif self._base is None:
+            raise ValueError("init_state was already called (or the base released): the weights live in that state")
         else:
-            params = self.base
+            params, self._base = self._base, None
         shapes = self.state_shapes()
-        shardings = self.state_shardings(shapes)
         init = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.optimizer.init(p)),
-                       out_shardings=shardings)
+                       donate_argnums=0, out_shardings=self.state_shardings(shapes))
         return init(params)
+
+    def release_base(self) -> None:
+        """Free the model's copies of the trained weights (after restoring a TrainState from a checkpoint)."""
+        for x in jax.tree_util.tree_leaves(self._base or {}):
+            x.delete()
+        self._base = None
 
     def state_shapes(self) -> TrainState:
         """The TrainState's ShapeDtypeStructs (for restoring a checkpoint into place)."""
         if self.provider:
             params = jax.eval_shape(lambda: init_lora(self.engine.module, self.provider, jax.random.PRNGKey(0)))
         else:
-            params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.base)
+            params = self._base_shapes
         return jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.optimizer.init(p)), params)
 
     # -- the step ----------------------------------------------------------------------------------------------
