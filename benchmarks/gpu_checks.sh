@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The GPU checks behind the GPU rows of RESULTS.md, in one go: compiled Pallas kernels against the reference
-# (tests/test_kernels.py, no interpreter), the attention benchmark, then end-to-end transcription against
-# transformers on the same GPU. Logs go to $1 (default: gpu_logs/). Each step has its own time limit, so a slow
-# step leaves the others' results in place. Name steps to run only those.
+# The GPU checks behind the GPU rows of RESULTS.md, in one go (under 10 minutes by default): the attention table
+# with queued calls, then throughput at batch 1/8/32/128/256 against transformers on the same GPU, bf16, for the
+# 0.6B (with our int8 decoder as a third column) and the 1.7B (issue 15). Named steps only: also the compiled
+# Pallas kernels against the reference (tests/test_kernels.py, no interpreter) and end-to-end transcription at
+# batch 1 and 8. Logs go to $1 (default: gpu_logs/). Each step has its own time limit, so a slow step leaves the
+# others' results in place.
 #
-#     bash benchmarks/gpu_checks.sh [LOG_DIR [kernels|attention|transcribe ...]]
+#     bash benchmarks/gpu_checks.sh [LOG_DIR [attention|throughput-0.6b|throughput-1.7b|kernels|transcribe ...]]
 set -u
 cd "$(dirname "$0")/.."
 logs=${1:-gpu_logs}
 shift $(($# > 0))
-steps=${*:-kernels attention transcribe}
+steps=${*:-attention throughput-0.6b throughput-1.7b}
 mkdir -p "$logs"
 export PYTHONUNBUFFERED=1
 # JAX and torch share the card: JAX takes under half of its memory up front, torch allocates as it goes.
@@ -34,5 +36,7 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 step kernels 240 $py -m pytest -q -rf --durations=5 -p no:cacheprovider tests/test_kernels.py -k "not tpu"
-step attention 120 $py benchmarks/bench_attention.py --repeats 5
+step attention 90 $py benchmarks/bench_attention.py --repeats 5
 step transcribe 240 $py benchmarks/bench_transcribe.py --dtype bfloat16
+step throughput-0.6b 250 $py benchmarks/bench_throughput.py --preset asr-0.6b --dtype bfloat16 --quantize int8
+step throughput-1.7b 220 $py benchmarks/bench_throughput.py --preset asr-1.7b --dtype bfloat16

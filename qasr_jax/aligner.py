@@ -16,12 +16,10 @@ slots to 8 steps per power of two), so new lengths inside a bucket compile nothi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,11 +29,11 @@ from qasr_jax.audio import SAMPLE_RATE, load_audio, log_mel_batch, n_frames
 from qasr_jax.buckets import aligner_rows, frame_bucket, length_bucket
 from qasr_jax.config import audio_token_count
 from qasr_jax.hub import resolve_model_path
-from qasr_jax.loading import DTYPES, Model, load
+from qasr_jax.loading import Model, load
 from qasr_jax.tokenizer import Tokenizer
 from qasr_jax.units import aligner_language, fix_timestamps, split_units
 
-__all__ = ["Aligner", "Word", "resolve_model_path", "align_command", "add_align_arguments", "DEFAULT_MODEL"]
+__all__ = ["Aligner", "Word", "resolve_model_path", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "Qwen/Qwen3-ForcedAligner-0.6B"
 MAX_SECONDS = 300.0  # one forward pass covers at most 5 min (the 5000 classes x 80 ms reach 400 s)
@@ -44,11 +42,13 @@ SPLIT_GUARD_SECONDS = 2.0  # with split=True, units ending this close to a windo
 
 @dataclasses.dataclass(frozen=True)
 class Word:
-    """One aligned unit (a word, or one CJK character) and its start and end in seconds."""
+    """One aligned unit (a word, or one CJK character), its start and end in seconds, and (from transcription)
+    the mean log-probability of the generated tokens that spell it."""
 
     text: str
     start: float
     end: float
+    logprob: float | None = None
 
 
 def _similar_groups(items: Sequence, batch_size: int, size) -> list[list]:
@@ -260,60 +260,3 @@ class Aligner:
             i += len(sure)
             start += max(1, round(sure[-1].end * SAMPLE_RATE))
         return words
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line: qasr-jax align AUDIO TEXT --language L
-
-
-def add_align_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``align`` sub-command's arguments to ``parser``."""
-    from qasr_jax.formats import FORMATS
-
-    parser.add_argument("audio", help="audio file (any format soundfile or ffmpeg reads)")
-    parser.add_argument("text", help="the transcript; or the path of a UTF-8 text file holding it; or - for stdin")
-    parser.add_argument("--language", "-l", required=True,
-                        help="language of the transcript: Chinese, English, Cantonese, French, German, Italian, "
-                             "Japanese, Korean, Portuguese, Russian or Spanish (or its ISO code)")
-    parser.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"checkpoint folder or hub id (default {DEFAULT_MODEL})")
-    parser.add_argument("--output-format", "-f", choices=sorted(FORMATS), default="json",
-                        help="json (default), srt or vtt subtitles with one word per cue, tsv, or txt")
-    parser.add_argument("--output", "-o", default="-", help="output file (default: standard output)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
-    parser.add_argument("--split", action="store_true",
-                        help=f"align audio over {MAX_SECONDS / 60:g} min window by window (approximate at joins)")
-    return parser
-
-
-def _read_transcript(arg: str) -> str:
-    if arg == "-":
-        return sys.stdin.read()
-    if os.path.isfile(arg):
-        with open(arg, encoding="utf-8") as f:
-            return f.read()
-    return arg
-
-
-@functools.lru_cache(maxsize=2)
-def _cli_aligner(model: str, dtype: str) -> Aligner:
-    # Cached so that repeated in-process calls (tests, notebooks) reuse the loaded weights and compiled code.
-    return Aligner.from_pretrained(model, dtype=dtype)
-
-
-def align_command(args: argparse.Namespace) -> int:
-    """Run ``qasr-jax align`` with parsed ``args``: print or write the timestamps; returns the exit status."""
-    from qasr_jax.formats import render
-
-    try:
-        aligner = _cli_aligner(args.model, args.dtype)
-        words = aligner.align(args.audio, _read_transcript(args.text), args.language, split=args.split)
-    except (ValueError, FileNotFoundError, ImportError, OSError) as exc:
-        print(f"qasr-jax align: error: {exc}", file=sys.stderr)
-        return 2
-    out = render(words, args.output_format)
-    if args.output == "-":
-        sys.stdout.write(out)
-    else:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(out)
-    return 0

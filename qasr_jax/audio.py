@@ -46,7 +46,7 @@ class AudioFileNotFoundError(AudioError, FileNotFoundError):
 def load_audio(src: Any, name: str | None = None) -> np.ndarray:
     """Return `src` (a file path, a ``(samples, rate)`` tuple, or a 16 kHz array) as 16 kHz mono float32 samples.
 
-    Arrays are 1-D or ``(channels, samples)``; channels are averaged and other rates are resampled with librosa.
+    Arrays are 1-D or ``(channels, samples)``; channels are averaged and other rates are resampled with soxr.
     Integer PCM arrays are scaled to [-1, 1). `name` labels the input in error messages (e.g. ``"array input #3"``).
     Raises AudioError (a ValueError) for anything unusable. Silent audio is valid.
     """
@@ -76,6 +76,8 @@ def _read_file(path: str, label: str) -> tuple[np.ndarray, int]:
         raise AudioFileNotFoundError(f"{label}: no such file; check the path")
     if os.path.isdir(path):
         raise AudioError(f"{label}: is a directory; pass the path of an audio file inside it")
+    if os.path.getsize(path) == 0:
+        raise AudioError(f"{label}: file is empty (0 bytes); record, copy or download it again")
     import soundfile
 
     try:
@@ -144,11 +146,21 @@ def _to_mono_16k(samples: np.ndarray, rate: int, label: str) -> np.ndarray:
     if not np.all(np.isfinite(samples)):
         raise AudioError(f"{label}: audio contains NaN or Inf samples; clean or re-decode the audio")
     if rate != SAMPLE_RATE:
-        import librosa
-
-        # Same resampler librosa.load(sr=16000) uses (soxr_hq), after the same channel mean.
-        samples = librosa.resample(samples, orig_sr=rate, target_sr=SAMPLE_RATE)
+        samples = _resample(samples, rate)
     return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def _resample(samples: np.ndarray, rate: int) -> np.ndarray:
+    """(n,) float samples at ``rate`` -> 16 kHz, exactly as ``librosa.resample`` (and so ``librosa.load(sr=16000)``)
+    does by default: soxr's "HQ" filter, then cut or zero-padded to ``ceil(n * 16000 / rate)`` samples.
+
+    Calling soxr directly keeps librosa, whose import compiles numba code for seconds on a first run, off the path.
+    """
+    import soxr
+
+    n_out = int(np.ceil(samples.shape[0] * (SAMPLE_RATE / rate)))
+    out = soxr.resample(samples, rate, SAMPLE_RATE, quality="soxr_hq")[:n_out]
+    return np.pad(out, (0, n_out - out.shape[0])).astype(samples.dtype, copy=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,17 +172,32 @@ def n_frames(n_samples: int) -> int:
     return max(int(n_samples), MIN_SAMPLES) // HOP
 
 
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale: linear below 1 kHz (3 mels per 200 Hz), logarithmic above (27 mels per factor 6.4)."""
+    mels = hz / (200.0 / 3)
+    log_part = hz >= 1000.0
+    return np.where(log_part, 15.0 + np.log(np.maximum(hz, 1000.0) / 1000.0) / (np.log(6.4) / 27.0), mels)
+
+
+def _mel_to_hz(mels: np.ndarray) -> np.ndarray:
+    """Inverse of ``_hz_to_mel``."""
+    hz = mels * (200.0 / 3)
+    log_part = mels >= 15.0
+    return np.where(log_part, 1000.0 * np.exp((np.log(6.4) / 27.0) * (mels - 15.0)), hz)
+
+
 @functools.lru_cache(maxsize=None)
 def mel_filters() -> np.ndarray:
     """The (201, 128) float32 Slaney mel filter bank over 0-8 kHz, frequency bins x mel bins (read-only)."""
-    import librosa
-
-    # librosa builds the same triangles and Slaney area normalisation as transformers' mel_filter_bank;
-    # tests/test_audio.py checks that the two agree.
-    bank = librosa.filters.mel(
-        sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=0.0, fmax=SAMPLE_RATE / 2, htk=False, norm="slaney",
-        dtype=np.float64,
-    )  # (mels, bins)
+    # The triangles and Slaney area normalisation of transformers' mel_filter_bank (and librosa.filters.mel), in
+    # float64; tests/test_audio.py checks that they agree to the last float32 bit.
+    bins = np.fft.rfftfreq(N_FFT, d=1.0 / SAMPLE_RATE)  # (201,) Hz
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(np.float64(0.0)), _hz_to_mel(np.float64(SAMPLE_RATE / 2)), N_MELS + 2))
+    widths = np.diff(edges)  # (129,)
+    ramps = edges[:, None] - bins[None, :]  # (130, 201)
+    rising = -ramps[:-2] / widths[:-1, None]  # (128, 201)
+    falling = ramps[2:] / widths[1:, None]
+    bank = np.maximum(0.0, np.minimum(rising, falling)) * (2.0 / (edges[2:] - edges[:-2]))[:, None]  # (mels, bins)
     bank = np.ascontiguousarray(bank.T, dtype=np.float32)
     bank.flags.writeable = False
     return bank
@@ -183,11 +210,13 @@ def _hann_window() -> np.ndarray:
     return (0.5 - 0.5 * np.cos(2.0 * np.pi * k / N_FFT)).astype(np.float32)
 
 
-def log_mel_padded(samples: jax.Array, lengths: jax.Array, frames: int) -> jax.Array:
-    """Log-mel of each row of zero-padded `samples` (batch, S) cut to its length, as (batch, 128, frames) float32.
+def log10_mel_padded(samples: jax.Array, lengths: jax.Array, frames: int) -> tuple[jax.Array, jax.Array]:
+    """log10 of the mel power of each row of zero-padded `samples` (batch, S), before the floor: ``(log_spec
+    (batch, 128, frames) float32, valid (batch, 1, frames) bool)``; frames at and past a row's ``n_frames`` are
+    not valid (their values are meaningless).
 
-    Pure jax.numpy, usable inside jit with `frames` static. Each row is treated as if alone: zero-padded to 0.5 s,
-    reflect-padded at its own end, floored against its own max. Frames at and past a row's ``n_frames`` are 0.0.
+    Each row is treated as if alone (zero-padded to 0.5 s, reflect-padded at its own end); frame t depends only on
+    samples t*160 - 200 .. t*160 + 199, so a stream recomputes only the frames that appended audio reaches.
     Each length must be <= S, and samples past it must be zero (they stand in for the 0.5 s minimum padding).
     """
     samples = jnp.asarray(samples, jnp.float32)
@@ -223,12 +252,30 @@ def log_mel_padded(samples: jax.Array, lengths: jax.Array, frames: int) -> jax.A
 
     log_spec = jnp.log10(jnp.maximum(mel, _LOG_FLOOR))
     valid = (jnp.arange(frames)[None, :] < valid_frames[:, None])[:, None, :]  # (batch, 1, frames)
+    return log_spec, valid
+
+
+def floor_log_mel(log_spec, peak):
+    """Whisper's floor and scale of log10 mel power: ``(max(log_spec, peak - 8) + 4) / 4``, where ``peak`` is the
+    utterance's largest log10 value; numpy in, numpy out (the same float32 operations as under jit)."""
+    xp = np if isinstance(log_spec, np.ndarray) else jnp
+    return (xp.maximum(log_spec, peak - _DYNAMIC_RANGE) + 4.0) / 4.0
+
+
+def log_mel_padded(samples: jax.Array, lengths: jax.Array, frames: int) -> jax.Array:
+    """Log-mel of each row of zero-padded `samples` (batch, S) cut to its length, as (batch, 128, frames) float32.
+
+    Pure jax.numpy, usable inside jit with `frames` static. Each row is treated as if alone: zero-padded to 0.5 s,
+    reflect-padded at its own end, floored against its own max. Frames at and past a row's ``n_frames`` are 0.0.
+    Each length must be <= S, and samples past it must be zero (they stand in for the 0.5 s minimum padding).
+    """
+    log_spec, valid = log10_mel_padded(samples, lengths, frames)
     peak = jnp.max(jnp.where(valid, log_spec, -jnp.inf), axis=(1, 2), keepdims=True)  # (batch, 1, 1)
-    log_spec = jnp.maximum(log_spec, peak - _DYNAMIC_RANGE)
-    return jnp.where(valid, (log_spec + 4.0) / 4.0, 0.0)
+    return jnp.where(valid, floor_log_mel(log_spec, peak), 0.0)
 
 
 _log_mel_padded_jit = jax.jit(log_mel_padded, static_argnames="frames")
+log10_mel_padded_jit = jax.jit(log10_mel_padded, static_argnames="frames")  # the unfloored values, for streams
 
 
 def _round_up(x: int, multiple: int) -> int:

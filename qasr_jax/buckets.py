@@ -77,3 +77,40 @@ def cache_length(prompt: int, max_new_tokens: int) -> int:
 def slot_count(n: int, beam_size: int = 1, data_size: int = 1) -> int:
     """Decode slots for n concurrent requests: each takes ``beam_size`` slots; a multiple of the data axis."""
     return round_up(n * beam_size, data_size * beam_size)
+
+
+# -- streams (qasr_jax.streaming) -----------------------------------------------------------------------------------
+
+STREAM_TEXT_PER_SECOND = 8  # transcript tokens a stream's cache holds room for per second of audio (2x fast speech)
+
+
+def stream_window_frames(n_frames: int, audio: AudioConfig) -> int:
+    """Feature frames for re-encoding a stream's windows of at most ``n_frames`` frames: 1, 2, 4 or 8 whole chunks
+    (four encoder programs per row count; a partial window pads at most to twice its chunks)."""
+    chunks = max(1, -(-n_frames // audio.chunk_frames))
+    return min(1 << (chunks - 1).bit_length(), audio.chunks_per_window) * audio.chunk_frames
+
+
+def stream_mel_frames(n_frames: int, audio: AudioConfig) -> int:
+    """Frames of a stream's log-mel refresh (the open windows plus a little context): whole 4 s steps."""
+    return round_up(n_frames, 4 * audio.chunk_frames)
+
+
+def stream_prompt_width(n: int, cap: int) -> int:
+    """Width of the prompt tails a stream step inserts: four steps per power of two (32, 64, 96, 128, 160, 192, 224,
+    256, 320, ...), at most ``cap`` (the cache room left for the prompt)."""
+    step = max(PROMPT_STEP, (1 << max(0, (n - 1).bit_length())) // 4)
+    return min(round_up(n, step), cap)
+
+
+def stream_cache_length(segment_seconds: float, context_tokens: int, out_len: int, audio: AudioConfig) -> int:
+    """KV cache positions of a stream slot: the system prompt (``context_tokens``), 1.5x ``segment_seconds`` of audio
+    tokens and of transcript (``STREAM_TEXT_PER_SECOND``), and the output buffer, in whole 128s."""
+    seconds = 1.5 * segment_seconds
+    per_second = audio.tokens_per_chunk * 100 / audio.chunk_frames + STREAM_TEXT_PER_SECOND
+    return round_up(int(context_tokens + seconds * per_second + out_len), 128)
+
+
+def pow2_rows(n: int, data_size: int = 1) -> int:
+    """Rows of a stream step's batched call over n items: the next power of two, a multiple of the data axis."""
+    return round_up(1 << max(0, (n - 1).bit_length()), data_size)

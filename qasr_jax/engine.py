@@ -39,6 +39,13 @@ class DecodeState:
     rows: S.GreedyRows | S.BeamRows
 
 
+def _device(x, dtype):
+    """A device array of ``x`` (a host array is transferred, not converted by a compiled program)."""
+    if isinstance(x, jax.Array) and (dtype is None or x.dtype == dtype):
+        return x
+    return jax.device_put(np.asarray(x, dtype))
+
+
 class Engine:
     """Every compiled program of one model: encode, embed, full-prompt logits, position scoring (the aligner),
     one-call generation, and the slot programs (insert, advance, release) of continuous batching."""
@@ -90,14 +97,16 @@ class Engine:
             logits = forward(params, ids, feats, n_frames, token_mask, positions)
             return jnp.argmax(logits, axis=-1).astype(jnp.int32) if classes else logits
 
-        def generate(params, embeds, n_new, max_new, settings, prompt_ids, *, cfg, max_len):
+        def generate(params, embeds, n_new, max_new, settings, prompt_ids, tries, *, cfg, max_len):
             batch, seq = embeds.shape[:2]
             cache = new_cache(batch, max_len)
             logits, cache = apply(params, embeds, n_new, cache, method=Qwen3ASRModule.extend)
             return S.search(step_fn(params), logits, cache, CACHE_AXES, settings, max_new, out_len=max_len - seq,
-                            cfg=cfg, prompt_ids=prompt_ids, prompt_len=n_new)
+                            cfg=cfg, prompt_ids=prompt_ids, prompt_len=n_new, tries=tries)
 
-        def insert(params, state, embeds, n_new, ids, max_new, settings, prompt_ids, *, cfg):
+        def insert(params, state, embeds, n_new, ids, max_new, settings, prompt_ids, rows, tries, *, cfg):
+            embeds, n_new = embeds[rows], n_new[rows]  # the batch's rows going into slots `ids`
+            prompt_ids = None if prompt_ids is None else prompt_ids[rows]
             beams = cfg.beam_size
             first = ids * beams  # each request's first decoder row
             logits, cache = apply(params, embeds, n_new, state.cache, first, method=Qwen3ASRModule.extend)
@@ -105,7 +114,7 @@ class Engine:
                 cache = KVCache(k=cache.k.at[:, first + b].set(cache.k[:, first]),
                                 v=cache.v.at[:, first + b].set(cache.v[:, first]),
                                 lengths=cache.lengths.at[first + b].set(cache.lengths[first]))
-            rows = S.start(state.rows, ids, max_new, cfg, prompt_ids, None if prompt_ids is None else n_new)
+            rows = S.start(state.rows, ids, max_new, cfg, prompt_ids, None if prompt_ids is None else n_new, tries)
             decoder_rows = (first[:, None] + jnp.arange(beams)).reshape(-1)
             full = jnp.zeros((cache.slots, logits.shape[-1]), logits.dtype).at[decoder_rows].set(
                 jnp.repeat(logits, beams, axis=0))
@@ -117,6 +126,9 @@ class Engine:
             rows, cache, steps = S.run(step_fn(params), state.rows, state.cache, CACHE_AXES, cfg, settings,
                                        max_steps, until_any_done)
             return DecodeState(cache, rows), steps
+
+        def results(rows, settings, *, cfg):
+            return S.result(rows, cfg, settings)
 
         def release(state, ids, keep, *, beams):
             decoder_rows = (ids[:, None] * beams + jnp.arange(beams)).reshape(-1)
@@ -141,6 +153,7 @@ class Engine:
         self._advance = jax.jit(advance, static_argnames=("cfg", "until_any_done"), donate_argnums=1,
                                 out_shardings=(state_sh, None) if state_sh is not None else None)
         self._release = jax.jit(release, static_argnames="beams", donate_argnums=0, out_shardings=state_sh)
+        self._results = jax.jit(results, static_argnames="cfg")
         self._new_state = jax.jit(new_state, static_argnames=("slots", "max_len", "cfg", "out_len", "history_len"),
                                   out_shardings=state_sh)
         self._init_cache = jax.jit(new_cache, static_argnums=(0, 1), out_shardings=self._cache_shardings())
@@ -164,10 +177,13 @@ class Engine:
         """Devices along the mesh's data axis (1 without a mesh): batches take a multiple of this many rows."""
         return 1 if self.layout is None else self.layout.data_size
 
-    def put(self, x) -> jax.Array:
-        """A batch (rows first) on the devices: rows split over the data axis with a mesh, else ``jnp.asarray``."""
+    def put(self, x, dtype=None) -> jax.Array:
+        """A batch (rows first) on the devices, in ``dtype`` if given: rows split over the data axis with a mesh.
+        Host arrays are transferred, never converted by a compiled program."""
         from qasr_jax.sharding import put_batch
 
+        if dtype is not None and not (isinstance(x, jax.Array) and x.dtype == dtype):
+            x = np.asarray(x, dtype)
         return put_batch(x, self.layout)
 
     def forward(self, params, input_ids, feats, n_frames, token_mask, positions) -> jax.Array:
@@ -196,9 +212,10 @@ class Engine:
         return self._score(self.params, *args, classes=classes)
 
     def generate(self, embeds, n_new, max_new, settings: S.SearchSettings, cfg: S.SearchConfig, max_len: int,
-                 prompt_ids=None) -> S.SearchResult:
+                 prompt_ids=None, tries=None) -> S.SearchResult:
         """Prefill right-padded prompt embeds (batch, seq, hidden) with ``n_new`` (batch,) real tokens and decode
-        every row to the end (``max_new`` (batch,) tokens at most, ``max_len - seq`` the buffer), in one program."""
+        every row to the end (``max_new`` (batch,) tokens at most, ``max_len - seq`` the buffer), in one program;
+        ``tries`` (a ``hotwords.Trie`` of batch rows, with ``cfg.hotword_edges`` edges) biases the search."""
         seq = np.shape(embeds)[1]
         most = int(np.max(max_new))
         if most < 0:
@@ -208,9 +225,9 @@ class Engine:
                 f"max_new_tokens={most} does not fit: the prompt takes {seq} of the KV cache's max_len={max_len} "
                 f"positions, leaving {max_len - seq} for new tokens; pass max_len >= {seq + most} or ask for fewer"
             )
-        args = (self.put(embeds), self.put(jnp.asarray(n_new, jnp.int32)), self.put(jnp.asarray(max_new, jnp.int32)))
-        prompt = None if prompt_ids is None else self.put(jnp.asarray(prompt_ids, jnp.int32))
-        return self._generate(self.params, *args, settings, prompt, cfg=cfg, max_len=max_len)
+        args = (self.put(embeds), self.put(n_new, np.int32), self.put(max_new, np.int32))
+        prompt = None if prompt_ids is None else self.put(prompt_ids, np.int32)
+        return self._generate(self.params, *args, settings, prompt, tries, cfg=cfg, max_len=max_len)
 
     # -- the decoder over a cache -------------------------------------------------------------------------------
     def init_cache(self, slots: int, max_len: int) -> KVCache:
@@ -220,13 +237,13 @@ class Engine:
     def extend(self, cache: KVCache, embeds, n_new, rows=None) -> tuple[jax.Array, KVCache]:
         """Append right-padded token embeds (batch, seq, hidden), ``n_new`` (batch,) real ones, to cache rows
         ``rows`` (None: all) -> (float32 logits after each row's last new token, cache); the cache is donated."""
-        rows = None if rows is None else jnp.asarray(rows, jnp.int32)
-        return self._extend(self.params, self.put(embeds), self.put(jnp.asarray(n_new, jnp.int32)), cache, rows)
+        rows = None if rows is None else jax.device_put(np.asarray(rows, np.int32))
+        return self._extend(self.params, self.put(embeds), self.put(n_new, np.int32), cache, rows)
 
     def step(self, cache: KVCache, tokens, active=None) -> tuple[jax.Array, KVCache]:
         """One token per cache row (slots,), where ``active`` (default all) -> (logits, cache); cache donated."""
-        tokens = self.put(jnp.asarray(tokens, jnp.int32))
-        active = jnp.ones(tokens.shape, bool) if active is None else self.put(jnp.asarray(active, bool))
+        tokens = self.put(tokens, np.int32)
+        active = self.put(np.ones(tokens.shape, bool) if active is None else active, bool)
         return self._step(self.params, tokens, active, cache)
 
     # -- slots ----------------------------------------------------------------------------------------------------
@@ -239,30 +256,38 @@ class Engine:
         return self._new_state(slots=slots, max_len=max_len, cfg=cfg, out_len=out_len, history_len=history_len)
 
     def insert(self, state: DecodeState, embeds, n_new, ids, max_new, settings: S.SearchSettings,
-               cfg: S.SearchConfig, prompt_ids=None) -> DecodeState:
-        """Prefill k prompts (embeds (k, seq, hidden), ``n_new`` (k,) real tokens) into requests ``ids`` (k,) on top
-        of what their rows hold, and pick their first tokens; ``max_new`` (k,); the state is donated."""
-        ids, n_new, max_new = (jnp.asarray(x, jnp.int32) for x in (ids, n_new, max_new))
-        prompt = None if prompt_ids is None else jnp.asarray(prompt_ids, jnp.int32)
-        return self._insert(self.params, state, jnp.asarray(embeds), n_new, ids, max_new, settings, prompt, cfg=cfg)
+               cfg: S.SearchConfig, prompt_ids=None, rows=None, tries=None) -> DecodeState:
+        """Prefill prompts into requests ``ids`` (k,) on top of what their rows hold, and pick their first tokens.
+
+        ``embeds`` (batch, seq, hidden) with ``n_new`` (batch,) real tokens; ``rows`` (k,) picks the batch rows that
+        go into ``ids`` (default: all, in order); ``max_new`` (k,); ``prompt_ids`` (batch, seq) feed the repetition
+        guard; ``tries`` (k requests' ``hotwords.Trie``) bias their search. The state is donated.
+        """
+        ids, max_new = (jax.device_put(np.asarray(x, np.int32)) for x in (ids, max_new))
+        rows = np.arange(ids.shape[0], dtype=np.int32) if rows is None else np.asarray(rows, np.int32)
+        prompt = None if prompt_ids is None else _device(prompt_ids, np.int32)
+        return self._insert(self.params, state, _device(embeds, None), _device(n_new, np.int32), ids, max_new,
+                            settings, prompt, jax.device_put(rows), tries, cfg=cfg)
 
     def advance(self, state: DecodeState, settings: S.SearchSettings, cfg: S.SearchConfig, max_steps: int,
                 until_any_done: bool = True) -> tuple[DecodeState, int]:
         """Step every live request until one finishes (``until_any_done``), all are done, or ``max_steps`` steps
         -> (state, steps taken); the state is donated."""
-        state, steps = self._advance(self.params, state, settings, jnp.asarray(max_steps, jnp.int32), cfg=cfg,
+        state, steps = self._advance(self.params, state, settings, np.int32(max_steps), cfg=cfg,
                                      until_any_done=until_any_done)
         return state, int(steps)
 
     def release(self, state: DecodeState, ids, cfg: S.SearchConfig, keep=None) -> DecodeState:
         """Free requests ``ids`` (k,): their rows keep ``keep`` (k,) tokens (default 0: empty); state donated."""
-        ids = jnp.asarray(ids, jnp.int32).reshape(-1)
-        keep = jnp.zeros(ids.shape, jnp.int32) if keep is None else jnp.asarray(keep, jnp.int32).reshape(-1)
-        return self._release(state, ids, keep, beams=cfg.beam_size)
+        ids = np.asarray(ids, np.int32).reshape(-1)
+        keep = np.zeros(ids.shape, np.int32) if keep is None else np.asarray(keep, np.int32).reshape(-1)
+        k = 1 << max(0, (len(ids) - 1).bit_length())  # padded to a power of two (repeats): few programs
+        ids, keep = (np.concatenate([x, np.repeat(x[-1:], k - len(x))]) for x in (ids, keep))
+        return self._release(state, jax.device_put(ids), jax.device_put(keep), beams=cfg.beam_size)
 
     def results(self, state: DecodeState, cfg: S.SearchConfig, settings: S.SearchSettings) -> S.SearchResult:
         """Every request's best hypothesis so far, on the host (numpy)."""
-        return jax.device_get(S.result(state.rows, cfg, settings))
+        return jax.device_get(self._results(state.rows, settings, cfg=cfg))
 
     def done(self, state: DecodeState) -> np.ndarray:
         """(requests,) bool on the host: requests that take no more steps."""

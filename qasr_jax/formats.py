@@ -1,4 +1,4 @@
-"""Writers for timed text: SRT and WebVTT subtitles, JSON, TSV and plain text.
+"""Writers for timed text: SRT and WebVTT subtitles, JSON, TSV and plain text; ``render`` serves every output.
 
 A segment is anything with ``start`` and ``end`` (seconds) and ``text``: an aligner ``Word``, a transcription
 segment, a dict with those keys, or any object with those attributes. Times are written to the millisecond.
@@ -104,10 +104,21 @@ FORMATS: dict[str, Callable[[Iterable[Any]], str]] = {
 }
 
 
-def render(segments: Iterable[Any], fmt: str) -> str:
-    """``segments`` written in format ``fmt`` (one of ``FORMATS``: json, srt, vtt, tsv, txt)."""
+def render(item: Any, fmt: str) -> str:
+    """A transcription ``Result`` or a list of segments (e.g. aligned words) written in ``fmt`` (one of ``FORMATS``).
+
+    A Result is written as one line of ``Result.to_dict()`` JSON, as its text (txt), or as subtitle / TSV cues:
+    its words when it has word timestamps, else its segments. Segments are written by the writer of ``fmt``.
+    The text always ends with a newline, except subtitles with no cue (an empty SRT is empty).
+    """
     try:
         writer = FORMATS[fmt]
     except KeyError:
         raise ValueError(f"unknown output format {fmt!r}; use one of {', '.join(FORMATS)}") from None
-    return writer(list(segments))
+    if hasattr(item, "to_dict"):  # a transcription Result
+        if fmt == "json":
+            return json.dumps(item.to_dict(), ensure_ascii=False) + "\n"
+        if fmt == "txt":
+            return item.text + "\n"
+        item = item.words if item.words is not None else item.segments
+    return writer(list(item))

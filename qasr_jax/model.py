@@ -28,6 +28,7 @@ from qasr_jax import axes as ax
 from qasr_jax.axes import constrain, per_row_and_head
 from qasr_jax.config import AudioConfig, ModelConfig, TextConfig, audio_token_count
 from qasr_jax.kernels import windowed_attention
+from qasr_jax.quant import Embedding, Linear
 
 Dtype = jnp.dtype
 MASKED = -1e30  # attention score of a masked key: exp() is exactly 0, and a row with no key left stays finite
@@ -68,33 +69,6 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
         return scale * y.astype(self.dtype)
-
-
-def project(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x (..., in) times kernel (in, *features) -> (..., *features), in the activations' dtype."""
-    return jax.lax.dot_general(x, kernel.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
-
-
-class Linear(nn.Module):
-    """A projection over the last axis: kernel (in, *features), optional bias; every matmul of the model is one.
-
-    Parameters are stored in ``dtype``; the product runs in ``compute_dtype`` (default: ``dtype``).
-    """
-
-    features: int | tuple[int, ...]
-    use_bias: bool = True
-    dtype: Dtype = jnp.float32
-    compute_dtype: Dtype | None = None
-
-    @nn.compact
-    def __call__(self, x):
-        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
-        init = nn.initializers.lecun_normal(in_axis=0, out_axis=tuple(range(1, 1 + len(features))))
-        kernel = self.param("kernel", init, (x.shape[-1], *features), self.dtype)
-        y = project(x.astype(self.compute_dtype or self.dtype), kernel)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, features, self.dtype)
-        return y
 
 
 def _dense(features, name: str, dtype: Dtype, bias: bool = True) -> Linear:
@@ -318,6 +292,16 @@ class CacheWrite:
     positions: jax.Array  # (batch, seq) int32
 
 
+def _scatter(cache: jax.Array, idx, new: jax.Array) -> jax.Array:
+    """``cache.at[idx].set(new)``, positions past the end dropped. A 16-bit float cache is scattered as uint16:
+    XLA:CPU scatters bf16 by converting the whole stacked cache to float32 and back, in every layer."""
+    if cache.dtype.itemsize != 2:
+        return cache.at[idx].set(new.astype(cache.dtype), mode="drop")
+    bits = jax.lax.bitcast_convert_type(new.astype(cache.dtype), jnp.uint16)
+    out = jax.lax.bitcast_convert_type(cache, jnp.uint16).at[idx].set(bits, mode="drop")
+    return jax.lax.bitcast_convert_type(out, cache.dtype)
+
+
 class DecoderLayer(nn.Module):
     """Qwen3 layer: GQA with per-head q/k RMSNorm before RoPE, SwiGLU MLP, pre-RMSNorm."""
 
@@ -347,7 +331,7 @@ class DecoderLayer(nn.Module):
             rows = write.rows if write.rows is not None else jnp.arange(batch)
             # Scatter (batch, seq, kv_heads, head_dim) into the stacked cache at (layer, row, :, position, :).
             idx = (layer, rows[:, None], slice(None), write.positions, slice(None))
-            kv = tuple(c.at[idx].set(new.astype(c.dtype), mode="drop") for c, new in zip(kv, (k, v)))
+            kv = tuple(_scatter(c, idx, new) for c, new in zip(kv, (k, v)))
             k, v = kv[0][layer], kv[1][layer]  # (slots, kv_heads, max_len, head_dim)
             if write.rows is not None:
                 k, v = k[write.rows], v[write.rows]
@@ -359,7 +343,8 @@ class DecoderLayer(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         # Batch axes leading in the output too: with (b, q, h, g, d) out XLA transposed every layer's V (b = 1) or
         # ran 64 tiny products (b = 8); the transpose of the small result after is cheap.
-        att = jnp.einsum("bhgqk,bhkd->bhgqd", probs, v).transpose(0, 3, 1, 2, 4)
+        att = jnp.einsum("bhgqk,bhkd->bhgqd", probs, v, preferred_element_type=jnp.float32).astype(dt)
+        att = att.transpose(0, 3, 1, 2, 4)
         att = att.reshape(batch, seq, cfg.heads * cfg.head_dim)
         x = x + _dense(cfg.hidden_size, "o", dt, bias=False)(att)
         h = RMSNorm(dt, cfg.rms_norm_eps, name="mlp_norm")(x)
@@ -379,7 +364,7 @@ class TextDecoder(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, self.dtype)
         layer = nn.remat(DecoderLayer, static_argnums=(7,)) if self.remat else DecoderLayer
         self.layers = [layer(cfg, self.dtype, self.layout) for _ in range(cfg.layers)]  # layers_0, ...
         self.norm = RMSNorm(self.dtype, cfg.rms_norm_eps)
@@ -411,9 +396,9 @@ class Qwen3ASRModule(nn.Module):
         self.decoder = TextDecoder(cfg.text, self.dtype, lay, self.remat)
         # Heads compute in float32 on weights stored in the model dtype.
         if cfg.is_aligner:
-            self.score = Linear(cfg.num_labels, False, self.dtype, jnp.float32)
+            self.score = Linear(cfg.num_labels, False, self.dtype, out_dtype=jnp.float32)
         elif not cfg.text.tie_word_embeddings:
-            self.lm_head = Linear(cfg.text.vocab_size, False, self.dtype, jnp.float32)
+            self.lm_head = Linear(cfg.text.vocab_size, False, self.dtype, out_dtype=jnp.float32)
 
     def encode(self, feats, n_frames):
         """Log-mel (batch, mels, frames) -> (projector output (batch, seq, text hidden), n_tokens (batch,))."""
@@ -430,12 +415,11 @@ class Qwen3ASRModule(nn.Module):
 
     def head(self, hidden):
         """Final hidden states -> float32 logits (vocabulary, or aligner classes)."""
-        hidden = hidden.astype(jnp.float32)
+        hidden = hidden.astype(self.dtype)  # the final norm's output: exact in the model dtype
         if self.cfg.is_aligner:
             logits = self.score(hidden)
         elif self.cfg.text.tie_word_embeddings:
-            # Contract over the embedding's own last axis: ``@ embedding.T`` makes XLA copy the whole matrix.
-            logits = jnp.einsum("...h,vh->...v", hidden, self.decoder.embed.embedding.astype(jnp.float32))
+            logits = self.decoder.embed.attend(hidden)
         else:
             logits = self.lm_head(hidden)
         names = ("batch",) + ("length",) * (logits.ndim - 2) + ("classes" if self.cfg.is_aligner else "vocab",)

@@ -20,9 +20,8 @@ Semantics follow transformers' ``generate(do_sample=False)`` so that token ids a
 * logits processors (repetition penalty, no-repeat n-grams, EOS suppression) act where HF's do: on the logits in
   greedy search, on the log-probs in beam search.
 
-Each generated token also gets its log-probability (after the processors, before any length penalty).
-The repetition guard's history is the prompt ids when given (HF semantics: the prompt's ``<|audio_pad|>``,
-chat-template and newline tokens count too) plus the generated tokens; without prompt ids only the generated ones.
+Each generated token also gets its log-probability (after the processors, before any length penalty); hotwords
+(``qasr_jax.hotwords``) bias the ranking only.
 """
 
 from __future__ import annotations
@@ -34,6 +33,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from qasr_jax import hotwords as hw
+from qasr_jax import processors as P
 from qasr_jax.buckets import EOS_IDS, PAD_ID
 
 NEG = -1.0e9  # HF's "impossible" score, added (not assigned) so that orderings match transformers'
@@ -50,6 +51,7 @@ class SearchConfig:
     penalize_repetition: bool = False  # apply SearchSettings.repetition_penalty (off: no history is kept)
     no_repeat_ngram_size: int = 0
     pad_id: int = PAD_ID
+    hotword_edges: int = 0  # > 0: requests may carry hotword tries of up to this many edges (hotwords.edge_bucket)
 
     def __post_init__(self):
         if self.beam_size < 1:
@@ -129,83 +131,8 @@ def _set_rows(big, idx: jax.Array, new):
 
 def _pick_rows(update: jax.Array, new, old):
     """Per leading row: ``new`` where ``update``, else ``old`` (every leaf of two equal trees)."""
-    def choose(n, o):
-        return jnp.where(update.reshape(update.shape + (1,) * (n.ndim - 1)), n, o)
-
-    return jax.tree_util.tree_map(choose, new, old)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Repetition guard: HF's RepetitionPenaltyLogitsProcessor and NoRepeatNGramLogitsProcessor on a fixed buffer.
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@flax.struct.dataclass
-class Guard:
-    """Per decoder row token history for the repetition guard; fields are None when their processor is off."""
-
-    seen: jax.Array | None  # (rows, vocab) bool: ids in the history (repetition penalty)
-    history: jax.Array | None  # (rows, history_len) int32: ids in order (no-repeat n-grams)
-    length: jax.Array | None  # (rows,) int32: real ids in `history`
-
-
-def _init_guard(cfg: SearchConfig, rows: int, vocab: int, history_len: int) -> Guard:
-    seen = jnp.zeros((rows, vocab), bool) if cfg.penalize_repetition else None
-    history = length = None
-    if cfg.no_repeat_ngram_size:
-        history = jnp.full((rows, history_len), cfg.pad_id, jnp.int32)
-        length = jnp.zeros((rows,), jnp.int32)
-    return Guard(seen, history, length)
-
-
-def _guard_from_prompt(guard: Guard, cfg: SearchConfig, prompt_ids, prompt_len) -> Guard:
-    """A fresh guard for ``prompt_ids`` (rows, P) with ``prompt_len`` (rows,) real ids (P = 0: no history)."""
-    rows, width = prompt_ids.shape
-    real = jnp.arange(width)[None, :] < prompt_len[:, None]
-    seen = history = length = None
-    if guard.seen is not None:
-        seen = jnp.zeros((rows, guard.seen.shape[1]), bool).at[jnp.arange(rows)[:, None], prompt_ids].max(real)
-    if guard.history is not None:
-        history = jnp.full((rows, guard.history.shape[1]), cfg.pad_id, jnp.int32)
-        history = history.at[:, :width].set(jnp.where(real, prompt_ids, cfg.pad_id))
-        length = prompt_len.astype(jnp.int32)
-    return Guard(seen, history, length)
-
-
-def _guard_append(guard: Guard, tokens: jax.Array) -> Guard:
-    rows = jnp.arange(tokens.shape[0])
-    seen, history, length = guard.seen, guard.history, guard.length
-    if seen is not None:
-        seen = seen.at[rows, tokens].set(True)
-    if history is not None:
-        history = history.at[rows, length].set(tokens, mode="drop")
-        length = length + 1
-    return Guard(seen, history, length)
-
-
-def _banned_ngrams(history: jax.Array, length: jax.Array, n: int, vocab: int) -> jax.Array:
-    """(rows, vocab) bool: tokens that would complete an n-gram already in the history (HF's rule)."""
-    rows, width = history.shape
-    starts = width - n + 1
-    grams = jnp.stack([history[:, j : j + starts] for j in range(n)], axis=-1)  # (rows, starts, n)
-    key_at = jnp.clip(length[:, None] - (n - 1) + jnp.arange(n - 1), 0, width - 1)
-    key = jnp.take_along_axis(history, key_at, axis=1)  # (rows, n - 1): the last n - 1 ids
-    match = jnp.all(grams[..., : n - 1] == key[:, None, :], axis=-1)  # (rows, starts)
-    match &= jnp.arange(starts)[None, :] <= (length - n)[:, None]  # the whole n-gram lies in the history
-    match &= (length + 1 >= n)[:, None]
-    return jnp.zeros((rows, vocab), bool).at[jnp.arange(rows)[:, None], grams[..., n - 1]].max(match)
-
-
-def _process(scores: jax.Array, guard: Guard, cfg: SearchConfig, z: SearchSettings) -> jax.Array:
-    """HF's logits processors on scores (rows, vocab): repetition penalty, banned n-grams, suppressed EOS."""
-    if guard.seen is not None:
-        p = z.repetition_penalty
-        scores = jnp.where(guard.seen, jnp.where(scores < 0, scores * p, scores / p), scores)
-    if guard.history is not None:
-        banned = _banned_ngrams(guard.history, guard.length, cfg.no_repeat_ngram_size, scores.shape[-1])
-        scores = jnp.where(banned, -jnp.inf, scores)
-    is_eos = jnp.zeros(scores.shape[-1], bool).at[z.eos_ids].set(True)  # (vocab,)
-    return jnp.where(is_eos & z.suppress_eos, -jnp.inf, scores)
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(update.reshape(update.shape + (1,) * (n.ndim - 1)), n, o),
+                                  new, old)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,7 +151,8 @@ class GreedyRows:
     done: jax.Array  # (rows,) bool: no more steps (finished, at max_new, or no request)
     logprob: jax.Array  # (rows,) float32: sum of log-probs of the chosen tokens, EOS included
     last: jax.Array  # (rows,) int32: the token fed to the next step
-    guard: Guard
+    guard: P.Guard
+    bias: hw.Bias | None  # hotwords (SearchConfig.hotword_edges > 0)
 
 
 def _greedy_init(cfg: SearchConfig, n: int, out_len: int, vocab: int, history_len: int) -> GreedyRows:
@@ -233,13 +161,14 @@ def _greedy_init(cfg: SearchConfig, n: int, out_len: int, vocab: int, history_le
         t=zeros, max_new=zeros, tokens=jnp.full((n, out_len), cfg.pad_id, jnp.int32),
         logprobs=jnp.zeros((n, out_len), jnp.float32), lengths=zeros, finished=zeros.astype(bool),
         done=jnp.ones((n,), bool), logprob=jnp.zeros((n,), jnp.float32), last=zeros,
-        guard=_init_guard(cfg, n, vocab, history_len),
+        guard=P.init_guard(n, vocab, history_len, cfg), bias=hw.initial(cfg.hotword_edges, n, n),
     )
 
 
 def _greedy_pick(s: GreedyRows, logits, update, cfg: SearchConfig, z: SearchSettings) -> GreedyRows:
-    scores = _process(logits, s.guard, cfg, z)  # HF processes the logits in greedy search
-    token = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    scores = P.process(logits, s.guard, cfg, z)  # HF processes the logits in greedy search
+    rank = scores if s.bias is None else scores + hw.bonus_table(s.bias, scores.shape[-1])
+    token = jnp.argmax(rank, axis=-1).astype(jnp.int32)
     logp = jnp.take_along_axis(jax.nn.log_softmax(scores, axis=-1), token[:, None], axis=1)[:, 0]
     is_eos = jnp.isin(token, z.eos_ids)
     keep = ~is_eos
@@ -250,7 +179,8 @@ def _greedy_pick(s: GreedyRows, logits, update, cfg: SearchConfig, z: SearchSett
         tokens=jnp.where(at & keep[:, None], token[:, None], s.tokens),
         logprobs=jnp.where(at & keep[:, None], logp[:, None], s.logprobs),
         lengths=s.lengths + keep, finished=is_eos, done=is_eos | (s.t + 1 >= s.max_new),
-        logprob=s.logprob + logp, last=fed, guard=_guard_append(s.guard, fed),
+        logprob=s.logprob + logp, last=fed, guard=P.guard_append(s.guard, fed),
+        bias=None if s.bias is None else hw.transition(s.bias, token),
     )
     return _pick_rows(update, new, s)
 
@@ -271,10 +201,10 @@ class BeamRows:
     max_new: jax.Array  # (requests,) int32
     alive_tokens: jax.Array  # (requests, beams, out_len) int32
     alive_logprobs: jax.Array  # (requests, beams, out_len) float32
-    alive_scores: jax.Array  # (requests, beams) float32 summed log-probs, best first
+    alive_scores: jax.Array  # (requests, beams) float32 summed log-probs (no hotword bonus), best first
     done_tokens: jax.Array  # (requests, beams, out_len) int32: kept finished hypotheses
     done_logprobs: jax.Array  # (requests, beams, out_len) float32
-    done_scores: jax.Array  # (requests, beams) float32 length-penalised, best first; about NEG when empty
+    done_scores: jax.Array  # (requests, beams) float32 length-penalised, best first; ~NEG when empty
     done_lengths: jax.Array  # (requests, beams) int32, EOS excluded
     done_eos: jax.Array  # (requests, beams) bool: the hypothesis ended with an EOS
     done_mask: jax.Array  # (requests, beams) bool: the slot holds a finished hypothesis
@@ -282,7 +212,8 @@ class BeamRows:
     done: jax.Array  # (requests,) bool: no more steps
     parents: jax.Array  # (requests * beams,) int32: decoder row each live beam continues (reorders the state)
     last: jax.Array  # (requests * beams,) int32: each live beam's newest token
-    guard: Guard  # (requests * beams) rows
+    guard: P.Guard  # (requests * beams) rows
+    bias: hw.Bias | None  # hotwords: the requests' tries, each beam's place in its trie
 
 
 def _beam_init(cfg: SearchConfig, n: int, out_len: int, vocab: int, history_len: int) -> BeamRows:
@@ -296,7 +227,8 @@ def _beam_init(cfg: SearchConfig, n: int, out_len: int, vocab: int, history_len:
         done_logprobs=floats, done_scores=jnp.full((n, beams), NEG, jnp.float32), done_lengths=zeros,
         done_eos=zeros.astype(bool), done_mask=zeros.astype(bool), improvable=jnp.ones((n,), bool),
         done=jnp.ones((n,), bool), parents=jnp.arange(n * beams, dtype=jnp.int32),
-        last=jnp.zeros((n * beams,), jnp.int32), guard=_init_guard(cfg, n * beams, vocab, history_len),
+        last=jnp.zeros((n * beams,), jnp.int32), guard=P.init_guard(n * beams, vocab, history_len, cfg),
+        bias=hw.initial(cfg.hotword_edges, n, n * beams),
     )
 
 
@@ -310,12 +242,15 @@ def _beam_pick(s: BeamRows, logits, update, cfg: SearchConfig, z: SearchSettings
     vocab = logits.shape[-1]
     t = s.t[:, None]  # (requests, 1)
     n_cand = max(2, 1 + z.eos_ids.shape[0]) * beams  # enough that `beams` candidates survive all-EOS steps
-    logp = _process(jax.nn.log_softmax(logits, axis=-1), s.guard, cfg, z)  # HF processes log-probs in beam search
-    logp = logp.reshape(requests, beams * vocab)
-    total = logp + jnp.repeat(s.alive_scores, vocab, axis=1)
-    cand_scores, flat = jax.lax.top_k(total, n_cand)  # (requests, n_cand), best first
+    logp = P.process(jax.nn.log_softmax(logits, axis=-1), s.guard, cfg, z)  # HF processes log-probs in beam search
+    rank = logp if s.bias is None else logp + hw.bonus_table(s.bias, vocab, beams)  # hotwords: ranking only
+    logp, rank = (x.reshape(requests, beams * vocab) for x in (logp, rank))
+    total = rank + jnp.repeat(s.alive_scores, vocab, axis=1)
+    cand_rank, flat = jax.lax.top_k(total, n_cand)  # (requests, n_cand), best first
     cand_logp = jnp.take_along_axis(logp, flat, axis=1)  # each candidate token's own log-prob
     parent, token = flat // vocab, (flat % vocab).astype(jnp.int32)
+    cand_scores = cand_rank if s.bias is None else _gather(s.alive_scores, parent) + cand_logp
+    cand_bias, final = (None, None) if s.bias is None else hw.candidates(s.bias, parent, token, beams)
     at = (jnp.arange(out_len) == t[:, :, None])  # (requests, 1, out_len): this step's position
     cand_tokens = jnp.where(at, token[..., None], _gather(s.alive_tokens, parent))  # (requests, n_cand, out_len)
     cand_logprobs = jnp.where(at, cand_logp[..., None], _gather(s.alive_logprobs, parent))
@@ -323,15 +258,17 @@ def _beam_pick(s: BeamRows, logits, update, cfg: SearchConfig, z: SearchSettings
     ends = is_eos | (t + 1 >= s.max_new[:, None])  # (requests, n_cand)
 
     # Live beams for the next step: the best candidates that did not end.
-    alive_scores, keep = jax.lax.top_k(cand_scores + ends * NEG, beams)
+    alive_rank, keep = jax.lax.top_k(cand_rank + ends * NEG, beams)
+    alive_scores = alive_rank if s.bias is None else _gather(cand_scores, keep)
     alive_tokens, alive_logprobs = _gather(cand_tokens, keep), _gather(cand_logprobs, keep)
     parents = (jnp.arange(requests)[:, None] * beams + _gather(parent, keep)).reshape(-1).astype(jnp.int32)
     last = _gather(token, keep).reshape(-1)
+    bias = s.bias if s.bias is None else hw.keep(cand_bias, keep)
 
     # Finished hypotheses: only candidates among the first `beams` count, each penalised by its generated length.
     full_stop = z.early_stopping == EARLY_STOPPING[True]
     just = ends & (jnp.arange(n_cand) < beams)[None, :] & (t < s.max_new[:, None])  # max_new_tokens 0: none
-    fin = cand_scores / (t + 1).astype(jnp.float32) ** z.length_penalty
+    fin = (cand_scores if final is None else cand_scores + final) / (t + 1).astype(jnp.float32) ** z.length_penalty
     fin += (jnp.all(s.done_mask, axis=1, keepdims=True) & full_stop) * NEG
     fin += ~s.improvable[:, None] * NEG
     fin += ~just * NEG
@@ -344,7 +281,7 @@ def _beam_pick(s: BeamRows, logits, update, cfg: SearchConfig, z: SearchSettings
     # Can a live beam still beat the worst kept hypothesis? (HF's heuristic; sticky once False.)
     never = (z.early_stopping == EARLY_STOPPING["never"]) & (z.length_penalty > 0)
     hypothetical = jnp.where(never, s.max_new[:, None], t + 1).astype(jnp.float32)
-    best_alive = alive_scores[:, :1] / hypothetical**z.length_penalty
+    best_alive = alive_rank[:, :1] / hypothetical**z.length_penalty
     done_mask = merge(s.done_mask, just)
     worst_done = jnp.where(done_mask, jnp.min(done_scores, axis=1, keepdims=True), NEG)
     improvable = s.improvable & jnp.any(best_alive > worst_done, axis=1)
@@ -356,14 +293,17 @@ def _beam_pick(s: BeamRows, logits, update, cfg: SearchConfig, z: SearchSettings
         done_logprobs=merge(s.done_logprobs, cand_logprobs), done_scores=done_scores,
         done_lengths=merge(s.done_lengths, cand_lengths), done_eos=merge(s.done_eos, is_eos), done_mask=done_mask,
         improvable=improvable, done=(s.t + 1 >= s.max_new) | ~improvable | full,
-        parents=parents, last=last, guard=_guard_append(jax.tree_util.tree_map(lambda x: x[parents], s.guard), last),
+        parents=parents, last=last, guard=P.guard_append(jax.tree_util.tree_map(lambda x: x[parents], s.guard), last),
+        bias=bias,
     )
-    per_request = {f.name for f in dataclasses.fields(BeamRows)} - {"parents", "last", "guard"}
+    per_request = {f.name for f in dataclasses.fields(BeamRows)} - {"parents", "last", "guard", "bias"}
     beam_update = jnp.repeat(update, beams)
     chosen = _pick_rows(update, {k: getattr(new, k) for k in per_request}, {k: getattr(s, k) for k in per_request})
     return BeamRows(
-        **chosen, parents=jnp.where(beam_update, new.parents, jnp.arange(requests * beams, dtype=jnp.int32)),
+        **chosen, parents=jnp.where(beam_update, new.parents, s.parents),
         last=jnp.where(beam_update, new.last, s.last), guard=_pick_rows(beam_update, new.guard, s.guard),
+        bias=bias if bias is None else bias.replace(node=jnp.where(beam_update, bias.node, s.bias.node),
+                                                    earned=jnp.where(beam_update, bias.earned, s.bias.earned)),
     )
 
 
@@ -390,13 +330,13 @@ def init_rows(cfg: SearchConfig, requests: int, out_len: int, vocab: int, histor
 
 
 def start(rows: Rows, ids: jax.Array, max_new: jax.Array, cfg: SearchConfig, prompt_ids=None,
-          prompt_len=None) -> Rows:
-    """Reset requests ``ids`` (k,) for new prompts: ``max_new`` (k,) tokens each (cut to the output buffer), the
-    repetition guard's history from ``prompt_ids`` (k, P) with ``prompt_len`` (k,) real ids. Their first token
-    comes from ``pick`` on the prompts' logits (update: the started requests that are not done)."""
+          prompt_len=None, tries: hw.Trie | None = None) -> Rows:
+    """Reset requests ``ids`` (k,) for new prompts: ``max_new`` (k,) tokens each (cut to the output buffer), guard
+    history ``prompt_ids`` (k, P) with ``prompt_len`` (k,) real ids, hotword ``tries`` (k requests, or None). Their
+    first token: ``pick`` on the prompts' logits, updating the started requests that are not done."""
     k, beams = ids.shape[0], _beams(rows)
     out_len = rows.tokens.shape[1] if beams == 0 else rows.alive_tokens.shape[2]
-    fresh = (_greedy_init if beams == 0 else _beam_init)(cfg, k, out_len, 1, 0)
+    fresh = (_greedy_init if beams == 0 else _beam_init)(dataclasses.replace(cfg, hotword_edges=0), k, out_len, 1, 0)
     beams = max(beams, 1)
     max_new = jnp.minimum(max_new.astype(jnp.int32), out_len)
     fresh = fresh.replace(max_new=max_new, done=max_new == 0)
@@ -405,17 +345,21 @@ def start(rows: Rows, ids: jax.Array, max_new: jax.Array, cfg: SearchConfig, pro
         fresh = fresh.replace(alive_scores=fresh.alive_scores.at[:, 1:].set(NEG))
     if prompt_ids is None:
         prompt_ids, prompt_len = jnp.zeros((k, 0), jnp.int32), jnp.zeros((k,), jnp.int32)
-    guard = _guard_from_prompt(rows.guard, cfg, jnp.repeat(prompt_ids, beams, axis=0), jnp.repeat(prompt_len, beams))
+    guard = P.guard_from_prompt(rows.guard, jnp.repeat(prompt_ids, beams, axis=0), jnp.repeat(prompt_len, beams),
+                                cfg)
     fields = {f.name: getattr(fresh, f.name) for f in dataclasses.fields(fresh)} | {"guard": guard}
     decoder_rows = (ids[:, None] * beams + jnp.arange(beams)).reshape(-1)
     if beam_rows:
         fields["parents"] = decoder_rows.astype(jnp.int32)
+    bias = fields.pop("bias")
     out = {}
     for name, value in fields.items():
         current = getattr(rows, name)
         per_row = name in ("parents", "last", "guard") and beam_rows
         out[name] = _set_rows(current, decoder_rows if per_row else ids, value)
-    return type(rows)(**out)
+    if rows.bias is not None:
+        bias = hw.restart(rows.bias, ids, decoder_rows, hw.empty(k, cfg.hotword_edges) if tries is None else tries)
+    return type(rows)(**out, bias=bias)
 
 
 def _beams(rows: Rows) -> int:
@@ -446,8 +390,8 @@ def step(step_fn: StepFn, rows: Rows, state, batch_axes, cfg: SearchConfig, z: S
 
 def run(step_fn: StepFn, rows: Rows, state, batch_axes, cfg: SearchConfig, z: SearchSettings,
         max_steps: jax.Array | int, until_any_done: bool = False):
-    """Step until every request is done, or ``max_steps`` steps, or (``until_any_done``) a request that was live
-    at the start is done -> (rows, state, steps taken). One ``lax.while_loop``."""
+    """Step (one ``lax.while_loop``) until all requests are done, ``max_steps`` steps, or (``until_any_done``) a
+    request live at the start is done -> (rows, state, steps taken)."""
     live = ~rows.done
 
     def cond(carry):
@@ -472,12 +416,13 @@ def result(rows: Rows, cfg: SearchConfig, z: SearchSettings) -> SearchResult:
 
 def search(step_fn: StepFn, logits: jax.Array, state, batch_axes, settings: SearchSettings, max_new_tokens, *,
            out_len: int, cfg: SearchConfig = SearchConfig(), prompt_ids: jax.Array | None = None,
-           prompt_len: jax.Array | None = None) -> SearchResult:
+           prompt_len: jax.Array | None = None, tries: hw.Trie | None = None) -> SearchResult:
     """Decode a batch to the end from its prompts' next-token logits (batch, V) and decoder state (one row per
     prompt; beam search widens it) with ``step_fn``; traceable, jit it.
 
     ``max_new_tokens`` (scalar or (batch,)) is cut to the static ``out_len`` (``step_fn`` must have room for that
-    many steps). ``prompt_ids`` (batch, seq) with ``prompt_len`` (batch,) real ids join the repetition guard.
+    many steps). ``prompt_ids`` (batch, seq) with ``prompt_len`` (batch,) real ids join the repetition guard;
+    ``tries`` (batch requests, ``cfg.hotword_edges`` edges) bias each row towards its hotwords.
     """
     batch, vocab = logits.shape
     ids = jnp.arange(batch)
@@ -486,7 +431,7 @@ def search(step_fn: StepFn, logits: jax.Array, state, batch_axes, settings: Sear
         prompt_len = jnp.full((batch,), prompt_ids.shape[1], jnp.int32)
     rows = init_rows(cfg, batch, out_len, vocab, history + out_len)
     max_new = jnp.broadcast_to(jnp.asarray(max_new_tokens, jnp.int32), (batch,))
-    rows = start(rows, ids, max_new, cfg, prompt_ids, prompt_len)
+    rows = start(rows, ids, max_new, cfg, prompt_ids, prompt_len, tries)
     if cfg.beam_size > 1:
         state = add_beam_dim(state, batch_axes, cfg.beam_size)
         logits = jnp.repeat(logits, cfg.beam_size, axis=0)

@@ -266,10 +266,10 @@ def check_rows(rows: int, layout: Layout) -> None:
 
 
 def put_batch(x, layout: Layout | None):
-    """A host or device batch (leading axis = rows) placed with rows over ``data`` (jnp.asarray without a layout).
+    """A host or device batch (leading axis = rows) placed with rows over ``data`` (on the device without a layout).
     A single row is replicated (one input runs whole on every device of the data axis, weights still split)."""
     if layout is None:
-        return jax.numpy.asarray(x)
+        return x if isinstance(x, jax.Array) else jax.device_put(np.asarray(x))
     if np.shape(x)[0] == 1:
         return jax.device_put(x, NamedSharding(layout.mesh, PartitionSpec()))
     check_rows(np.shape(x)[0], layout)

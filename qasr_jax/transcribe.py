@@ -1,9 +1,10 @@
 """Transcription: audio in, language and text out, for one file or ten thousand.
 
-Inputs are read and checked first (a bad one is reported without losing the others), long ones are cut into
-pieces, pieces are sorted by length and batched; each batch runs the encoder once, then one jitted
-prefill + decode loop. Batch size, feature frames, prompt length and the output buffer are padded to buckets,
-so a new input length inside a bucket compiles nothing.
+Inputs are read and checked first (a bad one is reported without losing the others; silence is valid and gives
+an empty transcript), long ones are cut into pieces, and the pieces go through a ``qasr_jax.pipeline.Pipeline``:
+encoded in batches, decoded in the engine's slots, each slot refilled as soon as its piece ends. Feature frames,
+prompt width, output buffer and slots are padded to buckets, so a new input length compiles nothing. Each result
+carries its tokens' log-probabilities and says when a piece stopped at ``max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -11,19 +12,21 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from qasr_jax.audio import SAMPLE_RATE, AudioError, load_audio, log_mel_batch, n_frames
-from qasr_jax.buckets import batch_rows, cache_length, frame_bucket, prompt_width
-from qasr_jax.config import audio_token_count
+from qasr_jax import hotwords as hw
+from qasr_jax.audio import SAMPLE_RATE, AudioError, load_audio
 from qasr_jax.hub import resolve_model_path
 from qasr_jax.loading import Model, load
 from qasr_jax.longform import Piece, split_long_audio
-from qasr_jax.prompts import build_prompt_ids, normalize_language, parse_output, supported_languages
-from qasr_jax.tokenizer import Tokenizer
+from qasr_jax.pipeline import DecodeOptions, Pipeline, Work, token_budget
+from qasr_jax.progress import audio_progress
+from qasr_jax.prompts import normalize_language, parse_output, supported_languages
+from qasr_jax.tokenizer import IncrementalDecoder, Tokenizer
+from qasr_jax.units import unit_spans
 
 _CJK_JOIN = {"Chinese", "Cantonese", "Japanese"}
 ALIGN_PIECE_SECONDS = 180.0  # piece length when word timestamps are asked for (the official toolkit's choice)
@@ -50,10 +53,21 @@ class Result:
     segments: list[Segment] = dataclasses.field(default_factory=list)
     words: list | None = None
     error: str | None = None
+    token_logprobs: list[float] = dataclasses.field(default_factory=list)  # one per id of token_ids
+    truncated: bool = False  # a piece stopped at max_new_tokens instead of at its end: raise it and run again
+
+    @property
+    def confidence(self) -> float | None:
+        """The mean log-probability of the generated tokens (None without tokens): near 0 is sure, lower is not."""
+        return float(np.mean(self.token_logprobs)) if self.token_logprobs else None
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict (file, language, text, token_ids, duration, segments, words, error)."""
+        """A JSON-ready dict (file, language, text, token_ids, token_logprobs, confidence, truncated, duration,
+        segments, words, error)."""
+        conf = self.confidence
         d = {"file": self.source, "language": self.language, "text": self.text, "token_ids": self.token_ids,
+             "token_logprobs": [round(x, 6) for x in self.token_logprobs],
+             "confidence": None if conf is None else round(conf, 6), "truncated": self.truncated,
              "duration": round(self.duration, 3), "segments": [dataclasses.asdict(s) for s in self.segments]}
         if self.words is not None:
             d["words"] = [dataclasses.asdict(w) for w in self.words]
@@ -63,11 +77,15 @@ class Result:
 
 
 @dataclasses.dataclass
-class _Work:
-    index: int  # input index
-    piece: int  # piece index within the input
-    samples: np.ndarray
-    offset: float
+class _Part:
+    """One decoded piece of an input."""
+
+    piece: Piece
+    language: str | None
+    text: str
+    token_ids: list[int]
+    token_logprobs: list[float]
+    truncated: bool
 
 
 def _source_name(item: Any, i: int) -> str:
@@ -82,6 +100,40 @@ def _as_list(x, n: int, name: str) -> list:
             raise ValueError(f"{name} has {len(x)} entries for {n} inputs; pass one per input or a single value")
         return list(x)
     return [x] * n
+
+
+def word_logprobs(tok: Tokenizer, part: _Part, words: list[str]) -> list[float | None]:
+    """The mean log-probability of the generated tokens that spell each aligned word of a piece (None where a word
+    cannot be found in the transcript)."""
+    ids, logprobs = part.token_ids, part.token_logprobs
+    start = ids.index(tok.asr_text_id) + 1 if tok.asr_text_id in ids else 0  # the transcript after the header
+    decoder = IncrementalDecoder(tok)
+    text, ends = "", []
+    for i in ids[start:]:
+        text += decoder.push([i])
+        ends.append(len(text))  # a character split over tokens belongs to the token that completes it
+    begins = [0] + ends[:-1]
+    out: list[float | None] = []
+    for span in unit_spans(text, words):
+        hit = [] if span is None else [logprobs[start + t] for t, (b, e) in enumerate(zip(begins, ends))
+                                       if b < span[1] and e > span[0]]
+        out.append(round(float(np.mean(hit)), 6) if hit else None)
+    return out
+
+
+def _hotword_lists(hotwords, n: int) -> list[list[str]]:
+    """One list of hotwords per input from None, a list of words (for all) or a list of lists (one per input)."""
+    if hotwords is None:
+        return [[] for _ in range(n)]
+    if isinstance(hotwords, str):
+        raise TypeError("hotwords must be a list of words (or one list per input), not a string; "
+                        "e.g. hotwords=['Qwen', 'Pallas']")
+    items = list(hotwords)
+    if items and all(isinstance(x, (list, tuple)) for x in items):
+        if len(items) != n:
+            raise ValueError(f"hotwords has {len(items)} lists for {n} inputs; pass one list per input or one list")
+        return [[str(w) for w in x if str(w).strip()] for x in items]
+    return [[str(w) for w in items if str(w).strip()]] * n
 
 
 def _join(texts: list[str], language: str | None) -> str:
@@ -102,7 +154,8 @@ class Transcriber:
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, dtype: str = "float32", aligner=None,
-                        attention_impl: str = "auto", mesh=None, sharding=None) -> "Transcriber":
+                        attention_impl: str = "auto", mesh=None, sharding=None, quantize: str | None = None
+                        ) -> "Transcriber":
         """Load from a local folder or a hub id ("Qwen/Qwen3-ASR-0.6B"); ``aligner`` is an Aligner or its path.
 
         ``mesh`` ("data=4,model=2" or a ``jax.sharding.Mesh``) spreads the model and each batch over devices;
@@ -115,16 +168,39 @@ class Transcriber:
             from qasr_jax.aligner import Aligner
 
             aligner = Aligner.from_pretrained(aligner, dtype=dtype)
-        model = load(path, dtype=dtype, attention_impl=attention_impl, mesh=mesh, sharding=sharding)
+        model = load(path, dtype=dtype, attention_impl=attention_impl, mesh=mesh, sharding=sharding, quantize=quantize)
         return cls(model, Tokenizer.from_dir(path), aligner)
 
     # ------------------------------------------------------------------------------------------------------
-    def transcribe(self, audio, language=None, context="", beam_size: int = 1, max_new_tokens: int = 448,
+    def stream(self, language=None, context="", chunk_seconds: float = 2.0, unfixed_chunks: int = 2,
+               unfixed_tokens: int = 5, max_new_tokens: int = 32):
+        """A live stream (``qasr_jax.streaming.Stream``): ``feed()`` 16 kHz audio as it comes, read each Partial,
+        ``finish()`` for the Result. For many streams stepped together use ``stream_driver``."""
+        from qasr_jax.streaming import shared_driver
+
+        return shared_driver(self, max_new_tokens).stream(language, context, chunk_seconds, unfixed_chunks,
+                                                          unfixed_tokens, max_new_tokens)
+
+    def stream_driver(self, slots: int = 8, **options):
+        """A ``qasr_jax.streaming.StreamDriver``: up to ``slots`` streams advanced in one step (``driver.stream()``,
+        ``driver.feed({stream: samples, ...})``); options: ``segment_seconds``, ``max_new_tokens``,
+        ``context_tokens``."""
+        from qasr_jax.streaming import StreamDriver
+
+        return StreamDriver(self, slots, **options)
+
+    def transcribe(self, audio, language=None, context="", beam_size: int = 1, max_new_tokens=None,
                    batch_size: int = 8, **kwargs) -> list[Result]:
         """Transcribe one input or a list (paths, ``(samples, rate)`` tuples, 16 kHz arrays) -> one Result each.
 
         ``language`` (None = detect; a name or ISO code, or one per input) forces the output language; ``context``
-        (text or one per input) biases towards names and terms. Other options: ``return_timestamps``,
+        (text or one per input) biases towards names and terms. ``max_new_tokens`` (one for all, or one per input)
+        caps each piece's output; None: a budget that grows with the piece's duration
+        (``qasr_jax.pipeline.token_budget``). ``batch_size`` is the number of decode slots: a piece that finishes
+        frees its slot for the next at once. ``hotwords`` (a list of words and names for every input, or one list
+        per input) biases the search towards them by ``hotword_boost`` per matched token (see
+        ``qasr_jax.hotwords``) and, unless ``hotwords_in_context=False``, adds them to the context the model reads.
+        Other options: ``return_timestamps``,
         ``length_penalty``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``max_audio_seconds`` (longer
         inputs are cut into pieces), ``errors`` ("raise": stop on the first bad input before any work;
         "collect": report it in ``Result.error`` and go on), ``progress``.
@@ -140,14 +216,16 @@ class Transcriber:
             return [audio]
         return list(audio)
 
-    def transcribe_iter(self, audio, language=None, context="", beam_size: int = 1, max_new_tokens: int = 448,
+    def transcribe_iter(self, audio, language=None, context="", beam_size: int = 1, max_new_tokens=None,
                         batch_size: int = 8, *, return_timestamps: bool = False, length_penalty: float = 1.0,
                         repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
                         max_audio_seconds: float = 1200.0, errors: str = "raise",
-                        progress: bool = False, suppress_eos: bool = False) -> Iterator[tuple[int, Result]]:
+                        progress: bool = False, suppress_eos: bool = False, hotwords=None,
+                        hotword_boost: float = hw.DEFAULT_BOOST,
+                        hotwords_in_context: bool = True) -> Iterator[tuple[int, Result]]:
         """Like ``transcribe`` but yields ``(input index, Result)`` as soon as each input is done.
 
-        ``suppress_eos=True`` makes every input run to ``max_new_tokens`` (for benchmarks).
+        ``suppress_eos=True`` makes every piece run to its ``max_new_tokens`` (for benchmarks).
         """
         inputs = self._inputs(audio)
         n = len(inputs)
@@ -158,148 +236,92 @@ class Transcriber:
         if beam_size < 1 or batch_size < 1:
             raise ValueError(f"beam_size and batch_size must be >= 1, got {beam_size} and {batch_size}")
         limit = self.model.config.text.max_position_embeddings // 2
-        if not 1 <= max_new_tokens <= limit:
-            raise ValueError(f"max_new_tokens={max_new_tokens} is outside 1..{limit} (the KV cache limit); "
-                             "lower it, or cut the audio shorter with max_audio_seconds")
+        budgets = _as_list(max_new_tokens, n, "max_new_tokens")
+        for b in budgets:
+            if b is not None and not 1 <= b <= limit:
+                raise ValueError(f"max_new_tokens={b} is outside 1..{limit} (the KV cache limit); "
+                                 "lower it, or cut the audio shorter with max_audio_seconds")
         if return_timestamps and self.aligner is None:
             raise ValueError("return_timestamps=True needs a forced aligner: Transcriber.from_pretrained(..., aligner=...)")
         langs = [None if l is None else normalize_language(l, self.languages) for l in _as_list(language, n, "language")]
         contexts = [c or "" for c in _as_list(context, n, "context")]
+        words = _hotword_lists(hotwords, n)
+        if hotwords_in_context:  # the model was trained to read names and terms from its context
+            contexts = [" ".join(filter(None, [c, ", ".join(w)])) for c, w in zip(contexts, words)]
+        tries = [(hw.build_trie(w, self.tokenizer.encode), hotword_boost) if w else None for w in words]
+        if return_timestamps:  # the aligner takes pieces of at most ALIGN_PIECE_SECONDS, as the official toolkit
+            max_audio_seconds = min(max_audio_seconds, ALIGN_PIECE_SECONDS)
 
+        options = DecodeOptions(beam_size, length_penalty, repetition_penalty, no_repeat_ngram_size, suppress_eos,
+                                tuple(self.tokenizer.eos_ids))
+        pipe = Pipeline(self.model, self.tokenizer, options, batch_size)
         results = [Result(_source_name(x, i)) for i, x in enumerate(inputs)]
-        work: list[_Work] = []
-        pending = collections.Counter()
+        pieces: dict[int, dict[int, Piece]] = collections.defaultdict(dict)
         for i, item in enumerate(inputs):
             try:
                 wave = load_audio(item, name=results[i].source)
-                if not np.any(wave):
-                    raise AudioError(f"{results[i].source}: audio is silent (every sample is zero); nothing to transcribe")
             except AudioError as e:
                 if errors == "raise":
                     raise
                 results[i].error = str(e)
                 continue
             results[i].duration = wave.shape[0] / SAMPLE_RATE
-            if return_timestamps:  # the aligner takes pieces of at most ALIGN_PIECE_SECONDS, as the official toolkit
-                max_audio_seconds = min(max_audio_seconds, ALIGN_PIECE_SECONDS)
+            if not np.any(wave):  # digital silence: nothing was said
+                continue
             for p, piece in enumerate(split_long_audio(wave, max_audio_seconds)):
-                work.append(_Work(i, p, piece.samples, piece.offset))
-                pending[i] += 1
-        for i in range(n):  # bad inputs first: they are done
-            if results[i].error is not None:
+                pieces[i][p] = piece
+                budget = budgets[i] or min(token_budget(piece.duration), limit)
+                pipe.submit(Work((i, p), piece.samples, langs[i], contexts[i], budget, tries[i]))
+        for i in range(n):  # bad and silent inputs first: they are done
+            if results[i].error is not None or i not in pieces:
                 yield i, results[i]
 
-        search = dict(max_new_tokens=max_new_tokens, beam_size=beam_size, length_penalty=length_penalty,
-                      repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                      suppress_eos=suppress_eos, eos_ids=self.tokenizer.eos_ids)
-        pieces: dict[int, dict[int, tuple[Piece, str | None, str, list[int]]]] = collections.defaultdict(dict)
-        work.sort(key=lambda w: -w.samples.shape[0])
-        bar = _progress(sum(w.samples.shape[0] for w in work) / SAMPLE_RATE, progress)
-        for start in range(0, len(work), batch_size):
-            batch = work[start:start + batch_size]
-            outs = self._run_batch(batch, langs, contexts, batch_size, search)
-            for w, ids in zip(batch, outs):
-                lang, text = parse_output(ids, self.tokenizer, language=langs[w.index], supported=self.languages)
-                pieces[w.index][w.piece] = (Piece(w.samples, w.offset), lang or langs[w.index], text, ids)
-                pending[w.index] -= 1
-                if pending[w.index] == 0:
-                    self._finish(results[w.index], pieces.pop(w.index), return_timestamps)
-                    yield w.index, results[w.index]
-            bar.update(sum(w.samples.shape[0] for w in batch) / SAMPLE_RATE)
+        parts: dict[int, dict[int, _Part]] = collections.defaultdict(dict)
+        bar = audio_progress(sum(p.samples.shape[0] for ps in pieces.values() for p in ps.values()), SAMPLE_RATE,
+                             progress)
+        while pipe.busy:
+            for work, out in pipe.step():
+                i, p = work.key
+                piece = pieces[i][p]
+                parts[i][p] = self.decoded(piece, out, langs[i])
+                bar.update(piece.samples.shape[0])
+                if len(parts[i]) == len(pieces[i]):
+                    self.finish(results[i], parts.pop(i), return_timestamps)
+                    yield i, results[i]
         bar.close()
 
-    # ------------------------------------------------------------------------------------------------------
-    def _run_batch(self, batch: Sequence[_Work], langs, contexts, batch_size, search: dict) -> list[list[int]]:
-        """Encode, prompt and decode one batch of pieces; ``search`` holds the search options."""
-        from qasr_jax import search as S
+    def decoded(self, piece: Piece, out, language: str | None) -> _Part:
+        """A piece's decoder ``Output`` (``qasr_jax.slots.Output``) read as language and text; ``language`` is the
+        forced one (canonical name) or None."""
+        lang, text = parse_output(out.token_ids, self.tokenizer, language=language, supported=self.languages)
+        return _Part(piece, lang or language, text, out.token_ids, out.token_logprobs, not out.finished)
 
-        cfg = self.model.config
-        engine = self.model.engine
-        rows = batch_rows(len(batch), batch_size, self.model.data_size)
-        waves = [w.samples for w in batch] + [batch[-1].samples] * (rows - len(batch))
-        longest = max(n_frames(w.shape[0]) for w in waves)
-        frames = frame_bucket(longest, cfg.audio)
-        feats, valid_frames = log_mel_batch(waves, pad_to=frames)
-        audio, n_tok = engine.encode(feats, valid_frames)
-        n_tok = np.asarray(n_tok)  # one transfer; rows may live on different devices
-        prompts = []
-        for r in range(rows):
-            w = batch[min(r, len(batch) - 1)]
-            prompts.append(build_prompt_ids(self.tokenizer, int(n_tok[r]), contexts[w.index], langs[w.index]))
-        capacity = audio_token_count(frames, cfg.audio)
-        overhead = max(len(p) - int(n_tok[r]) for r, p in enumerate(prompts))
-        seq = prompt_width(capacity + overhead)
-        ids = np.zeros((rows, seq), np.int32)
-        for r, p in enumerate(prompts):
-            ids[r, : len(p)] = p
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        embeds = engine.embed(ids, audio)
-        settings = S.SearchSettings.make(search["eos_ids"], search["length_penalty"], search["repetition_penalty"],
-                                         suppress_eos=search["suppress_eos"])
-        scfg = S.SearchConfig(search["beam_size"], search["repetition_penalty"] != 1.0,
-                              search["no_repeat_ngram_size"])
-        max_new = search["max_new_tokens"]
-        out = engine.generate(embeds, lengths, np.full(rows, max_new, np.int32), settings, scfg,
-                              max_len=cache_length(seq, max_new), prompt_ids=ids)
-        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-        return [tokens[r, : lengths[r]].tolist() for r in range(len(batch))]
-
-    def _finish(self, result: Result, parts: dict, return_timestamps: bool) -> None:
+    def finish(self, result: Result, parts: dict[int, _Part], return_timestamps: bool) -> None:
+        """Fill ``result`` from its decoded pieces (``decoded``, keyed by piece order): language, text, tokens,
+        segments, and with ``return_timestamps`` the aligner's words."""
         order = [parts[k] for k in sorted(parts)]
-        langs = [lang for _, lang, _, _ in order if lang]
+        langs = [p.language for p in order if p.language]
         result.language = collections.Counter(langs).most_common(1)[0][0] if langs else None
-        result.text = _join([text for _, _, text, _ in order], result.language)
-        result.token_ids = [t for _, _, _, ids in order for t in ids]
-        result.segments = [Segment(round(p.offset, 3), round(p.offset + p.duration, 3), text.strip())
-                           for p, _, text, _ in order if text.strip()]
+        result.text = _join([p.text for p in order], result.language)
+        result.token_ids = [t for p in order for t in p.token_ids]
+        result.token_logprobs = [x for p in order for x in p.token_logprobs]
+        result.truncated = any(p.truncated for p in order)
+        result.segments = [Segment(round(p.piece.offset, 3), round(p.piece.offset + p.piece.duration, 3),
+                                   p.text.strip()) for p in order if p.text.strip()]
         if return_timestamps:
             self._align(result, order)
 
-    def _align(self, result: Result, order) -> None:
-        spoken = [(piece, lang, text) for piece, lang, text, _ in order if text.strip()]
+    def _align(self, result: Result, order: list[_Part]) -> None:
+        spoken = [p for p in order if p.text.strip()]
         try:
-            per_piece = self.aligner.align_batch([p.samples for p, _, _ in spoken], [t for _, _, t in spoken],
-                                                 [lang or result.language for _, lang, _ in spoken])
+            per_piece = self.aligner.align_batch([p.piece.samples for p in spoken], [p.text for p in spoken],
+                                                 [p.language or result.language for p in spoken])
         except ValueError as e:  # e.g. a language the aligner does not cover: keep the transcript
             result.error = f"{result.source}: timestamps unavailable: {e}"
             return
-        result.words = [
-            dataclasses.replace(w, start=round(w.start + piece.offset, 3), end=round(w.end + piece.offset, 3))
-            for (piece, _, _), words in zip(spoken, per_piece) for w in words
-        ]
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-class _AudioHoursBar:
-    """A tqdm bar over audio hours, showing throughput as audio hours per wall-clock hour."""
-
-    def __init__(self, total_seconds: float):
-        import time
-
-        from tqdm import tqdm
-
-        self._clock = time.perf_counter
-        self._start = self._clock()
-        self._done = 0.0
-        self._bar = tqdm(total=round(total_seconds / 3600, 3), unit="audio-h", desc="transcribing",
-                         bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} audio-h [{elapsed}<{remaining}{postfix}]")
-
-    def update(self, seconds: float) -> None:
-        self._done += seconds
-        self._bar.update(round(seconds / 3600, 6))
-        wall = max(self._clock() - self._start, 1e-9)
-        self._bar.set_postfix_str(f"{self._done / wall:.1f} audio-h/h")
-
-    def close(self) -> None:
-        self._bar.close()
-
-
-def _progress(total_seconds: float, enabled: bool):
-    return _AudioHoursBar(total_seconds) if enabled else _NoBar()
+        result.words = []
+        for part, words in zip(spoken, per_piece):
+            scores = word_logprobs(self.tokenizer, part, [w.text for w in words])
+            off = part.piece.offset
+            result.words += [dataclasses.replace(w, start=round(w.start + off, 3), end=round(w.end + off, 3),
+                                                 logprob=score) for w, score in zip(words, scores)]

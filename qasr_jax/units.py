@@ -57,6 +57,32 @@ def _is_kept(char: str) -> bool:
     return char == "'" or unicodedata.category(char)[0] in "LN"
 
 
+def unit_spans(text: str, units: Sequence[str]) -> list[tuple[int, int] | None]:
+    """Where each unit (as ``split_units`` made it, in order) lies in ``text``: (start, end) character offsets, the
+    characters it dropped (punctuation inside "U.S.A.") spanned too; None for a unit not found after the last."""
+    spans: list[tuple[int, int] | None] = []
+    pos = 0
+    for unit in units:
+        found = None
+        start = text.find(unit[:1], pos) if unit else -1
+        while start >= 0 and found is None:
+            i, k = start, 0
+            while k < len(unit) and i < len(text):
+                if text[i] == unit[k]:
+                    k += 1
+                elif _is_kept(text[i]):
+                    break
+                i += 1
+            if k == len(unit):
+                found = (start, i)
+            else:
+                start = text.find(unit[:1], start + 1)
+        spans.append(found)
+        if found is not None:
+            pos = found[1]
+    return spans
+
+
 def _clean(words: Sequence[str]) -> list[str]:
     """Each word reduced to its kept characters; words left empty are dropped."""
     out = []

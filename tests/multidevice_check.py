@@ -163,7 +163,7 @@ def param_report(model) -> dict:
     out = {}
     for path, x in jax.tree_util.tree_flatten_with_path(model.params)[0]:
         name = sharding.param_path(path)
-        out[name] = {"spec": spec_list(x.sharding.spec), "shape": list(x.shape),
+        out[name] = {"spec": spec_list(x.sharding.spec), "spec_str": str(x.sharding.spec), "shape": list(x.shape),
                      "table": expected_spec(name, x.shape, dict(layout.mesh.shape), rules, model.config),
                      "mesh": {k: int(v) for k, v in x.sharding.mesh.shape.items()}}
     return out
@@ -262,6 +262,7 @@ def main(model_dir: str, orbax_dir: str, work_dir: str, report_path: str) -> Non
         entry["ragged"] = ids(asr, data["ragged"])  # 5 inputs -> 8 rows: same bucket, padding rows dropped
         entry["compiles_second"] = log.take()
         entry["params"] = param_report(asr.model)
+        entry["describe"] = sharding.describe(asr.model.params)
         audio, logits = prompt_numerics(asr, data["divides"])
         entry["encoder_rel_err"] = max_rel_err(audio, want_audio)
         entry["logits_rel_err"] = max_rel_err(logits, want_logits)

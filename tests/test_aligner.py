@@ -8,7 +8,6 @@ shapes reuse the compiled function; named errors; the ``align`` command end to e
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -21,7 +20,8 @@ from transformers import AutoTokenizer
 from transformers.models.qwen3_asr import Qwen3ASRFeatureExtractor, Qwen3ASRProcessor
 
 import qasr_jax
-from qasr_jax.aligner import Aligner, Word, _similar_groups, add_align_arguments, align_command
+from qasr_jax import cli
+from qasr_jax.aligner import Aligner, Word, _similar_groups
 from qasr_jax.buckets import aligner_rows
 from qasr_jax.compiles import count_compilations
 from qasr_jax.tokenizer import Tokenizer
@@ -285,15 +285,16 @@ def test_split_window_with_nothing_sure_moves_on(aligner):
 
 
 def run_cli(argv, capsys):
-    parser = add_align_arguments(argparse.ArgumentParser(prog="qasr-jax align"))
-    code = align_command(parser.parse_args(argv))
+    code = cli.main(["align", *argv])
     out = capsys.readouterr()
     return code, out.out, out.err
 
 
-def test_align_command_end_to_end(early, tmp_path, capsys):
+def test_align_command_end_to_end(early, tmp_path, capsys, monkeypatch):
     """hello_en.wav says "Hello world": SRT and VTT parse back, times monotonic and inside the 1.25 s clip."""
     _, path = early
+    # cli.main runs in this process: keep JAX's global config (and ~/.cache) free of the on-disk compilation cache.
+    monkeypatch.setenv("QASR_JAX_COMPILATION_CACHE", "off")
     clip = str(tmp_path / "hello.wav")
     shutil.copy(f"{__file__.rsplit('/', 1)[0]}/data/hello_en.wav", clip)
     transcript = tmp_path / "hello.txt"
@@ -314,7 +315,14 @@ def test_align_command_end_to_end(early, tmp_path, capsys):
     data = json.loads(dest.read_text(encoding="utf-8"))
     assert [(d["start"], d["end"], d["text"]) for d in data] == cues["srt"]
     code, out, err = run_cli([clip, "Hello", "-l", "Arabic", "-m", path], capsys)
-    assert code == 2 and "Cantonese" in err and out == ""
+    assert code == 2 and err.startswith("qasr-jax align: error: ") and "Cantonese" in err and out == ""
+    # txt: one word a line; tsv: a header, then integer milliseconds and the word.
+    code, out, err = run_cli([clip, "Hello, world!", "-l", "en", "-m", path, "-f", "txt"], capsys)
+    assert code == 0 and out == "Hello\nworld\n", err
+    code, out, err = run_cli([clip, "Hello, world!", "-l", "en", "-m", path, "-f", "tsv"], capsys)
+    rows = [line.split("\t") for line in out.splitlines()]
+    assert code == 0 and rows[0] == ["start", "end", "text"], err
+    assert [(int(a) / 1000, int(b) / 1000, t) for a, b, t in rows[1:]] == cues["srt"]
 
 
 def test_word_is_a_frozen_record():

@@ -3,6 +3,8 @@
 import functools
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import librosa
@@ -14,8 +16,10 @@ from transformers.audio_utils import mel_filter_bank
 from transformers.models.qwen3_asr import Qwen3ASRFeatureExtractor
 
 from qasr_jax import audio
+from qasr_jax.compiles import count_compilations
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # max |jax - reference| on log-mel features; a float32 STFT on both sides lands near 6e-5
 
 # Lengths in samples: under 0.5 s (min padding), under 1 s, exactly 1 s and 3 s (whole chunks), a partial chunk
@@ -133,10 +137,10 @@ def test_log_mel_batch_pads_to_buckets_and_reuses_compiled_function():
     feats, _ = audio.log_mel_batch(waves, pad_to=50)  # smaller than the longest item: ignored
     assert feats.shape == (2, 128, 200)
     # Other lengths in the same 1 s bucket must not compile again.
-    before = audio._log_mel_padded_jit._cache_size()
-    feats2, counts2 = audio.log_mel_batch([synthetic(17000, seed=4), synthetic(31999, seed=5)])
+    with count_compilations() as compiles:
+        feats2, counts2 = audio.log_mel_batch([synthetic(17000, seed=4), synthetic(31999, seed=5)])
     assert feats2.shape == (2, 128, 200) and counts2.tolist() == [106, 199]
-    assert audio._log_mel_padded_jit._cache_size() == before
+    assert compiles.count == 0
 
 
 def test_log_mel_padded_runs_inside_a_larger_jit():
@@ -192,13 +196,23 @@ def test_load_audio_file_resamples_to_16k_mono(tmp_path, ext):
     if ext in ("wav", "flac"):  # lossless: the mono signal itself, resampled
         mono16k = librosa.resample(data.mean(axis=1), orig_sr=44100, target_sr=16000)
         np.testing.assert_allclose(wave, mono16k, rtol=0, atol=1e-4)  # 16-bit wav/flac quantisation
+        # And exactly what librosa.resample gives for the samples as read (we call its default resampler directly).
+        read, _ = sf.read(path, dtype="float32", always_2d=True)
+        np.testing.assert_array_equal(wave, librosa.resample(read.T.mean(axis=0), orig_sr=44100, target_sr=16000))
 
 
 def test_load_audio_arrays_and_tuples():
     data = stereo_44k()
     from_tuple = audio.load_audio((data.T, 44100))  # (channels, samples), librosa's convention
     expected = librosa.resample(data.T.mean(axis=0), orig_sr=44100, target_sr=16000)
-    np.testing.assert_allclose(from_tuple, expected, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(from_tuple, expected)
+    # Every rate and length librosa.resample handles, to the bit: lengths where soxr's output is a sample short or
+    # long of ceil(n * 16000 / rate), one-sample inputs, downsampling and upsampling.
+    for rate in (8000, 11025, 22050, 44100, 48000, 96000, 16001):
+        for n in (1, 7, 160, 12345):
+            wave = synthetic(n, seed=n)
+            np.testing.assert_array_equal(audio.load_audio((wave, rate)),
+                                          librosa.resample(wave, orig_sr=rate, target_sr=16000), err_msg=f"{rate} {n}")
     # 44100.0 is still an integer rate.
     np.testing.assert_array_equal(audio.load_audio((data.T, 44100.0)), from_tuple)
 
@@ -213,6 +227,21 @@ def test_load_audio_arrays_and_tuples():
     np.testing.assert_array_equal(audio.load_audio(pcm), np.array([0, 0.5, -1, 32767 / 32768], np.float32))
     # Silence is valid input.
     assert np.all(audio.load_audio(np.zeros(100, np.float32)) == 0)
+
+
+def test_reading_resampling_and_log_mel_never_import_librosa(tmp_path):
+    """A plain run (wav and flac read, 44.1 kHz resampled, log-mel) leaves librosa and numba unimported: librosa's
+    import compiles numba code for seconds on a machine's first run."""
+    paths = []
+    for ext in ("wav", "flac"):
+        paths.append(str(tmp_path / f"stereo.{ext}"))
+        sf.write(paths[-1], stereo_44k(), 44100)
+    code = ("import sys; from qasr_jax.audio import load_audio, log_mel\n"
+            "for p in sys.argv[1:]: assert log_mel(load_audio(p)).shape[0] == 128\n"
+            "print(sorted(m for m in ('librosa', 'numba') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 def test_load_audio_speech_file_is_already_16k():
@@ -248,6 +277,9 @@ def test_load_audio_bad_files_name_the_path(tmp_path):
     empty = tmp_path / "empty.wav"
     sf.write(empty, np.zeros((0, 2), np.float32), 44100)
     _raises(empty, str(empty), "empty")
+    zero_bytes = tmp_path / "zero.wav"
+    zero_bytes.write_bytes(b"")
+    _raises(zero_bytes, str(zero_bytes), "file is empty (0 bytes)")
 
     _raises(missing, "clip 7", name="clip 7")  # a caller's name replaces the path
 

@@ -1,14 +1,17 @@
-"""The released model sizes: shapes checked abstractly (fast), numeric parity and a 20-minute encode (slow).
+"""The released model sizes: presets checked against transformers, shapes abstractly, parity and a 20-minute encode.
 
-Fast (CI): for every released preset, the parameter tree from ``jax.eval_shape`` of init matches the numbers of
-DESIGN.md's table (written out here, not derived from the presets), a forward pass traced with ``jax.eval_shape``
-(a 20-minute encode, prompt logits, a prefill and a decode step) gives the right output shapes without allocating
-anything, and both config.json schemas written for each preset parse back to it.
+The presets are checked against what transformers itself runs: ``Qwen3ASRConfig()``'s defaults are documented as
+Qwen/Qwen3-ASR-1.7B-hf (the only released size transformers ships defaults for), and for every preset the
+reference model transformers builds from it (on the meta device: shapes, no memory) has the parameters of
+qasr_jax's model, group by group. The decoders' non-embedding parameter counts match the Qwen3-0.6B / Qwen3-1.7B
+model cards. A forward pass traced with ``jax.eval_shape`` (a 20-minute encode, prompt logits, a prefill and a
+decode step) gives the right output shapes without allocating anything, and both config.json schemas written for
+each preset parse back to it.
 
-Slow (``python -m pytest -m slow tests/test_real_size.py``; minutes, up to ~10 GB of RAM, run one at a time):
-float32 parity with the PyTorch reference at the real ASR-0.6B size, and one encoder call on 20 minutes of audio
-in a child process whose peak RSS is measured. Measured figures are recorded in benchmarks/RESULTS.md; run with
-``-s`` to see them.
+Marked ``slow`` (about a minute each on 2 cores; CI runs them, ``-m "not slow"`` leaves them out): float32 parity
+with the PyTorch reference at the real ASR-0.6B size (about 9 GB of RAM at peak), and one encoder call on 20
+minutes of audio in a child process whose peak RSS is measured. Run with ``-s`` to see the figures, which are
+recorded in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -24,83 +27,70 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from transformers import Qwen3ASRConfig, Qwen3ASRForConditionalGeneration, Qwen3ASRForTokenClassification
 
 from qasr_jax.compiles import jit_with_encoder
 from qasr_jax.config import audio_token_count, config_from_hf_dict, load_config, preset
 from qasr_jax.model import KVCache, Qwen3ASRModule, param_shapes
+from tests.reference import hf_config
 
-# DESIGN.md's table, by preset: encoder (d_model, layers, heads, ffn), projector output,
-# decoder (layers, heads, kv heads, head_dim, intermediate), vocab, tied, head classes (None: LM head).
-TABLE = {
-    "asr-0.6b": dict(enc=(896, 18, 14, 3584), proj=1024, dec=(28, 16, 8, 128, 3072), vocab=151936, tied=True,
-                     classes=None),
-    "asr-1.7b": dict(enc=(1024, 24, 16, 4096), proj=2048, dec=(28, 16, 8, 128, 6144), vocab=151936, tied=True,
-                     classes=None),
-    "aligner-0.6b": dict(enc=(1024, 24, 16, 4096), proj=1024, dec=(28, 16, 8, 128, 3072), vocab=152064,
-                         tied=False, classes=5000),
-}
+RELEASED = ["asr-0.6b", "asr-1.7b", "aligner-0.6b"]
 # Non-embedding parameters of the Qwen3 decoders, as published on the Qwen3-0.6B / Qwen3-1.7B model cards.
 DECODER_NON_EMBEDDING = {"asr-0.6b": 0.44e9, "asr-1.7b": 1.4e9, "aligner-0.6b": 0.44e9}
-MELS, DOWNSAMPLE, FREQ_AFTER_CONV = 128, 480, 16
 TWENTY_MINUTES_FRAMES = 20 * 60 * 100  # 100 log-mel frames per second
 TWENTY_MINUTES_TOKENS = 20 * 60 * 13  # 13 encoder tokens per 1 s chunk
 
 
-def shapes(tree) -> dict[str, tuple[int, ...]]:
-    """'a/b/c' -> shape for every leaf."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(k.key for k in path): tuple(x.shape) for path, x in flat}
+def test_asr_1_7b_preset_is_transformers_default_config():
+    """transformers' Qwen3ASRConfig() describes Qwen/Qwen3-ASR-1.7B-hf: every size it sets equals the preset."""
+    ref = Qwen3ASRConfig()
+    a, t = ref.audio_config, ref.text_config
+    cfg = preset("asr-1.7b")
+    assert (cfg.audio.d_model, cfg.audio.layers, cfg.audio.heads, cfg.audio.ffn_dim) == (
+        a.d_model, a.encoder_layers, a.encoder_attention_heads, a.encoder_ffn_dim)
+    assert (cfg.audio.num_mel_bins, cfg.audio.n_window, cfg.audio.n_window_infer, cfg.audio.downsample_hidden_size) == (
+        a.num_mel_bins, a.n_window, a.n_window_infer, a.downsample_hidden_size)
+    assert (cfg.text.hidden_size, cfg.text.intermediate_size, cfg.text.layers, cfg.text.heads, cfg.text.kv_heads,
+            cfg.text.head_dim) == (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
+                                   t.num_key_value_heads, t.head_dim)
+    assert (cfg.text.vocab_size, cfg.text.tie_word_embeddings, cfg.text.rms_norm_eps,
+            cfg.text.max_position_embeddings) == (t.vocab_size, ref.tie_word_embeddings, t.rms_norm_eps,
+                                                  t.max_position_embeddings)
+    assert (cfg.audio_token_id, cfg.timestamp_token_id) == (ref.audio_token_id, ref.timestamp_token_id)
+    # The default audio output_dim (3584) is Qwen3-Omni's; the projector's output replaces token embeddings, so in
+    # a working model it is the text hidden size.
+    assert cfg.audio.output_dim == t.hidden_size
 
 
-@pytest.mark.parametrize("name", list(TABLE))
-def test_param_shapes_match_design_table(name):
-    t = TABLE[name]
-    d, layers, heads, ffn = t["enc"]
-    dec_layers, q_heads, kv_heads, head_dim, inter = t["dec"]
-    hidden = t["proj"]
+def _group(path: str) -> str:
+    """Parameter group of a transformers (-hf) name or a qasr_jax path: encoder, projector, decoder or head."""
+    first = path.split("/")[0] if "/" in path else path.removeprefix("model.").split(".")[0]
+    return {"audio_tower": "encoder", "multi_modal_projector": "projector", "projector": "projector",
+            "language_model": "decoder", "decoder": "decoder"}.get(first, "head")
+
+
+@pytest.mark.parametrize("name", RELEASED)
+def test_params_equal_the_reference_models_group_by_group(name):
+    """The reference model transformers builds from the preset (meta device) and ours hold the same parameters:
+    the same number in each group (encoder, projector, decoder, head); a tied head is not a tensor of its own."""
     cfg = preset(name)
-    assert (cfg.audio.d_model, cfg.audio.layers, cfg.audio.heads, cfg.audio.ffn_dim) == t["enc"]
-    assert (cfg.text.layers, cfg.text.heads, cfg.text.kv_heads, cfg.text.head_dim) == t["dec"][:4]
-    assert cfg.text.tie_word_embeddings is t["tied"] and cfg.num_labels == t["classes"]
-    got = shapes(param_shapes(cfg))
-    want = {
-        "audio_tower/conv2d1/kernel": (3, 3, 1, DOWNSAMPLE),
-        "audio_tower/conv2d2/kernel": (3, 3, DOWNSAMPLE, DOWNSAMPLE),
-        "audio_tower/conv2d3/kernel": (3, 3, DOWNSAMPLE, DOWNSAMPLE),
-        **{f"audio_tower/conv2d{i}/bias": (DOWNSAMPLE,) for i in (1, 2, 3)},
-        "audio_tower/conv_out/kernel": (DOWNSAMPLE * FREQ_AFTER_CONV, d),
-        **{f"audio_tower/layers_{i}/{p}/kernel": (d, d) for p in "qkvo" for i in range(layers)},
-        **{f"audio_tower/layers_{i}/{p}/bias": (d,) for p in "qkvo" for i in range(layers)},
-        **{f"audio_tower/layers_{i}/fc1/kernel": (d, ffn) for i in range(layers)},
-        **{f"audio_tower/layers_{i}/fc1/bias": (ffn,) for i in range(layers)},
-        **{f"audio_tower/layers_{i}/fc2/kernel": (ffn, d) for i in range(layers)},
-        **{f"audio_tower/layers_{i}/fc2/bias": (d,) for i in range(layers)},
-        **{f"audio_tower/layers_{i}/{n}/{w}": (d,) for n in ("attn_norm", "mlp_norm") for w in ("scale", "bias")
-           for i in range(layers)},
-        "audio_tower/ln_post/scale": (d,),
-        "audio_tower/ln_post/bias": (d,),
-        "projector/proj1/kernel": (d, d),
-        "projector/proj1/bias": (d,),
-        "projector/proj2/kernel": (d, hidden),
-        "projector/proj2/bias": (hidden,),
-        "decoder/embed/embedding": (t["vocab"], hidden),
-        # q|k|v grouped by kv head: (hidden, kv_heads, q heads per kv head + k + v, head_dim); gate|up.
-        **{f"decoder/layers_{i}/qkv/kernel": (hidden, kv_heads, q_heads // kv_heads + 2, head_dim)
-           for i in range(dec_layers)},
-        **{f"decoder/layers_{i}/o/kernel": (q_heads * head_dim, hidden) for i in range(dec_layers)},
-        **{f"decoder/layers_{i}/{n}_norm/scale": (head_dim,) for n in "qk" for i in range(dec_layers)},
-        **{f"decoder/layers_{i}/gate_up/kernel": (hidden, 2, inter) for i in range(dec_layers)},
-        **{f"decoder/layers_{i}/down/kernel": (inter, hidden) for i in range(dec_layers)},
-        **{f"decoder/layers_{i}/{n}_norm/scale": (hidden,) for n in ("attn", "mlp") for i in range(dec_layers)},
-        "decoder/norm/scale": (hidden,),
-    }
-    if t["classes"] is not None:
-        want["score/kernel"] = (hidden, t["classes"])  # the aligner's class head; no LM head
-    elif not t["tied"]:
-        want["lm_head/kernel"] = (hidden, t["vocab"])
-    # Tied ASR models: the embedding is the head, so neither lm_head nor score exists.
-    assert got == want
-    non_embedding = sum(int(np.prod(s)) for k, s in got.items() if k.startswith("decoder/") and "embed" not in k)
+    cls = Qwen3ASRForTokenClassification if cfg.is_aligner else Qwen3ASRForConditionalGeneration
+    with torch.device("meta"):
+        ref = cls(hf_config(cfg))
+
+    def tally(items):
+        out: dict[str, list[int]] = {}  # group -> sizes of its tensors
+        for path, size in items:
+            out.setdefault(_group(path), []).append(size)
+        return out
+
+    theirs = tally((n, p.numel()) for n, p in ref.named_parameters())  # tied weights are listed once
+    flat = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]
+    ours = tally(("/".join(k.key for k in path), int(np.prod(x.shape))) for path, x in flat)
+    assert {g: sum(v) for g, v in ours.items()} == {g: sum(v) for g, v in theirs.items()}
+    assert ("head" in ours) == (cfg.is_aligner or not cfg.text.tie_word_embeddings)
+    non_embedding = sum(theirs["decoder"]) - cfg.text.vocab_size * cfg.text.hidden_size
     assert abs(non_embedding - DECODER_NON_EMBEDDING[name]) / DECODER_NON_EMBEDDING[name] < 0.02
 
 
@@ -108,40 +98,40 @@ def _abstract(shape, dtype=jnp.float32):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-@pytest.mark.parametrize("name", list(TABLE))
+@pytest.mark.parametrize("name", RELEASED)
 def test_forward_shapes_at_real_size_without_memory(name):
     """encode of 20 minutes, prompt logits, prefill and one step under eval_shape: shapes only, nothing allocated."""
-    t = TABLE[name]
     cfg = preset(name)
+    hidden, mels = cfg.text.hidden_size, cfg.audio.num_mel_bins
     module = Qwen3ASRModule(cfg, jnp.float32)
     variables = {"params": param_shapes(cfg)}
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     audio, n_tok = jax.eval_shape(
         lambda v, x, n: module.apply(v, x, n, method=Qwen3ASRModule.encode),
-        variables, _abstract((1, MELS, TWENTY_MINUTES_FRAMES)), _abstract((1,), jnp.int32),
+        variables, _abstract((1, mels, TWENTY_MINUTES_FRAMES)), _abstract((1,), jnp.int32),
     )
-    assert audio.shape == (1, TWENTY_MINUTES_TOKENS, t["proj"]) and audio.dtype == jnp.float32
+    assert audio.shape == (1, TWENTY_MINUTES_TOKENS, hidden) and audio.dtype == jnp.float32
     assert n_tok.shape == (1,)
     assert audio_token_count(TWENTY_MINUTES_FRAMES, cfg.audio) == TWENTY_MINUTES_TOKENS
 
     frames = 1200  # 11.3 s padded to whole 1 s chunks
     n_audio = audio_token_count(1130, cfg.audio)
     seq = n_audio + 16
-    out_classes = t["classes"] or t["vocab"]
+    out_classes = cfg.num_labels or cfg.text.vocab_size
     logits = jax.eval_shape(
-        module.apply, variables, _abstract((2, seq), jnp.int32), _abstract((2, MELS, frames)),
+        module.apply, variables, _abstract((2, seq), jnp.int32), _abstract((2, mels, frames)),
         _abstract((2,), jnp.int32),
     )
     assert logits.shape == (2, seq, out_classes) and logits.dtype == jnp.float32
 
     max_len = seq + 32
     cache = jax.eval_shape(lambda: KVCache.init(cfg.text, 2, max_len))
-    dec_layers, _, kv_heads, head_dim, _ = t["dec"]
+    dec_layers, kv_heads, head_dim = cfg.text.layers, cfg.text.kv_heads, cfg.text.head_dim
     assert cache.k.shape == cache.v.shape == (dec_layers, 2, kv_heads, max_len, head_dim)
     next_logits, cache = jax.eval_shape(
         lambda v, e, n, c: module.apply(v, e, n, c, method=Qwen3ASRModule.extend),
-        variables, _abstract((2, seq, t["proj"])), _abstract((2,), jnp.int32), cache,
+        variables, _abstract((2, seq, hidden)), _abstract((2,), jnp.int32), cache,
     )
     assert next_logits.shape == (2, out_classes)
     step_logits, cache = jax.eval_shape(
@@ -154,7 +144,7 @@ def test_forward_shapes_at_real_size_without_memory(name):
     assert grown_mb < 500, f"eval_shape grew peak RSS by {grown_mb:.0f} MB"
 
 
-@pytest.mark.parametrize("name", list(TABLE))
+@pytest.mark.parametrize("name", RELEASED)
 def test_config_json_schemas_parse_back_to_preset(name, tmp_path):
     """The -hf config.json as save_pretrained writes it, and the official schema, both give back the preset."""
     import transformers
@@ -186,9 +176,6 @@ def test_parity_at_real_asr_0_6b_size(tmp_path):
     The checkpoint is saved in bfloat16 and both sides load it as float32, so they hold identical values. The
     reference is run and freed before qasr_jax loads, to keep the peak low.
     """
-    import torch
-    from transformers import Qwen3ASRForConditionalGeneration
-
     import qasr_jax
     from tests.conftest import speech
     from tests.reference import build_reference, save_hf
@@ -333,6 +320,7 @@ def test_twenty_minutes_encode_in_one_call():
         f"{lines[0]['xla_need_mb'] if lines else '?'} MB): {proc.stderr[-2000:]}"
     )
     result = lines[-1]
-    assert result["shape"] == [1, TWENTY_MINUTES_TOKENS, 1024] and result["n_tokens"] == TWENTY_MINUTES_TOKENS
+    assert result["shape"] == [1, TWENTY_MINUTES_TOKENS, preset("asr-0.6b").audio.output_dim]
+    assert result["n_tokens"] == TWENTY_MINUTES_TOKENS
     assert result["finite"]
     assert result["peak_rss_mb"] < total

@@ -8,7 +8,6 @@ transformers' ``_fix_timestamps`` and ``split_words_for_alignment``.
 from __future__ import annotations
 
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -168,43 +167,49 @@ def test_korean_without_soynlp_names_the_extra(monkeypatch):
     units._korean_tokenizer.cache_clear()
 
 
-def test_japanese_uses_nagisa_words_with_punctuation_removed(monkeypatch):
-    fake = types.ModuleType("nagisa")
-    seen = []
-
-    def tagging(text):
-        seen.append(text)
-        return types.SimpleNamespace(words=["東京", "へ", "、", "行く", "。", " "])
-
-    fake.tagging = tagging
-    monkeypatch.setitem(sys.modules, "nagisa", fake)
-    assert split_units("  東京へ、行く。 ", "ja") == ["東京", "へ", "行く"]
-    assert seen == ["東京へ、行く。"]  # the text is stripped first, as the reference does
+JAPANESE = ["今日は良い天気ですね。東京タワーへ行きましょう！", "  東京へ、行く。 ", "私はJAXで「速い」コードを書いた。",
+            "ラーメン、寿司、そして天ぷら…", "2024年3月15日に会議があります"]
+KOREAN = ["안녕하세요! 세계.", "오늘은 날씨가 좋네요, 그렇죠?", "서울에서 JAX로 코드를 작성했습니다.", "123번 버스를 타세요"]
 
 
-@pytest.mark.parametrize("with_dictionary", [False, True])
-def test_korean_uses_soynlp_ltokenizer(monkeypatch, tmp_path, with_dictionary):
-    """Unscored without the official word list (as transformers); each listed word scores 1.0 with it."""
-    fake = types.ModuleType("soynlp.tokenizer")
+def _kept(text: str) -> str:
+    """The text's letters and digits in order: what the units of any segmentation must spell together."""
+    return "".join(ch for ch in text if ch.isalnum())
 
-    class LTokenizer:
-        def __init__(self, scores=None):
-            self.scores = scores
 
-        def tokenize(self, text):
-            return ["안녕", "하세요", "!", "세계", "."]
+def test_japanese_units_are_nagisa_words_as_transformers_splits_them():
+    """The real nagisa segmenter (the ja extra): the same units as transformers, punctuation and spaces removed."""
+    proc = object.__new__(ref.Qwen3ASRProcessor)
+    for text in JAPANESE:
+        got = split_units(text, "ja")
+        assert got == proc.split_words_for_alignment(text, "Japanese"), text
+        assert "".join(got) == _kept(text) and len(got) > 2, got  # words, neither the whole text nor empty
 
-    fake.LTokenizer = LTokenizer
-    monkeypatch.setitem(sys.modules, "soynlp", types.ModuleType("soynlp"))
-    monkeypatch.setitem(sys.modules, "soynlp.tokenizer", fake)
-    path = None
-    if with_dictionary:
-        path = tmp_path / "korean_dict_jieba.dict"
-        path.write_text("안녕 10 x\n\n세계 3 n\n", encoding="utf-8")
-    monkeypatch.setattr(units, "korean_dictionary_path", lambda: None if path is None else str(path))
+
+def test_korean_units_are_soynlp_words_as_transformers_splits_them(monkeypatch):
+    """The real soynlp LTokenizer (the ko extra), unscored without the official word list, as transformers."""
+    proc = object.__new__(ref.Qwen3ASRProcessor)
+    monkeypatch.setattr(units, "korean_dictionary_path", lambda: None)  # as if qwen-asr were not installed
+    units._korean_tokenizer.cache_clear()
+    try:
+        for text in KOREAN:
+            got = split_units(text, "Korean")
+            assert got == proc.split_words_for_alignment(text, "Korean"), text
+            assert "".join(got) == _kept(text), got
+    finally:
+        units._korean_tokenizer.cache_clear()
+
+
+def test_korean_word_list_scores_split_words(monkeypatch, tmp_path):
+    """With the official toolkit's word list (here a stand-in file in its format: word, count, tag), every listed
+    word scores 1.0, so soynlp splits it off the front of a longer word."""
+    path = tmp_path / "korean_dict_jieba.dict"
+    monkeypatch.setattr(units, "korean_dictionary_path", lambda: str(path) if path.exists() else None)
+    units._korean_tokenizer.cache_clear()
+    assert split_units("안녕하세요! 세계.", "Korean") == ["안녕하세요", "세계"]  # unscored: whole words
+    path.write_text("안녕 10 x\n\n세계 3 n\n", encoding="utf-8")
     units._korean_tokenizer.cache_clear()
     try:
         assert split_units("안녕하세요! 세계.", "Korean") == ["안녕", "하세요", "세계"]
-        assert units._korean_tokenizer().scores == ({"안녕": 1.0, "세계": 1.0} if with_dictionary else {})
     finally:
         units._korean_tokenizer.cache_clear()

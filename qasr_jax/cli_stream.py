@@ -1,0 +1,140 @@
+"""``qasr-jax stream``: live transcription of a file (as fast as possible, or paced with ``--realtime``) or of raw
+16 kHz mono s16le samples on standard input (``-``: a pipe from ffmpeg, arecord or sox).
+
+On a terminal the transcript being written is one line rewritten in place, and each committed segment stays on a
+line of its own; otherwise (a pipe or a file) each update prints the whole transcript so far as one line, and the
+last line is the final transcript.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from qasr_jax.loading import DTYPES
+
+DEFAULT_MODEL = "Qwen/Qwen3-ASR-0.6B"
+
+
+def add_command(sub) -> None:
+    """Add the ``stream`` subcommand to the CLI's subparsers."""
+    st = sub.add_parser("stream", help="live transcription of a file, or of raw 16 kHz s16le audio on stdin (-)")
+    st.add_argument("source", help="audio file, or - for raw 16 kHz mono signed 16-bit little-endian samples on "
+                                   "stdin (e.g. ffmpeg -i in.mp3 -f s16le -ac 1 -ar 16000 -)")
+    st.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or hub id")
+    st.add_argument("--language", default=None, help="force a language (name or ISO code); default: detect")
+    st.add_argument("--context", default="", help="context text: names, hotwords, domain terms")
+    st.add_argument("--chunk-seconds", type=float, default=2.0, help="audio decoded at a time (default 2.0)")
+    st.add_argument("--unfixed-chunks", type=int, default=2, help="first chunks decoded without a text prefix")
+    st.add_argument("--unfixed-tokens", type=int, default=5, help="tokens of the last output each chunk rewrites")
+    st.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per chunk at most (default 32)")
+    st.add_argument("--segment-seconds", type=float, default=None,
+                    help="commit the text at the first pause after this much audio (default 20)")
+    st.add_argument("--realtime", action="store_true", help="feed a file no faster than it plays")
+    st.add_argument("--dtype", default="float32", choices=DTYPES)
+    st.set_defaults(func=run)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise a ValueError naming every bad ``stream`` flag before anything is loaded."""
+    problems = []
+    for flag, value in (("--chunk-seconds", args.chunk_seconds), ("--segment-seconds", args.segment_seconds)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            problems.append(f"{flag} must be a positive number of seconds, got {value:g}")
+    for flag, value, least in (("--unfixed-chunks", args.unfixed_chunks, 0),
+                               ("--unfixed-tokens", args.unfixed_tokens, 0),
+                               ("--max-new-tokens", args.max_new_tokens, 1)):
+        if value < least:
+            problems.append(f"{flag} must be >= {least}, got {value}")
+    if args.realtime and args.source == "-":
+        problems.append("--realtime paces a file; audio on stdin arrives at its own pace: drop --realtime")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _file_blocks(path: str, block: int, realtime: bool) -> Iterator[np.ndarray]:
+    from qasr_jax.audio import SAMPLE_RATE, load_audio
+
+    wave = load_audio(path)
+    start = time.monotonic()
+    for at in range(0, wave.shape[0], block):
+        if realtime:  # a block is fed once the audio up to its end would have played
+            time.sleep(max(0.0, start + (at + block) / SAMPLE_RATE - time.monotonic()))
+        yield wave[at : at + block]
+
+
+def _stdin_blocks(block: int) -> Iterator[np.ndarray]:
+    stdin = sys.stdin.buffer
+    while True:
+        data = stdin.read(2 * block)  # blocks until a whole chunk or the end of the input
+        if not data:
+            return
+        if len(data) % 2:  # an odd byte at the very end cannot be a sample
+            data = data[:-1]
+        yield np.frombuffer(data, "<i2")
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: line breaks inside it become spaces, ends stripped."""
+    return " ".join(text.splitlines()).strip()
+
+
+class LineDisplay:
+    """Prints Partials: a live line rewritten in place on a terminal, else one line per change."""
+
+    def __init__(self, out):
+        self.out = out
+        self.tty = out.isatty()
+        self.fixed = ""  # committed text already printed for good (terminal)
+        self.last = None
+
+    def update(self, partial) -> None:
+        """Show a Partial."""
+        if not self.tty:
+            if partial.text != self.last:
+                print(one_line(partial.text), file=self.out, flush=True)
+                self.last = partial.text
+            return
+        if len(partial.fixed_text) > len(self.fixed):  # a segment was committed: it keeps its own line
+            print(f"\r\x1b[K{one_line(partial.fixed_text[len(self.fixed):])}", file=self.out)
+            self.fixed = partial.fixed_text
+        live = one_line(partial.text[len(self.fixed):])
+        width = max(10, shutil.get_terminal_size().columns - 1)
+        if len(live) > width:
+            live = "…" + live[-(width - 1):]
+        self.out.write(f"\r\x1b[K{live}")
+        self.out.flush()
+
+    def final(self, text: str) -> None:
+        """Show the final transcript."""
+        if self.tty:
+            self.out.write(f"\r\x1b[K{one_line(text[len(self.fixed):])}\n")
+            self.out.flush()
+        else:
+            print(one_line(text), file=self.out, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``stream`` command."""
+    check_args(args)
+    from qasr_jax.audio import SAMPLE_RATE
+    from qasr_jax.transcribe import Transcriber
+
+    asr = Transcriber.from_pretrained(args.model, dtype=args.dtype)
+    options = {} if args.segment_seconds is None else {"segment_seconds": args.segment_seconds}
+    driver = asr.stream_driver(slots=1, max_new_tokens=max(32, args.max_new_tokens), **options)
+    stream = driver.stream(args.language, args.context, args.chunk_seconds, args.unfixed_chunks,
+                           args.unfixed_tokens, args.max_new_tokens)
+    block = max(1, round(args.chunk_seconds * SAMPLE_RATE))
+    blocks = _stdin_blocks(block) if args.source == "-" else _file_blocks(args.source, block, args.realtime)
+    display = LineDisplay(sys.stdout)
+    for samples in blocks:
+        display.update(stream.feed(samples))
+    display.final(stream.finish().text)
+    return 0

@@ -1,0 +1,203 @@
+"""Audio pieces in, generated ids out: batched encoding, then decoding in the engine's slots.
+
+The :class:`Pipeline` is what offline transcription and the server share. Pieces (at most ``max_audio_seconds``
+each) are grouped by the KV cache they need (prompt width and output budget, rounded up to powers of two), so a
+two-second clip never pays for the cache of a twenty-minute one. Each group has its own
+:class:`qasr_jax.slots.SlotBatcher`, with as many slots as ``batch_size`` allows within the KV memory budget;
+pieces are encoded in batches as slots come free, and a finished piece's slot takes the next one at once, so
+outputs of mixed lengths keep the slots full. Offline the groups run one after another, longest first (one cache
+in memory at a time); a server runs them side by side, so a long request never holds up short ones.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from qasr_jax import hotwords as hw
+from qasr_jax import search as S
+from qasr_jax.audio import log_mel_batch, n_frames
+from qasr_jax.buckets import batch_rows, frame_bucket, output_buffer, prompt_width, round_up
+from qasr_jax.config import audio_token_count
+from qasr_jax.prompts import build_prompt_ids
+from qasr_jax.slots import Output, Prompts, Request, SlotBatcher
+
+TOKENS_PER_SECOND = 10.0  # default output budget per second of audio (see token_budget)
+BUDGET_BASE = 32  # plus this many, for the "language X<asr_text>" header and short clips
+DEFAULT_KV_BYTES = 8 << 30  # KV cache memory one group of slots may take
+
+
+def token_budget(seconds: float) -> int:
+    """Default max_new_tokens for a piece: 32 + 10 per second of audio. Fast speech runs at about 3-4 English words
+    (4-6 tokens) or 6-7 Chinese characters (about one token each) per second, so 10 per second leaves 1.5-2x room
+    even for fast talkers, and a 20-minute piece gets 12 032 tokens; a piece that still runs out is flagged
+    (``Result.truncated``), never silently cut."""
+    return BUDGET_BASE + int(np.ceil(TOKENS_PER_SECOND * seconds))
+
+
+@dataclasses.dataclass
+class Work:
+    """One piece to transcribe: samples (16 kHz), forced language (canonical name) or None, context, budget, and
+    its hotwords as (host trie from ``hotwords.build_trie``, boost) or None."""
+
+    key: Any
+    samples: np.ndarray
+    language: str | None
+    context: str
+    max_new: int
+    hotwords: tuple | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """The search settings every piece of a pipeline shares."""
+
+    beam_size: int = 1
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    suppress_eos: bool = False
+    eos_ids: tuple[int, ...] = (151645, 151643)
+
+    def config(self) -> S.SearchConfig:
+        return S.SearchConfig(self.beam_size, self.repetition_penalty != 1.0, self.no_repeat_ngram_size)
+
+    def settings(self) -> S.SearchSettings:
+        return S.SearchSettings.make(self.eos_ids, self.length_penalty, self.repetition_penalty,
+                                     suppress_eos=self.suppress_eos)
+
+
+def _pow2(n: int, least: int) -> int:
+    return max(least, 1 << max(0, (n - 1).bit_length()))
+
+
+class _Group:
+    """The pieces that share one cache shape and hotword trie size, and their batcher (made when first needed,
+    dropped when idle offline)."""
+
+    def __init__(self, width: int, out_len: int, edges: int):
+        self.width, self.out_len, self.edges = width, out_len, edges
+        self.pending: collections.deque[Work] = collections.deque()
+        self.batcher: SlotBatcher | None = None
+
+    @property
+    def idle(self) -> bool:
+        return not self.pending and (self.batcher is None or self.batcher.idle)
+
+
+class Pipeline:
+    """Pieces in (:meth:`submit`), finished ``(Work, Output)`` pairs out of each :meth:`step` (see module doc)."""
+
+    def __init__(self, model, tokenizer, options: DecodeOptions, batch_size: int = 8,
+                 kv_bytes: int = DEFAULT_KV_BYTES, side_by_side: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.tokenizer, self.options = model, tokenizer, options
+        self.batch_size, self.kv_bytes, self.side_by_side = batch_size, kv_bytes, side_by_side
+        self.cfg, self.settings = options.config(), options.settings()
+        self.groups: dict[tuple[int, int, int], _Group] = {}
+        self.steps = 0  # decode steps run by every batcher so far
+
+    # -- shapes -------------------------------------------------------------------------------------------------
+    def _prompt_len(self, work: Work, n_audio: int) -> int:
+        return len(build_prompt_ids(self.tokenizer, n_audio, work.context, work.language))
+
+    def _group_of(self, work: Work) -> tuple[int, int, int]:
+        frames = frame_bucket(n_frames(work.samples.shape[0]), self.model.config.audio)
+        width = self._prompt_len(work, audio_token_count(frames, self.model.config.audio))
+        edges = 0 if work.hotwords is None else hw.edge_bucket(len(work.hotwords[0][0]))
+        return _pow2(prompt_width(width), 256), _pow2(output_buffer(work.max_new), 64), edges
+
+    def _slots(self, width: int, out_len: int) -> int:
+        t = self.model.config.text
+        per_slot = 2 * t.layers * t.kv_heads * t.head_dim * (width + out_len) * np.dtype(self.model.engine.dtype).itemsize
+        fits = max(1, int(self.kv_bytes // (per_slot * self.options.beam_size)))
+        return round_up(min(self.batch_size, fits) * self.options.beam_size,
+                        self.model.data_size * self.options.beam_size)
+
+    # -- the queue ----------------------------------------------------------------------------------------------
+    def submit(self, work: Work) -> None:
+        """Queue a piece (pieces are served longest first within their group)."""
+        if work.max_new < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {work.max_new}")
+        key = self._group_of(work)
+        group = self.groups.setdefault(key, _Group(*key))
+        group.pending.append(work)
+
+    @property
+    def busy(self) -> bool:
+        """Pieces queued or decoding."""
+        return any(not g.idle for g in self.groups.values())
+
+    @property
+    def waiting(self) -> int:
+        """Pieces queued for a slot (not decoding yet)."""
+        return sum(len(g.pending) + (len(g.batcher.queue) if g.batcher else 0) for g in self.groups.values())
+
+    @property
+    def live(self) -> int:
+        """Pieces decoding in slots now."""
+        return sum(len(g.batcher.live) for g in self.groups.values() if g.batcher)
+
+    def cancel(self, key: Any) -> None:
+        """Drop the pieces of ``key`` (``Work.key``), queued or decoding; their slots take other pieces."""
+        for group in self.groups.values():
+            group.pending = collections.deque(w for w in group.pending if w.key != key)
+            if group.batcher is not None:
+                for req in [*group.batcher.queue, *group.batcher.live.values()]:
+                    if req.tag.key == key:
+                        group.batcher.cancel(req)
+
+    def partial(self) -> list[tuple[Work, list[int], list[float]]]:
+        """Every decoding piece's tokens so far and their log-probabilities (see ``SlotBatcher.partial``)."""
+        return [(req.tag, ids, lps) for g in self.groups.values() if g.batcher
+                for req, ids, lps in g.batcher.partial()]
+
+    def _encode(self, group: _Group) -> None:
+        """Encode the group's next pieces (as many as it has slots) and queue them in its batcher."""
+        batcher = group.batcher
+        take = [group.pending.popleft() for _ in range(min(batcher.requests, len(group.pending)))]
+        cfg = self.model.config
+        rows = batch_rows(len(take), batcher.requests, self.model.data_size)
+        waves = [w.samples for w in take] + [take[-1].samples] * (rows - len(take))
+        frames = frame_bucket(max(n_frames(w.shape[0]) for w in waves), cfg.audio)
+        feats, valid = log_mel_batch(waves, pad_to=frames)
+        audio, n_tok = self.model.engine.encode(feats, valid)
+        n_tok = np.asarray(n_tok)
+        prompts = [build_prompt_ids(self.tokenizer, int(n_tok[r]), take[min(r, len(take) - 1)].context,
+                                    take[min(r, len(take) - 1)].language) for r in range(rows)]
+        width = prompt_width(max(map(len, prompts)))
+        ids = np.zeros((rows, width), np.int32)
+        for r, p in enumerate(prompts):
+            ids[r, : len(p)] = p
+        ids_dev = self.model.engine.put(ids)
+        batch = Prompts(self.model.engine.embed(ids_dev, audio), np.array([len(p) for p in prompts], np.int32),
+                        ids_dev if self.cfg.penalize_repetition or self.cfg.no_repeat_ngram_size else None)
+        for r, work in enumerate(take):
+            batcher.submit(Request(batch, r, work.max_new, tag=work, hotwords=work.hotwords))
+
+    def step(self, max_steps: int | None = None) -> list[tuple[Work, Output]]:
+        """Encode what free slots can take, decode until a piece finishes (or ``max_steps`` steps: a server keeps
+        them few, so that new pieces join soon) -> the finished pieces."""
+        live = [g for g in self.groups.values() if not g.idle]
+        if not self.side_by_side:  # one cache at a time: the group holding the longest prompts first
+            live = sorted(live, key=lambda g: (-g.width, -g.out_len, g.edges))[:1]
+        done: list[tuple[Work, Output]] = []
+        for group in live:
+            if group.batcher is None:
+                slots = self._slots(group.width, group.out_len)
+                cfg = dataclasses.replace(self.cfg, hotword_edges=group.edges)
+                group.batcher = SlotBatcher(self.model.engine, slots, group.width + group.out_len, group.out_len,
+                                            cfg, self.settings, history_len=group.width + group.out_len)
+            if group.pending and not group.batcher.queue:
+                group.pending = collections.deque(sorted(group.pending, key=lambda w: -w.samples.shape[0]))
+                self._encode(group)
+            before = group.batcher.steps
+            done += [(out.request.tag, out) for out in group.batcher.run(max_steps)]
+            self.steps += group.batcher.steps - before
+            if group.idle and not self.side_by_side:
+                group.batcher = None  # its cache is freed; a later piece makes a new one
+        return done

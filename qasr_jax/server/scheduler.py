@@ -1,0 +1,261 @@
+"""The engine thread: every request's pieces decode in shared steps over the engine's slots.
+
+HTTP handlers run on the event loop; they hand a :class:`Job` (a request's audio pieces and options) to the
+:class:`Scheduler` and wait for its events. One background thread owns the model: it feeds new pieces into a
+:class:`qasr_jax.pipeline.Pipeline` (``side_by_side=True``: groups of different cache shapes decode side by side,
+so a long request never holds up short ones), encodes whatever arrived together in one batch, and steps every
+live slot a few tokens at a time, so that new requests join within about ``STEP_SECONDS`` (the steps per look
+follow the measured time per step) and streamed requests get their tokens as they are generated. A job that is
+cancelled (its client went away) frees its slots at the next step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from qasr_jax.audio import SAMPLE_RATE
+from qasr_jax.buckets import frame_bucket
+from qasr_jax.config import AudioConfig
+from qasr_jax.longform import Piece
+from qasr_jax.pipeline import DecodeOptions, Pipeline, Work, token_budget
+
+log = logging.getLogger("qasr_jax.server")
+
+STEP_SECONDS = 0.1  # decoding between looks at the queue: a new request waits about this long to join
+MAX_STEP_TOKENS = 256
+
+WARMUP_STREAM_SAMPLES = 7 * SAMPLE_RATE  # three 2 s chunks and a tail
+_ids = itertools.count()
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """What the engine thread tells a job: ``tokens`` (a streamed piece's ids and log-probabilities so far),
+    ``piece`` (a piece is done: its decoder ``Output``), or ``failed`` (``message`` says why)."""
+
+    kind: str
+    piece: int = 0
+    token_ids: tuple[int, ...] = ()
+    token_logprobs: tuple[float, ...] = ()
+    output: Any = None
+    message: str = ""
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One request: its audio pieces, forced language (canonical name) or None, context, each piece's token
+    budget and the beam size; ``deliver`` is called on the engine thread with each :class:`Event`."""
+
+    pieces: list[Piece]
+    language: str | None
+    context: str
+    budgets: list[int]
+    deliver: Callable[[Event], None]
+    beam_size: int = 1
+    stream: bool = False  # deliver ``tokens`` events (greedy only: a beam's best hypothesis can still change)
+    id: int = dataclasses.field(default_factory=lambda: next(_ids))
+
+
+def warmup_seconds(max_seconds: float, audio: AudioConfig) -> list[float]:
+    """Clip lengths whose shapes the warm-up compiles: both ends of every encoder frame bucket up to
+    ``max_seconds`` (the ends also span every KV cache group a length in that bucket can fall into)."""
+    out, lo = [], 0
+    while lo < max_seconds * 100:  # frames (100 per second)
+        hi = frame_bucket(lo + 1, audio)
+        out += [(lo + 1) / 100, min(hi / 100, max_seconds)]
+        lo = hi
+    return sorted(set(out))
+
+
+class Scheduler:
+    """Drives one Pipeline per beam size from one thread (see the module doc); thread-safe ``submit``/``cancel``."""
+
+    def __init__(self, asr, max_slots: int, realtime_slots: int = 8, step_seconds: float = STEP_SECONDS):
+        self.asr, self.max_slots, self.step_seconds = asr, max_slots, step_seconds
+        self.seconds_per_step = 0.0  # measured: decode steps run for about step_seconds between looks
+        self.pipes: dict[int, Pipeline] = {}
+        self.realtime_slots = realtime_slots
+        self.driver = None  # the streams' StreamDriver, made by the warm-up (on the engine thread)
+        self._rt: list[tuple] = []  # realtime operations waiting for the engine thread
+        self.jobs: dict[int, tuple[Job, set[int]]] = {}  # engine thread only: job id -> (job, pieces not done)
+        self._cond = threading.Condition()
+        self._new: list[Job] = []
+        self._gone: list[Job] = []
+        self._stop = False
+        self.waiting = 0  # pieces waiting for a slot (read by the metrics)
+        self.live = 0  # pieces decoding
+
+    # -- any thread -----------------------------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        """Queue a job's pieces; events come back through ``job.deliver``."""
+        with self._cond:
+            self._new.append(job)
+            self.waiting += len(job.pieces)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Drop a job (its client went away): its pieces leave the queue and their slots at the next step."""
+        with self._cond:
+            self._gone.append(job)
+            self._cond.notify()
+
+    def realtime(self, op: str, item, samples: np.ndarray | None = None) -> None:
+        """Queue a realtime operation on an utterance (``qasr_jax.server.realtime.Item``): "open" its stream,
+        "feed" it 16 kHz samples, "commit" it (its Result is delivered), or "close" it (no result)."""
+        with self._cond:
+            self._rt.append((op, item, samples))
+            self._cond.notify()
+
+    def stop(self) -> None:
+        """Make ``run`` return once the jobs in flight are done."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+
+    # -- the engine thread ------------------------------------------------------------------------------------------
+    def _pipe(self, beam_size: int) -> Pipeline:
+        if beam_size not in self.pipes:
+            options = DecodeOptions(beam_size, eos_ids=tuple(self.asr.tokenizer.eos_ids))
+            self.pipes[beam_size] = Pipeline(self.asr.model, self.asr.tokenizer, options, self.max_slots,
+                                             side_by_side=True)
+        return self.pipes[beam_size]
+
+    def warm_up(self, max_seconds: float) -> int:
+        """Compile what requests of up to ``max_seconds`` need (greedy): for each clip length of
+        ``warmup_seconds``, encode, insert into a slot, one step, read, release; then batches of 1, 2, 4, ...
+        ``max_slots`` short clips; and a stream of a few chunks. Returns the number of warm-up clips."""
+        pipe = self._pipe(1)
+        rng = np.random.default_rng(0)
+        limit = self.asr.model.config.text.max_position_embeddings // 2
+        clips = [[s] for s in warmup_seconds(max_seconds, self.asr.model.config.audio)]
+        k = 1
+        while k <= self.max_slots:
+            clips.append([1.0] * k)
+            k *= 2
+        for n, batch in enumerate(clips):
+            works = [Work(("warm-up", n, i), (0.05 * rng.standard_normal(int(s * SAMPLE_RATE))).astype(np.float32),
+                          None, "", min(token_budget(s), limit)) for i, s in enumerate(batch)]
+            for w in works:
+                pipe.submit(w)
+            pipe.step(max_steps=1)
+            pipe.partial()
+            for w in works:
+                pipe.cancel(w.key)
+        if self.realtime_slots:  # streams: a few chunks of one stream, and its finish
+            self.driver = self.asr.stream_driver(slots=self.realtime_slots)
+            stream = self.driver.stream()
+            self.driver.feed({stream: (0.05 * rng.standard_normal(WARMUP_STREAM_SAMPLES)).astype(np.float32)})
+            self.driver.finish([stream])
+        return sum(map(len, clips))
+
+    def _busy(self) -> bool:
+        return any(p.busy for p in self.pipes.values())
+
+    def run(self) -> None:
+        """The engine loop: take new and cancelled jobs, step every busy pipeline, deliver what finished."""
+        while True:
+            with self._cond:
+                while not (self._new or self._gone or self._rt or self._stop or self._busy()):
+                    self._cond.wait()
+                new, gone, self._new, self._gone = self._new, self._gone, [], []
+                rt, self._rt = self._rt, []
+                if self._stop and not new and not self.jobs:
+                    return
+            for job in gone:
+                self._drop(job)
+            for job in new:
+                self._start(job)
+            if rt:
+                self._realtime(rt)
+            for beam, pipe in list(self.pipes.items()):
+                if pipe.busy:
+                    self._step(beam, pipe)
+            with self._cond:
+                self.waiting = sum(p.waiting for p in self.pipes.values()) + sum(len(j.pieces) for j in self._new)
+                self.live = sum(p.live for p in self.pipes.values())
+
+    def _realtime(self, ops: list[tuple]) -> None:
+        """Every session's new audio in one ``feed`` (one step for all streams with a complete chunk), then the
+        commits in one ``finish``; each utterance's Partial or Result goes back through its ``deliver``."""
+        feeds: dict = {}
+        ends: dict[str, list] = {"commit": [], "close": []}
+        for op, item, samples in ops:
+            if op == "open":
+                try:
+                    item.stream = self.driver.stream(item.language, item.context)
+                except (RuntimeError, ValueError) as e:  # every stream slot taken, or a context too long
+                    item.deliver(("failed", item, str(e)))
+            elif item.stream is None:
+                continue  # its stream could not open: already told
+            elif op == "feed":
+                feeds.setdefault(item, []).append(samples)
+            else:
+                ends[op].append(item)
+        closed = set(ends["close"])
+        try:
+            feeds = {item: np.concatenate(parts) for item, parts in feeds.items() if item not in closed}
+            if feeds:
+                partial = self.driver.feed({item.stream: samples for item, samples in feeds.items()})
+                for item in feeds:
+                    item.deliver(("partial", item, partial[item.stream]))
+            commits = [item for item in ends["commit"] if item not in closed]
+            if commits:
+                for item, result in zip(commits, self.driver.finish([item.stream for item in commits])):
+                    item.deliver(("completed", item, result))
+        except Exception as e:  # the engine failed: these utterances end with an error, their slots freed
+            log.exception("streaming failed")
+            for item in {*feeds, *ends["commit"]}:
+                item.deliver(("failed", item, f"streaming failed: {type(e).__name__}: {e}"))
+                closed.add(item)
+        self.driver.close([item.stream for item in closed])
+
+    def _start(self, job: Job) -> None:
+        pipe = self._pipe(job.beam_size)
+        self.jobs[job.id] = (job, set(range(len(job.pieces))))
+        for p, (piece, budget) in enumerate(zip(job.pieces, job.budgets)):
+            pipe.submit(Work((job.id, p), piece.samples, job.language, job.context, budget))
+
+    def _drop(self, job: Job) -> None:
+        if self.jobs.pop(job.id, None) is None:
+            return  # finished before the client went away
+        pipe = self._pipe(job.beam_size)
+        for p in range(len(job.pieces)):
+            pipe.cancel((job.id, p))
+
+    def _step(self, beam: int, pipe: Pipeline) -> None:
+        per_step = self.seconds_per_step or self.step_seconds / 8  # 8 steps until a step has been timed
+        steps = max(1, min(MAX_STEP_TOKENS, int(self.step_seconds / per_step)))
+        try:
+            start, before = time.perf_counter(), pipe.steps
+            finished = pipe.step(steps)
+            if pipe.steps > before:  # the time per step, smoothed (it includes the encoding of new pieces)
+                now = (time.perf_counter() - start) / (pipe.steps - before)
+                self.seconds_per_step = now if not self.seconds_per_step else 0.8 * self.seconds_per_step + 0.2 * now
+            partial = pipe.partial() if any(j.stream and j.beam_size == 1 for j, _ in self.jobs.values()) else []
+        except Exception as e:  # the engine failed (e.g. out of memory): fail this pipeline's jobs, start afresh
+            log.exception("decoding failed")
+            del self.pipes[beam]
+            for job_id, (job, _) in list(self.jobs.items()):
+                if job.beam_size == beam:
+                    del self.jobs[job_id]
+                    job.deliver(Event("failed", message=f"decoding failed: {type(e).__name__}: {e}"))
+            return
+        for work, out in finished:
+            job_id, p = work.key
+            job, left = self.jobs[job_id]
+            left.discard(p)
+            if not left:
+                del self.jobs[job_id]
+            job.deliver(Event("piece", p, output=out))
+        for work, ids, logprobs in partial:
+            job_id, p = work.key
+            if job_id in self.jobs and self.jobs[job_id][0].stream:
+                self.jobs[job_id][0].deliver(Event("tokens", p, tuple(ids), tuple(logprobs)))

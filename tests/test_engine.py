@@ -1,0 +1,121 @@
+"""The engine's place in the house: the only module that applies (and so compiles) the model; one parameter tree
+that describe() reads on one device; results that carry log-probabilities and say when they were cut short."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import qasr_jax
+from qasr_jax import sharding
+from qasr_jax.pipeline import token_budget
+from qasr_jax.transcribe import Transcriber
+from qasr_jax.units import unit_spans
+from tests.conftest import speech, synthetic
+from tests.tokenizer_files import write_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE_DIRS = ("qasr_jax", "convert", "kernels")
+
+
+def _sources():
+    for d in PACKAGE_DIRS:
+        for f in sorted(os.listdir(os.path.join(ROOT, d))):
+            if f.endswith(".py"):
+                path = os.path.join(ROOT, d, f)
+                with open(path, encoding="utf-8") as fh:
+                    yield f"{d}/{f}", ast.parse(fh.read())
+
+
+def test_only_the_engine_applies_the_model():
+    """No package module but the engine calls ``.apply`` (the only way to run a Flax module, jitted or not), and
+    none but the model and the engine names the model's module class, so no other module can build or compile it."""
+    appliers, builders = [], []
+    for name, tree in _sources():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "apply":
+                appliers.append(name)
+            if isinstance(node, ast.Name) and node.id == "Qwen3ASRModule":
+                builders.append(name)
+    assert set(appliers) == {"qasr_jax/engine.py"}, appliers
+    assert set(builders) <= {"qasr_jax/engine.py", "qasr_jax/model.py"}, builders
+
+
+@pytest.fixture(scope="module")
+def asr(checkpoints, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("engine") / "model")
+    shutil.copytree(checkpoints("asr").official, folder)
+    write_tokenizer(folder, "official")
+    return Transcriber.from_pretrained(folder)
+
+
+def test_describe_reads_the_one_device_tree(asr):
+    lines = sharding.describe(asr.model.params)
+    names = [line.split()[0] for line in lines]
+    assert "decoder/layers_1/qkv/kernel" in names and "audio_tower/layers_0/fc1/bias" in names
+    assert len(lines) == len(set(names)) == len(jax.tree_util.tree_leaves(asr.model.params))
+    assert all(line.rstrip().endswith("None") for line in lines)  # not on a mesh: no PartitionSpec
+
+
+def test_results_carry_logprobs_and_say_when_cut_short(asr):
+    wave = speech("hello_en.wav")
+    (cut,) = asr.transcribe(wave, max_new_tokens=6)
+    assert len(cut.token_ids) == len(cut.token_logprobs) == 6 and cut.truncated  # random weights never stop
+    assert all(lp <= 0 for lp in cut.token_logprobs)
+    assert cut.confidence == pytest.approx(np.mean(cut.token_logprobs))
+    d = json.loads(json.dumps(cut.to_dict()))
+    assert d["truncated"] is True and d["token_logprobs"] == pytest.approx(cut.token_logprobs, abs=1e-6)
+    assert d["confidence"] == pytest.approx(cut.confidence, abs=1e-6)
+    # The same piece with a bigger budget: the first six tokens and their log-probabilities are the same.
+    (longer,) = asr.transcribe(wave, max_new_tokens=9)
+    assert longer.token_ids[:6] == cut.token_ids
+    np.testing.assert_allclose(longer.token_logprobs[:6], cut.token_logprobs, rtol=1e-5, atol=1e-6)
+    # A piece that ends with EOS is not truncated: make the first generated token an EOS id.
+    stop = qasr_jax.Transcriber(asr.model, _EosTokenizer(asr.tokenizer, (*asr.tokenizer.eos_ids, cut.token_ids[0])))
+    (ended,) = stop.transcribe(wave, max_new_tokens=6)
+    assert ended.token_ids == [] and not ended.truncated and ended.confidence is None
+
+
+class _EosTokenizer:
+    """A tokenizer whose EOS ids include one more id (everything else delegated)."""
+
+    def __init__(self, tok, eos):
+        self._tok, self.eos_ids = tok, eos
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def test_default_budget_grows_with_duration():
+    assert token_budget(0.0) == 32 and token_budget(10.0) == 132
+    assert token_budget(1200.0) == 12032  # a 20-minute piece of fast speech (~6 tokens/s) fits with room
+
+
+def test_unit_spans_find_words_in_the_transcript():
+    text = " Hello, U.S.A. don't stop 你好"
+    assert unit_spans(text, ["Hello", "USA", "don't", "stop", "你", "好", "gone"]) == [
+        (1, 6), (8, 13), (15, 20), (21, 25), (26, 27), (27, 28), None]
+
+
+def test_words_carry_the_mean_logprob_of_their_tokens(asr):
+    """Each aligned word's logprob is the mean of the log-probabilities of the tokens that spell it."""
+    from qasr_jax.longform import Piece
+    from qasr_jax.transcribe import _Part, word_logprobs
+
+    tok = asr.tokenizer
+    ids = tok.encode("language English") + [tok.asr_text_id] + tok.encode(" Hello world")
+    logprobs = [-0.1 * (i + 1) for i in range(len(ids))]
+    part = _Part(Piece(synthetic(1.0), 0.0), "English", "Hello world", ids, logprobs, False)
+    body = tok.encode(" Hello world")
+    start = len(ids) - len(body)
+    hello = [k for k in range(len(body)) if "Hello" in tok.decode(body[: k + 1]) and "Hello" not in
+             tok.decode(body[:k])]
+    got = word_logprobs(tok, part, ["Hello", "world"])
+    assert got[0] == pytest.approx(np.mean(logprobs[start : start + hello[0] + 1]), abs=1e-6)
+    assert got[1] == pytest.approx(np.mean(logprobs[start + hello[0] + 1 :]), abs=1e-6)

@@ -1,0 +1,423 @@
+"""The server as clients meet it: the real ``qasr-jax serve`` on a loopback port, the official ``openai`` client
+and raw HTTP. Every answer equals ``Transcriber.transcribe`` on the same file; streamed deltas add up to the
+text; 64 clients' 256 requests all come back, each its own; bad requests get OpenAI-shaped 4xx errors and the
+server keeps answering; a client that leaves frees its slot; SIGTERM finishes the request in flight, then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import http.client
+import io
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+import soxr
+import websockets
+
+from qasr_jax import cli
+from qasr_jax.aligner import Aligner
+from qasr_jax.server import command, realtime
+from qasr_jax.transcribe import Transcriber
+from tests.conftest import DATA, synthetic
+from tests.serving import SERVER_KEY, Served, error_of, multipart, post
+from tests.test_docs import readme_blocks
+from tests.test_transcribe import norm, parse_cues
+from tests.tokenizer_files import write_tokenizer
+
+KEY = "test-key-7f3a"
+NEW = 12  # new tokens per piece where a test caps them: random weights never stop on their own
+FILES = ["hello_en.wav", "zh.wav", "long_en.wav"]
+ENDPOINT = "/v1/audio/transcriptions"
+
+
+@pytest.fixture(scope="module")
+def dirs(checkpoints, tmp_path_factory):
+    """The tiny ASR (official layout) and aligner (-hf layout) folders, each with the real tokenizer."""
+    root = tmp_path_factory.mktemp("serve")
+    out = {}
+    for kind, layout in (("asr", "official"), ("aligner", "hf")):
+        folder = str(root / kind)
+        shutil.copytree(getattr(checkpoints(kind), layout), folder)
+        write_tokenizer(folder, layout)
+        out[kind] = folder
+    out["cache"] = str(root / "xla")  # the compilation cache both servers of this module share
+    return out
+
+
+@pytest.fixture(scope="module")
+def asr(dirs):
+    return Transcriber.from_pretrained(dirs["asr"], aligner=Aligner.from_pretrained(dirs["aligner"]))
+
+
+@pytest.fixture(scope="module")
+def server(dirs, tmp_path_factory):
+    served = Served(dirs["asr"], "--aligner", dirs["aligner"], "--max-slots", "16", "--max-upload-mb", "2",
+                    "--max-audio-seconds", "20", "--served-model-name", "qwen3-asr-tiny", key=KEY,
+                    cache=dirs["cache"], log=str(tmp_path_factory.mktemp("log") / "server.log"))
+    yield served
+    assert served.stop() == 0, served.output()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=600)
+
+
+def wav_bytes(wave: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, wave, 16000, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def as_sent(wave: np.ndarray) -> np.ndarray:
+    """The samples the server reads from ``wav_bytes(wave)`` (16-bit PCM)."""
+    return sf.read(io.BytesIO(wav_bytes(wave)), dtype="float32")[0]
+
+
+def test_every_response_format_equals_offline(client, asr):
+    """json, text, srt, vtt and verbose_json (with word times from the aligner) and logprobs, through the openai
+    client, each equal to Transcriber.transcribe of the same file; language (code or name) and prompt honoured."""
+    assert [m.id for m in client.models.list().data] == ["qwen3-asr-tiny"]
+    for name in FILES:
+        path = os.path.join(DATA, name)
+        create = lambda **kw: client.audio.transcriptions.create(  # noqa: E731
+            file=open(path, "rb"), model="qwen3-asr-tiny", extra_body={"max_new_tokens": NEW}, **kw)
+        offline = asr.transcribe(path, max_new_tokens=NEW)[0]
+        r = create(include=["logprobs"])
+        assert r.text == offline.text and r.usage.seconds == pytest.approx(offline.duration)
+        assert [lp.logprob for lp in r.logprobs] == pytest.approx(offline.token_logprobs, abs=1e-6)
+        assert b"".join(bytes(map(int, lp.bytes)) for lp in r.logprobs).decode() == asr.tokenizer.decode(
+            offline.token_ids, skip_special_tokens=False)
+        assert create(response_format="text") == offline.text + "\n"
+        for fmt in ("srt", "vtt"):
+            cues = parse_cues(create(response_format=fmt), fmt)
+            assert [(a, b, norm(t)) for a, b, t in cues] == [(s.start, s.end, norm(s.text)) for s in offline.segments]
+        forced = asr.transcribe(path, language="English", context="Qwen, JAX", max_new_tokens=NEW,
+                                return_timestamps=True)[0]
+        for language in ("en", "English"):
+            v = create(response_format="verbose_json", language=language, prompt="Qwen, JAX",
+                       timestamp_granularities=["word", "segment"])
+            assert (v.text, v.language, v.duration) == (forced.text, "english", round(forced.duration, 3))
+            assert [(s.start, s.end, s.text) for s in v.segments] == [(s.start, s.end, s.text) for s in forced.segments]
+            assert [s.tokens for s in v.segments] == [forced.token_ids]  # one piece: all the tokens
+            assert [(w.word, w.start, w.end) for w in v.words] == [(w.text, w.start, w.end) for w in forced.words]
+            assert v.words  # the aligner ran
+
+
+def test_streamed_deltas_add_up_to_the_text(client, asr):
+    """stream=True: several transcript.text.delta events as tokens are generated, which concatenate to the
+    transcript.text.done text, itself the offline text (forced language: every token is text at once; detected:
+    the text starts after the model's language header, here all of it at the end, the tiny model writing none)."""
+    path = os.path.join(DATA, "long_en.wav")
+    for language, new in (("en", 60), (None, NEW)):
+        extra = {"language": language} if language else {}
+        events = list(client.audio.transcriptions.create(file=open(path, "rb"), model="qwen3-asr-tiny", stream=True,
+                                                         extra_body={"max_new_tokens": new}, **extra))
+        deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+        assert [e.type for e in events[-1:]] == ["transcript.text.done"]
+        offline = asr.transcribe(path, language=language, max_new_tokens=new)[0]
+        assert "".join(deltas) == events[-1].text == offline.text
+        if language:
+            assert len(deltas) >= 4 and all(deltas)
+
+
+def test_warm_up_compiled_what_a_short_request_needs(server, client):
+    """Ready means warmed up: the warm-up compiled programs, and a 1 s request then compiles nothing."""
+    before = server.gauge("qasr_compilations")
+    assert before > 0
+    client.audio.transcriptions.create(file=("one.wav", wav_bytes(synthetic(1.0, 11))), model="qwen3-asr-tiny")
+    assert server.gauge("qasr_compilations") == before
+
+
+def test_64_clients_256_requests_each_get_their_own(server, client, asr):
+    """Load: 64 concurrent clients send 256 requests of 1-20 s audio; every response arrives and equals offline
+    transcription of its own file (text, and token log-probabilities, which tell any two clips apart), and the
+    server counted exactly 256 answered requests: nothing lost or repeated."""
+    rng = np.random.default_rng(5)
+    waves = [as_sent(synthetic(float(s), 100 + i)) for i, s in enumerate(rng.uniform(1.0, 20.0, 256).round(2))]
+    expected = asr.transcribe(waves, max_new_tokens=NEW, batch_size=16)
+    lps = np.array([r.token_logprobs for r in expected])  # (256, NEW): random weights run to the limit
+    apart = np.abs(lps[:, None] - lps[None]).sum(-1) + np.eye(len(waves))
+    assert apart.min() > 5e-4  # no two clips' log-probabilities are alike (served ones match to 12 x 1e-5)
+    before = server.count(ENDPOINT, 200)
+
+    def one(i: int):
+        return i, client.audio.transcriptions.create(file=(f"clip{i}.wav", wav_bytes(waves[i])),
+                                                     model="qwen3-asr-tiny", include=["logprobs"],
+                                                     extra_body={"max_new_tokens": NEW})
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        got = list(pool.map(one, range(256)))
+    assert [i for i, _ in got] == list(range(256))
+    for (i, r), want in zip(got, expected):
+        assert r.text == want.text
+        assert [lp.logprob for lp in r.logprobs] == pytest.approx(want.token_logprobs, abs=1e-5), i
+    assert server.count(ENDPOINT, 200) - before == 256
+    assert server.gauge("qasr_live_slots") == 0 and server.gauge("qasr_queue_depth") == 0
+
+
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client, tmp_path):
+    ok = {"model": "qwen3-asr-tiny"}
+    audio = {"file": ("a.wav", wav_bytes(synthetic(1.0)))}
+    cases = [  # (fields, files, key, status, param)
+        (ok, {"file": ("notes.txt", b"these are words, not audio\n" * 40)}, SERVER_KEY, 400, "file"),
+        (ok, {"file": ("empty.wav", b"")}, SERVER_KEY, 400, "file"),
+        (ok, {"file": ("big.wav", os.urandom(3 * 2**20))}, SERVER_KEY, 413, "file"),
+        (ok, {"file": ("long.wav", wav_bytes(synthetic(21.0)))}, SERVER_KEY, 400, "file"),  # over 20 s
+        (ok, {}, SERVER_KEY, 400, "file"),
+        ({**ok, "response_format": "docx"}, audio, SERVER_KEY, 400, "response_format"),
+        ({**ok, "language": "Klingon"}, audio, SERVER_KEY, 400, "language"),
+        ({**ok, "temperature": "0.7"}, audio, SERVER_KEY, 400, "temperature"),
+        ({**ok, "beam_size": "zero"}, audio, SERVER_KEY, 400, "beam_size"),
+        ({**ok, "stream": "true", "response_format": "srt"}, audio, SERVER_KEY, 400, "stream"),
+        ({"model": "whisper-1"}, audio, SERVER_KEY, 404, "model"),
+        (ok, audio, None, 401, None),
+        (ok, audio, "not-the-key", 401, None),
+    ]
+    for fields, files, key, status, param in cases:
+        code, headers, body = post(server, ENDPOINT, fields, files, key=key)
+        err = error_of(body)
+        assert (code, err["param"]) == (status, param), (fields, files.keys(), key, body)
+        if status == 413:
+            assert "2 MB" in err["message"] and "--max-upload-mb" in err["message"]
+        elif param == "file" and files:
+            assert files["file"][0] in err["message"]  # names the upload
+        assert server.healthy()
+    assert "Klingon" in error_of(post(server, ENDPOINT, {**ok, "language": "Klingon"}, audio)[2])["message"]
+    code, _, body = post(server, "/v1/audio/translations", ok, audio)
+    assert code == 404 and "translat" in error_of(body)["message"]
+    # The openai client raises its own error types from these bodies.
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.audio.transcriptions.create(file=audio["file"], model="qwen3-asr-tiny", temperature=0.5)
+
+
+def _send_request(server, fields: dict, wave: np.ndarray) -> socket.socket:
+    """Send a transcription request on a raw socket and return it unread."""
+    body, ctype = multipart(fields, {"file": ("clip.wav", wav_bytes(wave))})
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    head = (f"POST {ENDPOINT} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n")
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def _wait_for(condition, what: str, limit: float = 300.0) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {limit:.0f} s"
+        time.sleep(0.2)
+
+
+def test_a_client_that_leaves_frees_its_slot(server):
+    """A streamed request dropped after its first delta, and a plain one dropped while it decodes: each is
+    counted as 499 (client closed) and the live-slot count goes back to zero long before their budget is spent."""
+    before = server.count(ENDPOINT, 499)
+    fields = {"model": "qwen3-asr-tiny", "max_new_tokens": "3000", "language": "en"}
+    sock = _send_request(server, {**fields, "stream": "true"}, synthetic(3.0, 3))
+    seen = b""
+    while b"transcript.text.delta" not in seen:
+        seen += sock.recv(4096)
+    sock.close()
+    _wait_for(lambda: server.count(ENDPOINT, 499) == before + 1 and server.gauge("qasr_live_slots") == 0,
+              "the streamed request's slot freed")
+    sock = _send_request(server, fields, synthetic(3.0, 4))
+    _wait_for(lambda: server.gauge("qasr_live_slots") == 1, "the plain request decoding")
+    sock.close()
+    _wait_for(lambda: server.count(ENDPOINT, 499) == before + 2 and server.gauge("qasr_live_slots") == 0,
+              "the plain request's slot freed")
+    assert server.healthy()
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits(dirs, asr, tmp_path):
+    """SIGTERM while a streamed request decodes: new connections are refused, the stream still ends with the
+    full offline text, and the process exits with 0."""
+    served = Served(dirs["asr"], "--max-audio-seconds", "3", "--max-slots", "2", cache=dirs["cache"],
+                    log=str(tmp_path / "server.log"))
+    wave = as_sent(synthetic(2.5, 8))
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=300)
+        body, ctype = multipart({"stream": "true", "language": "en", "max_new_tokens": "1000"},
+                                {"file": ("clip.wav", wav_bytes(wave))})
+        conn.request("POST", ENDPOINT, body=body, headers={"Content-Type": ctype})
+        response = conn.getresponse()
+        first = response.readline()  # the first event is on its way: the request is in flight
+        assert first.startswith(b"data: ")
+        served.proc.send_signal(signal.SIGTERM)
+        _wait_for(lambda: not _accepts(served.port), "the listening socket closed")
+        rest = response.read().decode()
+        events = [json.loads(line[6:]) for line in (first.decode() + rest).splitlines() if line.startswith("data: ")]
+        assert events[-1]["type"] == "transcript.text.done"
+        assert events[-1]["text"] == asr.transcribe(wave, language="en", max_new_tokens=1000)[0].text
+        assert served.proc.wait(timeout=120) == 0
+    finally:
+        served.stop()
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_readme_serving_examples_run(server, asr, tmp_path, monkeypatch, capsys):
+    """The README's Serving section against this server (its address, key and model name swapped in): the serve
+    command parses; the curl command, the openai client and the realtime example give the offline (and the
+    streaming) transcript."""
+    blocks = readme_blocks("bash", serving=True)
+    commands = [part.strip() for block in blocks for line in block.splitlines() for part in line.split("&&")]
+    (serve,) = [c for c in commands if c.startswith("qasr-jax serve")]
+    args = cli.build_parser().parse_args(shlex.split(serve)[1:])
+    assert args.func is command.serve and (args.port, args.api_key) == (8000, "sk-local")
+
+    def swap(text: str) -> str:
+        return (text.replace("http://localhost:8000", server.url).replace("ws://localhost:8000",
+                server.url.replace("http", "ws")).replace("sk-local", KEY)
+                .replace("Qwen/Qwen3-ASR-0.6B", "qwen3-asr-tiny"))
+
+    shutil.copy(os.path.join(DATA, "hello_en.wav"), tmp_path / "speech.wav")
+    monkeypatch.chdir(tmp_path)
+    (curl,) = [c for c in commands if c.startswith("curl ")]
+    out = subprocess.run(shlex.split(swap(curl)), capture_output=True, text=True, check=True).stdout
+    offline = asr.transcribe("speech.wav")[0]
+    assert json.loads(out)["text"] == offline.text and json.loads(out)["duration"] == round(offline.duration, 3)
+    client_block, realtime_block = readme_blocks("python", serving=True)
+    namespace: dict = {}
+    exec(compile(swap(client_block), "README.md", "exec"), namespace)
+    assert namespace["text"] == asr.transcribe("speech.wav", language="en")[0].text + "\n"
+    assert capsys.readouterr().out.splitlines()[-1].startswith("transcript.text.done")
+    exec(compile(swap(realtime_block), "README.md", "exec"), namespace)
+    wave = sf.read("speech.wav", dtype="float32")[0]
+    pcm = (soxr.resample(wave, 16000, 24000) * 32767).astype("<i2").tobytes()
+    stream = asr.stream(language="en")
+    stream.feed(realtime.Pcm16Resampler().push(pcm, last=True))
+    assert namespace["transcript"] == stream.finish().text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Realtime
+
+
+def client_pcm24(wave16: np.ndarray) -> bytes:
+    """What a realtime client captures for ``wave16``: 24 kHz little-endian pcm16."""
+    up = soxr.resample(wave16, 16000, realtime.INPUT_RATE, quality="HQ")
+    return (np.clip(up, -1, 32767 / 32768) * 32768).astype("<i2").tobytes()
+
+
+async def _utterance(ws, pcm: bytes, piece_ms: int = 100) -> list[dict]:
+    """Stream ``pcm`` in ``piece_ms`` pieces, commit, and return the events up to the item's ``completed``."""
+    step = realtime.INPUT_RATE * 2 * piece_ms // 1000
+    for i in range(0, len(pcm), step):
+        await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                  "audio": base64.b64encode(pcm[i:i + step]).decode()}))
+    await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+    events = []
+    while not events or events[-1]["type"] != "conversation.item.input_audio_transcription.completed":
+        events.append(json.loads(await asyncio.wait_for(ws.recv(), 600)))
+    return events
+
+
+async def _session(server, language=None):
+    ws = await websockets.connect(server.url.replace("http", "ws") + "/v1/realtime?intent=transcription",
+                                  additional_headers={"Authorization": f"Bearer {KEY}"}, max_size=None)
+    assert json.loads(await ws.recv())["type"] == "transcription_session.created"
+    if language:
+        await ws.send(json.dumps({"type": "transcription_session.update", "session": {
+            "input_audio_format": "pcm16", "input_audio_transcription": {"model": "qwen3-asr-tiny",
+                                                                        "language": language}}}))
+        updated = json.loads(await ws.recv())
+        assert updated["type"] == "transcription_session.updated"
+        assert updated["session"]["input_audio_transcription"]["language"] == "English"
+    return ws
+
+
+def test_realtime_sessions_end_with_the_text_of_asr_stream(server, asr):
+    """Two sessions at once, each streaming a file in 100 ms pieces of 24 kHz pcm16: each ends with the text
+    asr.stream gives for the same audio (as the server resampled it), after deltas as the text grew."""
+    waves = [sf.read(os.path.join(DATA, f), dtype="float32")[0] for f in ("long_en.wav", "zh.wav")]
+    pcms = [client_pcm24(w) for w in waves]
+    heard = [realtime.Pcm16Resampler().push(p, last=True) for p in pcms]
+    expected = []
+    for language, audio in zip(("en", None), heard):
+        s = asr.stream(language=language)
+        s.feed(audio)
+        expected.append(s.finish().text)
+
+    async def run():
+        sessions = [await _session(server, "en"), await _session(server)]
+        try:
+            return await asyncio.gather(*(_utterance(ws, p) for ws, p in zip(sessions, pcms)))
+        finally:
+            for ws in sessions:
+                await ws.close()
+
+    for events, want in zip(asyncio.run(run()), expected):
+        assert events[0]["type"] == "input_audio_buffer.committed"
+        item = events[0]["item_id"]
+        assert all(e["item_id"] == item for e in events)
+        assert events[-1]["transcript"] == want
+        assert any(e["type"].endswith(".delta") for e in events)  # the text as it grew, before the commit's end
+
+
+def test_malformed_realtime_events_get_error_events(server, asr):
+    """Each malformed event gets an OpenAI-shaped error event and the session goes on to transcribe; a wrong
+    key or a missing intent is refused with an error event and a close."""
+    bad = [
+        ("not json at all", "invalid_json"),
+        (json.dumps({"type": 5}), "invalid_event"),
+        (json.dumps({"type": "response.create"}), "unknown_event"),
+        (json.dumps({"type": "input_audio_buffer.append", "audio": "***"}), "invalid_audio"),
+        (json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"abc").decode()}),
+         "invalid_audio"),
+        (json.dumps({"type": "input_audio_buffer.commit"}), "input_audio_buffer_commit_empty"),
+        (json.dumps({"type": "transcription_session.update",
+                     "session": {"input_audio_transcription": {"language": "Klingon"}}}), "unsupported_language"),
+        (json.dumps({"type": "transcription_session.update", "session": {"input_audio_format": "g711_ulaw"}}),
+         "unsupported_audio_format"),
+    ]
+    wave = sf.read(os.path.join(DATA, "hello_en.wav"), dtype="float32")[0]
+
+    async def run():
+        ws = await _session(server)
+        codes = []
+        for raw, _ in bad:
+            await ws.send(raw)
+            event = json.loads(await ws.recv())
+            assert event["type"] == "error" and set(event["error"]) >= {"type", "code", "message", "param"}
+            codes.append(event["error"]["code"])
+        events = await _utterance(ws, client_pcm24(wave))
+        await ws.close()
+        refused = []
+        for path, headers in (("/v1/realtime?intent=transcription", {"Authorization": "Bearer wrong"}),
+                              ("/v1/realtime", {"Authorization": f"Bearer {KEY}"})):
+            async with websockets.connect(server.url.replace("http", "ws") + path,
+                                          additional_headers=headers) as ws:
+                refused.append(json.loads(await ws.recv())["error"]["code"])
+                with pytest.raises(websockets.ConnectionClosed):
+                    await ws.recv()
+                assert ws.close_code == 1008
+        return codes, events, refused
+
+    codes, events, refused = asyncio.run(run())
+    assert codes == [code for _, code in bad]
+    s = asr.stream()
+    s.feed(realtime.Pcm16Resampler().push(client_pcm24(wave), last=True))
+    assert events[-1]["transcript"] == s.finish().text
+    assert refused == ["invalid_api_key", "unsupported_intent"]
+    assert server.healthy()
