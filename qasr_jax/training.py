@@ -184,21 +184,6 @@ def merge_lora(params: Mapping, adapters: Mapping, rank: int, alpha: float) -> d
     return merge(params, adapters)
 
 
-def init_params(cfg, seed: int = 0, embedding_std: float = 0.02) -> dict:
-    """Random float32 weights for ``cfg`` to train a model from scratch: Flax's initializers, and the token embedding
-    drawn at ``embedding_std`` (transformers' 0.02). With a tied head over 151936 ids a wider draw makes every
-    unused id a near-miss of every hidden state, and the loss stalls for thousands of steps on pushing them down."""
-    module = Qwen3ASRModule(cfg)
-    frames = cfg.audio.chunk_frames
-    ids = jnp.full((1, cfg.audio.tokens_per_chunk), cfg.audio_token_id, jnp.int32)
-    feats = jnp.zeros((1, cfg.audio.num_mel_bins, frames), jnp.float32)
-    key, embed_key = jax.random.split(jax.random.PRNGKey(seed))
-    params = jax.device_get(jax.jit(lambda k: module.init(k, ids, feats, jnp.array([frames]))["params"])(key))
-    shape = params["decoder"]["embed"]["embedding"].shape
-    params["decoder"]["embed"]["embedding"] = np.asarray(embedding_std * jax.random.normal(embed_key, shape))
-    return params
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The loss
 
