@@ -262,7 +262,8 @@ def test_step_on_mesh_equals_one_device(folder, tmp_path):
                 assert r["grad_max"][name] <= 1e-6 * max(r["grad_max"].values()), name
             else:
                 assert err <= 1e-5, (kind, name, err)
-        assert max(r["update_rel"].values()) <= 1e-5, kind
+        # The key biases' gradients are noise, so AdamW's first step (~lr * sign) may point either way for them.
+        assert max(v for name, v in r["update_rel"].items() if "/k/bias" not in name) <= 1e-5, kind
         assert r["specs"] == r["mu_specs"], kind  # AdamW's moments live where their parameters do
     specs = report["full"]["specs"]
     assert specs["decoder/embed/embedding"] == "P('model', 'data')"

@@ -58,7 +58,8 @@ def run(model, config: TrainConfig, b) -> dict:
     grads = {param_path(p): np.asarray(x) for p, x in
              jax.tree_util.tree_flatten_with_path(state.opt_state[1][0].mu)[0]}
     return {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]), "grads": grads,
-            "update": {k: after[k] - before[k] for k in before}, "specs": specs, "mu_specs": mu_specs}
+            "after": after, "update": {k: after[k] - before[k] for k in before}, "specs": specs,
+            "mu_specs": mu_specs}
 
 
 def rel(got: np.ndarray, want: np.ndarray) -> float:
@@ -70,13 +71,15 @@ def rel(got: np.ndarray, want: np.ndarray) -> float:
 
 def clear_update_rel(single: dict, mesh: dict, name: str) -> float:
     """The update difference relative to the largest update, over elements whose gradient is at least 1e-3 of the
-    leaf's largest: AdamW's first step is ~lr * sign(gradient), so where a gradient is float32 rounding noise
-    (0 in exact arithmetic) the two runs may step in opposite directions."""
+    leaf's largest (AdamW's first step is ~lr * sign(gradient), so where a gradient is float32 rounding noise the
+    two runs may step in opposite directions), less one float32 spacing of the new weight: each run rounds
+    weight + update to float32 on its own, so updates that differ by 1e-7 may land one weight ulp apart."""
     grad, want, got = single["grads"][name], single["update"][name], mesh["update"][name]
     clear = np.abs(grad) >= 1e-3 * np.abs(grad).max()
     if not clear.any() or not np.abs(want).max():
         return 0.0
-    return float(np.abs(got - want)[clear].max() / np.abs(want).max())
+    rounding = np.spacing(np.maximum(np.abs(single["after"][name]), np.abs(mesh["after"][name])))
+    return float(np.maximum(np.abs(got - want) - rounding, 0.0)[clear].max() / np.abs(want).max())
 
 
 def compare(single: dict, mesh: dict) -> dict:
