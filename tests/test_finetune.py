@@ -238,7 +238,7 @@ def finetune_args(model: str, output: str, *extra: str) -> list[str]:
 
 def test_killed_run_resumes_bit_for_bit(tiny, tmp_path):
     """A run killed (SIGKILL) after a few checkpoints, resumed with --resume, ends with exactly the weights of an
-    uninterrupted run, having read the same rows at every step (8 rows, 4 a step: 3 epochs, each reshuffled)."""
+    uninterrupted run, having read the same rows at every step (8 rows, 4 a step: 6 epochs, each reshuffled)."""
     whole = tmp_path / "whole"
     assert main(finetune_args(tiny, str(whole))) == 0
     killed = tmp_path / "killed"
