@@ -14,6 +14,7 @@ EOS_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 PAD_ID = 151643  # <|endoftext|>: fills token positions at and past each row's length
 
 PROMPT_STEP = 32  # prompt widths round up to this
+TARGET_STEP = 16  # training batches: target positions per row round up to this
 OUTPUT_STEP = 64  # output buffers (new tokens) round up to this
 BUCKETS_PER_OCTAVE = 8  # aligner token and slot counts: at most 1/8 more than needed
 
@@ -56,6 +57,11 @@ def length_bucket(n: int) -> int:
 def prompt_width(n: int) -> int:
     """Padded width of a prompt batch whose longest prompt has n tokens."""
     return round_up(n, PROMPT_STEP)
+
+
+def target_width(n: int) -> int:
+    """Padded count of target positions per row of a training batch whose longest target has n tokens."""
+    return round_up(n, TARGET_STEP)
 
 
 def output_buffer(max_new_tokens: int) -> int:

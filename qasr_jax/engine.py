@@ -51,12 +51,14 @@ class Engine:
     one-call generation, and the slot programs (insert, advance, release) of continuous batching."""
 
     def __init__(self, config, params, dtype: str = "float32", attention_impl: str = "auto",
-                 interpret: bool = False, layout=None, remat: bool = False):
+                 interpret: bool = False, layout=None, remat: bool = False, module_transform=None):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.layout = layout
         self.params = params
         self.module = Qwen3ASRModule(config, self.dtype, attention_impl, interpret, layout, remat)
+        if module_transform is not None:  # e.g. qwix's LoRA (qasr_jax.training): the programs run the wrapped module
+            self.module = module_transform(self.module)
         vocab = config.num_labels if config.is_aligner else config.text.vocab_size
         mod, text, dt = self.module, config.text, self.dtype
         # The programs below close over these locals only, never over self: no reference cycle keeps a dropped

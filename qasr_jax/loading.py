@@ -44,11 +44,13 @@ class Model:
     """
 
     def __init__(self, config: ModelConfig, params, dtype: str = "float32", attention_impl: str = "auto",
-                 interpret: bool = False, mesh=None, sharding=None, quantize: str | None = None):
+                 interpret: bool = False, mesh=None, sharding=None, quantize: str | None = None,
+                 source: str | None = None):
         _check_dtype(dtype)
         self.config = config
         self.dtype = dtype
         self.quantize = quantize
+        self.source = source  # the folder it was loaded from (its tokenizer lives there), or None
         layout = _layout(mesh, sharding)
         if quantize is not None and layout is not None:
             raise ValueError("quantize= runs on one device; drop mesh= or quantize=")
@@ -177,7 +179,8 @@ def load(path: str | os.PathLike, dtype: str = "float32", attention_impl: str = 
 
         cfg = load_config(path)
         params = load_hf_params(path, cfg, dtype, place=_placer(layout, cfg, dtype))
-    return Model(cfg, params, dtype=dtype, attention_impl=attention_impl, mesh=layout, quantize=quantize)
+    return Model(cfg, params, dtype=dtype, attention_impl=attention_impl, mesh=layout, quantize=quantize,
+                 source=path)
 
 
 def _placer(layout, cfg: ModelConfig, dtype: str):

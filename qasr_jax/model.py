@@ -178,6 +178,14 @@ class ConvParams(nn.Module):
 CONV_GROUP = 50  # chunks convolved per step: 50 s of audio keeps the 480-channel activations near 300 MB
 
 
+def _stack(x: jax.Array, convs, dt) -> jax.Array:
+    for kernel, bias in convs:
+        x = jax.lax.conv_general_dilated(x.astype(dt), kernel, (2, 2), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x = gelu(x + bias)
+    return x
+
+
 def _conv_stack(x: jax.Array, convs, dt, group: int = CONV_GROUP) -> jax.Array:
     """Three stride-2 3x3 convs + GELU over (chunks, mels, frames, 1) chunks, ``group`` chunks at a time.
 
@@ -185,21 +193,24 @@ def _conv_stack(x: jax.Array, convs, dt, group: int = CONV_GROUP) -> jax.Array:
     needed 8.8 GB of XLA temp memory for the conv stack alone. Chunks are independent, so groups give the same
     numbers; the last group is padded with zero chunks, cut off again after.
     """
+    if x.shape[0] <= group:
+        return _stack(x, convs, dt)
+    return _grouped_stack(x, convs, dt, group)
 
-    def stack(x):
-        for kernel, bias in convs:
-            x = jax.lax.conv_general_dilated(x.astype(dt), kernel, (2, 2), ((1, 1), (1, 1)),
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            x = gelu(x + bias)
-        return x
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _grouped_stack(x: jax.Array, convs, dt, group: int) -> jax.Array:
     chunks = x.shape[0]
-    if chunks <= group:
-        return stack(x)
     groups = -(-chunks // group)
     x = jnp.pad(x, ((0, groups * group - chunks),) + ((0, 0),) * 3)
-    y = jax.lax.map(stack, x.reshape(groups, group, *x.shape[1:]))
+    y = jax.lax.map(lambda xg: _stack(xg, convs, dt), x.reshape(groups, group, *x.shape[1:]))
     return y.reshape(groups * group, *y.shape[2:])[:chunks]
+
+
+# The backward takes all chunks at once (training memory): XLA:CPU leaves kernel-gradient convolutions inside a
+# loop body in a non-canonical layout and runs them ~40x slower (64 chunks: 6.6 s instead of 0.17 s).
+_grouped_stack.defvjp(lambda x, convs, dt, group: (_grouped_stack(x, convs, dt, group), (x, convs)),
+                      lambda dt, group, res, dy: jax.vjp(lambda x, c: _stack(x, c, dt), *res)[1](dy))
 
 
 def _token_count(n_frames: jax.Array, cfg: AudioConfig) -> jax.Array:

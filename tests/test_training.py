@@ -1,0 +1,271 @@
+"""Fine-tuning against the reference: the loss and every gradient equal transformers' native model (labels masked by
+position within each row, built here from transformers' own tokenizer), the left-padding trap, one step on an
+8-device mesh equal to one device, LoRA through qwix, frozen parts, and the grouped conv stack's gradient.
+
+Runs, resume and export are in tests/test_finetune.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+from transformers.models.qwen3_asr import Qwen3ASRFeatureExtractor
+
+import qasr_jax
+from qasr_jax.config import audio_token_count
+from qasr_jax.data import examples_from_records, step_batch
+from qasr_jax.model import _conv_stack
+from qasr_jax.prompts import build_prompt_ids
+from qasr_jax.training import TrainConfig, Trainer, loss_and_grads, merge_trees
+from tests.conftest import speech, synthetic
+from tests.tokenizer_files import write_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-4
+# The encoder's key biases shift every score of a query by the same amount, which softmax ignores: their exact
+# gradient is zero, and both sides return float32 rounding noise (~1e-8 of the other gradients) for them.
+ZERO_GRADIENT = ("self_attn.k_proj.bias",)
+
+TEXTS = ["Hello world.", "The quick brown fox jumps over the lazy dog.", "Qwen.", "Speech recognition in JAX."]
+PROMPTS = ["", "fox, dog", "A much longer context: names like Qwen, JAX and Flax, and some terms.", "JAX"]
+
+
+@pytest.fixture(scope="module")
+def folder(checkpoints, tmp_path_factory):
+    """The tiny random ASR checkpoint (-hf layout) with the real tokenizer."""
+    path = str(tmp_path_factory.mktemp("train") / "ckpt")
+    shutil.copytree(checkpoints("asr").hf, path)
+    write_tokenizer(path, "official")
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    return qasr_jax.load(folder)
+
+
+def rows(case: str) -> list[dict]:
+    """Batches of four rows: the same clip (only the targets' lengths differ: right padding) or mixed audio
+    lengths, with or without prompts of different lengths."""
+    if case.startswith("same-audio"):
+        waves = [speech("hello_en.wav")] * 4
+    else:
+        waves = [speech("hello_en.wav"), synthetic(2.7, 1), synthetic(0.7, 2), speech("zh.wav")]
+    prompts = PROMPTS if case.endswith("prompts") else [""] * 4
+    return [{"audio": w, "text": f"language English<asr_text>{t}", "prompt": p}
+            for w, t, p in zip(waves, TEXTS, prompts)]
+
+
+def reference(ck, folder: str, batch: list[dict]) -> tuple[float, dict[str, np.ndarray]]:
+    """transformers' loss and gradients: each row is the chat prompt then the target tokenized by transformers'
+    own tokenizer with <|im_end|>; labels are -100 except at the target tokens, right-padded batch."""
+    tok = AutoTokenizer.from_pretrained(folder)
+    fe = Qwen3ASRFeatureExtractor()
+    alone = [fe([r["audio"]], sampling_rate=16000, padding="longest", return_tensors="pt",
+                return_attention_mask=True) for r in batch]  # each clip as if alone
+    frames = max(a["input_features"].shape[2] for a in alone)
+    feats = torch.zeros(len(batch), 128, frames)
+    feat_mask = torch.zeros(len(batch), frames, dtype=torch.long)
+    ids, labels = [], []
+    for i, (r, a) in enumerate(zip(batch, alone)):
+        n = a["input_features"].shape[2]
+        feats[i, :, :n], feat_mask[i, :n] = a["input_features"][0], a["attention_mask"][0]
+        from qasr_jax.tokenizer import Tokenizer
+
+        prefix = build_prompt_ids(Tokenizer.from_dir(folder), audio_token_count(int(a["attention_mask"].sum()),
+                                                                                 ck.cfg.audio), r["prompt"])
+        target = tok(r["text"] + "<|im_end|>", add_special_tokens=False).input_ids
+        ids.append(prefix + target)
+        labels.append([-100] * len(prefix) + target)
+    width = max(map(len, ids))
+    pad = lambda x, v: x + [v] * (width - len(x))  # noqa: E731
+    input_ids = torch.tensor([pad(x, 151643) for x in ids])
+    mask = torch.tensor([pad([1] * len(x), 0) for x in ids])
+    model = ck.torch_model
+    model.zero_grad()
+    out = model(input_ids=input_ids, attention_mask=mask, input_features=feats, input_features_mask=feat_mask,
+                labels=torch.tensor([pad(x, -100) for x in labels]))
+    out.loss.backward()
+    grads = {name: p.grad.detach().numpy().copy() for name, p in model.named_parameters()}
+    model.zero_grad()
+    return float(out.loss), grads
+
+
+def assert_grads_close(ours: dict, ref: dict, tol: float) -> None:
+    assert set(ours) == set(ref)
+    overall = max(np.abs(g).max() for g in ref.values())
+    for name, want in ref.items():
+        got = ours[name]
+        assert got.shape == want.shape, name
+        if name.endswith(ZERO_GRADIENT):
+            assert np.abs(got).max() <= 1e-6 * overall and np.abs(want).max() <= 1e-6 * overall, name
+            continue
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err <= tol, (name, err)
+
+
+@pytest.mark.parametrize("case", ["same-audio", "same-audio-prompts", "mixed", "mixed-prompts"])
+def test_loss_and_grads_match_reference(checkpoints, folder, model, case):
+    """Loss and all 69 gradient tensors (checkpoint names and shapes) equal transformers' within 1e-4."""
+    batch = rows(case)
+    ref_loss, ref_grads = reference(checkpoints("asr"), folder, batch)
+    loss, grads = loss_and_grads(model, batch)
+    assert abs(loss - ref_loss) / abs(ref_loss) <= TOL
+    assert_grads_close(grads, ref_grads, TOL)
+
+
+def test_left_padding_trap(folder, model):
+    """Long and short prompts in one batch: its loss (and gradient) is the token-weighted mean of its rows' own,
+    so no row's labels moved with another's padding."""
+    tok = AutoTokenizer.from_pretrained(folder)
+    batch = rows("mixed-prompts")
+    loss, grads = loss_and_grads(model, batch)
+    counts, losses, row_grads = [], [], []
+    for r in batch:
+        counts.append(len(tok(r["text"] + "<|im_end|>", add_special_tokens=False).input_ids))
+        one_loss, one_grads = loss_and_grads(model, [r])
+        losses.append(one_loss)
+        row_grads.append(one_grads)
+    weights = np.array(counts, np.float64) / sum(counts)
+    assert abs(loss - float(np.dot(weights, losses))) <= 1e-6 * abs(loss)
+    mixed = {name: sum(w * g[name].astype(np.float64) for w, g in zip(weights, row_grads)) for name in grads}
+    assert_grads_close(grads, mixed, 1e-5)
+
+
+def test_loss_and_grads_needs_asr_text(model):
+    with pytest.raises(ValueError, match=r"batch row 1: 'text' must hold exactly one <asr_text>"):
+        loss_and_grads(model, [{"audio": synthetic(1.0), "text": "language English<asr_text>ok"},
+                               {"audio": synthetic(1.0), "text": "no tag here"}])
+
+
+def test_grouped_conv_stack_gradient_equals_one_pass(model):
+    """The conv stack runs long inputs a group of chunks at a time; its custom gradient equals the one-pass one."""
+    params = model.params["audio_tower"]
+    convs = [(params[f"conv2d{i}"]["kernel"], params[f"conv2d{i}"]["bias"]) for i in (1, 2, 3)]
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((7, 128, 100, 1)), jnp.float32)
+    cot = jnp.asarray(np.random.default_rng(1).standard_normal(np.shape(_conv_stack(x, convs, jnp.float32))))
+
+    def grads(group):
+        f = lambda x, convs: jnp.sum(_conv_stack(x, convs, jnp.float32, group=group) * cot)  # noqa: E731
+        return jax.grad(f, argnums=(0, 1))(x, convs)
+
+    whole, grouped = grads(7), grads(3)
+    for a, b in zip(jax.tree_util.tree_leaves(grouped), jax.tree_util.tree_leaves(whole)):
+        assert np.abs(np.asarray(a) - b).max() <= 1e-5 * np.abs(b).max()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Steps: LoRA, freezing
+
+
+def one_step_batch(folder, model):
+    from qasr_jax.tokenizer import Tokenizer
+
+    return step_batch(examples_from_records(rows("mixed-prompts")), Tokenizer.from_dir(folder), model.config, 4, 1)
+
+
+def test_lora_starts_as_base_and_merges_exactly(folder, model):
+    """Adapters start with B = 0 (the first step's loss is the base model's); after training, folding them into
+    the weights (the export path) gives the adapted model's logits."""
+    batch = one_step_batch(folder, model)
+    base_loss, _ = loss_and_grads(model, rows("mixed-prompts"))
+    config = TrainConfig(lr=1e-2, warmup_ratio=0.0, steps=10, dtype="float32", lora_rank=4,
+                         lora_targets=("decoder", "encoder"))
+    trainer = Trainer(model, config)
+    state = trainer.init_state()
+    for i in range(3):
+        state, metrics = trainer.step(state, batch)
+        if i == 0:
+            assert abs(float(metrics["loss"]) - base_loss) <= 1e-5 * base_loss
+    assert float(metrics["loss"]) < base_loss
+    adapters = jax.tree_util.tree_leaves(state.params)
+    assert adapters and all(np.isfinite(np.asarray(a)).all() for a in adapters)
+    names = [k for k, _ in _flat(state.params)]
+    assert any(n.startswith("audio_tower/layers_0/q/") for n in names)
+    assert any(n.startswith("decoder/layers_1/gate_up/") for n in names)
+    arrays = trainer.put_batch(batch)[0]
+    forward = jax.jit(lambda p: trainer.engine.forward(p, arrays["ids"], arrays["feats"], arrays["n_frames"],
+                                                       arrays["token_mask"], arrays["positions"]))
+    adapted = np.asarray(forward(merge_trees(state.params, model.params)))
+    merged = np.asarray(jax.jit(lambda p: model.engine.forward(
+        p, arrays["ids"], arrays["feats"], arrays["n_frames"], arrays["token_mask"], arrays["positions"]))(
+        trainer.params(state)))
+    base = np.asarray(jax.jit(lambda p: model.engine.forward(
+        p, arrays["ids"], arrays["feats"], arrays["n_frames"], arrays["token_mask"], arrays["positions"]))(
+        model.params))
+    assert np.abs(adapted - base).max() > 1e-2 * np.abs(base).max()  # the adapters changed the model
+    assert np.abs(merged - adapted).max() <= 1e-5 * np.abs(adapted).max()
+
+
+def _flat(tree):
+    from qasr_jax.sharding import param_path
+
+    return [(param_path(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+@pytest.mark.parametrize("freeze", [("encoder",), ("decoder", "projector")])
+def test_frozen_parts_stay_fixed(folder, freeze):
+    """Frozen parameters come out bit for bit as loaded, the rest moves; gradient accumulation over two
+    micro-batches, remat and bf16 compute on the way. The trained weights move into the state (donated)."""
+    from qasr_jax.tokenizer import Tokenizer
+
+    model = qasr_jax.load(folder)  # its trained weights are donated to the state: not the shared fixture
+    loaded = {name: np.array(x) for name, x in _flat(model.params)}  # copies: a view would pin the buffers
+    batch = step_batch(examples_from_records(rows("mixed")), Tokenizer.from_dir(folder), model.config, 2, 2)
+    trainer = Trainer(model, TrainConfig(lr=1e-3, steps=4, freeze=freeze, grad_accum=2, batch_size=2,
+                                         remat=True, dtype="bfloat16"))
+    state = trainer.init_state()
+    for _ in range(2):
+        state, metrics = trainer.step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    prefixes = {"encoder": "audio_tower", "projector": "projector", "decoder": "decoder"}
+    frozen = tuple(prefixes[f] for f in freeze)
+    after = dict(_flat(trainer.params(state)))
+    for name, before in loaded.items():
+        assert np.array_equal(np.asarray(after[name]), before) == name.startswith(frozen), name
+    trained = [x for name, x in _flat(model.params) if not name.startswith(frozen)]
+    assert trained and all(x.is_deleted() for x in trained)
+    with pytest.raises(ValueError, match="already called"):
+        trainer.init_state()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8 forced CPU devices (subprocess)
+
+
+def test_step_on_mesh_equals_one_device(folder, tmp_path):
+    """One step (2 micro-batches of 4 rows) on data=4 x model=2 with FSDP equals one device: loss, gradient norm and
+    every gradient within 1e-5, the optimizer's updates too; parameters and AdamW moments are sharded alike.
+    The same for LoRA (adapters replicated)."""
+    out = tmp_path / "report.json"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "train_multidevice_check.py"), folder,
+                           str(out)], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["devices"] == 8
+    for kind in ("full", "lora"):
+        r = report[kind]
+        assert r["loss_rel"] <= 1e-5 and r["grad_norm_rel"] <= 1e-5, kind
+        for name, err in r["grad_rel"].items():
+            if "/k/bias" in name:  # exactly zero in exact arithmetic (see ZERO_GRADIENT)
+                assert r["grad_max"][name] <= 1e-6 * max(r["grad_max"].values()), name
+            else:
+                assert err <= 1e-5, (kind, name, err)
+        # The key biases' gradients are noise, so AdamW's first step (~lr * sign) may point either way for them.
+        assert max(v for name, v in r["update_rel"].items() if "/k/bias" not in name) <= 1e-5, kind
+        assert r["specs"] == r["mu_specs"], kind  # AdamW's moments live where their parameters do
+    specs = report["full"]["specs"]
+    assert specs["decoder/embed/embedding"] == "P('model', 'data')"
+    assert specs["decoder/layers_0/gate_up/kernel"] == "P('data', None, 'model')"
+    assert all(s == "P()" for s in report["lora"]["specs"].values())
