@@ -17,7 +17,6 @@ slots to 8 steps per power of two), so new lengths inside a bucket compile nothi
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 from collections.abc import Sequence

@@ -15,7 +15,8 @@ from qasr_jax.aligner import DEFAULT_MODEL as DEFAULT_ALIGNER
 from qasr_jax.aligner import MAX_SECONDS as ALIGN_MAX_SECONDS
 from qasr_jax.aligner import Aligner
 from qasr_jax.loading import DTYPES
-from qasr_jax.quant import QUANTIZE_MODES
+from qasr_jax.cli_options import (add_hotword_flags, add_quantize_flag, hotword_problems, mesh_arg,
+                                  read_hotwords)
 from qasr_jax.server.command import add_command as add_serve
 
 FORMATS = tuple(formats.FORMATS)
@@ -101,15 +102,6 @@ def expand_inputs(args: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _mesh_arg(spec: str | None):
-    """--mesh, or all local devices on the data axis when there are several (None: one device, no mesh)."""
-    if spec is not None:
-        return spec
-    import jax
-
-    return "data=-1" if jax.local_device_count() > 1 else None
-
-
 def check_transcribe_args(args: argparse.Namespace) -> None:
     """Raise a ValueError naming every bad ``transcribe`` flag (by its flag name) before anything is loaded."""
     problems = []
@@ -177,40 +169,7 @@ def report_result(result, args: argparse.Namespace) -> bool:
     return result.error is not None
 
 
-def add_hotword_flags(parser: argparse.ArgumentParser) -> None:
-    """--hotwords, --hotwords-file and --hotword-boost (read with ``read_hotwords``)."""
-    parser.add_argument("--hotwords", default=None, help="comma-separated words and names to bias the search "
-                        'towards (e.g. "Qwen,Pallas,JAX"); they are also added to the context')
-    parser.add_argument("--hotwords-file", default=None, help="a UTF-8 file of hotwords, one per line (# comments)")
-    parser.add_argument("--hotword-boost", type=float, default=None,
-                        help="bonus per matched hotword token, in log-probability units (default 2.0)")
 
-
-def hotword_problems(args: argparse.Namespace) -> list[str]:
-    """What is wrong with the hotword flags (see ``add_hotword_flags``)."""
-    if args.hotword_boost is not None and not (math.isfinite(args.hotword_boost) and args.hotword_boost >= 0):
-        return [f"--hotword-boost must be a non-negative number, got {args.hotword_boost:g}"]
-    return []
-
-
-def add_quantize_flag(parser: argparse.ArgumentParser) -> None:
-    """--quantize: int8 decoder weights (``qasr_jax.quant``)."""
-    parser.add_argument("--quantize", default=None, choices=QUANTIZE_MODES,
-                        help="int8: the decoder's weights and LM head as int8 (a quarter of float32's bytes, a "
-                             "faster decode step on CPU; one device only; see the README's Precision section)")
-
-
-def read_hotwords(inline: str | None, path: str | None) -> list[str]:
-    """Hotwords from --hotwords "a,b" and --hotwords-file (one a line, # comments), in order, without repeats."""
-    words = [w.strip() for w in (inline or "").split(",")]
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                words += [line.split("#", 1)[0].strip() for line in f]
-        except OSError as e:
-            raise ValueError(f"--hotwords-file {path}: cannot read it ({e.strerror}); pass a UTF-8 text file with "
-                             "one hotword per line") from None
-    return list(dict.fromkeys(w for w in words if w))
 
 
 def _transcribe(args: argparse.Namespace) -> int:
@@ -245,7 +204,7 @@ def _transcribe(args: argparse.Namespace) -> int:
     if not files:  # everything done already, or more processes than inputs
         return 0
     asr = Transcriber.from_pretrained(args.model, dtype=args.dtype, aligner=args.aligner,
-                                      mesh=_mesh_arg(args.mesh), sharding=args.sharding, quantize=args.quantize)
+                                      mesh=mesh_arg(args.mesh), sharding=args.sharding, quantize=args.quantize)
     limit = asr.model.config.text.max_position_embeddings // 2  # the KV cache's room, as Transcriber checks it
     if args.max_new_tokens is not None and args.max_new_tokens > limit:
         raise ValueError(f"--max-new-tokens must be at most {limit} for this model (its KV cache), got "

@@ -38,7 +38,7 @@ def add_command(sub) -> None:
                     help="commit the text at the first pause after this much audio (default 20)")
     st.add_argument("--realtime", action="store_true", help="feed a file no faster than it plays")
     st.add_argument("--dtype", default="float32", choices=DTYPES)
-    from qasr_jax.cli import add_hotword_flags, add_quantize_flag
+    from qasr_jax.cli_options import add_hotword_flags, add_quantize_flag
 
     add_quantize_flag(st)
     add_hotword_flags(st)
@@ -56,7 +56,7 @@ def check_args(args: argparse.Namespace) -> None:
                                ("--max-new-tokens", args.max_new_tokens, 1)):
         if value < least:
             problems.append(f"{flag} must be >= {least}, got {value}")
-    from qasr_jax.cli import hotword_problems
+    from qasr_jax.cli_options import hotword_problems
 
     problems += hotword_problems(args)
     if args.realtime and args.source == "-":
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     from qasr_jax.transcribe import Transcriber
 
     from qasr_jax import hotwords as hw
-    from qasr_jax.cli import read_hotwords
+    from qasr_jax.cli_options import read_hotwords
 
     words = read_hotwords(args.hotwords, args.hotwords_file)
     boost = hw.DEFAULT_BOOST if args.hotword_boost is None else args.hotword_boost

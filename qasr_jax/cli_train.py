@@ -21,9 +21,9 @@ def _csv(choices):
 
 
 def _mesh(spec: str | None):
-    from qasr_jax.cli import _mesh_arg
+    from qasr_jax.cli_options import mesh_arg
 
-    return _mesh_arg(spec)
+    return mesh_arg(spec)
 
 
 def _finetune(args: argparse.Namespace) -> int:

@@ -2,11 +2,10 @@
 
 The parameter tree is the same on one device and on a mesh: each layer has its own subtree (``layers_0``,
 ``layers_1``, ...) and the layers run unrolled, so every weight is read where it lies (under ``nn.scan`` XLA
-copied each layer's weights out of stacked arrays on every call, which cost the CPU decode step more than its
-matmuls). Each decoder layer's q, k and v kernels are one ``qkv`` kernel of shape (hidden, kv_heads, groups + 2,
+copied each layer's weights out of stacked arrays on every call). Each decoder layer's q, k and v kernels are one ``qkv`` kernel of shape (hidden, kv_heads, groups + 2,
 head_dim), the queries of a kv head next to that head's key and value, and gate and up are one ``gate_up`` kernel
 (hidden, 2, intermediate): fewer, wider matmuls stream the weights faster in the memory-bound decode step, and a
-split over kv heads or the MLP width keeps each device's q, k, v (or gate, up) together.
+split over kv heads or the MLP width keeps q, k, v (or gate, up) together.
 
 A ``layout`` (``qasr_jax.axes.Layout``) passed to the module pins the main activations to a mesh; without one the
 annotations are no-ops. Norms, softmax, RoPE tables and logits are computed in float32 whatever the parameter and
@@ -31,7 +30,7 @@ from qasr_jax.kernels import windowed_attention
 from qasr_jax.quant import Embedding, Linear
 
 Dtype = jnp.dtype
-MASKED = -1e30  # attention score of a masked key: exp() is exactly 0, and a row with no key left stays finite
+MASKED = -1e30  # a masked key's score: exp() is exactly 0; a row with no key left stays finite
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -108,7 +107,7 @@ class EncoderLayer(nn.Module):
         attend = functools.partial(
             windowed_attention, window=cfg.window_tokens, impl=self.attention_impl, interpret=self.interpret
         )
-        att = per_row_and_head(attend, q, k, v, n_tokens, lay)  # each device attends over its own rows and heads
+        att = per_row_and_head(attend, q, k, v, n_tokens, lay)  # each device: its own rows and heads
         x = x + _dense(d, "o", dt)(att.reshape(batch, seq, d))
         h = LayerNorm(dt, name="mlp_norm")(x)
         h = constrain(gelu(_dense(cfg.ffn_dim, "fc1", dt)(h)), ax.AUDIO_MLP, lay)

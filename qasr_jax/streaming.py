@@ -46,7 +46,7 @@ from qasr_jax.prompts import normalize_language, parse_output
 from qasr_jax.slots import Prompts, Request, SlotBatcher
 from qasr_jax.stream_audio import StreamAudio, refresh
 from qasr_jax.stream_prompts import CARRY_TOKENS, generated_text, prompt_parts, rollback_prefix, segment_context
-from qasr_jax.transcribe import Result, Segment, _join
+from qasr_jax.results import Result, Segment, join_texts
 
 DEFAULT_SEGMENT_SECONDS = 20.0
 QUIET_SECONDS = 0.3  # a pause: the segment's last 0.3 s ...
@@ -136,7 +136,7 @@ class _State:
 
     def partial(self) -> Partial:
         lang = self.language()
-        return Partial(lang, _join(self.texts() + [self.segment.text], lang), _join(self.texts(), lang))
+        return Partial(lang, join_texts(self.texts() + [self.segment.text], lang), join_texts(self.texts(), lang))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -404,7 +404,7 @@ class StreamDriver:
             span = Segment(round(seg.start / SAMPLE_RATE, 3), round(end / SAMPLE_RATE, 3), seg.text)
             state.committed.append(_Committed(span, seg.language, seg.raw, seg.truncated))
         if fresh:
-            context = segment_context(self.tokenizer, state.opts.context, _join(state.texts(), state.language()))
+            context = segment_context(self.tokenizer, state.opts.context, join_texts(state.texts(), state.language()))
             state.segment = _Segment(self.config.audio, context, seg.start + seg.audio.samples, self.tokenizer,
                                      state.opts.language)
 
@@ -412,7 +412,7 @@ class StreamDriver:
         langs = [c.language for c in state.committed if c.language]
         language = collections.Counter(langs).most_common(1)[0][0] if langs else None
         ids = [i for c in state.committed for i in self.tokenizer.encode(c.raw, parse_special=True)]
-        return Result(source=f"stream {state.name}", language=language, text=_join(state.texts(), language),
+        return Result(source=f"stream {state.name}", language=language, text=join_texts(state.texts(), language),
                       token_ids=ids, duration=state.fed / SAMPLE_RATE,
                       segments=[c.span for c in state.committed if c.span.text],
                       truncated=any(c.truncated for c in state.committed))

@@ -24,56 +24,12 @@ from qasr_jax.loading import Model, load
 from qasr_jax.longform import Piece, split_long_audio
 from qasr_jax.pipeline import DecodeOptions, Pipeline, Work, token_budget
 from qasr_jax.progress import audio_progress
+from qasr_jax.results import Result, Segment, join_texts
 from qasr_jax.prompts import normalize_language, parse_output, supported_languages
 from qasr_jax.tokenizer import IncrementalDecoder, Tokenizer
 from qasr_jax.units import unit_spans
 
-_CJK_JOIN = {"Chinese", "Cantonese", "Japanese"}
 ALIGN_PIECE_SECONDS = 180.0  # piece length when word timestamps are asked for (the official toolkit's choice)
-
-
-@dataclasses.dataclass
-class Segment:
-    """A stretch of the transcript with its time span in seconds."""
-
-    start: float
-    end: float
-    text: str
-
-
-@dataclasses.dataclass
-class Result:
-    """One input's transcript: ``token_ids`` are the generated ids (EOS excluded), ``error`` is set on failure."""
-
-    source: str
-    language: str | None = None
-    text: str = ""
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    duration: float = 0.0
-    segments: list[Segment] = dataclasses.field(default_factory=list)
-    words: list | None = None
-    error: str | None = None
-    token_logprobs: list[float] = dataclasses.field(default_factory=list)  # one per id of token_ids
-    truncated: bool = False  # a piece stopped at max_new_tokens instead of at its end: raise it and run again
-
-    @property
-    def confidence(self) -> float | None:
-        """The mean log-probability of the generated tokens (None without tokens): near 0 is sure, lower is not."""
-        return float(np.mean(self.token_logprobs)) if self.token_logprobs else None
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict (file, language, text, token_ids, token_logprobs, confidence, truncated, duration,
-        segments, words, error)."""
-        conf = self.confidence
-        d = {"file": self.source, "language": self.language, "text": self.text, "token_ids": self.token_ids,
-             "token_logprobs": [round(x, 6) for x in self.token_logprobs],
-             "confidence": None if conf is None else round(conf, 6), "truncated": self.truncated,
-             "duration": round(self.duration, 3), "segments": [dataclasses.asdict(s) for s in self.segments]}
-        if self.words is not None:
-            d["words"] = [dataclasses.asdict(w) for w in self.words]
-        if self.error is not None:
-            d["error"] = self.error
-        return d
 
 
 @dataclasses.dataclass
@@ -134,11 +90,6 @@ def _hotword_lists(hotwords, n: int) -> list[list[str]]:
             raise ValueError(f"hotwords has {len(items)} lists for {n} inputs; pass one list per input or one list")
         return [[str(w) for w in x if str(w).strip()] for x in items]
     return [[str(w) for w in items if str(w).strip()]] * n
-
-
-def _join(texts: list[str], language: str | None) -> str:
-    texts = [t.strip() for t in texts if t.strip()]
-    return ("" if language in _CJK_JOIN else " ").join(texts)
 
 
 class Transcriber:
@@ -306,7 +257,7 @@ class Transcriber:
         order = [parts[k] for k in sorted(parts)]
         langs = [p.language for p in order if p.language]
         result.language = collections.Counter(langs).most_common(1)[0][0] if langs else None
-        result.text = _join([p.text for p in order], result.language)
+        result.text = join_texts([p.text for p in order], result.language)
         result.token_ids = [t for p in order for t in p.token_ids]
         result.token_logprobs = [x for p in order for x in p.token_logprobs]
         result.truncated = any(p.truncated for p in order)

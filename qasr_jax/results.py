@@ -1,0 +1,59 @@
+"""What transcription gives back: a :class:`Result` per input, with its :class:`Segment` spans."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+_CJK_JOIN = {"Chinese", "Cantonese", "Japanese"}
+
+
+@dataclasses.dataclass
+class Segment:
+    """A stretch of the transcript with its time span in seconds."""
+
+    start: float
+    end: float
+    text: str
+
+
+@dataclasses.dataclass
+class Result:
+    """One input's transcript: ``token_ids`` are the generated ids (EOS excluded), ``error`` is set on failure."""
+
+    source: str
+    language: str | None = None
+    text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    duration: float = 0.0
+    segments: list[Segment] = dataclasses.field(default_factory=list)
+    words: list | None = None
+    error: str | None = None
+    token_logprobs: list[float] = dataclasses.field(default_factory=list)  # one per id of token_ids
+    truncated: bool = False  # a piece stopped at max_new_tokens instead of at its end: raise it and run again
+
+    @property
+    def confidence(self) -> float | None:
+        """The mean log-probability of the generated tokens (None without tokens): near 0 is sure, lower is not."""
+        return float(np.mean(self.token_logprobs)) if self.token_logprobs else None
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (file, language, text, token_ids, token_logprobs, confidence, truncated, duration,
+        segments, words, error)."""
+        conf = self.confidence
+        d = {"file": self.source, "language": self.language, "text": self.text, "token_ids": self.token_ids,
+             "token_logprobs": [round(x, 6) for x in self.token_logprobs],
+             "confidence": None if conf is None else round(conf, 6), "truncated": self.truncated,
+             "duration": round(self.duration, 3), "segments": [dataclasses.asdict(s) for s in self.segments]}
+        if self.words is not None:
+            d["words"] = [dataclasses.asdict(w) for w in self.words]
+        if self.error is not None:
+            d["error"] = self.error
+        return d
+
+
+def join_texts(texts: list[str], language: str | None) -> str:
+    """Pieces of one transcript joined: with spaces, or with nothing in Chinese, Cantonese and Japanese."""
+    texts = [t.strip() for t in texts if t.strip()]
+    return ("" if language in _CJK_JOIN else " ").join(texts)
