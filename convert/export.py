@@ -97,7 +97,10 @@ def export_checkpoint(params, cfg: ModelConfig, dst: str, layout: str = "hf", dt
         raise ValueError("export writes ASR checkpoints; this config is a forced aligner")
     import ml_dtypes
 
-    target = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    targets = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+    if dtype not in targets:
+        raise ValueError(f"dtype must be one of {tuple(targets)}, got {dtype!r}")
+    target = targets[dtype]
     tensors = {name: np.ascontiguousarray(np.asarray(t).astype(target))
                for name, t in params_to_hf(tree_to_numpy(params), cfg).items()}
     if layout == "official":

@@ -111,6 +111,11 @@ def stream_cache_length(segment_seconds: float, context_tokens: int, out_len: in
     return round_up(int(context_tokens + seconds * per_second + out_len), 128)
 
 
+def next_pow2(n: int, least: int = 1) -> int:
+    """The smallest power of two >= n, and >= ``least``."""
+    return max(least, 1 << max(0, (n - 1).bit_length()))
+
+
 def pow2_rows(n: int, data_size: int = 1) -> int:
     """Rows of a stream step's batched call over n items: the next power of two, a multiple of the data axis."""
-    return round_up(1 << max(0, (n - 1).bit_length()), data_size)
+    return round_up(next_pow2(n), data_size)

@@ -14,9 +14,8 @@ from qasr_jax import __version__, formats, progress
 from qasr_jax.aligner import DEFAULT_MODEL as DEFAULT_ALIGNER
 from qasr_jax.aligner import MAX_SECONDS as ALIGN_MAX_SECONDS
 from qasr_jax.aligner import Aligner
+from qasr_jax.cli_options import add_hotword_flags, add_quantize_flag, hotword_problems, mesh_arg, read_hotwords
 from qasr_jax.loading import DTYPES
-from qasr_jax.cli_options import (add_hotword_flags, add_quantize_flag, hotword_problems, mesh_arg,
-                                  read_hotwords)
 from qasr_jax.server.command import add_command as add_serve
 
 FORMATS = tuple(formats.FORMATS)
@@ -181,6 +180,7 @@ def _transcribe(args: argparse.Namespace) -> int:
         from qasr_jax.sharding import initialize_distributed
 
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    from qasr_jax.pipeline import token_limit
     from qasr_jax.sharding import host_share
     from qasr_jax.transcribe import Transcriber
 
@@ -205,7 +205,7 @@ def _transcribe(args: argparse.Namespace) -> int:
         return 0
     asr = Transcriber.from_pretrained(args.model, dtype=args.dtype, aligner=args.aligner,
                                       mesh=mesh_arg(args.mesh), sharding=args.sharding, quantize=args.quantize)
-    limit = asr.model.config.text.max_position_embeddings // 2  # the KV cache's room, as Transcriber checks it
+    limit = token_limit(asr.model.config)  # as Transcriber checks it
     if args.max_new_tokens is not None and args.max_new_tokens > limit:
         raise ValueError(f"--max-new-tokens must be at most {limit} for this model (its KV cache), got "
                          f"{args.max_new_tokens}; lower it, or cut the audio shorter with --max-audio-seconds")

@@ -130,19 +130,17 @@ class LineDisplay:
 def run(args: argparse.Namespace) -> int:
     """The ``stream`` command."""
     check_args(args)
-    from qasr_jax.audio import SAMPLE_RATE
-    from qasr_jax.transcribe import Transcriber
-
     from qasr_jax import hotwords as hw
+    from qasr_jax.audio import SAMPLE_RATE
     from qasr_jax.cli_options import read_hotwords
+    from qasr_jax.transcribe import Transcriber
 
     words = read_hotwords(args.hotwords, args.hotwords_file)
     boost = hw.DEFAULT_BOOST if args.hotword_boost is None else args.hotword_boost
     asr = Transcriber.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize)
     options = {} if args.segment_seconds is None else {"segment_seconds": args.segment_seconds}
-    bias = hw.request(words, asr.tokenizer.encode, boost)
-    driver = asr.stream_driver(slots=1, max_new_tokens=max(32, args.max_new_tokens),
-                               hotword_edges=0 if bias is None else len(bias[0][0]), **options)
+    edges = hw.edges_of(hw.request(words, asr.tokenizer.encode, boost))
+    driver = asr.stream_driver(slots=1, max_new_tokens=max(32, args.max_new_tokens), hotword_edges=edges, **options)
     stream = driver.stream(args.language, args.context, args.chunk_seconds, args.unfixed_chunks,
                            args.unfixed_tokens, args.max_new_tokens, words, boost)
     block = max(1, round(args.chunk_seconds * SAMPLE_RATE))

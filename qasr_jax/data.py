@@ -219,6 +219,9 @@ class Batch:
     lines: tuple[str, ...] = ()  # the rows' ``where``
 
 
+ARRAYS = ("ids", "token_mask", "feats", "n_frames", "positions", "targets", "weights")  # Batch's array fields
+
+
 def collate(waves: Sequence[np.ndarray], examples: Sequence[Example], tok: Tokenizer, cfg: ModelConfig,
             rows: int | None = None, frames: int | None = None, seq: int | None = None, width: int | None = None,
             real: int | None = None) -> Batch:
@@ -262,8 +265,7 @@ def batch_shapes(batches: Sequence[Batch]) -> tuple[int, int, int]:
 
 def stack(batches: Sequence[Batch]) -> Batch:
     """Micro-batches of equal shapes -> one Batch with a leading accumulation axis (accum, rows, ...)."""
-    fields = ("ids", "token_mask", "feats", "n_frames", "positions", "targets", "weights")
-    arrays = {f: np.stack([getattr(b, f) for b in batches]) for f in fields}
+    arrays = {f: np.stack([getattr(b, f) for b in batches]) for f in ARRAYS}
     return Batch(**arrays, seconds=sum(b.seconds for b in batches),
                  lines=tuple(line for b in batches for line in b.lines))
 

@@ -106,6 +106,9 @@ def finetune(model, tokenizer: Tokenizer, train: Sequence[Example], output: str,
     import grain
     import orbax.checkpoint as ocp
 
+    if save_every < 1 or keep < 1 or eval_every < 0:
+        raise ValueError(f"save_every and keep must be >= 1 and eval_every >= 0, got {save_every}, {keep} and "
+                         f"{eval_every}")
     os.makedirs(output, exist_ok=True)
     record = _run_record(config, model, train)
     if resume:

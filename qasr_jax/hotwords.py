@@ -23,8 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qasr_jax.buckets import next_pow2
+
 DEFAULT_BOOST = 2.0  # log-probability units per matched token (see Transcriber.transcribe's hotword_boost)
 MIN_EDGES = 64  # trie buckets: 64, 128, 256, ... edges
+EMPTY_TRIE = (np.zeros(0, np.int32),) * 2 + (np.zeros(1, np.int32),) * 2  # build_trie's arrays of no hotword
 
 
 @flax.struct.dataclass
@@ -58,7 +61,7 @@ def variants(word: str) -> list[str]:
 
 def edge_bucket(n: int) -> int:
     """Edges of a trie with n edges, rounded up to a power of two (at least 64)."""
-    return max(MIN_EDGES, 1 << max(0, (n - 1).bit_length()))
+    return next_pow2(n, MIN_EDGES)
 
 
 def build_trie(words: Sequence[str], encode: Callable[[str], list[int]]) -> tuple[np.ndarray, ...]:
@@ -99,6 +102,11 @@ def request(words: Sequence[str] | None, encode: Callable[[str], list[int]],
     return build_trie(words, encode), float(boost)
 
 
+def edges_of(request: tuple | None) -> int:
+    """The edges of a ``request``'s trie (0 without hotwords): the room a driver or batcher needs for it."""
+    return 0 if request is None else len(request[0][0])
+
+
 def with_context(context: str, words: Sequence[str] | None) -> str:
     """The context text with the hotwords after it (the model was trained to read names and terms there)."""
     return " ".join(filter(None, [context, ", ".join(w for w in (words or []) if w.strip())]))
@@ -119,7 +127,7 @@ def pack(tries: Sequence[tuple[np.ndarray, ...]], boosts: Sequence[float], edges
 
 def empty(requests: int, edges: int) -> Trie:
     """Tries with no hotword for ``requests`` requests."""
-    return pack([(np.zeros(0, np.int32),) * 2 + (np.zeros(1, np.int32),) * 2] * requests, [0.0] * requests, edges)
+    return pack([EMPTY_TRIE] * requests, [0.0] * requests, edges)
 
 
 def initial(edges: int, requests: int, hypotheses: int) -> Bias | None:
@@ -173,12 +181,6 @@ def final_bonus(bias: Bias, beams: int = 1) -> jax.Array:
     """(hypotheses,) the bonus a hypothesis keeps if it ends here: unfinished prefixes are not rewarded."""
     t = _per_hypothesis(bias.trie, beams)
     return bias.earned + jnp.take_along_axis(t.term_depth, bias.node[:, None], axis=1)[:, 0] * t.boost
-
-
-def current_bonus(bias: Bias, beams: int = 1) -> jax.Array:
-    """(hypotheses,) the bonus a hypothesis holds now (complete hotwords plus the current partial match)."""
-    t = _per_hypothesis(bias.trie, beams)
-    return bias.earned + jnp.take_along_axis(t.depth, bias.node[:, None], axis=1)[:, 0] * t.boost
 
 
 def candidates(bias: Bias, parent: jax.Array, token: jax.Array, beams: int) -> tuple[Bias, jax.Array]:

@@ -20,7 +20,7 @@ import numpy as np
 from qasr_jax import hotwords as hw
 from qasr_jax import search as S
 from qasr_jax.audio import log_mel_batch, n_frames
-from qasr_jax.buckets import batch_rows, frame_bucket, output_buffer, prompt_width, round_up
+from qasr_jax.buckets import batch_rows, frame_bucket, next_pow2, output_buffer, prompt_width, round_up
 from qasr_jax.config import audio_token_count
 from qasr_jax.prompts import build_prompt_ids
 from qasr_jax.slots import Output, Prompts, Request, SlotBatcher
@@ -30,12 +30,18 @@ BUDGET_BASE = 32  # plus this many, for the "language X<asr_text>" header and sh
 DEFAULT_KV_BYTES = 8 << 30  # KV cache memory one group of slots may take
 
 
-def token_budget(seconds: float) -> int:
-    """Default max_new_tokens for a piece: 32 + 10 per second of audio. Fast speech runs at about 3-4 English words
-    (4-6 tokens) or 6-7 Chinese characters (about one token each) per second, so 10 per second leaves 1.5-2x room
-    even for fast talkers, and a 20-minute piece gets 12 032 tokens; a piece that still runs out is flagged
-    (``Result.truncated``), never silently cut."""
-    return BUDGET_BASE + int(np.ceil(TOKENS_PER_SECOND * seconds))
+def token_limit(config) -> int:
+    """The most new tokens a piece may ask for: half the model's positions (the KV cache's room)."""
+    return config.text.max_position_embeddings // 2
+
+
+def token_budget(seconds: float, limit: int | None = None) -> int:
+    """Default max_new_tokens for a piece: 32 + 10 per second of audio, at most ``limit``. Fast speech runs at
+    about 3-4 English words (4-6 tokens) or 6-7 Chinese characters (about one token each) per second, so 10 per
+    second leaves 1.5-2x room even for fast talkers, and a 20-minute piece gets 12 032 tokens; a piece that still
+    runs out is flagged (``Result.truncated``), never silently cut."""
+    budget = BUDGET_BASE + int(np.ceil(TOKENS_PER_SECOND * seconds))
+    return budget if limit is None else min(budget, limit)
 
 
 @dataclasses.dataclass
@@ -70,13 +76,9 @@ class DecodeOptions:
                                      suppress_eos=self.suppress_eos)
 
 
-def _pow2(n: int, least: int) -> int:
-    return max(least, 1 << max(0, (n - 1).bit_length()))
-
-
 class _Group:
     """The pieces that share one cache shape and hotword trie size, and their batcher (made when first needed,
-    dropped when idle offline)."""
+    dropped when idle)."""
 
     def __init__(self, width: int, out_len: int, edges: int):
         self.width, self.out_len, self.edges = width, out_len, edges
@@ -108,8 +110,8 @@ class Pipeline:
     def _group_of(self, work: Work) -> tuple[int, int, int]:
         frames = frame_bucket(n_frames(work.samples.shape[0]), self.model.config.audio)
         width = self._prompt_len(work, audio_token_count(frames, self.model.config.audio))
-        edges = 0 if work.hotwords is None else hw.edge_bucket(len(work.hotwords[0][0]))
-        return _pow2(prompt_width(width), 256), _pow2(output_buffer(work.max_new), 64), edges
+        edges = hw.edge_bucket(hw.edges_of(work.hotwords)) if work.hotwords else 0
+        return next_pow2(prompt_width(width), 256), next_pow2(output_buffer(work.max_new), 64), edges
 
     def _slots(self, width: int, out_len: int) -> int:
         t = self.model.config.text
@@ -198,6 +200,6 @@ class Pipeline:
             before = group.batcher.steps
             done += [(out.request.tag, out) for out in group.batcher.run(max_steps)]
             self.steps += group.batcher.steps - before
-            if group.idle and not self.side_by_side:
-                group.batcher = None  # its cache is freed; a later piece makes a new one
+            if group.idle:  # its cache is freed (a server would otherwise keep one per shape it has seen);
+                group.batcher = None  # a later piece makes a new one, which compiles nothing
         return done

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import numpy as np
@@ -57,3 +58,9 @@ def join_texts(texts: list[str], language: str | None) -> str:
     """Pieces of one transcript joined: with spaces, or with nothing in Chinese, Cantonese and Japanese."""
     texts = [t.strip() for t in texts if t.strip()]
     return ("" if language in _CJK_JOIN else " ").join(texts)
+
+
+def majority_language(languages: list[str | None]) -> str | None:
+    """The language most pieces were detected in (the first of equals), or None when none was."""
+    found = [lang for lang in languages if lang]
+    return collections.Counter(found).most_common(1)[0][0] if found else None

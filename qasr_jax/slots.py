@@ -19,6 +19,7 @@ import numpy as np
 
 from qasr_jax import hotwords as hw
 from qasr_jax import search as S
+from qasr_jax.buckets import next_pow2
 
 
 @dataclasses.dataclass
@@ -54,10 +55,6 @@ class Output:
     token_logprobs: list[float]
     finished: bool
     steps: int
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 class SlotBatcher:
@@ -158,15 +155,14 @@ class SlotBatcher:
         self.queue.extendleft(reversed(waiting))
 
     def _insert(self, prompts: Prompts, group: list[tuple[Request, int]]) -> None:
-        k = _pow2(len(group))  # row buckets; padding repeats the last request (the same writes again)
+        k = next_pow2(len(group))  # row buckets; padding repeats the last request (the same writes again)
         padded = group + [group[-1]] * (k - len(group))
         rows = np.array([r.row for r, _ in padded], np.int32)
         ids = np.array([s for _, s in padded], np.int32)
         max_new = np.array([r.max_new for r, _ in padded], np.int32)
         tries = None
         if self.cfg.hotword_edges:
-            none = ((np.zeros(0, np.int32),) * 2 + (np.zeros(1, np.int32),) * 2, 0.0)
-            lists = [r.hotwords or none for r, _ in padded]
+            lists = [r.hotwords or (hw.EMPTY_TRIE, 0.0) for r, _ in padded]
             tries = hw.pack([t for t, _ in lists], [b for _, b in lists], self.cfg.hotword_edges)
         self.state = self.engine.insert(self.state, prompts.embeds, prompts.lengths, ids, max_new, self.settings,
                                         self.cfg, prompts.ids, rows, tries)

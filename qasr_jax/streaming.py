@@ -40,13 +40,13 @@ import numpy as np
 from qasr_jax import hotwords as hw
 from qasr_jax import search as S
 from qasr_jax.audio import SAMPLE_RATE, AudioError, n_frames
-from qasr_jax.buckets import (output_buffer, pow2_rows, slot_count, stream_cache_length, stream_prompt_width)
+from qasr_jax.buckets import output_buffer, pow2_rows, slot_count, stream_cache_length, stream_prompt_width
 from qasr_jax.config import audio_token_count
 from qasr_jax.prompts import normalize_language, parse_output
+from qasr_jax.results import Result, Segment, join_texts, majority_language
 from qasr_jax.slots import Prompts, Request, SlotBatcher
 from qasr_jax.stream_audio import StreamAudio, refresh
 from qasr_jax.stream_prompts import CARRY_TOKENS, generated_text, prompt_parts, rollback_prefix, segment_context
-from qasr_jax.results import Result, Segment, join_texts
 
 DEFAULT_SEGMENT_SECONDS = 20.0
 QUIET_SECONDS = 0.3  # a pause: the segment's last 0.3 s ...
@@ -237,10 +237,10 @@ class StreamDriver:
         else:
             language = None
         bias = hw.request(hotwords, self.tokenizer.encode, hotword_boost)
-        if bias is not None and len(bias[0][0]) > self.hotword_edges:
-            raise ValueError(f"these hotwords make a trie of {len(bias[0][0])} edges and this driver has room for "
+        if hw.edges_of(bias) > self.hotword_edges:
+            raise ValueError(f"these hotwords make a trie of {hw.edges_of(bias)} edges and this driver has room for "
                              f"{self.hotword_edges}; make a driver with more: "
-                             f"asr.stream_driver(hotword_edges={len(bias[0][0])})")
+                             f"asr.stream_driver(hotword_edges={hw.edges_of(bias)})")
         context = hw.with_context(context or "", hotwords) if hotwords_in_context else context or ""
         opts = _Options(language, context, max(1, round(chunk_seconds * SAMPLE_RATE)), int(unfixed_chunks),
                         int(unfixed_tokens), int(max_new_tokens), bias)
@@ -285,9 +285,11 @@ class StreamDriver:
         return stream._state
 
     def close(self, streams: Iterable[Stream]) -> None:
-        """End streams without results and free their slots."""
+        """End streams without results and free their slots (closing a stream twice is harmless)."""
         with self._lock:
             for stream in streams:
+                if not isinstance(stream, Stream) or stream.driver is not self:
+                    raise ValueError(f"{stream!r} is not a stream of this driver; close it with its own driver")
                 self._release(stream._state)
                 stream._finalizer.detach()
 
@@ -409,8 +411,7 @@ class StreamDriver:
                                      state.opts.language)
 
     def _result(self, state: _State) -> Result:
-        langs = [c.language for c in state.committed if c.language]
-        language = collections.Counter(langs).most_common(1)[0][0] if langs else None
+        language = majority_language([c.language for c in state.committed])
         ids = [i for c in state.committed for i in self.tokenizer.encode(c.raw, parse_special=True)]
         return Result(source=f"stream {state.name}", language=language, text=join_texts(state.texts(), language),
                       token_ids=ids, duration=state.fed / SAMPLE_RATE,

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from qasr_jax.compiles import jit_with_encoder
-from qasr_jax.data import Batch, collate, examples_from_records, read_waves
+from qasr_jax.data import ARRAYS, Batch, collate, examples_from_records, read_waves
 from qasr_jax.engine import Engine
 from qasr_jax.model import Qwen3ASRModule
 from qasr_jax.sharding import param_path
@@ -38,9 +38,6 @@ FREEZABLE = {"encoder": ("audio_tower",), "projector": ("projector",), "decoder"
 LORA_MODULES = {"decoder": r"decoder/layers_\d+/(qkv|o|gate_up|down)",
                 "encoder": r"audio_tower/layers_\d+/(q|k|v|o|fc1|fc2)"}
 LORA_SUFFIXES = ("_lora_a", "_lora_b")
-BATCH_FIELDS = ("ids", "feats", "n_frames", "token_mask", "positions", "targets", "weights")
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters of a run (defaults: the official recipe's, lr 2e-5, 2% warmup, linear decay, clip 1.0)."""
@@ -214,7 +211,7 @@ def loss_and_grads(model, batch: Sequence[Mapping], tokenizer=None) -> tuple[flo
         tokenizer = Tokenizer.from_dir(model.source)
     examples = examples_from_records(list(batch))
     batch = collate(read_waves(examples), examples, tokenizer, model.config)
-    arrays = {name: getattr(batch, name) for name in BATCH_FIELDS}
+    arrays = {name: getattr(batch, name) for name in ARRAYS}
     engine = model.engine
 
     def mean_loss(params, arrays):
@@ -371,7 +368,7 @@ class Trainer:
     def put_batch(self, batch: Batch) -> list[dict[str, jax.Array]]:
         """Each micro-batch of a stacked step batch (accum, rows, ...) on the devices: rows split over the mesh's
         data axis (each host passes its own rows)."""
-        micro = [{name: getattr(batch, name)[i] for name in BATCH_FIELDS} for i in range(batch.ids.shape[0])]
+        micro = [{name: getattr(batch, name)[i] for name in ARRAYS} for i in range(batch.ids.shape[0])]
         if self.layout is None:
             return [{k: jnp.asarray(v) for k, v in m.items()} for m in micro]
         return [{k: jax.make_array_from_process_local_data(self.layout.batch_sharding(v.ndim), v)

@@ -22,10 +22,10 @@ from qasr_jax.audio import SAMPLE_RATE, AudioError, load_audio
 from qasr_jax.hub import resolve_model_path
 from qasr_jax.loading import Model, load
 from qasr_jax.longform import Piece, split_long_audio
-from qasr_jax.pipeline import DecodeOptions, Pipeline, Work, token_budget
+from qasr_jax.pipeline import DecodeOptions, Pipeline, Work, token_budget, token_limit
 from qasr_jax.progress import audio_progress
-from qasr_jax.results import Result, Segment, join_texts
 from qasr_jax.prompts import normalize_language, parse_output, supported_languages
+from qasr_jax.results import Result, Segment, join_texts, majority_language
 from qasr_jax.tokenizer import IncrementalDecoder, Tokenizer
 from qasr_jax.units import unit_spans
 
@@ -131,8 +131,8 @@ class Transcriber:
         ``transcribe`` (one list of words). For many streams stepped together use ``stream_driver``."""
         from qasr_jax.streaming import shared_driver
 
-        bias = hw.request(hotwords, self.tokenizer.encode, hotword_boost)
-        driver = shared_driver(self, max_new_tokens, 0 if bias is None else len(bias[0][0]))
+        edges = hw.edges_of(hw.request(hotwords, self.tokenizer.encode, hotword_boost))
+        driver = shared_driver(self, max_new_tokens, edges)
         return driver.stream(language, context, chunk_seconds, unfixed_chunks, unfixed_tokens, max_new_tokens,
                              hotwords, hotword_boost, hotwords_in_context)
 
@@ -190,7 +190,7 @@ class Transcriber:
             raise ValueError(f"errors must be 'raise' or 'collect', got {errors!r}")
         if beam_size < 1 or batch_size < 1:
             raise ValueError(f"beam_size and batch_size must be >= 1, got {beam_size} and {batch_size}")
-        limit = self.model.config.text.max_position_embeddings // 2
+        limit = token_limit(self.model.config)
         budgets = _as_list(max_new_tokens, n, "max_new_tokens")
         for b in budgets:
             if b is not None and not 1 <= b <= limit:
@@ -225,7 +225,7 @@ class Transcriber:
                 continue
             for p, piece in enumerate(split_long_audio(wave, max_audio_seconds)):
                 pieces[i][p] = piece
-                budget = budgets[i] or min(token_budget(piece.duration), limit)
+                budget = budgets[i] or token_budget(piece.duration, limit)
                 pipe.submit(Work((i, p), piece.samples, langs[i], contexts[i], budget, tries[i]))
         for i in range(n):  # bad and silent inputs first: they are done
             if results[i].error is not None or i not in pieces:
@@ -255,8 +255,7 @@ class Transcriber:
         """Fill ``result`` from its decoded pieces (``decoded``, keyed by piece order): language, text, tokens,
         segments, and with ``return_timestamps`` the aligner's words."""
         order = [parts[k] for k in sorted(parts)]
-        langs = [p.language for p in order if p.language]
-        result.language = collections.Counter(langs).most_common(1)[0][0] if langs else None
+        result.language = majority_language([p.language for p in order])
         result.text = join_texts([p.text for p in order], result.language)
         result.token_ids = [t for p in order for t in p.token_ids]
         result.token_logprobs = [x for p in order for x in p.token_logprobs]

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from qasr_jax.compiles import count_compilations
+from qasr_jax.pipeline import token_limit
 from qasr_jax.server import realtime
 from qasr_jax.server.metrics import Metrics
 from qasr_jax.server.openai_format import APIError
@@ -51,7 +52,7 @@ class Server:
     def __init__(self, asr, config: ServerConfig):
         self.asr, self.config = asr, config
         self.model_id = config.model_id
-        self.token_limit = asr.model.config.text.max_position_embeddings // 2  # the KV cache's room
+        self.token_limit = token_limit(asr.model.config)
         self.scheduler = Scheduler(asr, config.max_slots, config.realtime_slots, config.step_seconds)
         self._compiles = contextlib.ExitStack()
         self.compiles = self._compiles.enter_context(count_compilations())

@@ -51,11 +51,11 @@ class Pcm16Resampler:
 @dataclasses.dataclass(eq=False)
 class Item:
     """One utterance of a session: a stream on the engine thread. ``deliver`` is called there with
-    ``("partial", Partial)``, ``("completed", Result)`` or ``("failed", message)``."""
+    ``("partial", item, Partial)``, ``("completed", item, Result)`` or ``("failed", item, message)``."""
 
     language: str | None
     context: str
-    deliver: Callable[[tuple[str, Any]], None]
+    deliver: Callable[[tuple[str, Any, Any]], None]
     id: str = dataclasses.field(default_factory=lambda: _id("item"))
     stream: Any = None  # the engine thread's qasr_jax.streaming.Stream
 

@@ -25,7 +25,7 @@ from qasr_jax.audio import SAMPLE_RATE
 from qasr_jax.buckets import frame_bucket
 from qasr_jax.config import AudioConfig
 from qasr_jax.longform import Piece
-from qasr_jax.pipeline import DecodeOptions, Pipeline, Work, token_budget
+from qasr_jax.pipeline import DecodeOptions, Pipeline, Work, token_budget, token_limit
 
 log = logging.getLogger("qasr_jax.server")
 
@@ -131,19 +131,20 @@ class Scheduler:
 
     def warm_up(self, max_seconds: float) -> int:
         """Compile what requests of up to ``max_seconds`` need (greedy): for each clip length of
-        ``warmup_seconds``, encode, insert into a slot, one step, read, release; then batches of 1, 2, 4, ...
-        ``max_slots`` short clips; and a stream of a few chunks. Returns the number of warm-up clips."""
+        ``warmup_seconds``, encode, insert into a slot, one step, read, release; then batches of 1, 2, 4, ... short
+        clips and one of ``max_slots``; and a stream of a few chunks. Returns the number of warm-up clips."""
         pipe = self._pipe(1)
         rng = np.random.default_rng(0)
-        limit = self.asr.model.config.text.max_position_embeddings // 2
+        limit = token_limit(self.asr.model.config)
         clips = [[s] for s in warmup_seconds(max_seconds, self.asr.model.config.audio)]
         k = 1
-        while k <= self.max_slots:
+        while k < self.max_slots:
             clips.append([1.0] * k)
             k *= 2
+        clips.append([1.0] * self.max_slots)  # a full burst (its row count need not be a power of two)
         for n, batch in enumerate(clips):
             works = [Work(("warm-up", n, i), (0.05 * rng.standard_normal(int(s * SAMPLE_RATE))).astype(np.float32),
-                          None, "", min(token_budget(s), limit)) for i, s in enumerate(batch)]
+                          None, "", token_budget(s, limit)) for i, s in enumerate(batch)]
             for w in works:
                 pipe.submit(w)
             pipe.step(max_steps=1)
@@ -217,6 +218,8 @@ class Scheduler:
                 item.deliver(("failed", item, f"streaming failed: {type(e).__name__}: {e}"))
                 closed.add(item)
         self.driver.close([item.stream for item in closed])
+        for item in closed:  # later operations on a closed utterance are skipped (see above), not fed to the driver
+            item.stream = None
 
     def _start(self, job: Job) -> None:
         pipe = self._pipe(job.beam_size)
@@ -240,7 +243,8 @@ class Scheduler:
             if pipe.steps > before:  # the time per step, smoothed (it includes the encoding of new pieces)
                 now = (time.perf_counter() - start) / (pipe.steps - before)
                 self.seconds_per_step = now if not self.seconds_per_step else 0.8 * self.seconds_per_step + 0.2 * now
-            partial = pipe.partial() if any(j.stream and j.beam_size == 1 for j, _ in self.jobs.values()) else []
+            # Greedy pieces only: a beam's best hypothesis can still change, so beam jobs get their text when done.
+            partial = pipe.partial() if beam == 1 and any(j.stream for j, _ in self.jobs.values()) else []
         except Exception as e:  # the engine failed (e.g. out of memory): fail this pipeline's jobs, start afresh
             log.exception("decoding failed")
             del self.pipes[beam]

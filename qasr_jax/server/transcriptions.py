@@ -187,7 +187,7 @@ async def transcribe(request: Request, server) -> Response:
     result = Result(name, duration=duration)
     # Digital silence: nothing was said, as offline (no pieces, an empty transcript).
     pieces = split_long_audio(wave, ALIGN_PIECE_SECONDS if o.words else PIECE_SECONDS) if np.any(wave) else []
-    budgets = [o.max_new_tokens or min(token_budget(p.duration), server.token_limit) for p in pieces]
+    budgets = [o.max_new_tokens or token_budget(p.duration, server.token_limit) for p in pieces]
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     job = Job(pieces, o.language, o.context, budgets, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
               o.beam_size, o.stream, hw.request(o.hotwords, server.asr.tokenizer.encode, o.hotword_boost))
