@@ -93,6 +93,16 @@ def test_empty_manifest(tmp_path):
         read_manifest(str(path))
 
 
+@pytest.mark.parametrize("option", [{"save_every": 0}, {"keep": 0}, {"eval_every": -1}])
+def test_bad_schedule_options_are_refused_before_anything_runs(tmp_path, option):
+    from qasr_jax.finetune import finetune
+    from qasr_jax.training import TrainConfig
+
+    with pytest.raises(ValueError, match=f"got .*{list(option.values())[0]}"):
+        finetune(None, None, [], str(tmp_path / "run"), TrainConfig(), **option)
+    assert not (tmp_path / "run").exists()
+
+
 def test_finetune_never_starts_on_a_bad_manifest(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["finetune", "--train", manifest(tmp_path, GOOD, BAD_LINES[2][0]), "--model", tiny,

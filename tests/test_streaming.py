@@ -283,6 +283,10 @@ def test_bad_input_gives_a_clear_error(asr):
                        (dict(max_new_tokens=500), r"asr.stream_driver\(max_new_tokens=500\)")):
         with pytest.raises(ValueError, match=match):
             driver.stream(**bad)
+    other = asr.stream_driver(slots=1)
+    with pytest.raises(ValueError, match="not a stream of this driver"):  # its slot number means nothing here
+        other.close([a])
+    assert other.free == 1 and driver.free == 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
