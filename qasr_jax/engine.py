@@ -19,6 +19,8 @@ one program.
 
 from __future__ import annotations
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -185,6 +187,16 @@ class Engine:
         if dtype is not None and not (isinstance(x, jax.Array) and x.dtype == dtype):
             x = np.asarray(x, dtype)
         return put_batch(x, self.layout)
+
+    def declared_params(self) -> dict:
+        """The parameter tree (ShapeDtypeStructs) as the module declares it, with what a ``module_transform`` adds
+        (e.g. LoRA adapters): traced, nothing computed."""
+        cfg = self.config
+        frames = cfg.audio.chunk_frames
+        ids = jnp.full((1, cfg.audio.tokens_per_chunk), cfg.audio_token_id, jnp.int32)
+        feats = jnp.zeros((1, cfg.audio.num_mel_bins, frames), jnp.float32)
+        init = functools.partial(self.module.init, method=Qwen3ASRModule.prompt_hidden)
+        return jax.eval_shape(lambda: init(jax.random.PRNGKey(0), ids, feats, jnp.array([frames]))["params"])
 
     def forward(self, params, input_ids, feats, n_frames, token_mask, positions) -> jax.Array:
         """The pure (un-jitted) prompt forward pass that position scoring is built from: right-padded prompts and

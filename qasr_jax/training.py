@@ -29,7 +29,6 @@ import optax
 from qasr_jax.compiles import jit_with_encoder
 from qasr_jax.data import ARRAYS, Batch, collate, examples_from_records, read_waves
 from qasr_jax.engine import Engine
-from qasr_jax.model import Qwen3ASRModule
 from qasr_jax.sharding import param_path
 
 # What --freeze names: parameter path prefixes.
@@ -142,15 +141,10 @@ def lora_transform(provider) -> Callable:
     return lambda module: qwix.apply_lora_to_model(module, provider, methods=("encode", "decode"))
 
 
-def init_lora(module: Qwen3ASRModule, provider, key: jax.Array) -> dict:
-    """Fresh adapters for a qwix-wrapped module: shapes from qwix (traced, nothing computed), A drawn with the
-    rule's initializer (he-uniform), B zeros, so the adapted model starts as the base model."""
-    cfg = module.cfg
-    frames = cfg.audio.chunk_frames
-    ids = jnp.full((1, cfg.audio.tokens_per_chunk), cfg.audio_token_id, jnp.int32)
-    feats = jnp.zeros((1, cfg.audio.num_mel_bins, frames), jnp.float32)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, feats, jnp.array([frames]),
-                                                method=Qwen3ASRModule.prompt_hidden)["params"])
+def init_lora(engine, provider, key: jax.Array) -> dict:
+    """Fresh adapters for an engine running a qwix-wrapped module: shapes from qwix (traced, nothing computed), A
+    drawn with the rule's initializer (he-uniform), B zeros, so the adapted model starts as the base model."""
+    shapes = engine.declared_params()
     adapters, _ = split_params(shapes, lambda p: p.endswith(LORA_SUFFIXES))
     if not adapters:
         raise ValueError("LoRA matched no projection; check lora_targets")
@@ -302,7 +296,7 @@ class Trainer:
         """Step 0: the trained weights (LoRA: fresh adapters from the seed) and a zeroed AdamW state; the model's
         trained buffers are donated to it (call once)."""
         if self.provider:
-            params = init_lora(self.engine.module, self.provider, jax.random.PRNGKey(self.config.seed))
+            params = init_lora(self.engine, self.provider, jax.random.PRNGKey(self.config.seed))
             shardings = self._param_shardings(params)
             params = params if shardings is None else jax.device_put(params, shardings)
         elif self._base is None:
@@ -323,7 +317,7 @@ class Trainer:
     def state_shapes(self) -> TrainState:
         """The TrainState's ShapeDtypeStructs (for restoring a checkpoint into place)."""
         if self.provider:
-            params = jax.eval_shape(lambda: init_lora(self.engine.module, self.provider, jax.random.PRNGKey(0)))
+            params = jax.eval_shape(lambda: init_lora(self.engine, self.provider, jax.random.PRNGKey(0)))
         else:
             params = self._base_shapes
         return jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.optimizer.init(p)), params)
