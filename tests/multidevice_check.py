@@ -31,6 +31,7 @@ from qasr_jax.compiles import COMPILE_EVENT  # noqa: E402
 from qasr_jax import sharding  # noqa: E402
 from qasr_jax.transcribe import Transcriber  # noqa: E402
 from tests.conftest import DATA, speech, synthetic  # noqa: E402
+from tests.notebook_run import run_code_cells  # noqa: E402
 
 NEW = 6  # new tokens per input
 # (mesh, preset): the meshes the issue names, both presets on data=4,model=2, and FSDP.
@@ -223,18 +224,8 @@ def cache_report(model) -> dict:
 
 def run_notebook(path: str, model_dir: str, audio: list[str], mesh: str) -> dict:
     """Execute the notebook's code cells (magics and shell lines dropped, the parameters cell replaced)."""
-    with open(path, encoding="utf-8") as f:
-        nb = json.load(f)
-    namespace: dict = {}
-    for cell in nb["cells"]:
-        if cell["cell_type"] != "code":
-            continue
-        source = "".join(cell["source"])
-        if "parameters" in cell["metadata"].get("tags", []):
-            source = (f"MODEL = {model_dir!r}\nAUDIO = {audio!r}\nMESH = {mesh!r}\nDTYPE = 'float32'\nBATCH_SIZE = 8\n"
-                      f"MAX_NEW_TOKENS = {NEW}\n")
-        source = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
-        exec(compile(source, os.path.basename(path), "exec"), namespace)
+    namespace = run_code_cells(path, f"MODEL = {model_dir!r}\nAUDIO = {audio!r}\nMESH = {mesh!r}\nDTYPE = 'float32'\n"
+                                     f"BATCH_SIZE = 8\nMAX_NEW_TOKENS = {NEW}\n")
     return {"sources": [r.source for r in namespace["results"]], "ids": [r.token_ids for r in namespace["results"]],
             "throughput": namespace["throughput"], "mesh": dict(namespace["mesh"].shape),
             "data_size": namespace["asr"].model.data_size}

@@ -28,6 +28,7 @@ from qasr_jax.data import Loader, ManifestError, epoch_groups, examples_from_rec
 from qasr_jax.evaluation import Scored, normalize, score
 from qasr_jax.tokenizer import Tokenizer
 from tests.conftest import DATA, synthetic
+from tests.notebook_run import run_code_cells
 from tests.tokenizer_files import write_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -311,18 +312,9 @@ def test_finetune_notebook_runs(tiny, tmp_path, monkeypatch):
     random-weight checkpoint: LoRA adapters trained, folded in, exported and evaluated."""
     new_words_folder(tmp_path)
     monkeypatch.chdir(tmp_path)
-    with open(os.path.join(ROOT, "notebooks", "finetune.ipynb"), encoding="utf-8") as f:
-        nb = json.load(f)
-    namespace: dict = {}
-    for cell in nb["cells"]:
-        if cell["cell_type"] != "code":
-            continue
-        source = "".join(cell["source"])
-        if "parameters" in cell["metadata"].get("tags", []):
-            source = (f"MODEL = {tiny!r}\nTRAIN = 'train.jsonl'\nEVAL = 'dev.jsonl'\nOUTPUT = 'nb'\nSTEPS = 4\n"
-                      "BATCH_SIZE = 4\nGRAD_ACCUM = 1\nLR = 1e-3\nLORA_RANK = 4\nDTYPE = 'float32'\nMESH = None\n")
-        source = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
-        exec(compile(source, "finetune.ipynb", "exec"), namespace)
+    namespace = run_code_cells(os.path.join(ROOT, "notebooks", "finetune.ipynb"), (
+        f"MODEL = {tiny!r}\nTRAIN = 'train.jsonl'\nEVAL = 'dev.jsonl'\nOUTPUT = 'nb'\nSTEPS = 4\n"
+        "BATCH_SIZE = 4\nGRAD_ACCUM = 1\nLR = 1e-3\nLORA_RANK = 4\nDTYPE = 'float32'\nMESH = None\n"))
     assert namespace["before"]["n"] == namespace["after"]["n"] == 8
     assert int(namespace["state"].step) == 4
     assert namespace["folders"] == [os.path.join("nb", "model-hf"), os.path.join("nb", "model")]

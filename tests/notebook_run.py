@@ -1,0 +1,21 @@
+"""Run a notebook's code cells in one namespace, as the tests and the multi-device check do."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def run_code_cells(path: str, parameters: str) -> dict:
+    """Execute the code cells of the notebook at ``path`` (magic and shell lines dropped, the cell tagged
+    "parameters" replaced by ``parameters``) and return the namespace they ran in."""
+    with open(path, encoding="utf-8") as f:
+        nb = json.load(f)
+    namespace: dict = {}
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        source = parameters if "parameters" in cell["metadata"].get("tags", []) else "".join(cell["source"])
+        source = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
+        exec(compile(source, os.path.basename(path), "exec"), namespace)
+    return namespace
