@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import jax
@@ -22,11 +21,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import qasr_jax  # noqa: E402
 from qasr_jax import hotwords as hw  # noqa: E402
 from qasr_jax import search as S  # noqa: E402
 from qasr_jax.buckets import cache_length  # noqa: E402
-from benchmarks.bench_slots import cpu_name  # noqa: E402
+from benchmarks.bench_slots import cpu_name, random_transcriber  # noqa: E402
 
 SYLLABLES = ["ka", "lo", "mi", "ran", "tes", "vor", "qu", "zel", "pha", "dor", "wen", "jax", "bri", "sul"]
 
@@ -45,17 +43,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
-    folder = args.checkpoint or tempfile.mkdtemp()
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        import torch
-
-        from tests.reference import build_reference, save_hf
-
-        save_hf(build_reference(qasr_jax.preset(args.preset), seed=3), folder, dtype=torch.bfloat16)
-    from tests.tokenizer_files import write_tokenizer
-
-    write_tokenizer(folder, "hf")
-    asr = qasr_jax.Transcriber.from_pretrained(folder)
+    asr = random_transcriber(args.preset, args.checkpoint)
     engine, tok = asr.model.engine, asr.tokenizer
     width, hidden = 256, asr.model.config.text.hidden_size
     embeds = jax.device_put(np.random.default_rng(0).standard_normal((args.batch, width, hidden)).astype(np.float32)
@@ -86,7 +74,7 @@ def main() -> None:
             if rep:
                 times[name].append(t)
     p, b = (statistics.median(times[k]) * 1000 for k in ("plain", "biased"))
-    print(f"{cpu_name()}; {os.path.basename(folder.rstrip('/'))}; batch {args.batch}; 100 hotwords per row "
+    print(f"{cpu_name()}; {args.checkpoint or args.preset}; batch {args.batch}; 100 hotwords per row "
           f"({min(len(t[0]) for t in tries)}-{max(len(t[0]) for t in tries)} trie edges, bucket {edges}); "
           f"decode step {p:.1f} ms plain, {b:.1f} ms biased: +{100 * (b / p - 1):.1f}% "
           f"(median of {args.repeats}, {args.steps} steps each)")

@@ -94,6 +94,22 @@ def slots(asr, waves, budgets, batch) -> tuple[list[list[int]], int]:
     return [out[i] for i in range(len(waves))], pipe.steps
 
 
+def random_transcriber(preset: str, checkpoint: str | None) -> qasr_jax.Transcriber:
+    """A Transcriber of a random-weight ``preset`` checkpoint with the real tokenizer: the folder ``checkpoint``,
+    saved there (bf16, -hf layout) when it holds no model yet, or a temporary one."""
+    folder = checkpoint or tempfile.mkdtemp()
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        import torch
+
+        from tests.reference import build_reference, save_hf
+
+        save_hf(build_reference(qasr_jax.preset(preset), seed=3), folder, dtype=torch.bfloat16)
+    from tests.tokenizer_files import write_tokenizer
+
+    write_tokenizer(folder, "hf")
+    return qasr_jax.Transcriber.from_pretrained(folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="asr-0.6b")
@@ -103,17 +119,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--checkpoint", default=None, help="a saved random checkpoint folder (built if absent)")
     args = parser.parse_args()
-    folder = args.checkpoint or tempfile.mkdtemp()
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        import torch
-
-        from tests.reference import build_reference, save_hf
-
-        save_hf(build_reference(qasr_jax.preset(args.preset), seed=3), folder, dtype=torch.bfloat16)
-    from tests.tokenizer_files import write_tokenizer
-
-    write_tokenizer(folder, "hf")
-    asr = qasr_jax.Transcriber.from_pretrained(folder)
+    asr = random_transcriber(args.preset, args.checkpoint)
     waves, budgets = clips(args.clips, *(float(x) for x in args.seconds.split(",")))
     audio_s = sum(w.shape[0] for w in waves) / 16000
     print(f"{cpu_name()}; {args.preset}; {args.clips} clips, {audio_s:.1f} s of audio; batch {args.batch}; "
