@@ -9,7 +9,6 @@ import json
 import os
 import pty
 import re
-import shutil
 import signal
 import struct
 import subprocess
@@ -24,7 +23,7 @@ import soundfile as sf
 from qasr_jax import cli, progress
 from qasr_jax.transcribe import Result, Transcriber
 from tests.conftest import DATA, synthetic
-from tests.tokenizer_files import write_tokenizer
+from tests.tokenizer_files import with_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW = 8  # new tokens per input
@@ -33,10 +32,7 @@ NEW = 8  # new tokens per input
 @pytest.fixture(scope="module")
 def asr_dir(checkpoints, tmp_path_factory):
     """The tiny ASR checkpoint (official layout) with the official tokenizer files."""
-    folder = str(tmp_path_factory.mktemp("cli") / "model")
-    shutil.copytree(checkpoints("asr").official, folder)
-    write_tokenizer(folder, "official")
-    return folder
+    return with_tokenizer(checkpoints("asr").official, tmp_path_factory, "official")
 
 
 @pytest.fixture(scope="module")

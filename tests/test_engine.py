@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -18,7 +17,7 @@ from qasr_jax.pipeline import token_budget
 from qasr_jax.transcribe import Transcriber
 from qasr_jax.units import unit_spans
 from tests.conftest import speech, synthetic
-from tests.tokenizer_files import write_tokenizer
+from tests.tokenizer_files import with_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE_DIRS = ("qasr_jax", "convert", "kernels")
@@ -49,10 +48,7 @@ def test_only_the_engine_applies_the_model():
 
 @pytest.fixture(scope="module")
 def asr(checkpoints, tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("engine") / "model")
-    shutil.copytree(checkpoints("asr").official, folder)
-    write_tokenizer(folder, "official")
-    return Transcriber.from_pretrained(folder)
+    return Transcriber.from_pretrained(with_tokenizer(checkpoints("asr").official, tmp_path_factory, "official"))
 
 
 def test_describe_reads_the_one_device_tree(asr):

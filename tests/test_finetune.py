@@ -29,7 +29,7 @@ from qasr_jax.evaluation import Scored, normalize, score
 from qasr_jax.tokenizer import Tokenizer
 from tests.conftest import DATA, synthetic
 from tests.notebook_run import run_code_cells
-from tests.tokenizer_files import write_tokenizer
+from tests.tokenizer_files import with_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW_WORDS = os.path.join(DATA, "newwords", "newwords.jsonl")
@@ -43,10 +43,7 @@ def no_disk_cache(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny(checkpoints, tmp_path_factory) -> str:
     """The tiny random-weight ASR checkpoint (-hf layout) with the official tokenizer files: what runs start from."""
-    path = str(tmp_path_factory.mktemp("finetune") / "tiny")
-    shutil.copytree(checkpoints("asr").hf, path)
-    write_tokenizer(path, "official")
-    return path
+    return with_tokenizer(checkpoints("asr").hf, tmp_path_factory, "official")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ then the whole transcription path on the tiny model."""
 from __future__ import annotations
 
 import functools
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ from qasr_jax.compiles import count_compilations
 from qasr_jax.transcribe import Transcriber
 from tests.conftest import speech
 from tests.test_search import CHAIN_AXES, EOS, FIRST, A, B, C, D, E, _chain_state, _chain_step, path_logprob
-from tests.tokenizer_files import write_tokenizer
+from tests.tokenizer_files import with_tokenizer
 
 LETTERS = {"A": A, "B": B, "C": C, "D": D, "E": E}
 EDGES = 64
@@ -118,10 +117,7 @@ def test_the_trie_holds_every_spelling_and_where_words_end():
 
 @pytest.fixture(scope="module")
 def folder(checkpoints, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("hot") / "model")
-    shutil.copytree(checkpoints("asr").official, path)
-    write_tokenizer(path, "official")
-    return path
+    return with_tokenizer(checkpoints("asr").official, tmp_path_factory, "official")
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from qasr_jax.prompts import build_prompt_ids
 from qasr_jax.transcribe import Transcriber
 from tests.conftest import DATA, speech, synthetic
 from tests.test_parity import prompt, rel
-from tests.test_transcribe import with_tokenizer
+from tests.tokenizer_files import with_tokenizer
 
 MODES = {"bfloat16": ("bfloat16", None), "int8": ("float32", "int8"), "bfloat16+int8": ("bfloat16", "int8")}
 TOL = {"bfloat16": 2e-2, "int8": 5e-2, "bfloat16+int8": 5e-2}

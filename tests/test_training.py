@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -28,7 +27,7 @@ from qasr_jax.model import _conv_stack
 from qasr_jax.prompts import build_prompt_ids
 from qasr_jax.training import TrainConfig, Trainer, loss_and_grads, merge_trees
 from tests.conftest import speech, synthetic
-from tests.tokenizer_files import write_tokenizer
+from tests.tokenizer_files import with_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
@@ -43,10 +42,7 @@ PROMPTS = ["", "fox, dog", "A much longer context: names like Qwen, JAX and Flax
 @pytest.fixture(scope="module")
 def folder(checkpoints, tmp_path_factory):
     """The tiny random ASR checkpoint (-hf layout) with the real tokenizer."""
-    path = str(tmp_path_factory.mktemp("train") / "ckpt")
-    shutil.copytree(checkpoints("asr").hf, path)
-    write_tokenizer(path, "official")
-    return path
+    return with_tokenizer(checkpoints("asr").hf, tmp_path_factory, "official")
 
 
 @pytest.fixture(scope="module")

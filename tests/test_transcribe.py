@@ -5,7 +5,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -22,17 +21,9 @@ from qasr_jax.prompts import build_prompt_ids
 from qasr_jax.transcribe import Transcriber
 from tests.conftest import DATA, synthetic
 from tests.test_parity import reference_inputs
-from tests.tokenizer_files import write_tokenizer
+from tests.tokenizer_files import with_tokenizer
 
 NEW = 10  # new tokens per input: random weights rarely stop, so every row runs to the limit
-
-
-def with_tokenizer(source: str, tmp_path_factory, layout: str) -> str:
-    """A copy of a tiny checkpoint folder with the real Qwen tokenizer (in ``layout``) beside the weights."""
-    folder = str(tmp_path_factory.mktemp("ckpt") / "model")
-    shutil.copytree(source, folder)
-    write_tokenizer(folder, layout)
-    return folder
 
 
 @pytest.fixture(scope="module")

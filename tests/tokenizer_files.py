@@ -129,3 +129,11 @@ def write_tokenizer(dst_dir: str | os.PathLike, layout: str = "official") -> Pat
     else:
         raise ValueError(f"layout must be 'official' or 'hf', got {layout!r}")
     return dst
+
+
+def with_tokenizer(source: str, tmp_path_factory, layout: str) -> str:
+    """A copy of a tiny checkpoint folder with the real Qwen tokenizer (in ``layout``) beside the weights."""
+    folder = str(tmp_path_factory.mktemp("ckpt") / "model")
+    shutil.copytree(source, folder)
+    write_tokenizer(folder, layout)
+    return folder
