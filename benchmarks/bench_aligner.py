@@ -23,11 +23,9 @@ import dataclasses
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 CLIPS = [  # file in tests/data, transcript, language
     ("hello_en.wav", "Hello world", "English"),
@@ -65,7 +63,7 @@ def config(quick: bool):
 
 def clips(size: int):
     """``size`` clips cycling through CLIPS: (waves, texts, languages)."""
-    from tests.conftest import speech
+    from qasr_jax.testing import speech
 
     picked = [CLIPS[i % len(CLIPS)] for i in range(size)]
     return [speech(f) for f, _, _ in picked], [t for _, t, _ in picked], [lang for _, _, lang in picked]
@@ -111,8 +109,8 @@ def main() -> None:
     from transformers.models.qwen3_asr import Qwen3ASRFeatureExtractor, Qwen3ASRProcessor
 
     from qasr_jax.aligner import Aligner
-    from tests.reference import build_reference, save_hf
-    from tests.tokenizer_files import write_tokenizer
+    from qasr_jax.testing.reference import build_reference, save_hf
+    from qasr_jax.testing.tokenizer_files import write_tokenizer
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     cfg = config(args.quick)

@@ -36,8 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
 
 import qasr_jax  # noqa: E402
 from bench_core import PREFIX, SUFFIX, OthersMeter, clip, copy_bandwidth, make_checkpoint  # noqa: E402
@@ -236,7 +234,7 @@ def main() -> None:
             json.dump(run_phase(args, args.phase, cfg, folder, measured["bandwidth"], rates), f)
         return
 
-    from tests.tokenizer_files import write_tokenizer
+    from qasr_jax.testing.tokenizer_files import write_tokenizer
 
     if not os.path.isfile(os.path.join(folder, "config.json")):
         print(f"building the random-weight checkpoint in {folder} ...", flush=True)

@@ -38,7 +38,6 @@ import datetime
 import gc
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -47,7 +46,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import qasr_jax  # noqa: E402
 from qasr_jax.audio import log_mel_batch  # noqa: E402
@@ -184,7 +182,7 @@ def make_checkpoint(cfg, folder: str) -> None:
     """The random-weight reference (tests/reference.py), saved in bfloat16 in the -hf layout, then freed."""
     import torch
 
-    from tests.reference import build_reference, save_hf
+    from qasr_jax.testing.reference import build_reference, save_hf
 
     model = build_reference(cfg, seed=0)
     save_hf(model, folder, dtype=torch.bfloat16)

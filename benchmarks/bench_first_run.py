@@ -21,12 +21,10 @@ import time
 import numpy as np
 import soundfile as sf
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 from qasr_jax.config import preset  # noqa: E402
-from tests.reference import build_reference, save_official  # noqa: E402
-from tests.tokenizer_files import write_tokenizer  # noqa: E402
+from qasr_jax.testing import DATA  # noqa: E402
+from qasr_jax.testing.reference import build_reference, save_official  # noqa: E402
+from qasr_jax.testing.tokenizer_files import write_tokenizer  # noqa: E402
 
 # Prints whether librosa and numba were imported, after the command ran in this same process.
 PROBE = ("import sys; from qasr_jax.cli import main; code = main(sys.argv[1:]); "
@@ -54,7 +52,7 @@ def main() -> None:
         model = os.path.join(scratch, "tiny")
         save_official(build_reference(cfg), cfg, model)
         write_tokenizer(model, "official")
-        wav = os.path.join(ROOT, "tests", "data", "hello_en.wav")
+        wav = os.path.join(DATA, "hello_en.wav")
         mono, _ = sf.read(wav, dtype="float32")
         t44 = np.interp(np.arange(int(len(mono) * 44100 / 16000)) * 16000 / 44100, np.arange(len(mono)), mono)
         flac = os.path.join(scratch, "hello_44k.flac")

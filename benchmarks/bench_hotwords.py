@@ -13,18 +13,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qasr_jax import hotwords as hw  # noqa: E402
 from qasr_jax import search as S  # noqa: E402
 from qasr_jax.buckets import cache_length  # noqa: E402
-from benchmarks.bench_slots import cpu_name, random_transcriber  # noqa: E402
+from bench_slots import cpu_name, random_transcriber  # noqa: E402
 
 SYLLABLES = ["ka", "lo", "mi", "ran", "tes", "vor", "qu", "zel", "pha", "dor", "wen", "jax", "bri", "sul"]
 

@@ -22,10 +22,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from benchmarks.bench_slots import cpu_name  # noqa: E402
+from bench_slots import cpu_name
 
 CHILD = r"""
 import json, os, sys, time
@@ -55,7 +52,7 @@ BUILD = r"""
 import sys
 import torch
 from qasr_jax.config import preset
-from tests.reference import build_reference, save_hf, save_official
+from qasr_jax.testing.reference import build_reference, save_hf, save_official
 cfg = preset(sys.argv[1])
 ref = build_reference(cfg, seed=0)
 save_hf(ref, sys.argv[2], dtype=torch.bfloat16)
@@ -69,10 +66,11 @@ def checkpoints(preset: str, work: str) -> dict[str, str]:
     out = {name: os.path.join(folder, name) for name in ("hf", "official", "orbax")}
     if all(os.path.isdir(p) for p in out.values()):
         return out
+    os.makedirs(work, exist_ok=True)
     # Each step in its own process, so that no two of the model's copies (torch's, the converter's) meet in memory.
-    subprocess.run([sys.executable, "-c", BUILD, preset, out["hf"], out["official"]], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-c", BUILD, preset, out["hf"], out["official"]], check=True, cwd=work)
     subprocess.run([sys.executable, "-m", "qasr_jax.cli", "convert", out["hf"], out["orbax"], "--force"],
-                   check=True, cwd=ROOT)
+                   check=True, cwd=work)
     return out
 
 
@@ -80,7 +78,8 @@ def measure(path: str, dtype: str, mesh: str | None) -> dict:
     env = dict(os.environ)
     if mesh:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    run = subprocess.run([sys.executable, "-c", CHILD, path, dtype, mesh or ""], env=env, cwd=ROOT,
+    # cwd: `python -c` puts it first on sys.path, and the checkout's kernels/ must not shadow the registry's.
+    run = subprocess.run([sys.executable, "-c", CHILD, path, dtype, mesh or ""], env=env, cwd=os.path.dirname(path),
                          capture_output=True, text=True)
     if run.returncode:
         raise RuntimeError(f"loading {path} ({dtype}, mesh {mesh}) failed:\n{run.stderr[-3000:]}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 
@@ -29,7 +28,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qasr_jax.compiles import COMPILE_EVENT  # noqa: E402
 from qasr_jax.config import preset  # noqa: E402
@@ -120,7 +118,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    from tests.tokenizer_files import write_tokenizer
+    from qasr_jax.testing.tokenizer_files import write_tokenizer
 
     devices = jax.local_devices()
     counts = [n for n in map(int, args.devices.split(",")) if n <= len(devices)]

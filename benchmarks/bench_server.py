@@ -23,7 +23,6 @@ import concurrent.futures
 import io
 import os
 import subprocess
-import sys
 import tempfile
 import time
 import zlib
@@ -32,13 +31,12 @@ import numpy as np
 import openai
 import soundfile as sf
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qasr_jax.config import preset  # noqa: E402
 from qasr_jax.transcribe import Transcriber  # noqa: E402
-from tests.reference import build_reference, save_hf  # noqa: E402
-from tests.serving import Served  # noqa: E402
-from tests.tokenizer_files import write_tokenizer  # noqa: E402
+from qasr_jax.testing.reference import build_reference, save_hf  # noqa: E402
+from qasr_jax.testing.serving import Served  # noqa: E402
+from qasr_jax.testing.tokenizer_files import write_tokenizer  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data")
 

@@ -21,13 +21,11 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import qasr_jax  # noqa: E402
 from qasr_jax import search as S  # noqa: E402
@@ -35,7 +33,7 @@ from qasr_jax.audio import log_mel_batch  # noqa: E402
 from qasr_jax.buckets import batch_rows, cache_length, frame_bucket, prompt_width  # noqa: E402
 from qasr_jax.pipeline import DecodeOptions, Pipeline, Work  # noqa: E402
 from qasr_jax.prompts import build_prompt_ids  # noqa: E402
-from tests.conftest import speech, synthetic  # noqa: E402
+from qasr_jax.testing import speech, synthetic  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -101,10 +99,10 @@ def random_transcriber(preset: str, checkpoint: str | None) -> qasr_jax.Transcri
     if not os.path.isfile(os.path.join(folder, "config.json")):
         import torch
 
-        from tests.reference import build_reference, save_hf
+        from qasr_jax.testing.reference import build_reference, save_hf
 
         save_hf(build_reference(qasr_jax.preset(preset), seed=3), folder, dtype=torch.bfloat16)
-    from tests.tokenizer_files import write_tokenizer
+    from qasr_jax.testing.tokenizer_files import write_tokenizer
 
     write_tokenizer(folder, "hf")
     return qasr_jax.Transcriber.from_pretrained(folder)

@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -44,9 +43,8 @@ import jax
 import numpy as np
 import soundfile as sf
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_core import OthersMeter, cpu_model, make_checkpoint  # noqa: E402
+from bench_core import OthersMeter, cpu_model, make_checkpoint  # noqa: E402
 from qasr_jax.audio import log_mel_batch, n_frames  # noqa: E402
 from qasr_jax.buckets import frame_bucket, output_buffer, prompt_width  # noqa: E402
 from qasr_jax import stream_audio  # noqa: E402
@@ -55,7 +53,7 @@ from qasr_jax.config import preset  # noqa: E402
 from qasr_jax import search as S  # noqa: E402
 from qasr_jax.stream_prompts import prompt_parts, rollback_prefix  # noqa: E402
 from qasr_jax.transcribe import Transcriber  # noqa: E402
-from tests.tokenizer_files import write_tokenizer  # noqa: E402
+from qasr_jax.testing.tokenizer_files import write_tokenizer  # noqa: E402
 
 SR = 16000
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data")

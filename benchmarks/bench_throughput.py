@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
@@ -22,16 +21,13 @@ import jax
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
 
 from bench_transcribe import machine, reference_run  # noqa: E402
 from qasr_jax.compiles import count_compilations  # noqa: E402
 from qasr_jax.config import preset  # noqa: E402
 from qasr_jax.transcribe import Transcriber  # noqa: E402
-from tests.reference import build_reference, save_hf  # noqa: E402
-from tests.tokenizer_files import write_tokenizer  # noqa: E402
+from qasr_jax.testing.reference import build_reference, save_hf  # noqa: E402
+from qasr_jax.testing.tokenizer_files import write_tokenizer  # noqa: E402
 
 
 def clip_set(count: int, seconds: float) -> list[np.ndarray]:

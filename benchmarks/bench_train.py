@@ -30,14 +30,12 @@ import gc
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TARGET_WORDS = ("speech", "recognition", "in", "jax", "trains", "the", "whole", "model", "on", "a", "cpu")
 
@@ -120,7 +118,7 @@ def model_flops(cfg, n_frames: list[int], prompt_lens: list[int], targets: int, 
 
 
 def make_rows(rows: int, seconds: float, target_tokens: int, tok):
-    from tests.conftest import synthetic
+    from qasr_jax.testing import synthetic
 
     waves = [synthetic(seconds * (0.9 + 0.2 * i / max(rows - 1, 1)), i) for i in range(rows)]
     words = []
@@ -223,7 +221,7 @@ def main() -> None:
 
     from qasr_jax.config import preset
     from qasr_jax.tokenizer import Tokenizer
-    from tests.tokenizer_files import write_tokenizer
+    from qasr_jax.testing.tokenizer_files import write_tokenizer
 
     cfg = preset(args.preset)
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} "
@@ -234,7 +232,7 @@ def main() -> None:
     print(f"best float32 matmul (2048^2): jax {rates['jax']:.1f}, torch {rates['torch']:.1f} GFLOP/s", flush=True)
     folder = args.checkpoint
     if folder is None:
-        from tests.reference import build_reference, save_hf
+        from qasr_jax.testing.reference import build_reference, save_hf
 
         folder = os.path.join(tempfile.mkdtemp(prefix="bench_train_"), "ckpt")
         ref = build_reference(cfg, seed=0)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 
@@ -26,14 +25,13 @@ import numpy as np
 import soundfile as sf
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qasr_jax.compiles import count_compilations  # noqa: E402
 from qasr_jax.config import audio_token_count, preset  # noqa: E402
 from qasr_jax.prompts import build_prompt_ids  # noqa: E402
 from qasr_jax.transcribe import Transcriber  # noqa: E402
-from tests.reference import build_reference, save_hf  # noqa: E402
-from tests.tokenizer_files import write_tokenizer  # noqa: E402
+from qasr_jax.testing.reference import build_reference, save_hf  # noqa: E402
+from qasr_jax.testing.tokenizer_files import write_tokenizer  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data")
 

@@ -2,33 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import sys
 import zlib
 
-import numpy as np
 import pytest
-import soundfile as sf
 
-from qasr_jax.config import ModelConfig, preset
-from qasr_jax.tokenizer import Tokenizer
-from tests.reference import build_reference, save_hf, save_official
-from tests.tokenizer_files import write_tokenizer
+# `python -m pytest` puts the working directory first on sys.path. From the repository root that would make our
+# top-level kernels/ and convert/ folders importable as the packages `kernels` and `convert`, shadowing the registry's
+# `kernels` that transformers imports. Tests reach everything through installed import names (qasr_jax,
+# qasr_jax.testing), so the root is taken off the path before anything else is imported.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
-
-
-def tiny_variant(kind: str) -> ModelConfig:
-    """The tiny preset as ASR with tied head ('asr'), untied head ('asr-untied') or forced aligner ('aligner')."""
-    cfg = preset("tiny")
-    if kind == "asr":
-        return cfg
-    if kind == "asr-untied":
-        return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, tie_word_embeddings=False))
-    if kind == "aligner":
-        text = dataclasses.replace(cfg.text, tie_word_embeddings=False, vocab_size=152064)
-        return dataclasses.replace(cfg, text=text, num_labels=5000)
-    raise ValueError(kind)
+from qasr_jax.testing import DATA, speech, synthetic, tiny_variant  # noqa: E402,F401  (re-exported for tests)
+from qasr_jax.testing.reference import build_reference, save_hf, save_official  # noqa: E402
+from qasr_jax.testing.tokenizer_files import write_tokenizer  # noqa: E402
+from qasr_jax.tokenizer import Tokenizer  # noqa: E402
 
 
 class Checkpoints:
@@ -69,19 +59,3 @@ def toks(folders):
 @pytest.fixture(scope="session")
 def tok(toks):
     return toks["official"]
-
-
-def speech(name: str) -> np.ndarray:
-    """A stored espeak-ng clip (16 kHz mono float32)."""
-    wave, rate = sf.read(os.path.join(DATA, name), dtype="float32")
-    assert rate == 16000
-    return wave
-
-
-def synthetic(seconds: float, seed: int = 0) -> np.ndarray:
-    """Noise plus a chirp: broadband, non-stationary, deterministic."""
-    n = int(round(seconds * 16000))
-    rng = np.random.default_rng(seed)
-    t = np.arange(n) / 16000
-    chirp = 0.3 * np.sin(2 * np.pi * (200 + 900 * t) * t)
-    return (chirp + 0.05 * rng.standard_normal(n)).astype(np.float32)

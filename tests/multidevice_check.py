@@ -24,14 +24,13 @@ if "xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS", "
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import qasr_jax  # noqa: E402
 from qasr_jax.compiles import COMPILE_EVENT  # noqa: E402
 from qasr_jax import sharding  # noqa: E402
 from qasr_jax.transcribe import Transcriber  # noqa: E402
-from tests.conftest import DATA, speech, synthetic  # noqa: E402
-from tests.notebook_run import run_code_cells  # noqa: E402
+from qasr_jax.testing import DATA, speech, synthetic  # noqa: E402
+from qasr_jax.testing.notebook_run import run_code_cells  # noqa: E402
 
 NEW = 6  # new tokens per input
 # (mesh, preset): the meshes the issue names, both presets on data=4,model=2, and FSDP.

@@ -26,10 +26,10 @@ from qasr_jax.buckets import aligner_rows
 from qasr_jax.compiles import count_compilations
 from qasr_jax.tokenizer import Tokenizer
 from qasr_jax.units import UnsupportedLanguageError
-from tests.conftest import speech, synthetic
-from tests.reference import save_official
-from tests.test_formats import parse_srt, parse_vtt
-from tests.tokenizer_files import write_tokenizer
+from qasr_jax.testing import speech, synthetic
+from qasr_jax.testing.reference import save_official
+from test_formats import parse_srt, parse_vtt
+from qasr_jax.testing.tokenizer_files import write_tokenizer
 
 TOL = 1e-4
 CLIPS = {  # audio, transcript, language

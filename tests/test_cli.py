@@ -22,8 +22,8 @@ import soundfile as sf
 
 from qasr_jax import cli, progress
 from qasr_jax.transcribe import Result, Transcriber
-from tests.conftest import DATA, synthetic
-from tests.tokenizer_files import with_tokenizer
+from qasr_jax.testing import DATA, synthetic
+from qasr_jax.testing.tokenizer_files import with_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW = 8  # new tokens per input

@@ -22,7 +22,7 @@ from qasr_jax.convert.checkpoint import (
 )
 from qasr_jax.convert.orbax_io import restore_orbax, save_orbax
 from qasr_jax.model import param_shapes
-from tests.reference import official_config, save_hf, save_official
+from qasr_jax.testing.reference import official_config, save_hf, save_official
 
 
 def leaves_equal(a, b) -> bool:

@@ -17,8 +17,8 @@ import pytest
 import soundfile as sf
 
 from qasr_jax import cli
-from tests.conftest import DATA
-from tests.tokenizer_files import write_tokenizer
+from qasr_jax.testing import DATA
+from qasr_jax.testing.tokenizer_files import write_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

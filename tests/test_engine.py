@@ -16,8 +16,8 @@ from qasr_jax import sharding
 from qasr_jax.pipeline import token_budget
 from qasr_jax.transcribe import Transcriber
 from qasr_jax.units import unit_spans
-from tests.conftest import speech, synthetic
-from tests.tokenizer_files import with_tokenizer
+from qasr_jax.testing import speech, synthetic
+from qasr_jax.testing.tokenizer_files import with_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE_DIRS = ("qasr_jax", "convert", "kernels")

@@ -27,9 +27,9 @@ from qasr_jax.cli import main
 from qasr_jax.data import Loader, ManifestError, epoch_groups, examples_from_records, read_manifest
 from qasr_jax.evaluation import Scored, normalize, score
 from qasr_jax.tokenizer import Tokenizer
-from tests.conftest import DATA, synthetic
-from tests.notebook_run import run_code_cells
-from tests.tokenizer_files import with_tokenizer
+from qasr_jax.testing import DATA, synthetic
+from qasr_jax.testing.notebook_run import run_code_cells
+from qasr_jax.testing.tokenizer_files import with_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW_WORDS = os.path.join(DATA, "newwords", "newwords.jsonl")

@@ -14,9 +14,9 @@ from qasr_jax import hotwords as hw
 from qasr_jax import search as S
 from qasr_jax.compiles import count_compilations
 from qasr_jax.transcribe import Transcriber
-from tests.conftest import speech
-from tests.test_search import CHAIN_AXES, EOS, FIRST, A, B, C, D, E, _chain_state, _chain_step, path_logprob
-from tests.tokenizer_files import with_tokenizer
+from qasr_jax.testing import speech
+from test_search import CHAIN_AXES, EOS, FIRST, A, B, C, D, E, _chain_state, _chain_step, path_logprob
+from qasr_jax.testing.tokenizer_files import with_tokenizer
 
 LETTERS = {"A": A, "B": B, "C": C, "D": D, "E": E}
 EDGES = 64

@@ -16,7 +16,7 @@ import qasr_jax
 from qasr_jax.audio import log_mel_batch
 from qasr_jax.config import audio_token_count
 from qasr_jax.model import _conv_stack
-from tests.conftest import speech, synthetic
+from qasr_jax.testing import speech, synthetic
 
 TOL = 1e-4
 PREFIX = [151644, 8948, 198, 151645, 198, 151644, 872, 198, 151669]  # system turn, user turn, <|audio_start|>

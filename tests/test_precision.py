@@ -23,9 +23,9 @@ from qasr_jax.config import audio_token_count
 from qasr_jax.model import _scatter
 from qasr_jax.prompts import build_prompt_ids
 from qasr_jax.transcribe import Transcriber
-from tests.conftest import DATA, speech, synthetic
-from tests.test_parity import prompt, rel
-from tests.tokenizer_files import with_tokenizer
+from qasr_jax.testing import DATA, speech, synthetic
+from test_parity import prompt, rel
+from qasr_jax.testing.tokenizer_files import with_tokenizer
 
 MODES = {"bfloat16": ("bfloat16", None), "int8": ("float32", "int8"), "bfloat16+int8": ("bfloat16", "int8")}
 TOL = {"bfloat16": 2e-2, "int8": 5e-2, "bfloat16+int8": 5e-2}
@@ -236,7 +236,7 @@ def test_int8_and_bf16_logits_at_real_asr_0_6b_size(tmp_path):
     import torch
 
     from qasr_jax.config import preset
-    from tests.reference import build_reference, save_hf
+    from qasr_jax.testing.reference import build_reference, save_hf
 
     cfg = preset("asr-0.6b")
     folder = save_hf(build_reference(cfg, seed=6), str(tmp_path / "asr-0.6b"), dtype=torch.bfloat16)

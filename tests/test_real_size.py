@@ -33,7 +33,7 @@ from transformers import Qwen3ASRConfig, Qwen3ASRForConditionalGeneration, Qwen3
 from qasr_jax.compiles import jit_with_encoder
 from qasr_jax.config import audio_token_count, config_from_hf_dict, load_config, preset
 from qasr_jax.model import KVCache, Qwen3ASRModule, param_shapes
-from tests.reference import hf_config
+from qasr_jax.testing.reference import hf_config
 
 RELEASED = ["asr-0.6b", "asr-1.7b", "aligner-0.6b"]
 # Non-embedding parameters of the Qwen3 decoders, as published on the Qwen3-0.6B / Qwen3-1.7B model cards.
@@ -149,7 +149,7 @@ def test_config_json_schemas_parse_back_to_preset(name, tmp_path):
     """The -hf config.json as save_pretrained writes it, and the official schema, both give back the preset."""
     import transformers
 
-    from tests.reference import hf_config, official_config
+    from qasr_jax.testing.reference import hf_config, official_config
 
     cfg = preset(name)
     hf = hf_config(cfg)
@@ -177,9 +177,9 @@ def test_parity_at_real_asr_0_6b_size(tmp_path):
     reference is run and freed before qasr_jax loads, to keep the peak low.
     """
     import qasr_jax
-    from tests.conftest import speech
-    from tests.reference import build_reference, save_hf
-    from tests.test_parity import prompt, reference_inputs, rel
+    from qasr_jax.testing import speech
+    from qasr_jax.testing.reference import build_reference, save_hf
+    from test_parity import prompt, reference_inputs, rel
 
     cfg = preset("asr-0.6b")
     wave = speech("long_en.wav")
@@ -237,7 +237,7 @@ def _encode_twenty_minutes() -> None:
     """Child process body: random ASR-0.6B encoder + projector, one encode of 20 minutes; prints a JSON line."""
     import time
 
-    from tests.conftest import speech
+    from qasr_jax.testing import speech
 
     cfg = preset("asr-0.6b")
     module = Qwen3ASRModule(cfg, jnp.float32)
@@ -308,7 +308,7 @@ def test_twenty_minutes_encode_in_one_call():
     instead of waking the kernel's OOM killer, which may pick another process.
     """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = "from tests.test_real_size import _encode_twenty_minutes as f; f()"
+    code = "from test_real_size import _encode_twenty_minutes as f; f()"
     cap = int(0.8 * _meminfo_mb("MemAvailable") * 2**20)
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=3600,
                           preexec_fn=_cap_address_space(cap))

@@ -25,9 +25,9 @@ from qasr_jax.buckets import EOS_IDS, PAD_ID, cache_length
 from qasr_jax.compiles import count_compilations
 from qasr_jax.engine import CACHE_AXES
 from qasr_jax.model import KVCache
-from tests.conftest import speech, synthetic
-from tests.reference import save_hf
-from tests.test_parity import PREFIX, SUFFIX, reference_inputs
+from qasr_jax.testing import speech, synthetic
+from qasr_jax.testing.reference import save_hf
+from test_parity import PREFIX, SUFFIX, reference_inputs
 
 # ----------------------------------------------------------------------------------------------------------------
 # A scripted decoder: a Markov chain over 6 tokens whose log-probs are worked out by hand below.

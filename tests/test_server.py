@@ -31,11 +31,11 @@ from qasr_jax import cli
 from qasr_jax.aligner import Aligner
 from qasr_jax.server import command, realtime
 from qasr_jax.transcribe import Transcriber
-from tests.conftest import DATA, synthetic
-from tests.serving import SERVER_KEY, Served, error_of, multipart, post
-from tests.test_docs import readme_blocks
-from tests.test_transcribe import norm, parse_cues
-from tests.tokenizer_files import write_tokenizer
+from qasr_jax.testing import DATA, synthetic
+from qasr_jax.testing.serving import SERVER_KEY, Served, error_of, multipart, post
+from test_docs import readme_blocks
+from test_transcribe import norm, parse_cues
+from qasr_jax.testing.tokenizer_files import write_tokenizer
 
 KEY = "test-key-7f3a"
 NEW = 12  # new tokens per piece where a test caps them: random weights never stop on their own

@@ -24,8 +24,8 @@ from qasr_jax import sharding
 from qasr_jax.cli import expand_inputs
 from qasr_jax.config import load_config, preset
 from qasr_jax.model import param_shapes
-from tests.conftest import DATA, tiny_variant
-from tests.tokenizer_files import write_tokenizer
+from qasr_jax.testing import DATA, tiny_variant
+from qasr_jax.testing.tokenizer_files import write_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -169,7 +169,7 @@ def report(model_dir):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tests", "multidevice_check.py"), str(model_dir / "ckpt"),
          str(model_dir / "orbax"), str(model_dir), str(out)],
-        env={**os.environ, **EIGHT, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=900, cwd=ROOT,
+        env={**os.environ, **EIGHT}, capture_output=True, text=True, timeout=900, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(out) as f:

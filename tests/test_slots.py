@@ -17,9 +17,9 @@ from qasr_jax.audio import log_mel_batch
 from qasr_jax.buckets import cache_length, prompt_width
 from qasr_jax.compiles import count_compilations
 from qasr_jax.slots import Prompts, Request, SlotBatcher
-from tests.conftest import speech, synthetic
-from tests.reference import save_hf
-from tests.test_parity import PREFIX, SUFFIX, reference_inputs
+from qasr_jax.testing import speech, synthetic
+from qasr_jax.testing.reference import save_hf
+from test_parity import PREFIX, SUFFIX, reference_inputs
 
 MAX_NEW = [4, 96, 9, 33, 70, 5, 12, 50, 7, 88, 16, 24]  # per request: 12 requests, 3x the 4 request slots
 SECONDS = [0.6, 3.1, 1.2, 2.2, 0.9, 4.0, 1.7, 2.8, 0.7, 3.5, 1.4, 2.5]

@@ -10,7 +10,7 @@ import pytest
 import qasr_jax
 from qasr_jax.audio import log_mel_batch
 from qasr_jax.stream_audio import StreamAudio, refresh
-from tests.conftest import speech, synthetic
+from qasr_jax.testing import speech, synthetic
 
 SR = 16000
 

@@ -24,10 +24,10 @@ from qasr_jax.compiles import count_compilations
 from qasr_jax.prompts import parse_output
 from qasr_jax.stream_prompts import segment_context
 from qasr_jax.transcribe import Transcriber
-from tests.conftest import speech, synthetic
-from tests.reference import save_official
-from tests.test_stream_audio import offline
-from tests.tokenizer_files import write_tokenizer
+from qasr_jax.testing import speech, synthetic
+from qasr_jax.testing.reference import save_official
+from test_stream_audio import offline
+from qasr_jax.testing.tokenizer_files import write_tokenizer
 
 SR = 16000
 MAX_NEW = 32

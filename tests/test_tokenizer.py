@@ -5,7 +5,7 @@ import unicodedata
 
 import numpy as np
 import pytest
-from tests.tokenizer_files import ASR_ADDED_TOKENS, build_hf_tokenizer_json, qwen_bpe_dir, write_tokenizer
+from qasr_jax.testing.tokenizer_files import ASR_ADDED_TOKENS, build_hf_tokenizer_json, qwen_bpe_dir, write_tokenizer
 from tokenizers import Tokenizer as HFTokenizers
 
 from qasr_jax.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError

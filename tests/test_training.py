@@ -26,8 +26,8 @@ from qasr_jax.data import examples_from_records, step_batch
 from qasr_jax.model import _conv_stack
 from qasr_jax.prompts import build_prompt_ids
 from qasr_jax.training import TrainConfig, Trainer, loss_and_grads, merge_trees
-from tests.conftest import speech, synthetic
-from tests.tokenizer_files import with_tokenizer
+from qasr_jax.testing import speech, synthetic
+from qasr_jax.testing.tokenizer_files import with_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4

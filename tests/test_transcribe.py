@@ -19,9 +19,9 @@ from qasr_jax.compiles import count_compilations
 from qasr_jax.config import audio_token_count
 from qasr_jax.prompts import build_prompt_ids
 from qasr_jax.transcribe import Transcriber
-from tests.conftest import DATA, synthetic
-from tests.test_parity import reference_inputs
-from tests.tokenizer_files import with_tokenizer
+from qasr_jax.testing import DATA, synthetic
+from test_parity import reference_inputs
+from qasr_jax.testing.tokenizer_files import with_tokenizer
 
 NEW = 10  # new tokens per input: random weights rarely stop, so every row runs to the limit
 

