@@ -1,0 +1,183 @@
+"""Silero VAD v6 in JAX against Silero's own ONNX model under onnxruntime and its get_speech_timestamps."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from silero_vad import get_speech_timestamps_from_probs
+
+from qasr_jax.compiles import count_compilations
+from qasr_jax.testing import speech
+from qasr_jax.testing.silero import reference_probabilities, reference_segments, v6_weights
+from qasr_jax.vad import (FRAME_SAMPLES, WEIGHTS_FILE, data_path, initial_state, speech_probabilities,
+                          stream_probabilities)
+from qasr_jax.vad_rules import TurnDetector, segments_from_probabilities, speech_pieces, speech_segments
+
+SR = 16000
+PHRASES = ["hello_en.wav", "newwords/newwords_0000.wav", "newwords/newwords_0005.wav", "newwords/newwords_0003.wav"]
+
+
+def noise(seconds: float, level: float, seed: int) -> np.ndarray:
+    return (level * np.random.default_rng(seed).standard_normal(int(seconds * SR))).astype(np.float32)
+
+
+def recording(pauses=(1.0, 2.5, 5.0, 1.5), noise_level=0.003):
+    """espeak phrases separated by pauses of low noise (and a burst of louder noise in one); their true spans."""
+    parts, spans, at = [noise(0.7, noise_level, 0)], [], int(0.7 * SR)
+    for i, (name, pause) in enumerate(zip(PHRASES, pauses)):
+        clip = speech(name)
+        parts.append(clip)
+        spans.append((at, at + clip.shape[0]))
+        gap = noise(pause, noise_level, i + 1)
+        if i == 2:  # a second of louder noise in the middle of the long pause
+            gap[SR : 2 * SR] += noise(1.0, 0.05, 9)
+        parts.append(gap)
+        at += clip.shape[0] + gap.shape[0]
+    return np.concatenate(parts), spans
+
+
+@pytest.fixture(scope="module")
+def rec():
+    return recording()
+
+
+SILENCE = np.zeros(3 * SR, np.float32)
+NOISE = noise(4.0, 0.05, 42)
+
+
+def test_shipped_weights_are_silero_v6():
+    from safetensors.numpy import load_file
+
+    shipped, v6 = load_file(data_path(WEIGHTS_FILE)), v6_weights()
+    assert shipped.keys() == v6.keys()
+    for k in v6:
+        np.testing.assert_array_equal(shipped[k], v6[k], err_msg=k)
+
+
+@pytest.mark.parametrize("case", ["recording", "silence", "noise"])
+def test_probabilities_equal_silero_onnx(rec, case):
+    wave = {"recording": rec[0], "silence": SILENCE, "noise": NOISE}[case]
+    ours, ref = speech_probabilities(wave), reference_probabilities(wave)
+    assert ours.shape == ref.shape == (math.ceil(wave.shape[0] / FRAME_SAMPLES),)
+    assert np.abs(ours - ref).max() <= 1e-3
+    if case == "recording":
+        assert ref.max() > 0.9 and ref.min() < 0.1  # the case holds both speech and non-speech
+
+
+def test_batched_and_streamed_equal_one_by_one(rec):
+    waves = [rec[0][: 7 * SR + 123], SILENCE[:5000], speech("zh.wav")]
+    alone = [speech_probabilities(w) for w in waves]
+    batched = speech_probabilities(waves)
+    for a, b in zip(alone, batched):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+    # Two streams fed in uneven whole-frame chunks (one stream idle in the middle call) give the same probabilities.
+    state, got = initial_state(2), [[], []]
+    a, b = waves[0][: 200 * FRAME_SAMPLES], waves[2][: 60 * FRAME_SAMPLES]
+    for cut_a, cut_b in [((0, 37), (0, 20)), ((37, 37), (20, 41)), ((37, 200), (41, 60))]:
+        chunks = [a[cut_a[0] * FRAME_SAMPLES : cut_a[1] * FRAME_SAMPLES], b[cut_b[0] * FRAME_SAMPLES : cut_b[1] * FRAME_SAMPLES]]
+        probs, state = stream_probabilities(state, chunks)
+        for g, p in zip(got, probs):
+            g.extend(p)
+    np.testing.assert_allclose(got[0], speech_probabilities(a), atol=1e-5)
+    np.testing.assert_allclose(got[1], speech_probabilities(b), atol=1e-5)
+
+
+def test_new_lengths_inside_a_bucket_compile_nothing():
+    speech_probabilities([noise(3.0, 0.01, 1), noise(1.0, 0.01, 2)])
+    with count_compilations() as compiles:
+        speech_probabilities([noise(2.9, 0.01, 3), noise(2.0, 0.01, 4)])
+        speech_probabilities([noise(2.7, 0.01, 5)] * 2)
+    assert compiles.count == 0
+
+
+RULES = [
+    {},
+    {"threshold": 0.3},
+    {"threshold": 0.7, "min_silence_duration_ms": 300, "speech_pad_ms": 100},
+    {"min_speech_duration_ms": 1000, "speech_pad_ms": 0},
+    {"max_speech_duration_s": 2.0},  # split at the longest silence, or hard where there is none
+    {"max_speech_duration_s": 1.5, "min_silence_duration_ms": 2000},
+]
+
+
+def _ours(probs, n, options):
+    names = {"threshold": "threshold", "min_speech_duration_ms": "min_speech_seconds",
+             "min_silence_duration_ms": "min_silence_seconds", "speech_pad_ms": "pad_seconds",
+             "max_speech_duration_s": "max_speech_seconds"}
+    kwargs = {names[k]: (v / 1000 if k.endswith("_ms") else v) for k, v in options.items()}
+    return segments_from_probabilities(probs, n, **kwargs)
+
+
+@pytest.mark.parametrize("options", RULES)
+def test_rules_equal_silero_on_the_same_probabilities(rec, options):
+    """Silero's get_speech_timestamps_from_probs and ours, fed the same probabilities: the same samples exactly."""
+    rng = np.random.default_rng(len(str(options)))
+    flicker = np.clip(np.repeat(rng.uniform(0, 1, 60), rng.integers(1, 30, 60)), 0, 1)  # runs of random levels
+    for probs, n in [(reference_probabilities(rec[0]), rec[0].shape[0]), (flicker, flicker.shape[0] * 512 - 100)]:
+        ref = get_speech_timestamps_from_probs(list(probs), audio_length_samples=n, **options)
+        assert _ours(probs, n, options) == [(s["start"], s["end"]) for s in ref]
+
+
+def test_segments_equal_get_speech_timestamps(rec):
+    wave = rec[0]
+    ours = speech_segments(wave)
+    ref = reference_segments(wave)
+    assert len(ours) == len(ref) == len(PHRASES)
+    for (a, b), (ra, rb) in zip(ours, ref):
+        assert abs(a * SR - ra) <= FRAME_SAMPLES and abs(b * SR - rb) <= FRAME_SAMPLES
+    # One segment per phrase, inside its true span give or take 100 ms.
+    for (a, b), (ta, tb) in zip(ours, rec[1]):
+        assert ta / SR - 0.1 <= a < b <= tb / SR + 0.1
+
+
+def test_silence_and_noise_have_no_speech():
+    assert speech_segments([SILENCE, NOISE]) == [[], []]
+    assert reference_segments(NOISE) == [] and reference_segments(SILENCE) == []
+
+
+def test_other_sample_rates_are_resampled(rec):
+    import soxr
+
+    wave = rec[0][: 6 * SR]
+    at_8k = soxr.resample(wave, SR, 8000, quality="soxr_hq")
+    got = speech_segments(at_8k, sample_rate=8000)
+    assert len(got) == len(speech_segments(wave))
+    for (a, b), (c, d) in zip(got, speech_segments(wave)):
+        assert abs(a - c) <= 0.064 and abs(b - d) <= 0.064
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="threshold"):
+        speech_segments(SILENCE, threshold=1.5)
+    with pytest.raises(ValueError, match="max_speech_seconds"):
+        speech_segments(SILENCE, max_speech_seconds=0.05)
+    with pytest.raises(ValueError, match="512"):
+        stream_probabilities(initial_state(1), [np.zeros(1000, np.float32)])
+    with pytest.raises(ValueError, match="empty list"):
+        speech_probabilities([])
+
+
+def test_pieces_merge_neighbours_up_to_the_limit(rec):
+    wave, spans = rec
+    segments = [(round(a * SR), round(b * SR)) for a, b in speech_segments(wave)]
+    (wide,), (narrow,) = speech_pieces([wave], 30.0), speech_pieces([wave], 4.0)
+    assert wide == [(segments[0][0], segments[-1][1])]  # everything fits one 30 s piece
+    assert all(b - a <= 4 * SR for a, b in narrow)
+    # Each 4 s piece is a run of whole segments: no speech is cut, none is left out.
+    covered = [s for s in segments if any(a <= s[0] and s[1] <= b for a, b in narrow)]
+    assert covered == segments and narrow[0][0] == segments[0][0] and narrow[-1][1] == segments[-1][1]
+    assert speech_pieces([SILENCE, NOISE]) == [[], []]
+
+
+def test_turns_of_two_utterances_one_second_apart():
+    one, two = speech("hello_en.wav"), speech("newwords/newwords_0001.wav")
+    wave = np.concatenate([noise(0.5, 0.003, 1), one, noise(1.0, 0.003, 2), two, noise(1.0, 0.003, 3)])
+    detector, events = TurnDetector(), []
+    for i in range(0, wave.shape[0], 1234):  # odd chunk sizes, as a client sends them
+        events += detector.feed(wave[i : i + 1234])
+    assert [e.kind for e in events] == ["speech_started", "speech_stopped"] * 2
+    second = 0.5 * SR + one.shape[0] + SR  # where the second utterance's clip begins
+    assert events[0].sample < 0.5 * SR + 0.2 * SR and events[1].sample < second
+    assert events[2].sample >= events[1].sample and events[2].sample < second + 0.5 * SR
