@@ -35,6 +35,8 @@ WEIGHTS_FILE = "silero_vad_16k.safetensors"
 LICENSE_FILE = "SILERO_VAD_LICENSE"
 _WINDOW, _HOP, _BINS = 256, 128, 129  # the STFT: 4 windows over 576 + 64 reflected samples
 _BLOCK = 256  # frames whose convolutions run together inside the scan (bounds memory on hour-long inputs)
+MAX_STREAMS = 64  # rows of one batched call
+BATCH_SAMPLES = 1 << 25  # padded samples of one batched call (35 min of audio, 128 MB)
 _HIGHEST = jax.lax.Precision.HIGHEST  # GPUs and TPUs would otherwise round float32 matmuls (parity is 1e-3)
 
 
@@ -156,17 +158,33 @@ def _padded(waves: Sequence[np.ndarray], state: VadState | None) -> tuple[np.nda
     return audio, np.pad(counts, (0, rows - len(waves))), full
 
 
+def _groups(lengths: list[int]) -> list[list[int]]:
+    """Indices of waves in batches, longest first: at most MAX_STREAMS rows and about BATCH_SAMPLES padded samples
+    each (a longer wave goes alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and len(groups[-1]) < MAX_STREAMS and \
+                next_pow2(len(groups[-1]) + 1) * lengths[groups[-1][0]] <= BATCH_SAMPLES:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def speech_probabilities(audio, sample_rate: int = SAMPLE_RATE):
-    """Speech probability per 32 ms (512 samples at 16 kHz) of one waveform, or of each of a list (one program)."""
+    """Speech probability per 32 ms (512 samples at 16 kHz) of one waveform, or of each of a list (batched)."""
     single = not isinstance(audio, (list, tuple))
     items = [audio] if single else list(audio)
     if not items:
         raise ValueError("speech_probabilities got an empty list; pass a waveform or a list of waveforms")
     waves = [_as_16k(w, sample_rate, f"audio #{i}") for i, w in enumerate(items)]
-    padded, counts, state = _padded(waves, None)
-    probs, _ = speech_probabilities_batch(vad_params(), padded, counts, state)
-    probs = np.asarray(probs)
-    out = [probs[r, :n] for r, n in enumerate(counts[: len(waves)])]
+    out: list[np.ndarray] = [np.zeros(0)] * len(waves)
+    for group in _groups([w.shape[0] for w in waves]):
+        padded, counts, state = _padded([waves[i] for i in group], None)
+        probs = np.asarray(speech_probabilities_batch(vad_params(), padded, counts, state)[0])
+        for r, i in enumerate(group):
+            out[i] = probs[r, : counts[r]]
     return out[0] if single else out
 
 

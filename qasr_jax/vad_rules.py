@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from qasr_jax.audio import SAMPLE_RATE
+from qasr_jax.longform import Piece
 from qasr_jax.vad import FRAME_SAMPLES, initial_state, speech_probabilities, stream_probabilities
 
 NEG_THRESHOLD_GAP = 0.15  # leaving speech takes a probability below threshold - 0.15 (Silero's hysteresis)
@@ -105,22 +106,21 @@ def _16k_length(wave, sample_rate: int) -> int:
     return n if sample_rate == SAMPLE_RATE else int(math.ceil(n * SAMPLE_RATE / sample_rate))
 
 
-def speech_pieces(waves: list[np.ndarray], max_seconds: float = 30.0, threshold: float = 0.5
-                  ) -> list[list[tuple[int, int]]]:
-    """16 kHz waveforms -> for each, its speech cut into pieces of at most ``max_seconds`` as (start, end) samples:
-    Silero's segments (over-long speech split at its longest pause) with neighbours merged while they fit."""
+def speech_pieces(waves: list[np.ndarray], max_seconds: float = 30.0, threshold: float = 0.5) -> list[list[Piece]]:
+    """16 kHz waveforms -> for each, its speech in pieces of at most ``max_seconds`` (offsets in the original):
+    Silero's segments (over-long speech split at its longest pause), neighbours merged while they fit."""
     if max_seconds < 1.0:
-        raise ValueError(f"the VAD piece length must be at least 1 second, got {max_seconds}")
+        raise ValueError(f"the VAD piece length (vad_max_seconds) must be at least 1 second, got {max_seconds}")
     limit = _samples(max_seconds)
     out = []
     for probs, wave in zip(speech_probabilities(list(waves)), waves):
-        pieces: list[list[int]] = []
+        spans: list[list[int]] = []
         for a, b in segments_from_probabilities(probs, wave.shape[0], threshold, max_speech_seconds=max_seconds):
-            if pieces and b - pieces[-1][0] <= limit:
-                pieces[-1][1] = b  # the pause between them stays in the piece: its timeline is the original's
+            if spans and b - spans[-1][0] <= limit:
+                spans[-1][1] = b  # the pause between them stays in the piece, so its timeline is the original's
             else:
-                pieces.append([a, b])
-        out.append([(a, b) for a, b in pieces])
+                spans.append([a, b])
+        out.append([Piece(wave[a:b], a / SAMPLE_RATE) for a, b in spans])
     return out
 
 

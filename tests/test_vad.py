@@ -162,12 +162,15 @@ def test_bad_arguments_are_named():
 def test_pieces_merge_neighbours_up_to_the_limit(rec):
     wave, spans = rec
     segments = [(round(a * SR), round(b * SR)) for a, b in speech_segments(wave)]
-    (wide,), (narrow,) = speech_pieces([wave], 30.0), speech_pieces([wave], 4.0)
+    wide, narrow = ([(round(p.offset * SR), round(p.offset * SR) + p.samples.shape[0]) for p in ps]
+                          for ps in (speech_pieces([wave], 30.0)[0], speech_pieces([wave], 4.0)[0]))
     assert wide == [(segments[0][0], segments[-1][1])]  # everything fits one 30 s piece
-    assert all(b - a <= 4 * SR for a, b in narrow)
+    assert all(b - a <= 4 * SR for a, b in narrow) and len(narrow) > 1
     # Each 4 s piece is a run of whole segments: no speech is cut, none is left out.
     covered = [s for s in segments if any(a <= s[0] and s[1] <= b for a, b in narrow)]
     assert covered == segments and narrow[0][0] == segments[0][0] and narrow[-1][1] == segments[-1][1]
+    piece = speech_pieces([wave], 4.0)[0][1]
+    np.testing.assert_array_equal(piece.samples, wave[narrow[1][0] : narrow[1][1]])
     assert speech_pieces([SILENCE, NOISE]) == [[], []]
 
 
@@ -181,3 +184,39 @@ def test_turns_of_two_utterances_one_second_apart():
     second = 0.5 * SR + one.shape[0] + SR  # where the second utterance's clip begins
     assert events[0].sample < 0.5 * SR + 0.2 * SR and events[1].sample < second
     assert events[2].sample >= events[1].sample and events[2].sample < second + 0.5 * SR
+
+
+# -- transcription with vad=True (the tiny random-weight checkpoint) ---------------------------------------------------
+
+NEW = 8  # new tokens per piece: random weights rarely stop
+
+
+@pytest.fixture(scope="module")
+def asr_dir(checkpoints, tmp_path_factory):
+    from qasr_jax.testing.tokenizer_files import with_tokenizer
+
+    return with_tokenizer(checkpoints("asr").official, tmp_path_factory, "official")
+
+
+@pytest.fixture(scope="module")
+def asr(asr_dir):
+    from qasr_jax.transcribe import Transcriber
+
+    return Transcriber.from_pretrained(asr_dir)
+
+
+def test_transcribe_with_vad_decodes_only_speech_pieces(asr, rec):
+    wave = rec[0]
+    quiet = np.concatenate([SILENCE, NOISE])
+    r, silent = asr.transcribe([wave, quiet], max_new_tokens=NEW, vad=True, vad_max_seconds=4.0)
+    assert silent.text == "" and silent.token_ids == [] and silent.segments == []  # nothing decoded
+    assert asr.transcribe(quiet, max_new_tokens=NEW)[0].token_ids  # without VAD the noise is decoded
+    pieces = speech_pieces([wave], 4.0)[0]
+    alone = asr.transcribe([p.samples for p in pieces], max_new_tokens=NEW)
+    assert r.token_ids == [t for a in alone for t in a.token_ids]  # each piece decoded as if alone
+    spoken = [(p, a) for p, a in zip(pieces, alone) if a.text.strip()]
+    assert [(s.start, s.end, s.text) for s in r.segments] == [
+        (round(p.offset, 3), round(p.offset + p.samples.shape[0] / SR, 3), a.text.strip()) for p, a in spoken]
+    assert r.duration == pytest.approx(wave.shape[0] / SR)
+    with pytest.raises(ValueError, match="vad_max_seconds"):
+        asr.transcribe(wave, vad=True, vad_max_seconds=0.5)
