@@ -220,3 +220,31 @@ def test_transcribe_with_vad_decodes_only_speech_pieces(asr, rec):
     assert r.duration == pytest.approx(wave.shape[0] / SR)
     with pytest.raises(ValueError, match="vad_max_seconds"):
         asr.transcribe(wave, vad=True, vad_max_seconds=0.5)
+
+
+def _cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "QASR_JAX_COMPILATION_CACHE": "off"}
+    return subprocess.run([sys.executable, "-m", "qasr_jax.cli", *args], capture_output=True, text=True, env=env)
+
+
+def test_cli_vad_gives_the_api_segments(asr_dir, asr, rec, tmp_path):
+    import json
+
+    import soundfile as sf
+
+    path = str(tmp_path / "rec.wav")
+    sf.write(path, rec[0], SR, subtype="FLOAT")
+    proc = _cli("transcribe", path, "--model", asr_dir, "--vad", "--vad-max-seconds", "4",
+                "--max-new-tokens", str(NEW), "--output-format", "json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    api = asr.transcribe(path, max_new_tokens=NEW, vad=True, vad_max_seconds=4.0)[0]
+    out = json.loads(proc.stdout)
+    out = out[0] if isinstance(out, list) else out
+    assert out["segments"] == [{"start": s.start, "end": s.end, "text": s.text} for s in api.segments]
+    assert out["token_ids"] == api.token_ids
+    bad = _cli("transcribe", path, "--model", asr_dir, "--vad", "--vad-max-seconds", "0.5")
+    assert bad.returncode != 0 and "--vad-max-seconds" in bad.stderr
