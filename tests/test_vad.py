@@ -248,3 +248,33 @@ def test_cli_vad_gives_the_api_segments(asr_dir, asr, rec, tmp_path):
     assert out["token_ids"] == api.token_ids
     bad = _cli("transcribe", path, "--model", asr_dir, "--vad", "--vad-max-seconds", "0.5")
     assert bad.returncode != 0 and "--vad-max-seconds" in bad.stderr
+
+
+def test_wheel_ships_the_weights_and_license(tmp_path):
+    """The built wheel holds the weights and Silero's license, and the installed copy loads them."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    from qasr_jax.testing import ROOT
+    from qasr_jax.vad import LICENSE_FILE
+
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "dist"), ROOT], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("qasr_jax-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert f"qasr_jax/data/{WEIGHTS_FILE}" in names and f"qasr_jax/data/{LICENSE_FILE}" in names
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                              str(wheel)], capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr[-3000:]
+    probe = ("import qasr_jax.vad as v; print(v.__file__); print(v.data_path(v.LICENSE_FILE)); "
+             "print(sorted(v.vad_params()))")
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    module, license_path, keys = run.stdout.splitlines()[-3:]
+    assert module.startswith(str(target)) and license_path.startswith(str(target))
+    assert "MIT License" in open(license_path).read() and "lstm_in" in keys
