@@ -278,3 +278,96 @@ def test_wheel_ships_the_weights_and_license(tmp_path):
     module, license_path, keys = run.stdout.splitlines()[-3:]
     assert module.startswith(str(target)) and license_path.startswith(str(target))
     assert "MIT License" in open(license_path).read() and "lstm_in" in keys
+
+
+# -- the server: the transcription form field and the realtime WebSocket's server_vad --------------------------------
+
+KEY = "vad-test-key"
+
+
+@pytest.fixture(scope="module")
+def server(asr_dir, tmp_path_factory):
+    from qasr_jax.testing.serving import Served
+
+    root = tmp_path_factory.mktemp("vad-serve")
+    served = Served(asr_dir, "--max-slots", "4", "--max-audio-seconds", "30", "--served-model-name", "qwen3-asr-tiny",
+                    key=KEY, cache=str(root / "xla"), log=str(root / "server.log"))
+    yield served
+    assert served.stop() == 0, served.output()
+
+
+def test_http_vad_field_gives_the_offline_vad_result(server, asr, rec, tmp_path):
+    import io
+    import json
+
+    import soundfile as sf
+
+    from qasr_jax.testing.serving import post
+
+    buf = io.BytesIO()
+    sf.write(buf, rec[0], SR, format="WAV", subtype="PCM_16")
+    path = tmp_path / "rec.wav"
+    path.write_bytes(buf.getvalue())
+    fields = {"model": "qwen3-asr-tiny", "response_format": "verbose_json", "vad": "true", "max_new_tokens": str(NEW)}
+    status, _, body = post(server, "/v1/audio/transcriptions", fields, {"file": ("rec.wav", buf.getvalue())})
+    assert status == 200, body
+    offline = asr.transcribe(str(path), max_new_tokens=NEW, vad=True)[0]
+    got = json.loads(body)
+    assert [(s["start"], s["end"], s["text"]) for s in got["segments"]] == [
+        (s.start, s.end, s.text) for s in offline.segments]
+    assert got["text"] == offline.text and len(offline.segments) >= 1
+    buf = io.BytesIO()
+    sf.write(buf, np.concatenate([SILENCE, NOISE]), SR, format="WAV", subtype="PCM_16")
+    status, _, body = post(server, "/v1/audio/transcriptions", {**fields, "response_format": "json"},
+                           {"file": ("quiet.wav", buf.getvalue())})
+    assert status == 200 and json.loads(body)["text"] == ""
+    status, _, body = post(server, "/v1/audio/transcriptions", {**fields, "vad": "maybe"},
+                           {"file": ("quiet.wav", buf.getvalue())})
+    assert status == 400 and b"vad" in body
+
+
+def test_realtime_server_vad_commits_two_turns(server):
+    """Two utterances 1 s apart, streamed as a client captures them with turn_detection server_vad: the server
+    starts, stops and commits two turns on its own, and each gets its transcript."""
+    import asyncio
+    import base64
+    import json
+
+    import soxr
+    import websockets
+
+    one, two = speech("hello_en.wav"), speech("newwords/newwords_0001.wav")
+    wave = np.concatenate([noise(0.5, 0.003, 1), one, noise(1.0, 0.003, 2), two, noise(1.0, 0.003, 3)])
+    pcm = (np.clip(soxr.resample(wave, SR, 24000, quality="HQ"), -1, 32767 / 32768) * 32768).astype("<i2").tobytes()
+
+    async def run():
+        async with websockets.connect(server.url.replace("http", "ws") + "/v1/realtime?intent=transcription",
+                                      additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+            assert json.loads(await ws.recv())["type"] == "transcription_session.created"
+            await ws.send(json.dumps({"type": "transcription_session.update", "session": {
+                "turn_detection": {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
+                                   "silence_duration_ms": 500}}}))
+            updated = json.loads(await ws.recv())
+            assert updated["session"]["turn_detection"] == {"type": "server_vad", "threshold": 0.5,
+                                                            "prefix_padding_ms": 300, "silence_duration_ms": 500}
+            step = 24000 * 2 // 10  # 100 ms pieces
+            for i in range(0, len(pcm), step):
+                await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                          "audio": base64.b64encode(pcm[i : i + step]).decode()}))
+            events = []
+            while sum(e["type"].endswith(".completed") for e in events) < 2:
+                events.append(json.loads(await asyncio.wait_for(ws.recv(), 600)))
+            return events
+
+    events = asyncio.run(run())
+    turns = [e for e in events if e["type"].startswith("input_audio_buffer.")]
+    assert [e["type"] for e in turns] == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                                          "input_audio_buffer.committed"] * 2
+    items = [turns[2]["item_id"], turns[5]["item_id"]]
+    assert items[0] != items[1] and all(turns[k]["item_id"] == items[k // 3] for k in range(6))
+    starts, ends = [turns[0]["audio_start_ms"], turns[3]["audio_start_ms"]], [turns[1]["audio_end_ms"],
+                                                                              turns[4]["audio_end_ms"]]
+    second_ms = (0.5 * SR + one.shape[0] + SR) / SR * 1000
+    assert starts[0] < ends[0] <= starts[1] < second_ms + 300 < ends[1]
+    done = [e for e in events if e["type"].endswith(".completed")]
+    assert [e["item_id"] for e in done] == items and all(e["transcript"] for e in done)
