@@ -76,7 +76,7 @@ def test_batched_and_streamed_equal_one_by_one(rec):
     state, got = initial_state(2), [[], []]
     a, b = waves[0][: 200 * FRAME_SAMPLES], waves[2][: 60 * FRAME_SAMPLES]
     for cut_a, cut_b in [((0, 37), (0, 20)), ((37, 37), (20, 41)), ((37, 200), (41, 60))]:
-        chunks = [a[cut_a[0] * FRAME_SAMPLES : cut_a[1] * FRAME_SAMPLES], b[cut_b[0] * FRAME_SAMPLES : cut_b[1] * FRAME_SAMPLES]]
+        chunks = [x[lo * FRAME_SAMPLES : hi * FRAME_SAMPLES] for x, (lo, hi) in ((a, cut_a), (b, cut_b))]
         probs, state = stream_probabilities(state, chunks)
         for g, p in zip(got, probs):
             g.extend(p)

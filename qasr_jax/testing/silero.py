@@ -15,7 +15,8 @@ import numpy as np
 # Silero's safetensors names -> the 16 kHz branch of its TorchScript model (silero_vad.jit).
 _JIT_NAMES = {
     "stft_conv.weight": "_model.stft.forward_basis_buffer",
-    **{f"conv{i + 1}.{kind}": f"_model.encoder.{i}.reparam_conv.{kind}" for i in range(4) for kind in ("weight", "bias")},
+    **{f"conv{i + 1}.{kind}": f"_model.encoder.{i}.reparam_conv.{kind}"
+       for i in range(4) for kind in ("weight", "bias")},
     **{f"lstm_cell.{kind}": f"_model.decoder.rnn.{kind}" for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")},
     "final_conv.weight": "_model.decoder.decoder.2.weight",
     "final_conv.bias": "_model.decoder.decoder.2.bias",
