@@ -110,6 +110,8 @@ def check_transcribe_args(args: argparse.Namespace) -> None:
             problems.append(f"{flag} must be >= 1, got {value}")
     if not (math.isfinite(args.max_audio_seconds) and args.max_audio_seconds > 0):
         problems.append(f"--max-audio-seconds must be a positive number of seconds, got {args.max_audio_seconds:g}")
+    if not (math.isfinite(args.vad_max_seconds) and args.vad_max_seconds >= 1):
+        problems.append(f"--vad-max-seconds must be at least 1 second, got {args.vad_max_seconds:g}")
     problems += hotword_problems(args)
     if args.timestamps and not args.aligner:
         problems.append(f"--timestamps needs a forced aligner: add --aligner {DEFAULT_ALIGNER} (or a local aligner "
@@ -216,6 +218,7 @@ def _transcribe(args: argparse.Namespace) -> int:
         files, language=args.language, context=args.context, beam_size=args.beam_size,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, return_timestamps=args.timestamps,
         max_audio_seconds=args.max_audio_seconds, errors="collect", progress=sys.stderr.isatty(),
+        vad=args.vad, vad_max_seconds=args.vad_max_seconds,
         hotwords=read_hotwords(args.hotwords, args.hotwords_file) or None, **boost,
     )
     for i, result in results:
@@ -290,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-new-tokens", type=int, default=None,
                     help="cap on each piece's output tokens (default: 32 + 10 per second of audio)")
     tr.add_argument("--max-audio-seconds", type=float, default=1200.0, help="longer audio is cut into pieces")
+    tr.add_argument("--vad", action="store_true", help="decode only speech (Silero VAD): skips silence and noise, "
+                    "one segment per speech piece; for long recordings with pauses (docs/vad.md)")
+    tr.add_argument("--vad-max-seconds", type=float, default=30.0, help="with --vad: longest piece of merged speech")
     tr.add_argument("--output-format", default="txt", choices=FORMATS)
     tr.add_argument("--output-dir", default=None, help="write FILE_STEM.FORMAT here instead of printing (each file "
                     "whole or not at all)")

@@ -28,6 +28,7 @@ from qasr_jax.prompts import normalize_language, parse_output, supported_languag
 from qasr_jax.results import Result, Segment, join_texts, majority_language
 from qasr_jax.tokenizer import IncrementalDecoder, Tokenizer
 from qasr_jax.units import unit_spans
+from qasr_jax.vad_rules import speech_pieces
 
 ALIGN_PIECE_SECONDS = 180.0  # piece length when word timestamps are asked for (the official toolkit's choice)
 
@@ -177,10 +178,13 @@ class Transcriber:
                         max_audio_seconds: float = 1200.0, errors: str = "raise",
                         progress: bool = False, suppress_eos: bool = False, hotwords=None,
                         hotword_boost: float = hw.DEFAULT_BOOST,
-                        hotwords_in_context: bool = True) -> Iterator[tuple[int, Result]]:
+                        hotwords_in_context: bool = True, vad: bool = False,
+                        vad_max_seconds: float = 30.0) -> Iterator[tuple[int, Result]]:
         """Like ``transcribe`` but yields ``(input index, Result)`` as soon as each input is done.
 
-        ``suppress_eos=True`` makes every piece run to its ``max_new_tokens`` (for benchmarks).
+        ``suppress_eos=True`` makes every piece run to its ``max_new_tokens`` (for benchmarks). ``vad=True`` decodes
+        only speech (Silero VAD, ``qasr_jax.vad``): neighbouring speech merged into pieces of at most
+        ``vad_max_seconds``, one Segment each; silence and noise alone give empty text.
         """
         inputs = self._inputs(audio)
         n = len(inputs)
@@ -212,18 +216,22 @@ class Transcriber:
         pipe = Pipeline(self.model, self.tokenizer, options, batch_size)
         results = [Result(_source_name(x, i)) for i, x in enumerate(inputs)]
         pieces: dict[int, dict[int, Piece]] = collections.defaultdict(dict)
+        waves: dict[int, np.ndarray] = {}
         for i, item in enumerate(inputs):
             try:
-                wave = load_audio(item, name=results[i].source)
+                waves[i] = load_audio(item, name=results[i].source)
             except AudioError as e:
                 if errors == "raise":
                     raise
                 results[i].error = str(e)
                 continue
-            results[i].duration = wave.shape[0] / SAMPLE_RATE
-            if not np.any(wave):  # digital silence: nothing was said
-                continue
-            for p, piece in enumerate(split_long_audio(wave, max_audio_seconds)):
+            results[i].duration = waves[i].shape[0] / SAMPLE_RATE
+            if not np.any(waves[i]):  # digital silence: nothing was said
+                del waves[i]
+        cuts = (speech_pieces(list(waves.values()), min(vad_max_seconds, max_audio_seconds)) if vad and waves else
+                [split_long_audio(w, max_audio_seconds) for w in waves.values()])
+        for i, cut in zip(waves, cuts):
+            for p, piece in enumerate(cut):
                 pieces[i][p] = piece
                 budget = budgets[i] or token_budget(piece.duration, limit)
                 pipe.submit(Work((i, p), piece.samples, langs[i], contexts[i], budget, tries[i]))

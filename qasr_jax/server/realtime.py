@@ -6,8 +6,10 @@ base64), and ends each utterance with ``input_audio_buffer.commit`` (``input_aud
 Audio is resampled to 16 kHz as it arrives and fed to a ``qasr_jax.streaming`` stream; the engine thread
 advances every session's stream in one step. Back come ``conversation.item.input_audio_transcription.delta``
 events as the text grows, and ``.completed`` with the utterance's final transcript after its commit. Errors
-(malformed events, bad settings) come as ``error`` events and the session goes on. There is no server-side voice
-activity detection: ``turn_detection`` is always off, the client commits.
+(malformed events, bad settings) come as ``error`` events and the session goes on. ``turn_detection`` is off
+unless the client asks for ``{"type": "server_vad", "threshold", "prefix_padding_ms", "silence_duration_ms"}``
+(defaults 0.5, 300, 500): then Silero VAD (``qasr_jax.vad_rules.TurnDetector``) finds each utterance, the session
+sends ``input_audio_buffer.speech_started`` / ``.speech_stopped`` and commits the turn itself.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from qasr_jax.audio import SAMPLE_RATE
 from qasr_jax.prompts import normalize_language
+from qasr_jax.vad import FRAME_SAMPLES
 
 INPUT_RATE = 24000  # OpenAI's realtime pcm16 rate
 _counter = itertools.count()
@@ -88,13 +91,18 @@ class Session:
         self.sent: dict[str, str] = {}  # item id -> the text its deltas carried so far
         self.loop = asyncio.get_running_loop()
         self.engine_events: asyncio.Queue = asyncio.Queue()
+        self.turn_detection: dict | None = None  # the server_vad settings, None when the client commits
+        self.turns = None  # a qasr_jax.vad_rules.TurnDetector with server_vad
+        self.heard = np.zeros(0, np.float32)  # recent 16 kHz audio, for the prefix of the next turn
+        self.heard_from = 0  # the stream sample where ``heard`` begins
+        self.fed_to = 0  # the stream sample up to which the open turn's item has its audio
 
     def describe(self) -> dict:
         """The session as OpenAI describes a transcription session."""
         return {"id": self.id, "object": "realtime.transcription_session", "input_audio_format": "pcm16",
                 "input_audio_transcription": {"model": self.server.model_id, "language": self.language,
                                               "prompt": self.context},
-                "turn_detection": None, "modalities": ["text"]}
+                "turn_detection": self.turn_detection, "modalities": ["text"]}
 
     async def send(self, event: dict) -> None:
         await self.ws.send_text(json.dumps({"event_id": _id("event"), **event}, ensure_ascii=False))
@@ -119,7 +127,7 @@ class Session:
             if kind == "transcription_session.update":
                 await self.update(event.get("session"))
             elif kind == "input_audio_buffer.append":
-                self.append(event.get("audio"))
+                await self.append(event.get("audio"))
             elif kind == "input_audio_buffer.commit":
                 await self.commit()
             elif kind == "input_audio_buffer.clear":
@@ -150,10 +158,32 @@ class Session:
             except ValueError as e:
                 raise RealtimeError(str(e), "unsupported_language",
                                     "session.input_audio_transcription.language") from None
+        if "turn_detection" in session:
+            self.set_turn_detection(session["turn_detection"])
         self.language, self.context = language or None, str(settings.get("prompt", self.context) or "")
         await self.send({"type": "transcription_session.updated", "session": self.describe()})
 
-    def append(self, audio: Any) -> None:
+    def set_turn_detection(self, settings: Any) -> None:
+        """``None`` (the client commits) or OpenAI's server_vad settings (Silero VAD ends each turn)."""
+        from qasr_jax.vad_rules import TurnDetector
+
+        if settings is None:
+            self.turn_detection, self.turns = None, None
+            return
+        if not isinstance(settings, dict) or settings.get("type") != "server_vad":
+            raise RealtimeError("turn_detection must be null or {'type': 'server_vad', ...}; this server has no "
+                                "other kind", "unsupported_turn_detection", "session.turn_detection")
+        try:
+            values = {"threshold": float(settings.get("threshold", 0.5)),
+                      "prefix_padding_ms": int(settings.get("prefix_padding_ms", 300)),
+                      "silence_duration_ms": int(settings.get("silence_duration_ms", 500))}
+            turns = TurnDetector(**values)
+        except (TypeError, ValueError) as e:
+            raise RealtimeError(f"turn_detection: {e}", "invalid_value", "session.turn_detection") from None
+        self.turn_detection, self.turns = {"type": "server_vad", **values}, turns
+        self.heard, self.heard_from, self.fed_to = np.zeros(0, np.float32), 0, 0
+
+    async def append(self, audio: Any) -> None:
         if not isinstance(audio, str):
             raise RealtimeError("input_audio_buffer.append needs 'audio': base64 pcm16", "invalid_event", "audio")
         try:
@@ -163,18 +193,59 @@ class Session:
         if len(pcm) % 2:
             raise RealtimeError(f"'audio' holds {len(pcm)} bytes, not whole 16-bit samples", "invalid_audio",
                                 "audio")
+        if self.turns is not None:
+            await self.detect(self.resampler.push(pcm))
+            return
         if self.item is None:  # the first audio of an utterance opens its stream
-            self.item = Item(self.language, self.context, self._deliver)
-            self.server.scheduler.realtime("open", self.item)
+            self.open()
         self.server.scheduler.realtime("feed", self.item, self.resampler.push(pcm))
+
+    def open(self) -> None:
+        self.item = Item(self.language, self.context, self._deliver)
+        self.server.scheduler.realtime("open", self.item)
+
+    async def detect(self, samples: np.ndarray) -> None:
+        """server_vad: run the detector over new audio; open a turn where speech starts (with its prefix padding),
+        feed it, and commit it where the speech stops."""
+        self.heard = np.concatenate([self.heard, samples])
+        for event in await asyncio.to_thread(self.turns.feed, samples):
+            at_ms = int(round(event.sample * 1000 / SAMPLE_RATE))
+            if event.kind == "speech_started":
+                self.open()
+                self.fed_to = max(event.sample, self.heard_from)
+                self.feed_heard()
+                await self.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": at_ms,
+                                 "item_id": self.item.id})
+            elif self.item is not None:
+                self.feed_heard()
+                item, self.item = self.item, None
+                await self.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": at_ms,
+                                 "item_id": item.id})
+                await self.committed(item)
+        if self.item is not None:
+            self.feed_heard()
+        keep = self.turns.prefix + 4 * FRAME_SAMPLES  # enough for the next turn's prefix padding
+        drop = max(0, self.heard.shape[0] - keep)
+        self.heard, self.heard_from = self.heard[drop:], self.heard_from + drop
+
+    def feed_heard(self) -> None:
+        """Give the open turn's item the audio heard since ``fed_to``."""
+        end = self.heard_from + self.heard.shape[0]
+        self.server.scheduler.realtime("feed", self.item, self.heard[self.fed_to - self.heard_from :])
+        self.fed_to = end
 
     async def commit(self) -> None:
         if self.item is None:
             raise RealtimeError("the input audio buffer is empty: append audio before committing",
                                 "input_audio_buffer_commit_empty")
         item, self.item = self.item, None
-        self.server.scheduler.realtime("feed", item, self.resampler.push(b"", last=True))
-        self.resampler = Pcm16Resampler()
+        if self.turns is None:  # with server_vad the audio goes on: the resampler keeps its state
+            self.server.scheduler.realtime("feed", item, self.resampler.push(b"", last=True))
+            self.resampler = Pcm16Resampler()
+        await self.committed(item)
+
+    async def committed(self, item: Item) -> None:
+        """Close an utterance: its stream finishes on the engine thread; the client hears that it was committed."""
         self.server.scheduler.realtime("commit", item)
         await self.send({"type": "input_audio_buffer.committed", "previous_item_id": self.previous,
                          "item_id": item.id})

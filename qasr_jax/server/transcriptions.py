@@ -3,7 +3,8 @@
 OpenAI's fields: ``file``, ``model``, ``language`` (ISO code or name), ``prompt`` (the context), ``response_format``
 (json, text, srt, vtt, verbose_json), ``temperature`` (0 only), ``stream``, ``include[]=logprobs`` and
 ``timestamp_granularities[]`` (``word`` needs the server's aligner). Our own: ``beam_size`` and
-``max_new_tokens`` (each piece's cap; default: a budget that grows with the audio's duration).
+``max_new_tokens`` (each piece's cap; default: a budget that grows with the audio's duration), ``vad`` (true:
+decode only speech, in pieces of at most 30 s, as ``transcribe(vad=True)``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from qasr_jax.prompts import normalize_language
 from qasr_jax.server.openai_format import RESPONSE_FORMATS, APIError, logprobs, render, sse, stable_text
 from qasr_jax.server.scheduler import Event, Job
 from qasr_jax.transcribe import ALIGN_PIECE_SECONDS, Result
+from qasr_jax.vad_rules import speech_pieces
 
 PIECE_SECONDS = 1200.0  # longer audio is cut into pieces, as Transcriber.transcribe's default max_audio_seconds
+VAD_PIECE_SECONDS = 30.0  # with vad=true, as transcribe's default vad_max_seconds
 MAX_BEAM = 8
 MAX_HOTWORDS = 1000
 CLIENT_CLOSED = 499  # the status recorded for a request whose client went away (nginx's convention)
@@ -49,6 +52,7 @@ class Options:
     max_new_tokens: int | None = None
     hotwords: list[str] = dataclasses.field(default_factory=list)
     hotword_boost: float = hw.DEFAULT_BOOST
+    vad: bool = False
 
 
 def _values(form, name: str) -> list[str]:
@@ -134,9 +138,18 @@ def parse_options(form, server) -> Options:
         if not (math.isfinite(o.hotword_boost) and o.hotword_boost >= 0):
             raise APIError(400, f"hotword_boost must be a non-negative number, got {raw!r}", "hotword_boost",
                            "invalid_value")
+    o.vad = _flag(form, "vad")
     if o.hotwords:
         o.context = hw.with_context(o.context, o.hotwords)  # as offline: the model reads them too
     return o
+
+
+def _flag(form, name: str) -> bool:
+    """A true/false form field (absent: false)."""
+    raw = str(form.get(name) or "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise APIError(400, f"{name} must be true or false, got {raw!r}", name, "invalid_value")
+    return raw in ("true", "1")
 
 
 def read_upload(upload: UploadFile, name: str) -> np.ndarray:
@@ -187,6 +200,8 @@ async def transcribe(request: Request, server) -> Response:
     result = Result(name, duration=duration)
     # Digital silence: nothing was said, as offline (no pieces, an empty transcript).
     pieces = split_long_audio(wave, ALIGN_PIECE_SECONDS if o.words else PIECE_SECONDS) if np.any(wave) else []
+    if o.vad and pieces:  # only speech, merged into pieces of at most VAD_PIECE_SECONDS (none for silence or noise)
+        pieces = (await asyncio.to_thread(speech_pieces, [wave], VAD_PIECE_SECONDS))[0]
     budgets = [o.max_new_tokens or token_budget(p.duration, server.token_limit) for p in pieces]
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     job = Job(pieces, o.language, o.context, budgets, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
