@@ -93,9 +93,14 @@ def check_model_args(model: str, language: str | None = None, context: str = "",
 def require_extra(extra: str, modules: tuple[str, ...], command: str) -> None:
     """Raise an ImportError that says how to install the ``extra`` when one of ``modules`` is missing (checked
     before anything is loaded, as ``serve`` does)."""
-    import importlib.util
+    import importlib
 
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
     if missing:
         raise ImportError(f"No module named {missing[0]!r}: {command} needs the {extra} extra: "
                           f'pip install ".[{extra}]" in a checkout of qasr-jax (or pip install "SOURCE[{extra}]" '
