@@ -46,7 +46,8 @@ class AudioFileNotFoundError(AudioError, FileNotFoundError):
 def load_audio(src: Any, name: str | None = None) -> np.ndarray:
     """Return `src` (a file path, a ``(samples, rate)`` tuple, or a 16 kHz array) as 16 kHz mono float32 samples.
 
-    Arrays are 1-D or ``(channels, samples)``; channels are averaged and other rates are resampled with soxr.
+    Arrays are 1-D, ``(channels, samples)`` or ``(samples, channels)`` as ``soundfile.read`` gives them (the longer
+    axis is time); channels are averaged and other rates are resampled with soxr.
     Integer PCM arrays are scaled to [-1, 1). `name` labels the input in error messages (e.g. ``"array input #3"``).
     Raises AudioError (a ValueError) for anything unusable. Silent audio is valid.
     """
@@ -128,7 +129,7 @@ def _as_float_array(samples: Any, label: str) -> np.ndarray:
 
 
 def _to_mono_16k(samples: np.ndarray, rate: int, label: str) -> np.ndarray:
-    """(samples,) or (channels, samples) at `rate` -> (n,) float32 at 16 kHz, after checking shape and values."""
+    """(samples,), (channels, samples) or (samples, channels) at `rate` -> (n,) float32 at 16 kHz, checked."""
     if samples.ndim == 0 or samples.ndim > 2:
         raise AudioError(
             f"{label}: expected 1-D samples or a 2-D (channels, samples) array, got shape {samples.shape}; "
@@ -136,13 +137,8 @@ def _to_mono_16k(samples: np.ndarray, rate: int, label: str) -> np.ndarray:
         )
     if samples.size == 0:
         raise AudioError(f"{label}: audio is empty (0 samples); pass at least one sample")
-    if samples.ndim == 2:
-        if samples.shape[0] > samples.shape[1]:
-            raise AudioError(
-                f"{label}: 2-D audio must be (channels, samples), but shape {samples.shape} has more rows than "
-                "columns, which looks like (samples, channels): pass samples.T"
-            )
-        samples = samples.mean(axis=0)
+    if samples.ndim == 2:  # (channels, samples) or soundfile's (samples, channels): the long axis is time
+        samples = samples.mean(axis=1 if samples.shape[0] > samples.shape[1] else 0)
     if not np.all(np.isfinite(samples)):
         raise AudioError(f"{label}: audio contains NaN or Inf samples; clean or re-decode the audio")
     if rate != SAMPLE_RATE:

@@ -14,7 +14,8 @@ from qasr_jax import __version__, formats, progress
 from qasr_jax.aligner import DEFAULT_MODEL as DEFAULT_ALIGNER
 from qasr_jax.aligner import MAX_SECONDS as ALIGN_MAX_SECONDS
 from qasr_jax.aligner import Aligner
-from qasr_jax.cli_options import add_hotword_flags, add_quantize_flag, hotword_problems, mesh_arg, read_hotwords
+from qasr_jax.cli_options import (add_hotword_flags, add_quantize_flag, check_model_args, hotword_problems, mesh_arg,
+                                  read_hotwords)
 from qasr_jax.loading import DTYPES
 from qasr_jax.server.command import add_command as add_serve
 
@@ -101,6 +102,18 @@ def expand_inputs(args: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+def output_dir_problems(folder: str) -> list[str]:
+    """What stops ``--output-dir folder`` from being made or written (a file on its path, no write access)."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):  # the nearest part of the path that exists is where the folders are made
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return [f"--output-dir {folder}: {path} is a file, not a folder; choose another output folder"]
+    if not os.access(path, os.W_OK | os.X_OK):
+        return [f"--output-dir {folder}: cannot write in {path} (permission denied); choose another output folder"]
+    return []
+
+
 def check_transcribe_args(args: argparse.Namespace) -> None:
     """Raise a ValueError naming every bad ``transcribe`` flag (by its flag name) before anything is loaded."""
     problems = []
@@ -118,6 +131,8 @@ def check_transcribe_args(args: argparse.Namespace) -> None:
                         "folder)")
     if args.skip_existing and not args.output_dir:
         problems.append("--skip-existing needs --output-dir (it skips the inputs whose output file is there)")
+    if args.output_dir:
+        problems += output_dir_problems(args.output_dir)
     cluster = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
                "--process-id": args.process_id}
     given = [flag for flag, v in cluster.items() if v is not None]
@@ -170,9 +185,6 @@ def report_result(result, args: argparse.Namespace) -> bool:
     return result.error is not None
 
 
-
-
-
 def _transcribe(args: argparse.Namespace) -> int:
     check_transcribe_args(args)
     if args.aligner and not args.timestamps:
@@ -205,7 +217,9 @@ def _transcribe(args: argparse.Namespace) -> int:
     files = [path for path, _ in inputs]
     if not files:  # everything done already, or more processes than inputs
         return 0
-    asr = Transcriber.from_pretrained(args.model, dtype=args.dtype, aligner=args.aligner,
+    words = read_hotwords(args.hotwords, args.hotwords_file)
+    path = check_model_args(args.model, args.language, args.context, words)
+    asr = Transcriber.from_pretrained(path, dtype=args.dtype, aligner=args.aligner,
                                       mesh=mesh_arg(args.mesh), sharding=args.sharding, quantize=args.quantize)
     limit = token_limit(asr.model.config)  # as Transcriber checks it
     if args.max_new_tokens is not None and args.max_new_tokens > limit:
@@ -219,7 +233,7 @@ def _transcribe(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, return_timestamps=args.timestamps,
         max_audio_seconds=args.max_audio_seconds, errors="collect", progress=sys.stderr.isatty(),
         vad=args.vad, vad_max_seconds=args.vad_max_seconds,
-        hotwords=read_hotwords(args.hotwords, args.hotwords_file) or None, **boost,
+        hotwords=words or None, **boost,
     )
     for i, result in results:
         failed += report_result(result, args)
@@ -331,9 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--split", action="store_true",
                     help=f"align audio over {ALIGN_MAX_SECONDS / 60:g} min window by window (approximate at joins)")
     al.set_defaults(func=_align)
-    from qasr_jax import cli_stream  # the stream command lives in its own module
+    from qasr_jax import cli_env, cli_stream  # the stream and env commands live in their own modules
 
     cli_stream.add_command(sub)
+    cli_env.add_command(sub)
     add_serve(sub)
     from qasr_jax.cli_train import add_commands
 
@@ -344,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qasr-jax`` command."""
     args = build_parser().parse_args(argv)
-    if args.command != "convert":
+    if args.command not in ("convert", "env"):  # env reports the cache without making it
         from qasr_jax.compiles import enable_compilation_cache
 
         enable_compilation_cache()  # later runs with the same shapes skip compiling (see QASR_JAX_COMPILATION_CACHE)

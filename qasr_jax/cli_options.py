@@ -51,3 +51,57 @@ def read_hotwords(inline: str | None, path: str | None) -> list[str]:
             raise ValueError(f"--hotwords-file {path}: cannot read it ({e.strerror}); pass a UTF-8 text file with "
                              "one hotword per line") from None
     return list(dict.fromkeys(w for w in words if w))
+
+
+def check_model_args(model: str, language: str | None = None, context: str = "", hotwords=()) -> str:
+    """Resolve ``--model`` and check it, ``--language`` and ``--context`` (with the hotwords) before the weights
+    load -> the checkpoint folder; a ValueError names each bad flag."""
+    import json
+    import os
+
+    from qasr_jax.config import ModelConfig, load_config
+    from qasr_jax.convert.orbax_io import CONFIG_FILE, is_orbax_export
+    from qasr_jax.hotwords import with_context
+    from qasr_jax.hub import resolve_model_path
+    from qasr_jax.prompts import context_problem, normalize_language, supported_languages
+    from qasr_jax.tokenizer import Tokenizer
+
+    path = resolve_model_path(model)
+    if is_orbax_export(path):
+        with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
+            cfg = ModelConfig.from_dict(json.load(f))
+    else:
+        cfg = load_config(path)
+    if cfg.is_aligner:
+        raise ValueError(f"--model {model} is a forced aligner, not an ASR model; pass it as --aligner (with "
+                         "--timestamps) and an ASR checkpoint as --model")
+    problems = []
+    if language is not None and str(language).strip():
+        try:
+            normalize_language(language, supported_languages(cfg.support_languages))
+        except ValueError as e:
+            problems.append(f"--language: {e}")
+    flag = "--context with --hotwords" if hotwords else "--context"
+    problem = context_problem(Tokenizer.from_dir(path), with_context(context or "", hotwords), flag)
+    if problem:
+        problems.append(problem)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return path
+
+
+def require_extra(extra: str, modules: tuple[str, ...], command: str) -> None:
+    """Raise an ImportError that says how to install the ``extra`` when one of ``modules`` is missing (checked
+    before anything is loaded, as ``serve`` does)."""
+    import importlib
+
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise ImportError(f"No module named {missing[0]!r}: {command} needs the {extra} extra: "
+                          f'pip install ".[{extra}]" in a checkout of qasr-jax (or pip install "SOURCE[{extra}]" '
+                          "with the git URL or folder you installed qasr-jax from; it is not on PyPI)")

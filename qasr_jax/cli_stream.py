@@ -1,5 +1,6 @@
 """``qasr-jax stream``: live transcription of a file (as fast as possible, or paced with ``--realtime``) or of raw
-16 kHz mono s16le samples on standard input (``-``: a pipe from ffmpeg, arecord or sox).
+16 kHz mono s16le samples on standard input (``-``: a pipe from ffmpeg, arecord or sox; a WAV stream there is
+recognised by its RIFF header and read at its own rate and channel count).
 
 On a terminal the transcript being written is one line rewritten in place, and each committed segment stays on a
 line of its own; otherwise (a pipe or a file) each update prints the whole transcript so far as one line, and the
@@ -16,7 +17,9 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
+import soxr
 
+from qasr_jax.audio import SAMPLE_RATE
 from qasr_jax.loading import DTYPES
 
 DEFAULT_MODEL = "Qwen/Qwen3-ASR-0.6B"
@@ -26,7 +29,7 @@ def add_command(sub) -> None:
     """Add the ``stream`` subcommand to the CLI's subparsers."""
     st = sub.add_parser("stream", help="live transcription of a file, or of raw 16 kHz s16le audio on stdin (-)")
     st.add_argument("source", help="audio file, or - for raw 16 kHz mono signed 16-bit little-endian samples on "
-                                   "stdin (e.g. ffmpeg -i in.mp3 -f s16le -ac 1 -ar 16000 -)")
+                                   "stdin (e.g. ffmpeg -i in.mp3 -f s16le -ac 1 -ar 16000 -) or a WAV stream")
     st.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or hub id")
     st.add_argument("--language", default=None, help="force a language (name or ISO code); default: detect")
     st.add_argument("--context", default="", help="context text: names, hotwords, domain terms")
@@ -66,7 +69,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def _file_blocks(path: str, block: int, realtime: bool) -> Iterator[np.ndarray]:
-    from qasr_jax.audio import SAMPLE_RATE, load_audio
+    from qasr_jax.audio import load_audio
 
     wave = load_audio(path)
     start = time.monotonic()
@@ -76,15 +79,75 @@ def _file_blocks(path: str, block: int, realtime: bool) -> Iterator[np.ndarray]:
         yield wave[at : at + block]
 
 
-def _stdin_blocks(block: int) -> Iterator[np.ndarray]:
-    stdin = sys.stdin.buffer
+def _read_exactly(stream, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        more = stream.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+WAV_FORMATS = {(1, 16): "<i2", (1, 32): "<i4", (3, 32): "<f4"}  # (format tag, bits) -> sample dtype
+WAV_EXTENSIBLE = 0xFFFE  # the format tag whose real tag is the first two bytes of its sub-format GUID
+
+
+def read_wav_header(stream) -> tuple[int, int, str, int | None]:
+    """Read a RIFF/WAVE header, its first 12 bytes read already, from ``stream`` up to its samples -> (rate,
+    channels, sample dtype, data bytes or None when unknown, as a pipe writes it); ValueError when unusable."""
+    fmt = None
     while True:
-        data = stdin.read(2 * block)  # blocks until a whole chunk or the end of the input
-        if not data:
+        chunk = _read_exactly(stream, 8)
+        if len(chunk) < 8:
+            raise ValueError("stdin: the WAV header ends before its data; pass a whole WAV file or raw samples")
+        kind, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+        if kind == b"data":
+            break
+        body = _read_exactly(stream, size + size % 2)  # chunks are padded to an even length
+        if kind == b"fmt ":
+            tag, channels, rate = (int.from_bytes(body[a:b], "little") for a, b in ((0, 2), (2, 4), (4, 8)))
+            bits = int.from_bytes(body[14:16], "little")
+            if tag == WAV_EXTENSIBLE and len(body) >= 26:
+                tag = int.from_bytes(body[24:26], "little")
+            fmt = (tag, bits, channels, rate)
+    if fmt is None:
+        raise ValueError("stdin: the WAV header has no fmt chunk before its data; pass a valid WAV file")
+    tag, bits, channels, rate = fmt
+    if (tag, bits) not in WAV_FORMATS or channels < 1 or rate < 1:
+        raise ValueError(f"stdin: WAV of format tag {tag} with {bits}-bit samples is not read here (16- or 32-bit "
+                         "integer PCM, or 32-bit float); convert it first: ffmpeg -i - -f s16le -ac 1 -ar 16000 -")
+    return rate, channels, WAV_FORMATS[(tag, bits)], None if size in (0, 0xFFFFFFFF) else size
+
+
+def _stdin_blocks(block: int) -> Iterator[np.ndarray]:
+    """16 kHz mono float32 blocks from stdin: raw 16 kHz s16le, or a WAV stream (its own rate and channels)."""
+    stdin = sys.stdin.buffer
+    head = _read_exactly(stdin, 12)
+    rate, channels, dtype, left = SAMPLE_RATE, 1, "<i2", None
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":  # a header, not samples
+        rate, channels, dtype, left = read_wav_header(stdin)
+        head = b""
+    frame = channels * np.dtype(dtype).itemsize
+    resampler = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32")
+    pending = head
+    while True:
+        want = block * frame - len(pending) if left is None else min(block * frame - len(pending), left)
+        got = _read_exactly(stdin, want) if want > 0 else b""  # a whole block, or less at the end of the input
+        left = None if left is None else left - len(got)
+        end = len(got) < want or left == 0
+        data = pending + got
+        usable = len(data) // frame * frame  # a partial frame at the very end cannot be a sample
+        pending = data[usable:]
+        samples = np.frombuffer(data[:usable], dtype).reshape(-1, channels).mean(axis=1, dtype=np.float32)
+        if dtype != "<f4":
+            samples /= np.float32(2 ** (8 * np.dtype(dtype).itemsize - 1))
+        if resampler is not None:
+            samples = resampler.resample_chunk(samples, last=end)
+        if samples.shape[0]:
+            yield samples
+        if end:
             return
-        if len(data) % 2:  # an odd byte at the very end cannot be a sample
-            data = data[:-1]
-        yield np.frombuffer(data, "<i2")
 
 
 def one_line(text: str) -> str:
@@ -99,7 +162,7 @@ class LineDisplay:
         self.out = out
         self.tty = out.isatty()
         self.fixed = ""  # committed text already printed for good (terminal)
-        self.last = None
+        self.last = ""  # nothing heard yet prints nothing (silence is an empty transcript)
 
     def update(self, partial) -> None:
         """Show a Partial."""
@@ -131,13 +194,13 @@ def run(args: argparse.Namespace) -> int:
     """The ``stream`` command."""
     check_args(args)
     from qasr_jax import hotwords as hw
-    from qasr_jax.audio import SAMPLE_RATE
-    from qasr_jax.cli_options import read_hotwords
+    from qasr_jax.cli_options import check_model_args, read_hotwords
     from qasr_jax.transcribe import Transcriber
 
     words = read_hotwords(args.hotwords, args.hotwords_file)
     boost = hw.DEFAULT_BOOST if args.hotword_boost is None else args.hotword_boost
-    asr = Transcriber.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize)
+    path = check_model_args(args.model, args.language, args.context, words)
+    asr = Transcriber.from_pretrained(path, dtype=args.dtype, quantize=args.quantize)
     options = {} if args.segment_seconds is None else {"segment_seconds": args.segment_seconds}
     edges = hw.edges_of(hw.request(words, asr.tokenizer.encode, boost))
     driver = asr.stream_driver(slots=1, max_new_tokens=max(32, args.max_new_tokens), hotword_edges=edges, **options)

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from qasr_jax.cli_options import check_model_args, require_extra
 from qasr_jax.training import FREEZABLE, LORA_MODULES
 
 
@@ -26,7 +27,11 @@ def _mesh(spec: str | None):
     return mesh_arg(spec)
 
 
+TRAIN_MODULES = ("grain", "qwix", "jiwer")  # the train extra: input pipeline, LoRA, WER
+
+
 def _finetune(args: argparse.Namespace) -> int:
+    require_extra("train", TRAIN_MODULES, "finetune")  # before the manifests are read or the model loads
     import qasr_jax
     from qasr_jax.data import read_manifest
     from qasr_jax.finetune import export, finetune, steps_for_epochs
@@ -59,8 +64,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from qasr_jax.evaluation import evaluate, format_report
     from qasr_jax.transcribe import Transcriber
 
+    require_extra("train", ("jiwer",), "evaluate")  # WER and CER; checked before the model loads
     examples = read_manifest(args.manifest)
-    asr = Transcriber.from_pretrained(args.model, dtype=args.dtype, mesh=_mesh(args.mesh))
+    asr = Transcriber.from_pretrained(check_model_args(args.model), dtype=args.dtype, mesh=_mesh(args.mesh))
     report, rows = evaluate(asr, examples, args.batch_size, args.max_new_tokens, progress=sys.stderr.isatty())
     if args.output_format == "json":
         print(json.dumps(report, ensure_ascii=False))

@@ -15,6 +15,9 @@ AUDIO_TOKEN_ID = 151676
 AUDIO_START_TOKEN_ID = 151669
 AUDIO_END_TOKEN_ID = 151670
 TIMESTAMP_TOKEN_ID = 151705
+# The longest context (system prompt text: --context, prompt=, hotwords joined to it) accepted, in tokens: the
+# official maintainers budget hotword context at up to 10,000 tokens; longer ones are refused before the model runs.
+MAX_CONTEXT_TOKENS = 10_000
 
 
 class ConfigError(ValueError):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
+from qasr_jax.config import MAX_CONTEXT_TOKENS
 from qasr_jax.tokenizer import Tokenizer
 
 # Language names the model was trained with (the spelling in "language {Name}"), keyed by ISO 639 code.
@@ -93,6 +94,15 @@ def normalize_language(lang: str, supported: Iterable[str] | None = None) -> str
     )
 
 
+def context_problem(tok: Tokenizer, context: str, name: str = "context") -> str | None:
+    """Why ``context`` is refused (more than ``MAX_CONTEXT_TOKENS`` tokens), naming it ``name``; None when it fits."""
+    n = len(tok.encode(context)) if context else 0
+    if n <= MAX_CONTEXT_TOKENS:
+        return None
+    return (f"{name} is {n:,} tokens, over the limit of {MAX_CONTEXT_TOKENS:,} (qasr_jax.config.MAX_CONTEXT_TOKENS); "
+            "shorten it to the names and terms the audio may hold")
+
+
 def build_prompt_ids(
     tok: Tokenizer,
     n_audio_tokens: int,
@@ -168,13 +178,15 @@ def parse_output(
     """``(language, text)`` from generated ids (prompt excluded); pass ``language`` when the prompt forced one."""
     ids = _strip_at_eos([int(i) for i in token_ids], tok.eos_ids)
     asr_text = tok.asr_text_id
+    # As the official parse_asr_output: only the first <asr_text> ends the header; a later one (or any when the
+    # language was forced) is transcript and stays in the text as written.
     if language is not None and str(language).strip():
         # The prompt already held the header, so every generated id is transcript.
-        lang, body = normalize_language(language, supported), [i for i in ids if i != asr_text]
+        lang, body = normalize_language(language, supported), ids
     elif asr_text in ids:
         cut = ids.index(asr_text)
         lang = _header_language(tok.decode(ids[:cut]), supported)
-        body = [i for i in ids[cut + 1 :] if i != asr_text]
+        body = ids[cut + 1 :]
     else:
         text = tok.decode(ids)
         if _is_partial_header(text):  # stopped before the header was complete: no transcript yet

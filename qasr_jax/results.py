@@ -44,14 +44,19 @@ class Result:
         segments, words, error)."""
         conf = self.confidence
         d = {"file": self.source, "language": self.language, "text": self.text, "token_ids": self.token_ids,
-             "token_logprobs": [round(x, 6) for x in self.token_logprobs],
-             "confidence": None if conf is None else round(conf, 6), "truncated": self.truncated,
+             "token_logprobs": [rounded_logprob(x) for x in self.token_logprobs],
+             "confidence": None if conf is None else rounded_logprob(conf), "truncated": self.truncated,
              "duration": round(self.duration, 3), "segments": [dataclasses.asdict(s) for s in self.segments]}
         if self.words is not None:
             d["words"] = [dataclasses.asdict(w) for w in self.words]
         if self.error is not None:
             d["error"] = self.error
         return d
+
+
+def rounded_logprob(x: float) -> float:
+    """A log-probability rounded to 6 decimals, never -0.0 (a sure token prints as 0.0)."""
+    return round(float(x), 6) + 0.0  # IEEE: -0.0 + 0.0 is +0.0
 
 
 def join_texts(texts: list[str], language: str | None) -> str:

@@ -94,8 +94,10 @@ class _Segment:
         self.truncated = False  # the last decode stopped at max_new_tokens
         self.inserted = False  # the slot holds this segment's last prompt
         self.loudest = 0.0  # mean square of the loudest 0.1 s block so far
+        self.heard = False  # any non-zero sample yet (digital silence is not decoded: its text is "")
 
     def hear(self, chunk: np.ndarray) -> None:
+        self.heard = self.heard or bool(np.any(chunk))
         n = chunk.shape[0] // LOUDNESS_BLOCK * LOUDNESS_BLOCK
         blocks = chunk[:n].reshape(-1, LOUDNESS_BLOCK) if n else chunk[None]
         self.loudest = max(self.loudest, float(np.max(np.mean(np.square(blocks, dtype=np.float64), axis=1))))
@@ -356,7 +358,14 @@ class StreamDriver:
                 _, after = prompt_parts(tok, seg.context, state.opts.language, prefix)
             seg.audio.append(chunk)
             seg.hear(chunk)
-            jobs.append((state, seg, prefix, after))
+            if seg.heard:
+                jobs.append((state, seg, prefix, after))
+            else:  # nothing said yet, as transcribe() sees silence: the chunk counts, its output is empty
+                seg.chunks += 1
+                if seg.audio.samples >= self.segment_seconds * SAMPLE_RATE:
+                    self._commit(state, fresh=True)
+        if not jobs:
+            return
         refresh(self.engine, [seg.audio for _, seg, _, _ in jobs])
 
         rows = []  # (ids, audio embeds) of each prompt's part after what its slot keeps

@@ -24,8 +24,8 @@ from qasr_jax.loading import Model, load
 from qasr_jax.longform import Piece, split_long_audio
 from qasr_jax.pipeline import DecodeOptions, Pipeline, Work, token_budget, token_limit
 from qasr_jax.progress import audio_progress
-from qasr_jax.prompts import normalize_language, parse_output, supported_languages
-from qasr_jax.results import Result, Segment, join_texts, majority_language
+from qasr_jax.prompts import context_problem, normalize_language, parse_output, supported_languages
+from qasr_jax.results import Result, Segment, join_texts, majority_language, rounded_logprob
 from qasr_jax.tokenizer import IncrementalDecoder, Tokenizer
 from qasr_jax.units import unit_spans
 from qasr_jax.vad_rules import speech_pieces
@@ -74,7 +74,7 @@ def word_logprobs(tok: Tokenizer, part: _Part, words: list[str]) -> list[float |
     for span in unit_spans(text, words):
         hit = [] if span is None else [logprobs[start + t] for t, (b, e) in enumerate(zip(begins, ends))
                                        if b < span[1] and e > span[0]]
-        out.append(round(float(np.mean(hit)), 6) if hit else None)
+        out.append(rounded_logprob(float(np.mean(hit))) if hit else None)
     return out
 
 
@@ -207,6 +207,11 @@ class Transcriber:
         words = _hotword_lists(hotwords, n)
         if hotwords_in_context:
             contexts = [hw.with_context(c, w) for c, w in zip(contexts, words)]
+        for i, c in enumerate(contexts):  # before any audio is read or the model runs
+            problem = context_problem(self.tokenizer, c, "context" + (f" of input #{i}" if n > 1 else "")
+                                      + (" with its hotwords" if hotwords_in_context and words[i] else ""))
+            if problem:
+                raise ValueError(problem)
         tries = [hw.request(w, self.tokenizer.encode, hotword_boost) for w in words]
         if return_timestamps:  # the aligner takes pieces of at most ALIGN_PIECE_SECONDS, as the official toolkit
             max_audio_seconds = min(max_audio_seconds, ALIGN_PIECE_SECONDS)

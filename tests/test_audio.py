@@ -293,7 +293,6 @@ def test_load_audio_bad_arrays_name_the_input():
     _raises(bad, "array input #2", "NaN", name="array input #2")
     bad[100] = np.inf
     _raises(bad, "array input", "Inf")
-    _raises(np.stack([good, good], axis=1), "array input", "(channels, samples)", "samples.T")
     _raises(np.zeros((1, 2, 16000), np.float32), "array input", "shape (1, 2, 16000)")
     _raises(np.float32(0.5), "array input", "1-D")
     _raises(good.astype(np.complex64), "array input", "dtype complex64")

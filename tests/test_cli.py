@@ -4,11 +4,13 @@ flag errors by flag name, warnings, --version, convert's guard, and a job killed
 from __future__ import annotations
 
 import fcntl
+import importlib.metadata
 import io
 import json
 import os
 import pty
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -21,6 +23,7 @@ import pytest
 import soundfile as sf
 
 from qasr_jax import cli, progress
+from qasr_jax.tokenizer import Tokenizer
 from qasr_jax.transcribe import Result, Transcriber
 from qasr_jax.testing import DATA, synthetic
 from qasr_jax.testing.tokenizer_files import with_tokenizer
@@ -208,6 +211,72 @@ def test_limits_that_need_the_model_name_the_flag(asr_dir, capsys, no_disk_cache
     wav = os.path.join(DATA, "hello_en.wav")
     code, out, err = run_main(["transcribe", wav, "--model", asr_dir, "--max-new-tokens", "1000000"], capsys)
     assert code == 2 and out == "" and "--max-new-tokens must be at most" in err and "max_new_tokens" not in err
+
+
+def weightless(model_dir: str, folder) -> str:
+    """``model_dir``'s config and tokenizer without its weights: a command that got as far as loading the model
+    would fail on them, so an error naming a flag shows that the flag was checked first."""
+    os.makedirs(folder)
+    for name in os.listdir(model_dir):
+        if not name.startswith("model"):  # model*.safetensors and their index
+            shutil.copy(os.path.join(model_dir, name), folder)
+    return str(folder)
+
+
+def test_flags_checked_against_the_model_name_the_flag_before_it_loads(asr_dir, checkpoints, tmp_path_factory,
+                                                                      capsys, no_disk_cache, tmp_path):
+    model = weightless(asr_dir, tmp_path / "asr")
+    wav = os.path.join(DATA, "hello_en.wav")
+    code, out, err = run_main(["transcribe", wav, "--model", model, "--language", "xx"], capsys)
+    assert code == 2 and out == "" and "error: --language: unsupported language 'xx'" in err
+    words = ["name"] * 10_001  # one token each after the first
+    assert len(Tokenizer.from_dir(model).encode(" ".join(words))) == 10_001  # counted by the real tokenizer
+    for command in ("transcribe", "stream"):
+        code, _, err = run_main([command, wav, "--model", model, "--context", " ".join(words)], capsys)
+        assert code == 2 and "--context is 10,001 tokens, over the limit of 10,000" in err, err
+    code, _, err = run_main(["stream", wav, "--model", model, "--context", " ".join(words[:9_999]),
+                             "--hotwords", "Qwen,Pallas"], capsys)
+    assert code == 2 and "--context with --hotwords is" in err and "over the limit of 10,000" in err
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    code, _, err = run_main(["transcribe", wav, "--model", str(tmp_path / "nowhere"), "--output-dir",
+                             str(a_file / "subs")], capsys)
+    assert code == 2 and f"--output-dir {a_file / 'subs'}: {a_file} is a file, not a folder" in err
+    aligner = weightless(with_tokenizer(checkpoints("aligner").official, tmp_path_factory, "official"),
+                         tmp_path / "aligner")
+    code, _, err = run_main(["transcribe", wav, "--model", aligner], capsys)
+    assert code == 2 and "is a forced aligner, not an ASR model; pass it as --aligner" in err and "aligner=" not in err
+
+
+@pytest.mark.parametrize("command,module", [("evaluate", "jiwer"), ("finetune", "grain"), ("finetune", "qwix")])
+def test_a_missing_train_extra_is_named_with_its_install_line_first(command, module, capsys, monkeypatch,
+                                                                    no_disk_cache, tmp_path):
+    monkeypatch.setitem(sys.modules, module, None)  # what an environment without the train extra imports
+    argv = ["evaluate", str(tmp_path / "dev.jsonl")] if command == "evaluate" else [
+        "finetune", "--train", str(tmp_path / "train.jsonl"), "--output", str(tmp_path / "run")]
+    code, out, err = run_main(argv + ["--model", str(tmp_path / "no-model-here")], capsys)
+    assert code == 2 and out == ""
+    assert f"error: No module named '{module}': {command} needs the train extra: pip install \".[train]\"" in err
+    assert "no-model-here" not in err and "jsonl" not in err  # checked before the manifest or the model
+
+
+def test_env_prints_what_a_bug_report_needs(capsys, monkeypatch, tmp_path):
+    import jax
+
+    cache = tmp_path / "xla"
+    cache.mkdir()
+    (cache / "program").write_bytes(b"x" * 2**20)
+    monkeypatch.setenv("QASR_JAX_COMPILATION_CACHE", str(cache))
+    code, out, _ = run_main(["env"], capsys)
+    lines = out.splitlines()
+    assert code == 0
+    for name in ("qasr-jax", "jax", "jaxlib", "flax", "transformers"):
+        assert f"{name}: {importlib.metadata.version(name)}" in lines
+    assert f"device 0: {jax.devices()[0].platform} {jax.devices()[0].device_kind}" in lines
+    assert {"extra serve: installed", "extra train: installed"} <= set(lines)
+    assert f"compilation cache: {cache} ($QASR_JAX_COMPILATION_CACHE): 1 files, 1.0 MiB" in lines
+    monkeypatch.setenv("QASR_JAX_COMPILATION_CACHE", "off")
+    assert run_main(["env"], capsys)[1].splitlines()[-1] == "compilation cache: off (QASR_JAX_COMPILATION_CACHE=off)"
 
 
 def test_aligner_without_timestamps_warns_and_is_not_loaded(asr_dir, asr, capsys, no_disk_cache, tmp_path):

@@ -11,14 +11,17 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 from qasr_jax import cli
+from qasr_jax.data import read_manifest
 from qasr_jax.testing import DATA
-from qasr_jax.testing.tokenizer_files import write_tokenizer
+from qasr_jax.testing.notebook_run import run_code_cells
+from qasr_jax.testing.tokenizer_files import with_tokenizer, write_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,10 +104,12 @@ def notebook_cells(name: str) -> list[tuple[list[str], str]]:
     return [(c["metadata"].get("tags", []), "".join(c["source"])) for c in nb["cells"] if c["cell_type"] == "code"]
 
 
+NOTEBOOKS = ("finetune.ipynb", "quickstart.ipynb", "tpu.ipynb")
 NOTEBOOK_PARAMETERS = {  # set after each notebook's own parameters cell, as papermill injects them
     "quickstart.ipynb": {"AUDIO": "speech.wav", "DTYPE": "float32"},
-    "tpu.ipynb": {"AUDIO": ["speech.wav", "a.wav"], "DTYPE": "float32", "BATCH_SIZE": 4, "MAX_NEW_TOKENS": 8},
-}
+    # made.wav is not there: the notebook makes it
+    "tpu.ipynb": {"AUDIO": ["speech.wav", "made.wav"], "DTYPE": "float32", "BATCH_SIZE": 4, "MAX_NEW_TOKENS": 8},
+}  # finetune.ipynb runs in test_finetune_notebook_makes_its_own_data_and_runs (and tests/test_finetune.py)
 
 
 @pytest.mark.parametrize("name", sorted(NOTEBOOK_PARAMETERS))
@@ -113,7 +118,7 @@ def test_notebook_runs_from_its_install_cell(name, workdir, monkeypatch, capsys)
     pip is not run); the others run on the tiny checkpoint in the folder holding the example audio."""
     root, models = workdir
     cells = notebook_cells(name)
-    assert "pip" in cells[0][1] and "QASR_JAX_SOURCE" in cells[0][1]
+    assert cells[0][0] == ["install"] and "QASR_JAX_SOURCE" in cells[0][1]
     namespace: dict = {}
     monkeypatch.chdir(os.path.join(ROOT, "notebooks"))  # where Jupyter starts a notebook's kernel
     exec(compile(cells[0][1], name, "exec"), namespace)
@@ -133,25 +138,90 @@ def test_notebook_runs_from_its_install_cell(name, workdir, monkeypatch, capsys)
         results = namespace["results"]
         assert len(results) == 4 and all(r.error is None and r.token_ids for r in results)
         assert namespace["throughput"] > 0
+        assert sf.info(str(root / "made.wav")).duration == 3.0  # made by the notebook, not uploaded
 
 
-def test_install_cell_outside_a_checkout_asks_for_the_source(tmp_path, monkeypatch):
-    """Outside a checkout, with QASR_JAX_SOURCE left as shipped, the install cell stops with what to set: it never
-    falls back to a package of that name on PyPI (which anyone could register)."""
+def test_finetune_notebook_makes_its_own_data_and_runs(checkpoints, tmp_path_factory, tmp_path, monkeypatch):
+    """finetune.ipynb in an empty folder: its install cell finds this checkout, it writes a small manifest of its
+    own clips where none was uploaded (beside the manifest's path), and trains, exports and evaluates on it."""
+    model = with_tokenizer(checkpoints("asr").hf, tmp_path_factory, "official")
+    monkeypatch.setenv("QASR_JAX_COMPILATION_CACHE", "off")
     monkeypatch.chdir(tmp_path)
-    for name in NOTEBOOK_PARAMETERS:
-        with pytest.raises(RuntimeError, match="qasr-jax is not on PyPI: set QASR_JAX_SOURCE"):
-            exec(compile(notebook_cells(name)[0][1], name, "exec"), {})
+    namespace = run_code_cells(os.path.join(ROOT, "notebooks", "finetune.ipynb"), (
+        f"MODEL = {model!r}\nTRAIN = 'data/train.jsonl'\nEVAL = 'data/dev.jsonl'\nOUTPUT = 'nb'\nSTEPS = 2\n"
+        "BATCH_SIZE = 4\nGRAD_ACCUM = 1\nLR = 1e-3\nLORA_RANK = 0\nDTYPE = 'float32'\nMESH = None\n"))
+    assert len(read_manifest("data/train.jsonl")) == 16 and namespace["before"]["n"] == namespace["after"]["n"] == 8
+    assert int(namespace["state"].step) == 2 and os.path.isdir(os.path.join("nb", "model-hf"))
+
+
+SHIPPED_SOURCE = 'QASR_JAX_SOURCE = "git+https://github.com/<owner>/qasr-jax.git"'
+
+
+def run_install_cell(name: str, source: str | None, monkeypatch) -> list[list[str]]:
+    """Run ``name``'s install cell with QASR_JAX_SOURCE set to ``source`` as a user edits it (None: as shipped)
+    -> the pip commands it ran (recorded, not run: no test installs anything)."""
+    code = notebook_cells(name)[0][1]
+    assert code.count(SHIPPED_SOURCE) == 1
+    if source is not None:
+        code = code.replace(SHIPPED_SOURCE, f"QASR_JAX_SOURCE = {source!r}")
+    calls: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "check_call", lambda argv: calls.append(argv[argv.index("install") + 2:]))
+    exec(compile(code, name, "exec"), {})
+    return calls
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_install_cell_installs_only_the_source_it_is_given(name, tmp_path, monkeypatch):
+    """Outside a checkout, as shipped, the install cell stops with what to set; given a folder or a git URL it
+    installs that (with the extra it needs: "{folder}[train]", or "qasr-jax[train] @ URL"); a bare name, which pip
+    would take from PyPI (where anyone could register it), is refused. It never falls back to the registry."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError, match="qasr-jax is not on PyPI: set QASR_JAX_SOURCE"):
+        run_install_cell(name, None, monkeypatch)
+    for bare in ("qasr-jax", "qasr_jax[train]"):
+        with pytest.raises(RuntimeError, match="QASR_JAX_SOURCE must be a git URL .* or a folder"):
+            run_install_cell(name, bare, monkeypatch)
+    extra = {"finetune.ipynb": "[train]"}.get(name, "")
+    also = ["jax[tpu]"] if name == "tpu.ipynb" else []
+    url = "git+https://example.org/me/qasr-jax.git"
+    assert run_install_cell(name, url, monkeypatch) == [[f"qasr-jax{extra} @ {url}", *also]]
+    assert run_install_cell(name, ROOT, monkeypatch) == [[f"{ROOT}{extra}", *also]]
+
+
+REGISTRY_NAME = re.compile(r"qasr-jax(\[[\w,]*\])?([<>=!~].*)?")
+TEMPLATE = re.compile(r"\$\{?(\w+)\}?(\[[\w,]*\])?|\{(\w+)\}(\[[\w,]*\])?")  # $NAME, ${NAME}, {NAME}
+
+
+def registry_installs(text: str) -> list[str]:
+    """The ``pip install`` commands in ``text`` that could install qasr-jax from PyPI: its bare name, or a variable
+    other than QASR_JAX_SOURCE (which the docs and notebooks define as a git URL or a folder)."""
+    found = []
+    for line in text.splitlines():
+        for part in re.split(r"&&|\|\||;", line):  # one shell command at a time
+            if "pip install" not in part:
+                continue
+            for word in (w.strip("'\"`") for w in part.split("pip install", 1)[1].split()):
+                template = TEMPLATE.fullmatch(word)
+                if REGISTRY_NAME.fullmatch(word) or (template and "QASR_JAX_SOURCE" not in template.groups()):
+                    found.append(part.strip())
+    return found
 
 
 def test_nothing_installs_qasr_jax_from_pypi():
-    """No README command or notebook cell runs ``pip install qasr-jax`` (the name is not ours on PyPI)."""
+    """No README command or notebook line runs ``pip install qasr-jax``, nor installs a variable that may hold that
+    name (finetune.ipynb's old ``%pip install "{SOURCE}[train]"`` with SOURCE falling back to "qasr-jax")."""
+    for bad in ('%pip install -q "{SOURCE}[train]"', "pip install qasr-jax", "pip install 'qasr-jax[serve]>=0.1'",
+                "pip install -q $SOURCE", "cd x && pip install -U qasr-jax[train]"):
+        assert registry_installs(bad), bad
+    assert not registry_installs("pip install -q 'jax[tpu]' '$QASR_JAX_SOURCE' && pip install \".[train]\"")
     texts = {"README.md": open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()}
-    texts.update({name: "\n".join(src for _, src in notebook_cells(name)) for name in NOTEBOOK_PARAMETERS})
+    texts.update({name: "\n".join(src for _, src in notebook_cells(name)) for name in NOTEBOOKS})
     for name, text in texts.items():
-        for line in text.splitlines():
-            for part in re.split(r"&&|\|\||;", line):  # one shell command at a time
-                if "pip install" not in part:
-                    continue
-                words = [w.strip("'\"`") for w in part.split("pip install", 1)[1].split()]
-                assert not any(re.fullmatch(r"qasr-jax(\[[\w,]*\])?([<>=!~].*)?", w) for w in words), (name, part)
+        assert not registry_installs(text), name
+
+
+def test_readme_layout_lists_every_notebook():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        layout = f.read().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    assert sorted(os.listdir(os.path.join(ROOT, "notebooks"))) == list(NOTEBOOKS)
+    assert all(name in layout for name in NOTEBOOKS)

@@ -191,11 +191,15 @@ def test_pallas_on_cpu_without_interpret_raises():
 
 
 def test_pallas_with_interpret_runs_the_gpu_kernel_on_cpu():
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 26, 2, 64))
-    assert _uses_pallas("pallas", x, interpret=True)
-    lengths = jnp.array([26, 20])
-    out = windowed_attention(x, x, x, lengths, 13, impl="pallas", interpret=True)
-    assert _relative_error(out, windowed_attention_reference(x, x, x, lengths, 13)) <= 1e-5
+    # On the CPU device and at full float32 precision even on a GPU host, whose default float32 dots are TF32 (an
+    # error of ~1e-4 in the reference alone).
+    with jax.default_device(jax.devices("cpu")[0]), jax.default_matmul_precision("highest"):
+        x = jax.random.normal(jax.random.PRNGKey(0), (2, 26, 2, 64))
+        assert _uses_pallas("pallas", x, interpret=True)
+        lengths = jnp.array([26, 20])
+        out = windowed_attention(x, x, x, lengths, 13, impl="pallas", interpret=True)
+        assert out.devices() == {jax.devices("cpu")[0]}
+        assert _relative_error(out, windowed_attention_reference(x, x, x, lengths, 13)) <= 1e-5
 
 
 def test_auto_on_cpu_uses_xla_silently(monkeypatch, fresh_warnings):

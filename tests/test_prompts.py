@@ -199,12 +199,20 @@ def test_parse_language_spelling(tok):
     assert parse_output(ids, tok) == ("Sichuanese", "要得")  # unknown to the table, kept as written
     ids = generated(tok, "\nlanguage German\n", ASR_TEXT, " Guten Tag ", IM_END)
     assert parse_output(ids, tok) == ("German", "Guten Tag")
+
+
+def test_parse_splits_at_the_first_asr_text_only(tok):
+    """As the official parse_asr_output (``s.split("<asr_text>", 1)``): a later tag is transcript, kept as written;
+    with a forced language every generated id is transcript, a tag included."""
     ids = generated(tok, "language French", ASR_TEXT, "un", ASR_TEXT, " deux", IM_END)
-    assert parse_output(ids, tok) == ("French", "un deux")
+    assert parse_output(ids, tok) == ("French", "un<asr_text> deux")
+    ids = generated(tok, "deux", ASR_TEXT, "trois", IM_END)
+    assert parse_output(ids, tok, language="fr") == ("French", "deux<asr_text>trois")
 
 
 def test_parse_agrees_with_reference_string_parser(tok):
-    for text in ("language English<asr_text>Hello world.", "language None<asr_text>", "plain words only"):
+    for text in ("language English<asr_text>Hello world.", "language None<asr_text>", "plain words only",
+                 "language English<asr_text>one<asr_text>two", "language None<asr_text><asr_text>x"):
         ids = tok.encode(text, parse_special=True) + [IM_END]
         expect = reference._parse_single_output(tok.decode(ids))
         assert parse_output(ids, tok, fix_repetitions=True) == (expect["language"], expect["transcription"])

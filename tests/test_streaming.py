@@ -19,7 +19,7 @@ import torch
 
 from qasr_jax import cli, cli_stream
 from qasr_jax import search as S
-from qasr_jax.audio import AudioError
+from qasr_jax.audio import AudioError, load_audio
 from qasr_jax.compiles import count_compilations
 from qasr_jax.prompts import parse_output
 from qasr_jax.stream_prompts import segment_context
@@ -316,6 +316,65 @@ def test_cli_streams_stdin_and_paces_a_file(asr, asr_dir, tmp_path, monkeypatch,
     assert cli.main(["stream", path, "--chunk-seconds", "0", "--unfixed-tokens", "-1"]) == 2
     err = capsys.readouterr().err
     assert "--chunk-seconds must be a positive number" in err and "--unfixed-tokens must be >= 0" in err
+
+
+def _stdin(monkeypatch, data: bytes) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+
+
+def test_cli_reads_a_wav_stream_on_stdin_at_its_own_rate(asr, asr_dir, tmp_path, monkeypatch, capsys):
+    """``cat x.wav | qasr-jax stream -``: the RIFF header is read, not taken for samples; a 16 kHz mono WAV gives
+    what its raw samples give, a 44.1 kHz stereo one (16-bit or float) the samples load_audio reads from the file,
+    and a format it cannot read is refused with the conversion to run."""
+    monkeypatch.setenv("QASR_JAX_COMPILATION_CACHE", "off")
+    pcm = (wave_12s()[: int(2.5 * SR)] * 32767).astype(np.int16)
+    argv = ["stream", "-", "--model", asr_dir, "--chunk-seconds", "1", "--language", "en"]
+    _stdin(monkeypatch, pcm.tobytes())
+    assert cli.main(argv) == 0
+    raw_out = capsys.readouterr().out
+    wav = io.BytesIO()
+    sf.write(wav, pcm, SR, format="WAV", subtype="PCM_16")
+    _stdin(monkeypatch, wav.getvalue())
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out == raw_out and raw_out.strip()
+
+    stereo = np.stack([wave_12s()[:44100], 0.5 * wave_12s()[44100:88200]], axis=1)  # (samples, channels)
+    for subtype in ("PCM_16", "FLOAT"):
+        path = str(tmp_path / f"{subtype}.wav")
+        sf.write(path, stereo, 44100, subtype=subtype)
+        with open(path, "rb") as f:
+            _stdin(monkeypatch, f.read())
+        got = np.concatenate(list(cli_stream._stdin_blocks(SR // 2)))
+        want = load_audio(path)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    sf.write(str(tmp_path / "24.wav"), stereo, 44100, subtype="PCM_24")
+    with open(tmp_path / "24.wav", "rb") as f:
+        _stdin(monkeypatch, f.read())
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "24-bit" in err and "ffmpeg -i - -f s16le -ac 1 -ar 16000 -" in err
+
+
+def test_silence_gives_an_empty_transcript_in_every_path(asr, asr_dir, monkeypatch, capsys):
+    """Digital silence is "" from transcribe, from asr.stream (every partial and the result) and from
+    ``qasr-jax stream``, as the model is never asked about it; speech after silence is still transcribed."""
+    monkeypatch.setenv("QASR_JAX_COMPILATION_CACHE", "off")
+    silence = np.zeros(5 * SR, np.float32)
+    offline_result = asr.transcribe(silence)[0]
+    assert (offline_result.language, offline_result.text, offline_result.token_ids) == (None, "", [])
+    stream = asr.stream(chunk_seconds=1.0)
+    assert [stream.feed(silence[k * SR : (k + 1) * SR]).text for k in range(5)] == [""] * 5
+    result = stream.finish()
+    assert (result.language, result.text, result.token_ids, result.segments) == (None, "", [], [])
+    assert result.duration == pytest.approx(5.0)
+    _stdin(monkeypatch, np.zeros(3 * SR, np.int16).tobytes())
+    assert cli.main(["stream", "-", "--model", asr_dir, "--chunk-seconds", "1"]) == 0
+    assert capsys.readouterr().out == "\n"  # the final transcript, empty
+    stream = asr.stream(chunk_seconds=1.0)
+    stream.feed(silence[: 2 * SR])
+    spoken = stream.feed(wave_12s()[: 2 * SR])
+    assert spoken.text and stream.finish().text
 
 
 def test_terminal_display_rewrites_the_live_line():

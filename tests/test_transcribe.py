@@ -140,6 +140,45 @@ def test_bad_inputs_get_named_errors(asr, tmp_path):
     assert out[0].error and "garbage.wav" in out[0].error and out[1].error is None and len(out[1].token_ids) == 3
 
 
+def test_a_context_over_the_limit_is_refused_before_any_work(asr, tmp_path):
+    """A context (with its hotwords) over MAX_CONTEXT_TOKENS is refused, naming it and the limit, before the audio
+    is read (the missing file is not the error) or the model runs; the limit itself is accepted by the check."""
+    from qasr_jax.config import MAX_CONTEXT_TOKENS
+    from qasr_jax.prompts import context_problem
+
+    tok = asr.tokenizer
+    words = ["name"] * (MAX_CONTEXT_TOKENS + 1)  # one token each, as the tokenizer counts them
+    assert len(tok.encode(" ".join(words))) == MAX_CONTEXT_TOKENS + 1
+    assert context_problem(tok, " ".join(words[:-1])) is None
+    missing = str(tmp_path / "not-read.wav")
+    with pytest.raises(ValueError, match="^context is 10,001 tokens, over the limit of 10,000 "):
+        asr.transcribe(missing, context=" ".join(words))
+    with pytest.raises(ValueError, match="^context of input #1 with its hotwords is .* over the limit of 10,000"):
+        asr.transcribe([synthetic(1.0), missing], context=["", " ".join(words[:-2])], hotwords=["Qwen", "Pallas"])
+
+
+def test_samples_channels_arrays_as_soundfile_reads_them(asr, tmp_path):
+    """A (samples, channels) array, as soundfile.read returns stereo, is read along its long axis (time)."""
+    left = load_audio(os.path.join(DATA, "hello_en.wav"))
+    stereo = np.stack([left, 0.5 * left[::-1]], axis=1)  # two different channels
+    path = str(tmp_path / "stereo.wav")
+    sf.write(path, stereo, 16000, subtype="FLOAT")
+    data, rate = sf.read(path, dtype="float32")
+    assert data.shape == stereo.shape and data.shape[0] > data.shape[1]
+    np.testing.assert_allclose(load_audio((data, rate)), load_audio(path), atol=1e-7)
+    assert asr.transcribe((data, rate), max_new_tokens=4)[0].token_ids == asr.transcribe(path, max_new_tokens=4)[
+        0].token_ids
+
+
+def test_log_probabilities_never_print_negative_zero():
+    from qasr_jax.results import Result
+
+    r = Result("x", token_ids=[1, 2], token_logprobs=[-1e-9, -0.25])
+    d = r.to_dict()
+    assert d["token_logprobs"] == [0.0, -0.25] and json.dumps(d["token_logprobs"]) == "[0.0, -0.25]"
+    assert json.dumps(Result("y", token_ids=[1], token_logprobs=[-4e-8]).to_dict()["confidence"]) == "0.0"
+
+
 # Runs the command, then reports the compilation cache folder JAX was given (whether JAX writes a program there
 # depends on how long it took to compile, which varies with the machine).
 _PROBE = ("import sys, jax; from qasr_jax.cli import main; code = main(sys.argv[1:]); "
