@@ -51,3 +51,10 @@ def read_hotwords(inline: str | None, path: str | None) -> list[str]:
             raise ValueError(f"--hotwords-file {path}: cannot read it ({e.strerror}); pass a UTF-8 text file with "
                              "one hotword per line") from None
     return list(dict.fromkeys(w for w in words if w))
+
+
+def add_layers_flag(parser: argparse.ArgumentParser) -> None:
+    """--layers: how the decoder's layers run (``qasr_jax.load(..., layers=)``)."""
+    parser.add_argument("--layers", default="auto", choices=("auto", "scan", "unrolled"),
+                        help="scan: compile one decoder layer, not 28 (the default on GPU and TPU); unrolled: the "
+                             "fastest CPU decode step (the default on CPU)")
