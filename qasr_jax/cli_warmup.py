@@ -20,8 +20,9 @@ def add_command(sub) -> None:
                     help="comma-separated --batch-size values (decode slots) to compile for (default 1,8)")
     wu.add_argument("--max-seconds", type=float, default=30.0,
                     help="compile every encoder bucket of clips up to this long (default 30)")
-    wu.add_argument("--stream-seconds", type=float, default=6.0,
-                    help="also compile a lone stream's first chunks of this much audio (0: none; default 6)")
+    wu.add_argument("--stream-seconds", type=float, default=10.0,
+                    help="also compile a lone stream's chunks over this much audio (its first five 2 s chunks each "
+                         "need new shapes; 0: none; default 10)")
     wu.add_argument("--dtype", default="float32", choices=DTYPES)
     add_quantize_flag(wu)
     add_layers_flag(wu)

@@ -240,10 +240,14 @@ class Engine:
         (e.g. LoRA adapters): traced, nothing computed."""
         cfg = self.config
         frames = cfg.audio.chunk_frames
-        ids = jnp.full((1, cfg.audio.tokens_per_chunk), cfg.audio_token_id, jnp.int32)
-        feats = jnp.zeros((1, cfg.audio.num_mel_bins, frames), jnp.float32)
-        init = functools.partial(self.module.init, method=Qwen3ASRModule.prompt_hidden)
-        return jax.eval_shape(lambda: init(jax.random.PRNGKey(0), ids, feats, jnp.array([frames]))["params"])
+
+        def init():  # example inputs made inside the trace: nothing compiled
+            ids = jnp.full((1, cfg.audio.tokens_per_chunk), cfg.audio_token_id, jnp.int32)
+            feats = jnp.zeros((1, cfg.audio.num_mel_bins, frames), jnp.float32)
+            return self.module.init(jax.random.PRNGKey(0), ids, feats, jnp.array([frames]),
+                                    method=Qwen3ASRModule.prompt_hidden)["params"]
+
+        return jax.eval_shape(init)
 
     def forward(self, params, input_ids, feats, n_frames, token_mask, positions) -> jax.Array:
         """The pure (un-jitted) prompt forward pass that position scoring is built from: right-padded prompts and

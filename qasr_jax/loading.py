@@ -23,8 +23,9 @@ def default_layers(backend: str | None = None) -> str:
     """How the decoder's layers run where ``layers="auto"``: scanned on GPU and TPU (one layer compiled, not 28),
     unrolled on CPU (XLA:CPU copies each scanned layer's weights every step; benchmarks/RESULTS.md, "Compile");
     $QASR_JAX_LAYERS overrides it."""
-    if os.environ.get(LAYERS_ENV):
-        return _resolve_layers(os.environ[LAYERS_ENV].strip().lower(), LAYERS_ENV)
+    chosen = os.environ.get(LAYERS_ENV, "").strip().lower()
+    if chosen not in ("", "auto"):
+        return _resolve_layers(chosen, "$" + LAYERS_ENV)
     return "unrolled" if (backend or jax.default_backend()) == "cpu" else "scan"
 
 

@@ -335,11 +335,13 @@ def param_shapes(cfg: ModelConfig, dtype: str = "float32") -> dict:
     module = Qwen3ASRModule(cfg, jnp.dtype(dtype))
     frames = cfg.audio.chunk_frames
     n_tok = audio_token_count(frames, cfg.audio)
-    ids = jnp.full((1, n_tok), cfg.audio_token_id, jnp.int32)
-    feats = jnp.zeros((1, cfg.audio.num_mel_bins, frames), jnp.float32)
-    return jax.eval_shape(
-        lambda: module.init(jax.random.PRNGKey(0), ids, feats, jnp.array([frames], jnp.int32))["params"]
-    )
+
+    def init():  # the example inputs are made inside the trace: nothing is compiled or run
+        ids = jnp.full((1, n_tok), cfg.audio_token_id, jnp.int32)
+        feats = jnp.zeros((1, cfg.audio.num_mel_bins, frames), jnp.float32)
+        return module.init(jax.random.PRNGKey(0), ids, feats, jnp.array([frames], jnp.int32))["params"]
+
+    return jax.eval_shape(init)
 
 
 def _stack_leaves(*xs):
