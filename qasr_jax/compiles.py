@@ -100,10 +100,11 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
     return path
 
 
-def warm_up(asr, seconds, batch_sizes=(1,), beam_size: int = 1, stream_seconds: float = 0.0,
+def warm_up(asr, seconds, batch_sizes=(1,), beam_size: int = 1, stream_seconds: float = 0.0, slots: int | None = None,
             log=None) -> CompileCount:
-    """Compile what transcribing clips of each length in ``seconds`` needs, in batches of each of ``batch_sizes``
-    slots (into the persistent cache when it is on), and a lone stream of ``stream_seconds`` -> what it compiled.
+    """Compile what transcribing clips of each length in ``seconds`` needs, ``b`` clips at once for each ``b`` of
+    ``batch_sizes`` (in a pipeline of ``slots`` decode slots, default ``b``: what ``transcribe(batch_size=b)``
+    makes), and a lone stream over ``stream_seconds`` -> what it compiled (into the persistent cache when it is on).
 
     Each shape is made by running it (noise in, one decode step, cancelled), so the programs are exactly the ones
     a job of those lengths calls; ``log`` (e.g. ``print``) gets one line per shape.
@@ -121,7 +122,7 @@ def warm_up(asr, seconds, batch_sizes=(1,), beam_size: int = 1, stream_seconds: 
 
     with count_compilations() as total:
         for rows in batch_sizes:
-            pipe = Pipeline(asr.model, asr.tokenizer, options, rows)
+            pipe = Pipeline(asr.model, asr.tokenizer, options, slots or rows)
             for s in seconds:
                 with count_compilations() as c:
                     works = [Work(("warm-up", i), noise(s), None, "", token_budget(s, limit)) for i in range(rows)]
