@@ -3,10 +3,11 @@
 # with queued calls, then throughput at batch 1/8/32/128/256 against transformers on the same GPU, bf16, for the
 # 0.6B (with our int8 decoder as a third column) and the 1.7B (issue 15). Named steps only: also the compiled
 # Pallas kernels against the reference (tests/test_kernels.py, no interpreter) and end-to-end transcription at
-# batch 1 and 8. Logs go to $1 (default: gpu_logs/). Each step has its own time limit, so a slow step leaves the
-# others' results in place.
+# batch 1 and 8, and compile seconds per new batch bucket (1, 32, 256) of the 0.6B bf16 with the decoder's layers
+# scanned and unrolled, plus their decode step at batch 1 and 8 (issue 24; about 4 minutes). Logs go to $1 (default:
+# gpu_logs/). Each step has its own time limit, so a slow step leaves the others' results in place.
 #
-#     bash benchmarks/gpu_checks.sh [LOG_DIR [attention|throughput-0.6b|throughput-1.7b|kernels|transcribe ...]]
+#     bash benchmarks/gpu_checks.sh [LOG_DIR [attention|throughput-0.6b|throughput-1.7b|kernels|transcribe|compile ...]]
 set -u
 cd "$(dirname "$0")/.."
 logs=${1:-gpu_logs}
@@ -50,3 +51,4 @@ step attention 90 $py benchmarks/bench_attention.py --repeats 5
 step transcribe 240 $py benchmarks/bench_transcribe.py --dtype bfloat16
 step throughput-0.6b 250 $py benchmarks/bench_throughput.py --preset asr-0.6b --dtype bfloat16 --quantize int8
 step throughput-1.7b 220 $py benchmarks/bench_throughput.py --preset asr-1.7b --dtype bfloat16
+step compile 270 $py benchmarks/bench_compile.py --sections buckets,step --preset asr-0.6b --dtype bfloat16

@@ -34,6 +34,17 @@ def frame_bucket(n_frames: int, audio: AudioConfig) -> int:
     return -(-chunks // step) * step * audio.chunk_frames
 
 
+def bucket_seconds(max_seconds: float, audio: AudioConfig) -> list[float]:
+    """Clip lengths that reach every encoder frame bucket up to ``max_seconds``: both ends of each bucket (the ends
+    also span the KV cache groups a length in that bucket can fall into). What a warm-up compiles."""
+    out, lo = [], 0
+    while lo < max_seconds * 100:  # frames (100 per second)
+        hi = frame_bucket(lo + 1, audio)
+        out += [(lo + 1) / 100, min(hi / 100, max_seconds)]
+        lo = hi
+    return sorted(set(out))
+
+
 def batch_rows(n: int, cap: int, data_size: int = 1) -> int:
     """Rows for a transcription batch of n items: the next power of two (at most ``cap``, at least n), rounded up to
     a multiple of the mesh's data axis so every device gets the same rows."""
@@ -119,3 +130,8 @@ def next_pow2(n: int, least: int = 1) -> int:
 def pow2_rows(n: int, data_size: int = 1) -> int:
     """Rows of a stream step's batched call over n items: the next power of two, a multiple of the data axis."""
     return round_up(next_pow2(n), data_size)
+
+
+# -- prefill ------------------------------------------------------------------------------------------------------
+
+PREFILL_CHUNK = 512  # a wider prompt is prefilled this many tokens at a time: attention memory linear in its length

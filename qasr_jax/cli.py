@@ -350,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli_stream.add_command(sub)
     cli_env.add_command(sub)
     add_serve(sub)
+    from qasr_jax import cli_warmup
+
+    cli_warmup.add_command(sub)
     from qasr_jax.cli_train import add_commands
 
     add_commands(sub)  # finetune, evaluate

@@ -105,3 +105,10 @@ def require_extra(extra: str, modules: tuple[str, ...], command: str) -> None:
         raise ImportError(f"No module named {missing[0]!r}: {command} needs the {extra} extra: "
                           f'pip install ".[{extra}]" in a checkout of qasr-jax (or pip install "SOURCE[{extra}]" '
                           "with the git URL or folder you installed qasr-jax from; it is not on PyPI)")
+
+
+def add_layers_flag(parser: argparse.ArgumentParser) -> None:
+    """--layers: how the decoder's layers run (``qasr_jax.load(..., layers=)``)."""
+    parser.add_argument("--layers", default="auto", choices=("auto", "scan", "unrolled"),
+                        help="scan: compile one decoder layer, not 28 (the default on GPU and TPU); unrolled: the "
+                             "fastest CPU decode step (the default on CPU)")

@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from qasr_jax import search as S
+from qasr_jax.buckets import PREFILL_CHUNK
 from qasr_jax.compiles import jit_with_encoder
-from qasr_jax.model import KVCache, Qwen3ASRModule
+from qasr_jax.model import LAYER_MODES, KVCache, Qwen3ASRModule, stack_layers, unstack_layers
 
 CACHE_AXES = KVCache(k=1, v=1, lengths=0)  # row axis of each KVCache leaf (search.gather_rows)
 
@@ -53,16 +54,23 @@ class Engine:
     one-call generation, and the slot programs (insert, advance, release) of continuous batching."""
 
     def __init__(self, config, params, dtype: str = "float32", attention_impl: str = "auto",
-                 interpret: bool = False, layout=None, remat: bool = False, module_transform=None):
+                 interpret: bool = False, layout=None, remat: bool = False, module_transform=None,
+                 layers: str = "unrolled", prefill_chunk: int | None = PREFILL_CHUNK):
+        if layers not in LAYER_MODES:
+            raise ValueError(f"layers must be one of {LAYER_MODES}, got {layers!r}")
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.layout = layout
-        self.params = params
+        self.layers = layers
+        # The module of the one parameter tree (layers_0, ...): training, declared_params and forward use it.
         self.module = Qwen3ASRModule(config, self.dtype, attention_impl, interpret, layout, remat)
+        # The compiled programs run this one: the same module, or its scanned twin over stack_layers' tree.
+        self.runner = self.module if layers == "unrolled" else self.module.clone(layers=layers)
         if module_transform is not None:  # e.g. qwix's LoRA (qasr_jax.training): the programs run the wrapped module
-            self.module = module_transform(self.module)
+            self.module, self.runner = module_transform(self.module), module_transform(self.runner)
+        self.params = params
         vocab = config.num_labels if config.is_aligner else config.text.vocab_size
-        mod, text, dt = self.module, config.text, self.dtype
+        mod, text, dt = self.runner, config.text, self.dtype
         # The programs below close over these locals only, never over self: no reference cycle keeps a dropped
         # engine's parameters alive until the garbage collector runs.
 
@@ -75,6 +83,27 @@ class Engine:
         def step_fn(params):
             return lambda tokens, active, cache: step(params, tokens, active, cache)
 
+        def prefill(params, embeds, n_new, cache, rows=None):
+            """``Qwen3ASRModule.extend``; a prompt wider than ``prefill_chunk`` goes in chunks of that many tokens,
+            each on top of the ones before, so attention memory grows linearly with the prompt, not squared."""
+            batch, seq, hidden = embeds.shape
+            if prefill_chunk is None or seq <= prefill_chunk:
+                return apply(params, embeds, n_new, cache, rows, method=Qwen3ASRModule.extend)
+            chunks = -(-seq // prefill_chunk)
+            embeds = jnp.pad(embeds, ((0, 0), (0, chunks * prefill_chunk - seq), (0, 0)))
+            xs = embeds.reshape(batch, chunks, prefill_chunk, hidden).swapaxes(0, 1)  # (chunks, batch, chunk, h)
+
+            def body(carry, chunk):
+                logits, cache = carry
+                i, x = chunk
+                n = jnp.clip(n_new - i * prefill_chunk, 0, prefill_chunk)  # each row's real tokens in this chunk
+                new, cache = apply(params, x, n, cache, rows, method=Qwen3ASRModule.extend)
+                return (jnp.where((n > 0)[:, None], new, logits), cache), None
+
+            first = jnp.zeros((batch, vocab), jnp.float32)
+            (logits, cache), _ = jax.lax.scan(body, (first, cache), (jnp.arange(chunks), xs))
+            return logits, cache
+
         def encode(params, feats, n_frames):
             return apply(params, feats, n_frames, method=Qwen3ASRModule.encode)
 
@@ -85,15 +114,20 @@ class Engine:
             return apply(params, input_ids, feats, n_frames, token_mask, method=Qwen3ASRModule.__call__)
 
         def extend(params, embeds, n_new, cache, rows):
-            return apply(params, embeds, n_new, cache, rows, method=Qwen3ASRModule.extend)
+            return prefill(params, embeds, n_new, cache, rows)
 
         def step(params, tokens, active, cache):
             return apply(params, tokens, active, cache, method=Qwen3ASRModule.step)
 
-        def forward(params, ids, feats, n_frames, token_mask, positions):
-            hidden = apply(params, ids, feats, n_frames, token_mask, method=Qwen3ASRModule.prompt_hidden)
-            at = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # (batch, n_positions, hidden)
-            return apply(params, at, method=Qwen3ASRModule.head)
+        def forward_with(module):
+            def forward(params, ids, feats, n_frames, token_mask, positions):
+                run = functools.partial(module.apply, {"params": params})
+                hidden = run(ids, feats, n_frames, token_mask, method=Qwen3ASRModule.prompt_hidden)
+                at = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # (batch, n_positions, hidden)
+                return run(at, method=Qwen3ASRModule.head)
+            return forward
+
+        forward = forward_with(mod)
 
         def score(params, ids, feats, n_frames, token_mask, positions, classes):
             logits = forward(params, ids, feats, n_frames, token_mask, positions)
@@ -102,7 +136,7 @@ class Engine:
         def generate(params, embeds, n_new, max_new, settings, prompt_ids, tries, *, cfg, max_len):
             batch, seq = embeds.shape[:2]
             cache = new_cache(batch, max_len)
-            logits, cache = apply(params, embeds, n_new, cache, method=Qwen3ASRModule.extend)
+            logits, cache = prefill(params, embeds, n_new, cache)
             return S.search(step_fn(params), logits, cache, CACHE_AXES, settings, max_new, out_len=max_len - seq,
                             cfg=cfg, prompt_ids=prompt_ids, prompt_len=n_new, tries=tries)
 
@@ -111,7 +145,7 @@ class Engine:
             prompt_ids = None if prompt_ids is None else prompt_ids[rows]
             beams = cfg.beam_size
             first = ids * beams  # each request's first decoder row
-            logits, cache = apply(params, embeds, n_new, state.cache, first, method=Qwen3ASRModule.extend)
+            logits, cache = prefill(params, embeds, n_new, state.cache, first)
             for b in range(1, beams):  # the other beams start as copies of the first
                 cache = KVCache(k=cache.k.at[:, first + b].set(cache.k[:, first]),
                                 v=cache.v.at[:, first + b].set(cache.v[:, first]),
@@ -142,7 +176,7 @@ class Engine:
             rows = S.init_rows(cfg, slots // cfg.beam_size, out_len, vocab, history_len)
             return DecodeState(new_cache(slots, max_len), rows)
 
-        self._forward = forward
+        self._forward = forward_with(self.module)  # the one tree's forward (training differentiates it)
         state_sh = self._state_shardings()
         self._encode = jit_with_encoder(encode)
         self._embed = jax.jit(embed)
@@ -159,6 +193,19 @@ class Engine:
         self._new_state = jax.jit(new_state, static_argnames=("slots", "max_len", "cfg", "out_len", "history_len"),
                                   out_shardings=state_sh)
         self._init_cache = jax.jit(new_cache, static_argnums=(0, 1), out_shardings=self._cache_shardings())
+
+    @property
+    def params(self):
+        """The one parameter tree (``layers_0``, ...). With ``layers="scan"`` the programs hold the stacked view and
+        this is a per-layer copy made when read."""
+        return self._params if self.layers == "unrolled" else unstack_layers(self._params, self.config.text.layers)
+
+    @params.setter
+    def params(self, params) -> None:
+        """Swap in a parameter tree of the same shapes (compiled programs are reused)."""
+        if self.layers == "scan" and params is not None:
+            params = stack_layers(params, self.config.text.layers)
+        self._params = params
 
     # -- placement ----------------------------------------------------------------------------------------------
     def _cache_shardings(self):
@@ -193,10 +240,14 @@ class Engine:
         (e.g. LoRA adapters): traced, nothing computed."""
         cfg = self.config
         frames = cfg.audio.chunk_frames
-        ids = jnp.full((1, cfg.audio.tokens_per_chunk), cfg.audio_token_id, jnp.int32)
-        feats = jnp.zeros((1, cfg.audio.num_mel_bins, frames), jnp.float32)
-        init = functools.partial(self.module.init, method=Qwen3ASRModule.prompt_hidden)
-        return jax.eval_shape(lambda: init(jax.random.PRNGKey(0), ids, feats, jnp.array([frames]))["params"])
+
+        def init():  # example inputs made inside the trace: nothing compiled
+            ids = jnp.full((1, cfg.audio.tokens_per_chunk), cfg.audio_token_id, jnp.int32)
+            feats = jnp.zeros((1, cfg.audio.num_mel_bins, frames), jnp.float32)
+            return self.module.init(jax.random.PRNGKey(0), ids, feats, jnp.array([frames]),
+                                    method=Qwen3ASRModule.prompt_hidden)["params"]
+
+        return jax.eval_shape(init)
 
     def forward(self, params, input_ids, feats, n_frames, token_mask, positions) -> jax.Array:
         """The pure (un-jitted) prompt forward pass that position scoring is built from: right-padded prompts and
@@ -207,21 +258,21 @@ class Engine:
     # -- one-shot programs --------------------------------------------------------------------------------------
     def encode(self, feats, n_frames) -> tuple[jax.Array, jax.Array]:
         """Padded log-mel (batch, 128, frames), n_frames (batch,) -> (audio embeds (batch, seq, hidden), n_tokens)."""
-        return self._encode(self.params, self.put(feats), self.put(n_frames))
+        return self._encode(self._params, self.put(feats), self.put(n_frames))
 
     def embed(self, input_ids, audio_embeds) -> jax.Array:
         """Prompt ids (batch, seq) + audio embeds (batch, audio_seq, hidden) -> decoder input embeds."""
-        return self._embed(self.params, self.put(input_ids), self.put(audio_embeds))
+        return self._embed(self._params, self.put(input_ids), self.put(audio_embeds))
 
     def logits(self, input_ids, feats, n_frames, token_mask) -> jax.Array:
         """Right-padded prompts + their log-mel -> float32 logits (batch, seq, vocab or classes), no cache."""
-        return self._logits(self.params, *(self.put(x) for x in (input_ids, feats, n_frames, token_mask)))
+        return self._logits(self._params, *(self.put(x) for x in (input_ids, feats, n_frames, token_mask)))
 
     def score(self, input_ids, feats, n_frames, token_mask, positions, classes: bool = False) -> jax.Array:
         """The head only at ``positions`` (batch, n): float32 logits (batch, n, classes), or with ``classes`` their
         argmax (the aligner's timestamp classes)."""
         args = (self.put(x) for x in (input_ids, feats, n_frames, token_mask, positions))
-        return self._score(self.params, *args, classes=classes)
+        return self._score(self._params, *args, classes=classes)
 
     def generate(self, embeds, n_new, max_new, settings: S.SearchSettings, cfg: S.SearchConfig, max_len: int,
                  prompt_ids=None, tries=None) -> S.SearchResult:
@@ -239,7 +290,7 @@ class Engine:
             )
         args = (self.put(embeds), self.put(n_new, np.int32), self.put(max_new, np.int32))
         prompt = None if prompt_ids is None else self.put(prompt_ids, np.int32)
-        return self._generate(self.params, *args, settings, prompt, tries, cfg=cfg, max_len=max_len)
+        return self._generate(self._params, *args, settings, prompt, tries, cfg=cfg, max_len=max_len)
 
     # -- the decoder over a cache -------------------------------------------------------------------------------
     def init_cache(self, slots: int, max_len: int) -> KVCache:
@@ -250,13 +301,13 @@ class Engine:
         """Append right-padded token embeds (batch, seq, hidden), ``n_new`` (batch,) real ones, to cache rows
         ``rows`` (None: all) -> (float32 logits after each row's last new token, cache); the cache is donated."""
         rows = None if rows is None else jax.device_put(np.asarray(rows, np.int32))
-        return self._extend(self.params, self.put(embeds), self.put(n_new, np.int32), cache, rows)
+        return self._extend(self._params, self.put(embeds), self.put(n_new, np.int32), cache, rows)
 
     def step(self, cache: KVCache, tokens, active=None) -> tuple[jax.Array, KVCache]:
         """One token per cache row (slots,), where ``active`` (default all) -> (logits, cache); cache donated."""
         tokens = self.put(tokens, np.int32)
         active = self.put(np.ones(tokens.shape, bool) if active is None else active, bool)
-        return self._step(self.params, tokens, active, cache)
+        return self._step(self._params, tokens, active, cache)
 
     # -- slots ----------------------------------------------------------------------------------------------------
     def new_state(self, slots: int, max_len: int, cfg: S.SearchConfig, out_len: int,
@@ -278,14 +329,14 @@ class Engine:
         ids, max_new = (jax.device_put(np.asarray(x, np.int32)) for x in (ids, max_new))
         rows = np.arange(ids.shape[0], dtype=np.int32) if rows is None else np.asarray(rows, np.int32)
         prompt = None if prompt_ids is None else _device(prompt_ids, np.int32)
-        return self._insert(self.params, state, _device(embeds, None), _device(n_new, np.int32), ids, max_new,
+        return self._insert(self._params, state, _device(embeds, None), _device(n_new, np.int32), ids, max_new,
                             settings, prompt, jax.device_put(rows), tries, cfg=cfg)
 
     def advance(self, state: DecodeState, settings: S.SearchSettings, cfg: S.SearchConfig, max_steps: int,
                 until_any_done: bool = True) -> tuple[DecodeState, int]:
         """Step every live request until one finishes (``until_any_done``), all are done, or ``max_steps`` steps
         -> (state, steps taken); the state is donated."""
-        state, steps = self._advance(self.params, state, settings, np.int32(max_steps), cfg=cfg,
+        state, steps = self._advance(self._params, state, settings, np.int32(max_steps), cfg=cfg,
                                      until_any_done=until_any_done)
         return state, int(steps)
 

@@ -15,6 +15,24 @@ from qasr_jax.model import KVCache
 from qasr_jax.quant import cast_params, quantize_params
 
 DTYPES = ("float32", "bfloat16")
+LAYERS = ("auto", "scan", "unrolled")
+LAYERS_ENV = "QASR_JAX_LAYERS"  # overrides the per-platform default of layers="auto" (e.g. to run the tests scanned)
+
+
+def default_layers(backend: str | None = None) -> str:
+    """How the decoder's layers run where ``layers="auto"``: scanned on GPU and TPU (one layer compiled, not 28),
+    unrolled on CPU (XLA:CPU copies each scanned layer's weights every step; benchmarks/RESULTS.md, "Compile");
+    $QASR_JAX_LAYERS overrides it."""
+    chosen = os.environ.get(LAYERS_ENV, "").strip().lower()
+    if chosen not in ("", "auto"):
+        return _resolve_layers(chosen, "$" + LAYERS_ENV)
+    return "unrolled" if (backend or jax.default_backend()) == "cpu" else "scan"
+
+
+def _resolve_layers(layers: str, name: str = "layers") -> str:
+    if layers not in LAYERS:
+        raise ValueError(f"{name} must be one of {LAYERS}, got {layers!r}")
+    return default_layers() if layers == "auto" else layers
 
 
 def _check_dtype(dtype: str) -> None:
@@ -40,12 +58,13 @@ class Model:
     ``sharding`` says (a preset of ``qasr_jax.sharding.PRESETS`` or rules; None: "tensor" when the model axis is
     larger than 1, else "data"), and batches take a row count that divides by the data axis (``data_size``).
     ``quantize="int8"`` stores the decoder's matmul weights and LM head as int8 (``qasr_jax.quant``); the rest of
-    the model stays in ``dtype``.
+    the model stays in ``dtype``. ``layers`` ("auto", "scan", "unrolled") is how the decoder's layers run (see
+    :func:`default_layers`); ``params`` is the one per-layer tree either way.
     """
 
     def __init__(self, config: ModelConfig, params, dtype: str = "float32", attention_impl: str = "auto",
                  interpret: bool = False, mesh=None, sharding=None, quantize: str | None = None,
-                 source: str | None = None):
+                 source: str | None = None, layers: str = "auto"):
         _check_dtype(dtype)
         self.config = config
         self.dtype = dtype
@@ -62,8 +81,21 @@ class Model:
             from qasr_jax.sharding import place_params
 
             params = place_params(params, layout, config, dtype)
-        self.params = params
-        self.engine = Engine(config, params, dtype, attention_impl, interpret, layout)
+        self.engine = Engine(config, params, dtype, attention_impl, interpret, layout, layers=_resolve_layers(layers))
+
+    @property
+    def params(self):
+        """The parameter tree (``layers_0``, ...; with ``layers="scan"`` a per-layer copy of the stacked weights)."""
+        return self.engine.params
+
+    @params.setter
+    def params(self, params) -> None:
+        self.engine.params = params
+
+    @property
+    def layers(self) -> str:
+        """How the decoder's layers run: "scan" or "unrolled"."""
+        return self.engine.layers
 
     @property
     def module(self):
@@ -156,7 +188,7 @@ class Model:
 
 
 def load(path: str | os.PathLike, dtype: str = "float32", attention_impl: str = "auto", mesh=None,
-         sharding=None, quantize: str | None = None) -> Model:
+         sharding=None, quantize: str | None = None, layers: str = "auto") -> Model:
     """Load a Qwen3-ASR / ForcedAligner folder (official or -hf safetensors layout, or a qasr_jax Orbax export)
     or hub id.
 
@@ -165,11 +197,14 @@ def load(path: str | os.PathLike, dtype: str = "float32", attention_impl: str = 
     ``jax.sharding.Mesh``) and ``sharding`` ("data", "tensor", "fsdp") spread the model over devices. Parameters
     are read one at a time and placed (each device receiving only its shards) before the next is read, so the
     peak memory stays near the size of the loaded parameters. ``quantize="int8"``: int8 decoder weights and LM head
-    (one device; combinable with ``dtype``), about 1.5-2x faster decode steps on CPU.
+    (one device; combinable with ``dtype``), about 1.5-2x faster decode steps on CPU. ``layers``: "scan" compiles
+    one decoder layer instead of 28 (the default on GPU and TPU), "unrolled" (the default on CPU) the fastest CPU
+    step; "auto" picks by platform.
     """
     from qasr_jax.convert.orbax_io import is_orbax_export, restore_orbax
 
     _check_dtype(dtype)
+    _resolve_layers(layers)  # a bad value fails before anything is read
     path = resolve_model_path(path)
     layout = _layout(mesh, sharding)
     if is_orbax_export(path):
@@ -180,7 +215,7 @@ def load(path: str | os.PathLike, dtype: str = "float32", attention_impl: str = 
         cfg = load_config(path)
         params = load_hf_params(path, cfg, dtype, place=_placer(layout, cfg, dtype))
     return Model(cfg, params, dtype=dtype, attention_impl=attention_impl, mesh=layout, quantize=quantize,
-                 source=path)
+                 source=path, layers=layers)
 
 
 def _placer(layout, cfg: ModelConfig, dtype: str):

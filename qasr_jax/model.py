@@ -1,11 +1,13 @@
 """Flax (linen) modules: the AuT audio encoder, the projector, the Qwen3 decoder and the heads.
 
 The parameter tree is the same on one device and on a mesh: each layer has its own subtree (``layers_0``,
-``layers_1``, ...) and the layers run unrolled, so every weight is read where it lies (under ``nn.scan`` XLA
-copied each layer's weights out of stacked arrays on every call). Each decoder layer's q, k and v kernels are one ``qkv`` kernel of shape (hidden, kv_heads, groups + 2,
-head_dim), the queries of a kv head next to that head's key and value, and gate and up are one ``gate_up`` kernel
-(hidden, 2, intermediate): fewer, wider matmuls stream the weights faster in the memory-bound decode step, and a
-split over kv heads or the MLP width keeps q, k, v (or gate, up) together.
+``layers_1``, ...). The decoder runs its layers unrolled (XLA:CPU reads every weight where it lies; under a scan it
+copied each layer's weights out of the stacked arrays on every call) or, with ``layers="scan"``, as one scanned
+layer over weights stacked at load (``stack_layers``): XLA compiles one layer instead of 28, and on GPU and TPU the
+slice is cheap. Each decoder layer's q, k and v kernels are one ``qkv`` kernel of shape (hidden, kv_heads,
+groups + 2, head_dim), the queries of a kv head next to that head's key and value, and gate and up are one
+``gate_up`` kernel (hidden, 2, intermediate): fewer, wider matmuls stream the weights faster in the memory-bound
+decode step, and a split over kv heads or the MLP width keeps q, k, v (or gate, up) together.
 
 A ``layout`` (``qasr_jax.axes.Layout``) passed to the module pins the main activations to a mesh; without one the
 annotations are no-ops. Norms, softmax, RoPE tables and logits are computed in float32 whatever the parameter and
@@ -21,39 +23,15 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qasr_jax import axes as ax
-from qasr_jax.axes import constrain, per_row_and_head
-from qasr_jax.config import AudioConfig, ModelConfig, TextConfig, audio_token_count
-from qasr_jax.kernels import windowed_attention
+from qasr_jax.axes import constrain
+from qasr_jax.config import ModelConfig, TextConfig, audio_token_count
+from qasr_jax.encoder import AudioEncoder, Projector, dense
 from qasr_jax.quant import Embedding, Linear
 
 Dtype = jnp.dtype
 MASKED = -1e30  # a masked key's score: exp() is exactly 0; a row with no key left stays finite
-
-
-def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, as torch's default."""
-    return jax.nn.gelu(x, approximate=False)
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm with float32 statistics (torch's eps 1e-5)."""
-
-    dtype: Dtype = jnp.float32
-    eps: float = 1e-5
-
-    @nn.compact
-    def __call__(self, x):
-        d = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (d,), self.dtype)
-        bias = self.param("bias", nn.initializers.zeros, (d,), self.dtype)
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -68,168 +46,6 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
         return scale * y.astype(self.dtype)
-
-
-def _dense(features, name: str, dtype: Dtype, bias: bool = True) -> Linear:
-    return Linear(features, bias, dtype, name=name)
-
-
-def sinusoid_positions(length: int, channels: int) -> np.ndarray:
-    """(length, channels) float32: sin then cos (concatenated, not interleaved), timescales 1 .. 10000."""
-    inc = np.log(10000.0) / (channels // 2 - 1)
-    inv = np.exp(-inc * np.arange(channels // 2, dtype=np.float32))
-    t = np.arange(length, dtype=np.float32)[:, None] * inv[None, :]
-    return np.concatenate([np.sin(t), np.cos(t)], axis=1).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Audio encoder
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class EncoderLayer(nn.Module):
-    """Pre-LN transformer layer with windowed self-attention and an exact-GELU MLP."""
-
-    cfg: AudioConfig
-    dtype: Dtype
-    attention_impl: str
-    interpret: bool = False
-    layout: Any = None
-
-    @nn.compact
-    def __call__(self, x, n_tokens):
-        cfg, dt, lay = self.cfg, self.dtype, self.layout
-        batch, seq, d = x.shape
-        head_dim = d // cfg.heads
-        h = LayerNorm(dt, name="attn_norm")(x)
-        q, k, v = (constrain(_dense(d, n, dt)(h).reshape(batch, seq, cfg.heads, head_dim), ax.AUDIO_QKV, lay)
-                   for n in ("q", "k", "v"))
-        attend = functools.partial(
-            windowed_attention, window=cfg.window_tokens, impl=self.attention_impl, interpret=self.interpret
-        )
-        att = per_row_and_head(attend, q, k, v, n_tokens, lay)  # each device: its own rows and heads
-        x = x + _dense(d, "o", dt)(att.reshape(batch, seq, d))
-        h = LayerNorm(dt, name="mlp_norm")(x)
-        h = constrain(gelu(_dense(cfg.ffn_dim, "fc1", dt)(h)), ax.AUDIO_MLP, lay)
-        return constrain(x + _dense(d, "fc2", dt)(h), ax.AUDIO_ACT, lay)
-
-
-class AudioEncoder(nn.Module):
-    """AuT: per-1-s-chunk conv stack, per-chunk sinusoidal positions, windowed pre-LN layers, ln_post."""
-
-    cfg: AudioConfig
-    dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"
-    interpret: bool = False  # run a Pallas kernel in the interpreter (tests on CPU)
-    layout: Any = None
-    remat: bool = False  # recompute each layer's activations in the backward pass (training memory)
-
-    @nn.compact
-    def __call__(self, feats, n_frames):
-        """feats (batch, mels, frames) with frames a multiple of the chunk; n_frames (batch,) valid frames.
-
-        Returns (hidden (batch, seq, d_model), n_tokens (batch,)); positions at or past n_tokens are padding.
-        seq is the token count of all chunks (13 per chunk for the released models).
-        """
-        cfg, dt = self.cfg, self.dtype
-        batch, mels, frames = feats.shape
-        if frames % cfg.chunk_frames:
-            raise ValueError(f"feature frames ({frames}) must be a multiple of the {cfg.chunk_frames}-frame chunk")
-        n_chunks = frames // cfg.chunk_frames
-        # Frames past each audio's end are zeros, as when the last partial chunk is zero-padded on its own.
-        keep = jnp.arange(frames)[None, :] < n_frames[:, None]
-        x = jnp.where(keep[:, None, :], feats, 0.0).astype(dt)
-        # (batch * chunks, mels, chunk_frames, 1): NHWC with H = mel bins, W = time; each chunk convolved alone.
-        x = x.reshape(batch, mels, n_chunks, cfg.chunk_frames).transpose(0, 2, 1, 3)
-        x = x.reshape(batch * n_chunks, mels, cfg.chunk_frames, 1)
-        convs = [ConvParams((3, 3, 1 if i == 1 else cfg.downsample_hidden_size, cfg.downsample_hidden_size), dt,
-                            name=f"conv2d{i}")() for i in (1, 2, 3)]
-        x = _conv_stack(x, convs, dt)
-        chunks, freq, steps, channels = x.shape  # (batch * chunks, 16, 13, hidden)
-        # conv_out reads each time step flattened channel-major, (channels, freq), as torch's (C, F) view does.
-        x = x.transpose(0, 2, 3, 1).reshape(chunks, steps, channels * freq)
-        x = _dense(cfg.d_model, "conv_out", dt, bias=False)(x)
-        x = x + jnp.asarray(sinusoid_positions(steps, cfg.d_model), dt)[None]  # positions restart every chunk
-        x = x.reshape(batch, n_chunks * steps, cfg.d_model)
-        # Only the last chunk of an audio can be partial, so valid tokens are a prefix of each row.
-        n_tokens = _token_count(n_frames, cfg)
-        # No padding to whole windows here: the attention pads its own windows, projections and MLPs run on
-        # the chunks' tokens only.
-        x = constrain(x, ax.AUDIO_ACT, self.layout)
-        layer = nn.remat(EncoderLayer) if self.remat else EncoderLayer
-        for i in range(cfg.layers):
-            x = layer(cfg, dt, self.attention_impl, self.interpret, self.layout, name=f"layers_{i}")(x, n_tokens)
-        return LayerNorm(dt, name="ln_post")(x), n_tokens
-
-
-class ConvParams(nn.Module):
-    """An HWIO 3x3 conv's kernel and bias (the parameters of ``nn.Conv``), applied by ``_conv_stack``."""
-
-    shape: tuple[int, int, int, int]
-    dtype: Dtype
-
-    @nn.compact
-    def __call__(self):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), self.shape, self.dtype)
-        return kernel, self.param("bias", nn.initializers.zeros, self.shape[-1:], self.dtype)
-
-
-CONV_GROUP = 50  # chunks convolved per step: 50 s of audio keeps the 480-channel activations near 300 MB
-
-
-def _stack(x: jax.Array, convs, dt) -> jax.Array:
-    for kernel, bias in convs:
-        x = jax.lax.conv_general_dilated(x.astype(dt), kernel, (2, 2), ((1, 1), (1, 1)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        x = gelu(x + bias)
-    return x
-
-
-def _conv_stack(x: jax.Array, convs, dt, group: int = CONV_GROUP) -> jax.Array:
-    """Three stride-2 3x3 convs + GELU over (chunks, mels, frames, 1) chunks, ``group`` chunks at a time.
-
-    A long input would otherwise hold every chunk's first (largest) activation at once: 20 minutes of audio
-    needed 8.8 GB of XLA temp memory for the conv stack alone. Chunks are independent, so groups give the same
-    numbers; the last group is padded with zero chunks, cut off again after.
-    """
-    if x.shape[0] <= group:
-        return _stack(x, convs, dt)
-    return _grouped_stack(x, convs, dt, group)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _grouped_stack(x: jax.Array, convs, dt, group: int) -> jax.Array:
-    chunks = x.shape[0]
-    groups = -(-chunks // group)
-    x = jnp.pad(x, ((0, groups * group - chunks),) + ((0, 0),) * 3)
-    y = jax.lax.map(lambda xg: _stack(xg, convs, dt), x.reshape(groups, group, *x.shape[1:]))
-    return y.reshape(groups * group, *y.shape[2:])[:chunks]
-
-
-# The backward takes all chunks at once (training memory): XLA:CPU leaves kernel-gradient convolutions inside a
-# loop body in a non-canonical layout and runs them ~40x slower (64 chunks: 6.6 s instead of 0.17 s).
-_grouped_stack.defvjp(lambda x, convs, dt, group: (_grouped_stack(x, convs, dt, group), (x, convs)),
-                      lambda dt, group, res, dy: jax.vjp(lambda x, c: _stack(x, c, dt), *res)[1](dy))
-
-
-def _token_count(n_frames: jax.Array, cfg: AudioConfig) -> jax.Array:
-    full, rem = jnp.divmod(n_frames, cfg.chunk_frames)
-    for _ in range(3):
-        rem = (rem + 1) // 2
-    return (full * cfg.tokens_per_chunk + rem).astype(jnp.int32)
-
-
-class Projector(nn.Module):
-    """proj1 -> GELU -> proj2: encoder width to the decoder's hidden size."""
-
-    cfg: AudioConfig
-    dtype: Dtype = jnp.float32
-    layout: Any = None
-
-    @nn.compact
-    def __call__(self, x):
-        x = constrain(gelu(_dense(self.cfg.d_model, "proj1", self.dtype)(x)), ax.AUDIO_MLP, self.layout)
-        return constrain(_dense(self.cfg.output_dim, "proj2", self.dtype)(x), ax.ACT, self.layout)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -320,7 +136,7 @@ class DecoderLayer(nn.Module):
         batch, seq, _ = x.shape
         groups = cfg.heads // cfg.kv_heads
         h = RMSNorm(dt, cfg.rms_norm_eps, name="attn_norm")(x)
-        qkv = _dense((cfg.kv_heads, groups + 2, cfg.head_dim), "qkv", dt, bias=False)(h)
+        qkv = dense((cfg.kv_heads, groups + 2, cfg.head_dim), "qkv", dt, bias=False)(h)
         # (batch, seq, kv_heads, groups, head_dim): query heads grouped by the kv head they share.
         q = qkv[:, :, :, :groups]
         k, v = qkv[:, :, :, groups], qkv[:, :, :, groups + 1]  # (batch, seq, kv_heads, head_dim)
@@ -345,27 +161,53 @@ class DecoderLayer(nn.Module):
         att = jnp.einsum("bhgqk,bhkd->bhgqd", probs, v, preferred_element_type=jnp.float32).astype(dt)
         att = att.transpose(0, 3, 1, 2, 4)
         att = att.reshape(batch, seq, cfg.heads * cfg.head_dim)
-        x = x + _dense(cfg.hidden_size, "o", dt, bias=False)(att)
+        x = x + dense(cfg.hidden_size, "o", dt, bias=False)(att)
         h = RMSNorm(dt, cfg.rms_norm_eps, name="mlp_norm")(x)
-        gate_up = _dense((2, cfg.intermediate_size), "gate_up", dt, bias=False)(h)
+        gate_up = dense((2, cfg.intermediate_size), "gate_up", dt, bias=False)(h)
         mlp = constrain(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], ax.MLP, lay)
-        x = constrain(x + _dense(cfg.hidden_size, "down", dt, bias=False)(mlp), ax.ACT, lay)
+        x = constrain(x + dense(cfg.hidden_size, "down", dt, bias=False)(mlp), ax.ACT, lay)
         return x, kv
 
 
+class ScannedLayer(nn.Module):
+    """One decoder layer as a scan body: carry (x, kv), the layer's index as the scanned input."""
+
+    cfg: TextConfig
+    dtype: Dtype
+    layout: Any = None
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, carry, cos, sin, mask, write, layer):
+        layer_cls = nn.remat(DecoderLayer, static_argnums=()) if self.remat else DecoderLayer
+        return layer_cls(self.cfg, self.dtype, self.layout, name="layer")(*carry[:1], cos, sin, mask, carry[1],
+                                                                           write, layer), None
+
+
+SCANNED = "layers"  # the decoder's stacked subtree in scan mode: SCANNED/layer/<the layer's params>, layers first
+LAYER_MODES = ("unrolled", "scan")
+
+
 class TextDecoder(nn.Module):
-    """Qwen3 decoder stack: token embedding, layers (``layers_0``, ...), final RMSNorm."""
+    """Qwen3 decoder stack: token embedding, layers (``layers_0``, ...; stacked under ``layers`` when
+    ``layers="scan"``), final RMSNorm."""
 
     cfg: TextConfig
     dtype: Dtype = jnp.float32
     layout: Any = None
     remat: bool = False  # recompute each layer's activations in the backward pass (training memory)
+    layers: str = "unrolled"  # or "scan": one compiled layer over stacked weights (see the module doc)
 
     def setup(self):
         cfg = self.cfg
         self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, self.dtype)
-        layer = nn.remat(DecoderLayer, static_argnums=(7,)) if self.remat else DecoderLayer
-        self.layers = [layer(cfg, self.dtype, self.layout) for _ in range(cfg.layers)]  # layers_0, ...
+        if self.layers == "scan":
+            scan = nn.scan(ScannedLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                           in_axes=(nn.broadcast,) * 4 + (0,), length=cfg.layers)
+            self.stack = scan(cfg, self.dtype, self.layout, self.remat, name=SCANNED)
+        else:
+            layer = nn.remat(DecoderLayer, static_argnums=(7,)) if self.remat else DecoderLayer
+            self.stack = [layer(cfg, self.dtype, self.layout, name=f"layers_{i}") for i in range(cfg.layers)]
         self.norm = RMSNorm(self.dtype, cfg.rms_norm_eps)
 
     def __call__(self, embeds, positions, mask, cache: KVCache | None = None, write: CacheWrite | None = None):
@@ -373,8 +215,11 @@ class TextDecoder(nn.Module):
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
         kv = None if cache is None else (cache.k, cache.v)
         x = constrain(embeds.astype(self.dtype), ax.ACT, self.layout)
-        for i, layer in enumerate(self.layers):
-            x, kv = layer(x, cos, sin, mask, kv, write, i)
+        if self.layers == "scan":  # the cache rides in the carry: each layer scatters into it in place
+            (x, kv), _ = self.stack((x, kv), cos, sin, mask, write, jnp.arange(self.cfg.layers))
+        else:
+            for i, layer in enumerate(self.stack):
+                x, kv = layer(x, cos, sin, mask, kv, write, i)
         return self.norm(x), kv
 
 
@@ -387,12 +232,13 @@ class Qwen3ASRModule(nn.Module):
     interpret: bool = False
     layout: Any = None  # a qasr_jax.axes.Layout: activations are pinned to its mesh while tracing
     remat: bool = False  # recompute each layer's activations in the backward pass (training memory)
+    layers: str = "unrolled"  # the decoder's layers: "unrolled" or "scan" (over stack_layers' tree)
 
     def setup(self):
         cfg, lay = self.cfg, self.layout
         self.audio_tower = AudioEncoder(cfg.audio, self.dtype, self.attention_impl, self.interpret, lay, self.remat)
         self.projector = Projector(cfg.audio, self.dtype, lay)
-        self.decoder = TextDecoder(cfg.text, self.dtype, lay, self.remat)
+        self.decoder = TextDecoder(cfg.text, self.dtype, lay, self.remat, self.layers)
         # Heads compute in float32 on weights stored in the model dtype.
         if cfg.is_aligner:
             self.score = Linear(cfg.num_labels, False, self.dtype, out_dtype=jnp.float32)
@@ -489,8 +335,32 @@ def param_shapes(cfg: ModelConfig, dtype: str = "float32") -> dict:
     module = Qwen3ASRModule(cfg, jnp.dtype(dtype))
     frames = cfg.audio.chunk_frames
     n_tok = audio_token_count(frames, cfg.audio)
-    ids = jnp.full((1, n_tok), cfg.audio_token_id, jnp.int32)
-    feats = jnp.zeros((1, cfg.audio.num_mel_bins, frames), jnp.float32)
-    return jax.eval_shape(
-        lambda: module.init(jax.random.PRNGKey(0), ids, feats, jnp.array([frames], jnp.int32))["params"]
-    )
+
+    def init():  # the example inputs are made inside the trace: nothing is compiled or run
+        ids = jnp.full((1, n_tok), cfg.audio_token_id, jnp.int32)
+        feats = jnp.zeros((1, cfg.audio.num_mel_bins, frames), jnp.float32)
+        return module.init(jax.random.PRNGKey(0), ids, feats, jnp.array([frames], jnp.int32))["params"]
+
+    return jax.eval_shape(init)
+
+
+def _stack_leaves(*xs):
+    if isinstance(xs[0], jax.ShapeDtypeStruct):  # an abstract tree (compiling ahead, no weights)
+        return jax.ShapeDtypeStruct((len(xs),) + xs[0].shape, xs[0].dtype)
+    return jnp.stack(xs)
+
+
+def stack_layers(params: dict, n_layers: int) -> dict:
+    """The scan view of a parameter tree: the decoder's ``layers_0`` .. ``layers_{n-1}`` stacked (layers first)."""
+    dec = dict(params["decoder"])
+    per_layer = [dec.pop(f"layers_{i}") for i in range(n_layers)]
+    dec[SCANNED] = {"layer": jax.tree_util.tree_map(_stack_leaves, *per_layer)}
+    return {**params, "decoder": dec}
+
+
+def unstack_layers(params: dict, n_layers: int) -> dict:
+    """The one parameter tree (``layers_0``, ...) from :func:`stack_layers`' view: copies of each layer's slice."""
+    dec = dict(params["decoder"])
+    stacked = dec.pop(SCANNED)["layer"]
+    dec.update({f"layers_{i}": jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(n_layers)})
+    return {**params, "decoder": dec}

@@ -32,6 +32,7 @@ from typing import Any, Callable, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qasr_jax import hotwords as hw
 from qasr_jax import processors as P
@@ -76,19 +77,19 @@ class SearchSettings:
     @classmethod
     def make(cls, eos_ids=EOS_IDS, length_penalty=1.0, repetition_penalty=1.0, early_stopping: bool | str = False,
              suppress_eos=False) -> "SearchSettings":
-        """Settings from Python values (HF names and meanings)."""
+        """Settings from Python values (HF names and meanings); host arrays, so making them compiles nothing."""
         if early_stopping not in EARLY_STOPPING:
             raise ValueError(f"early_stopping must be False, True or 'never', got {early_stopping!r}")
         if repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1.0 turns it off), got {repetition_penalty}")
-        eos = jnp.asarray(eos_ids, jnp.int32).reshape(-1)
+        eos = np.asarray(eos_ids, np.int32).reshape(-1)
         if eos.shape[0] == 0:
             raise ValueError("eos_ids is empty: pass at least one EOS id (suppress_eos=True runs to max_new_tokens)")
         return cls(
-            eos_ids=eos, length_penalty=jnp.asarray(length_penalty, jnp.float32),
-            repetition_penalty=jnp.asarray(repetition_penalty, jnp.float32),
-            early_stopping=jnp.asarray(EARLY_STOPPING[early_stopping], jnp.int32),
-            suppress_eos=jnp.asarray(suppress_eos, bool),
+            eos_ids=eos, length_penalty=np.asarray(length_penalty, np.float32),
+            repetition_penalty=np.asarray(repetition_penalty, np.float32),
+            early_stopping=np.asarray(EARLY_STOPPING[early_stopping], np.int32),
+            suppress_eos=np.asarray(suppress_eos, bool),
         )
 
 

@@ -106,21 +106,22 @@ class Transcriber:
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, dtype: str = "float32", aligner=None,
-                        attention_impl: str = "auto", mesh=None, sharding=None, quantize: str | None = None
-                        ) -> "Transcriber":
+                        attention_impl: str = "auto", mesh=None, sharding=None, quantize: str | None = None,
+                        layers: str = "auto") -> "Transcriber":
         """Load from a local folder or a hub id ("Qwen/Qwen3-ASR-0.6B"); ``aligner`` is an Aligner or its path.
 
         ``mesh`` ("data=4,model=2" or a ``jax.sharding.Mesh``) spreads the model and each batch over devices;
         ``sharding`` picks the preset ("data", "tensor", "fsdp"; see ``qasr_jax.sharding``). Token ids are the
         same as on one device; ``batch_size`` is then the global batch (a multiple of the data axis keeps every
-        device busy).
+        device busy). ``layers`` ("auto", "scan", "unrolled"): how the decoder's layers run (``qasr_jax.load``).
         """
         path = resolve_model_path(model)
         if aligner is not None and not hasattr(aligner, "align_batch"):
             from qasr_jax.aligner import Aligner
 
             aligner = Aligner.from_pretrained(aligner, dtype=dtype)
-        model = load(path, dtype=dtype, attention_impl=attention_impl, mesh=mesh, sharding=sharding, quantize=quantize)
+        model = load(path, dtype=dtype, attention_impl=attention_impl, mesh=mesh, sharding=sharding, quantize=quantize,
+                     layers=layers)
         return cls(model, Tokenizer.from_dir(path), aligner)
 
     # ------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from transformers.models.qwen3_asr import Qwen3ASRFeatureExtractor
 import qasr_jax
 from qasr_jax.audio import log_mel_batch
 from qasr_jax.config import audio_token_count
-from qasr_jax.model import _conv_stack
+from qasr_jax.encoder import _conv_stack
 from qasr_jax.testing import speech, synthetic
 
 TOL = 1e-4

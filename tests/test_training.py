@@ -23,7 +23,7 @@ from transformers.models.qwen3_asr import Qwen3ASRFeatureExtractor
 import qasr_jax
 from qasr_jax.config import audio_token_count
 from qasr_jax.data import examples_from_records, step_batch
-from qasr_jax.model import _conv_stack
+from qasr_jax.encoder import _conv_stack
 from qasr_jax.prompts import build_prompt_ids
 from qasr_jax.training import TrainConfig, Trainer, loss_and_grads, merge_trees
 from qasr_jax.testing import speech, synthetic
