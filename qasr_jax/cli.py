@@ -14,8 +14,8 @@ from qasr_jax import __version__, formats, progress
 from qasr_jax.aligner import DEFAULT_MODEL as DEFAULT_ALIGNER
 from qasr_jax.aligner import MAX_SECONDS as ALIGN_MAX_SECONDS
 from qasr_jax.aligner import Aligner
-from qasr_jax.cli_options import (add_hotword_flags, add_quantize_flag, check_model_args, hotword_problems, mesh_arg,
-                                  read_hotwords)
+from qasr_jax.cli_options import (add_hotword_flags, add_layers_flag, add_quantize_flag, check_model_args,
+                                  hotword_problems, mesh_arg, read_hotwords)
 from qasr_jax.loading import DTYPES
 from qasr_jax.server.command import add_command as add_serve
 
@@ -220,7 +220,8 @@ def _transcribe(args: argparse.Namespace) -> int:
     words = read_hotwords(args.hotwords, args.hotwords_file)
     path = check_model_args(args.model, args.language, args.context, words)
     asr = Transcriber.from_pretrained(path, dtype=args.dtype, aligner=args.aligner,
-                                      mesh=mesh_arg(args.mesh), sharding=args.sharding, quantize=args.quantize)
+                                      mesh=mesh_arg(args.mesh), sharding=args.sharding, quantize=args.quantize,
+                                      layers=args.layers)
     limit = token_limit(asr.model.config)  # as Transcriber checks it
     if args.max_new_tokens is not None and args.max_new_tokens > limit:
         raise ValueError(f"--max-new-tokens must be at most {limit} for this model (its KV cache), got "
@@ -304,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--dtype", default="float32", choices=DTYPES)
     add_quantize_flag(tr)
+    add_layers_flag(tr)
     tr.add_argument("--max-new-tokens", type=int, default=None,
                     help="cap on each piece's output tokens (default: 32 + 10 per second of audio)")
     tr.add_argument("--max-audio-seconds", type=float, default=1200.0, help="longer audio is cut into pieces")

@@ -41,9 +41,10 @@ def add_command(sub) -> None:
                     help="commit the text at the first pause after this much audio (default 20)")
     st.add_argument("--realtime", action="store_true", help="feed a file no faster than it plays")
     st.add_argument("--dtype", default="float32", choices=DTYPES)
-    from qasr_jax.cli_options import add_hotword_flags, add_quantize_flag
+    from qasr_jax.cli_options import add_hotword_flags, add_layers_flag, add_quantize_flag
 
     add_quantize_flag(st)
+    add_layers_flag(st)
     add_hotword_flags(st)
     st.set_defaults(func=run)
 
@@ -200,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     words = read_hotwords(args.hotwords, args.hotwords_file)
     boost = hw.DEFAULT_BOOST if args.hotword_boost is None else args.hotword_boost
     path = check_model_args(args.model, args.language, args.context, words)
-    asr = Transcriber.from_pretrained(path, dtype=args.dtype, quantize=args.quantize)
+    asr = Transcriber.from_pretrained(path, dtype=args.dtype, quantize=args.quantize, layers=args.layers)
     options = {} if args.segment_seconds is None else {"segment_seconds": args.segment_seconds}
     edges = hw.edges_of(hw.request(words, asr.tokenizer.encode, boost))
     driver = asr.stream_driver(slots=1, max_new_tokens=max(32, args.max_new_tokens), hotword_edges=edges, **options)
