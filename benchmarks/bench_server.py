@@ -106,7 +106,7 @@ def memory(model_dir: str, cfg, root: str, upload_seconds: float, new_tokens: in
     params = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(param_shapes(cfg, "float32")))
     bound = params + 3 * 2**30
     gib = 2**30
-    served = Served(model_dir, log=os.path.join(root, "server.log"))
+    served = Served(model_dir, log=os.path.join(root, "server.log"), start_seconds=3600)
     try:
         print(f"ready (/health 200) after {served.ready_seconds:.1f} s; peak RSS {served.peak_rss() / gib:.2f} GiB "
               f"(parameters {params / gib:.2f} GiB, bound {bound / gib:.2f} GiB)")
@@ -165,7 +165,7 @@ def main() -> None:
     print(f"offline batch:  {offline_s:7.1f} s   {audio_seconds / offline_s:8.1f} audio-s/s")
 
     served = Served(model_dir, "--max-slots", str(args.slots), "--max-audio-seconds", "20", "--max-queue", "1024",
-                    "--served-model-name", "bench", log=os.path.join(root, "server.log"))
+                    "--served-model-name", "bench", log=os.path.join(root, "server.log"), start_seconds=3600)
     try:
         client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=3600)
         served_pass(client, files, args.clients, args.new_tokens)  # compiles the shapes the warm-up left out

@@ -148,9 +148,9 @@ READY_SECONDS = 180  # a readiness bound for the tiny model on a busy 2-core mac
 
 def test_default_flags_ready_soon_in_bounded_memory_and_any_model_name(dirs, asr, tmp_path):
     """``qasr-jax serve --model DIR`` with no other flag: /health answers 200 within a generous bound, openai clients
-    sending model="qwen3-asr" or "whisper-1" get the served model's transcript, a 100 s upload decodes in pieces of
-    at most 30 s (as offline with max_audio_seconds=30), and the process's peak RSS stays under 2 GiB (the warm-up
-    used to compile every encoder bucket up to 1200 s, and was killed at 24 GB)."""
+    sending model="qwen3-asr" or "whisper-1" get the served model's transcript, a 106 s upload decodes in pieces of
+    at most 30 s (as offline with max_audio_seconds=30; streamed, piece after piece), and the process's peak RSS
+    stays under 2 GiB (the warm-up used to compile every encoder bucket up to 1200 s, and was killed at 24 GB)."""
     served = Served(dirs["asr"], cache="off", log=str(tmp_path / "server.log"))
     try:
         assert served.ready_seconds < READY_SECONDS, served.output()
@@ -169,6 +169,14 @@ def test_default_flags_ready_soon_in_bounded_memory_and_any_model_name(dirs, asr
         assert v.text == pieces.text
         assert [(s.start, s.end) for s in v.segments] == [(s.start, s.end) for s in pieces.segments]
         assert len(v.segments) >= 4 and all(s.end - s.start <= 30.0 for s in v.segments)
+        # Streamed, each piece's text follows as it is done (not all at the end), and the deltas add up.
+        events = list(client.audio.transcriptions.create(file=("long.wav", wav_bytes(wave)), model="whisper-1",
+                                                         stream=True, language="en",
+                                                         extra_body={"max_new_tokens": NEW}))
+        deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+        forced = asr.transcribe(wave, language="en", max_new_tokens=NEW, max_audio_seconds=30.0)[0]
+        assert "".join(deltas) == events[-1].text == forced.text
+        assert len(deltas) >= len(forced.segments)
         assert served.peak_rss() < 2 * 2**30, f"peak RSS {served.peak_rss() / 2**30:.2f} GiB"
     finally:
         assert served.stop() == 0, served.output()
@@ -378,12 +386,17 @@ def client_pcm24(wave16: np.ndarray) -> bytes:
     return (np.clip(up, -1, 32767 / 32768) * 32768).astype("<i2").tobytes()
 
 
-async def _utterance(ws, pcm: bytes, piece_ms: int = 100) -> list[dict]:
-    """Stream ``pcm`` in ``piece_ms`` pieces, commit, and return the events up to the item's ``completed``."""
+async def _append(ws, pcm: bytes, piece_ms: int = 100) -> None:
+    """Send ``pcm`` in ``piece_ms`` pieces of ``input_audio_buffer.append``."""
     step = realtime.INPUT_RATE * 2 * piece_ms // 1000
     for i in range(0, len(pcm), step):
         await ws.send(json.dumps({"type": "input_audio_buffer.append",
                                   "audio": base64.b64encode(pcm[i:i + step]).decode()}))
+
+
+async def _utterance(ws, pcm: bytes, piece_ms: int = 100) -> list[dict]:
+    """Stream ``pcm`` in ``piece_ms`` pieces, commit, and return the events up to the item's ``completed``."""
+    await _append(ws, pcm, piece_ms)
     await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
     events = []
     while not events or events[-1]["type"] != "conversation.item.input_audio_transcription.completed":
@@ -435,7 +448,8 @@ def test_realtime_sessions_end_with_the_text_of_asr_stream(server, asr):
 
 def test_realtime_deltas_only_append(server, asr):
     """A 23 s utterance whose streamed text is rewritten along the way (shown on asr.stream, the algorithm the
-    server runs, fed the same audio): the deltas, concatenated as OpenAI's clients do, are a prefix of the
+    server runs, fed the same audio; the server decodes its first 2 s chunk alone, as live audio comes, and the
+    text after it is rewritten later): the deltas, concatenated as OpenAI's clients do, are a prefix of the
     completed transcript at every point (in fact they end equal to it), and some came before the last (a
     segment's fixed text), so they are not the whole transcript sent at the end."""
     gap = np.zeros(16000, np.float32)
@@ -445,22 +459,25 @@ def test_realtime_deltas_only_append(server, asr):
     stream = asr.stream(language="en")
     texts = [stream.feed(heard[i:i + 32000]).text for i in range(0, len(heard), 32000)]
     final = stream.finish().text
-    assert any(not later.startswith(earlier) for n, earlier in enumerate(texts) for later in texts[n + 1:])
+    assert texts[0] and not any(later.startswith(texts[0]) for later in texts[1:])  # the first chunk's is rewritten
+    head = int(2.5 * realtime.INPUT_RATE) * 2  # bytes: 2.5 s, one whole chunk after resampling
 
     async def run():
         ws = await _session(server, "en")
         try:
-            return await _utterance(ws, pcm)
+            await _utterance(ws, client_pcm24(speech("hello_en.wav")))  # the streams' programs are compiled
+            await _append(ws, pcm[:head])
+            await asyncio.sleep(3.0)  # the engine decodes the first chunk alone
+            return await _utterance(ws, pcm[head:])
         finally:
             await ws.close()
 
     events = asyncio.run(run())
     assert events[-1]["transcript"] == final
     deltas = [e["delta"] for e in events if e["type"] == "conversation.item.input_audio_transcription.delta"]
-    assert len(deltas) >= 2
     for n in range(1, len(deltas) + 1):
         assert final.startswith("".join(deltas[:n])), (deltas, final)
-    assert "".join(deltas) == final
+    assert "".join(deltas) == final and len(deltas) >= 2
 
 
 def test_malformed_realtime_events_get_error_events(server, asr):

@@ -30,7 +30,8 @@ class Served:
     """A ``qasr-jax serve`` subprocess on 127.0.0.1: ``url`` (no trailing slash), ``key``, ``proc``, and
     ``ready_seconds`` from the start of the process to the first 200 from /health."""
 
-    def __init__(self, model: str, *flags: str, key: str | None = None, cache: str | None = None, log: str):
+    def __init__(self, model: str, *flags: str, key: str | None = None, cache: str | None = None, log: str,
+                 start_seconds: float = START_SECONDS):
         self.port, self.key = free_port(), key
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "qasr_jax.cli", "serve", "--model", model, "--port", str(self.port), *flags]
@@ -43,7 +44,7 @@ class Served:
         self.proc = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
         while not self.healthy():
             assert self.proc.poll() is None, f"the server exited with {self.proc.returncode}:\n{self.output()}"
-            assert time.monotonic() < start + START_SECONDS, f"not ready after {START_SECONDS} s:\n{self.output()}"
+            assert time.monotonic() < start + start_seconds, f"not ready after {start_seconds} s:\n{self.output()}"
             time.sleep(0.5)
         self.ready_seconds = time.monotonic() - start
 
