@@ -276,8 +276,9 @@ async def _stream(server, job: Job, events: asyncio.Queue, result: Result, o: Op
                                                               code="engine_error").body()["error"]})
                 return
             if ev.kind == "piece":
+                if ev.piece == _leading(parts):  # the streamed piece is done: the next one streams
+                    live = ((), ())
                 parts[ev.piece] = server.asr.decoded(job.pieces[ev.piece], ev.output, job.language)
-                live = ((), ())
             elif ev.piece == _leading(parts):  # the piece being streamed: its tokens so far
                 live = (ev.token_ids, ev.token_logprobs)
             else:
