@@ -143,6 +143,17 @@ def test_streamed_deltas_add_up_to_the_text(client, asr):
     assert len(deltas) <= 1 and "".join(deltas) == events[-1].text == beam.text
 
 
+def test_bad_serve_flags_are_named_before_loading():
+    """Each bad flag is named (with what it got) before anything is loaded; the defaults pass."""
+    parse = cli.build_parser().parse_args
+    command.check_serve_args(parse(["serve"]))
+    with pytest.raises(ValueError) as e:
+        command.check_serve_args(parse(["serve", "--piece-seconds", "0", "--kv-cache-gb", "-1", "--port", "70000"]))
+    for flag in ("--piece-seconds must be a positive number, got 0", "--kv-cache-gb must be a positive number, got -1",
+                 "--port"):
+        assert flag in str(e.value)
+
+
 READY_SECONDS = 180  # a readiness bound for the tiny model on a busy 2-core machine (it is ready in ~25 s)
 
 
