@@ -12,14 +12,21 @@ Starts ``qasr-jax serve`` on a free loopback port with a random-weight checkpoin
 
 Random weights never stop on their own, so every clip decodes exactly ``--new-tokens`` tokens on both sides.
 
+``--memory`` measures instead what a user meets first: ``qasr-jax serve --model DIR`` with default flags (and no
+compilation cache: a cold start), the seconds to the first 200 from /health and the process's peak RSS then, and
+the peak RSS after a ``--upload-seconds`` (600) upload, against the bound of the parameters' bytes + 3 GiB.
+
     python benchmarks/bench_server.py --quick              # the tiny test config
     python benchmarks/bench_server.py                      # random-weight ASR-0.6B (slow on a laptop CPU)
+    python benchmarks/bench_server.py --memory --quick     # readiness and memory, tiny
+    python benchmarks/bench_server.py --memory             # readiness and memory, random ASR-0.6B float32
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import gc
 import io
 import os
 import subprocess
@@ -27,12 +34,14 @@ import tempfile
 import time
 import zlib
 
+import jax
 import numpy as np
 import openai
 import soundfile as sf
 
 
 from qasr_jax.config import preset  # noqa: E402
+from qasr_jax.model import param_shapes  # noqa: E402
 from qasr_jax.transcribe import Transcriber  # noqa: E402
 from qasr_jax.testing.reference import build_reference, save_hf  # noqa: E402
 from qasr_jax.testing.serving import Served  # noqa: E402
@@ -41,15 +50,17 @@ from qasr_jax.testing.tokenizer_files import write_tokenizer  # noqa: E402
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data")
 
 
-def clips(count: int, seed: int = 0) -> list[np.ndarray]:
-    """1-20 s clips: espeak speech looped and cut, plus a little noise so that no two are alike."""
-    rng = np.random.default_rng(seed)
+def looped(seconds: float, rng: np.random.Generator) -> np.ndarray:
+    """``seconds`` of espeak speech looped and cut, plus a little noise so that no two clips are alike."""
     speech = sf.read(os.path.join(DATA, "long_en.wav"), dtype="float32")[0]
-    out = []
-    for _ in range(count):
-        n = int(rng.uniform(1.0, 20.0) * 16000)
-        out.append((np.resize(speech, n) + 0.01 * rng.standard_normal(n)).astype(np.float32))
-    return out
+    n = int(seconds * 16000)
+    return (np.resize(speech, n) + 0.01 * rng.standard_normal(n)).astype(np.float32)
+
+
+def clips(count: int, seed: int = 0) -> list[np.ndarray]:
+    """1-20 s clips of looped speech."""
+    rng = np.random.default_rng(seed)
+    return [looped(rng.uniform(1.0, 20.0), rng) for _ in range(count)]
 
 
 def wav(wave: np.ndarray) -> bytes:
@@ -90,6 +101,30 @@ def first_delta(client, audio: bytes, new: int) -> float:
     return times[0]
 
 
+def memory(model_dir: str, cfg, root: str, upload_seconds: float, new_tokens: int | None) -> None:
+    """Readiness and peak RSS of ``qasr-jax serve`` with default flags, then after one long upload (module doc)."""
+    params = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(param_shapes(cfg, "float32")))
+    bound = params + 3 * 2**30
+    gib = 2**30
+    served = Served(model_dir, log=os.path.join(root, "server.log"), start_seconds=3600)
+    try:
+        print(f"ready (/health 200) after {served.ready_seconds:.1f} s; peak RSS {served.peak_rss() / gib:.2f} GiB "
+              f"(parameters {params / gib:.2f} GiB, bound {bound / gib:.2f} GiB)")
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=7200)
+        audio = wav(looped(upload_seconds, np.random.default_rng(1)))
+        extra = {"max_new_tokens": new_tokens} if new_tokens else {}
+        start = time.perf_counter()
+        r = client.audio.transcriptions.create(file=("long.wav", audio), model="whisper-1",
+                                               response_format="verbose_json", extra_body=extra)
+        rss = served.peak_rss()
+        print(f"{upload_seconds:.0f} s upload ({len(audio) / 2**20:.1f} MB): {len(r.segments)} pieces in "
+              f"{time.perf_counter() - start:.1f} s; peak RSS {rss / gib:.2f} GiB "
+              f"({'within' if rss < bound else 'OVER'} the bound of {bound / gib:.2f} GiB)")
+        print(f"compilations in the server: {served.gauge('qasr_compilations'):.0f}")
+    finally:
+        served.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny config instead of ASR-0.6B")
@@ -97,12 +132,24 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=128)
     parser.add_argument("--slots", type=int, default=64, help="the server's --max-slots and the offline batch")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--memory", action="store_true", help="readiness and peak RSS with default flags instead")
+    parser.add_argument("--upload-seconds", type=float, default=600.0, help="--memory: the long upload's length")
+    parser.add_argument("--upload-tokens", type=int, default=None, help="--memory: max_new_tokens per piece of "
+                        "the upload (default: the server's budget, which random weights run to)")
     args = parser.parse_args()
 
     root = tempfile.mkdtemp(prefix="bench-server-")
     cfg = preset("tiny" if args.quick else "asr-0.6b")
-    model_dir = save_hf(build_reference(cfg, seed=zlib.crc32(b"asr") % 1000), os.path.join(root, "model"))
+    reference = build_reference(cfg, seed=zlib.crc32(b"asr") % 1000)
+    model_dir = save_hf(reference, os.path.join(root, "model"))
     write_tokenizer(model_dir, "hf")
+    del reference
+    gc.collect()  # the torch copy of a real-size model would otherwise sit beside the server
+    if args.memory:
+        print(f"{cpu_name()}; {'tiny' if args.quick else 'ASR-0.6B'} random weights, float32; qasr-jax serve with "
+              "default flags, no compilation cache")
+        memory(model_dir, cfg, root, args.upload_seconds, args.upload_tokens)
+        return
     waves = clips(args.clips)
     files = [wav(w) for w in waves]
     audio_seconds = sum(w.shape[0] for w in waves) / 16000
@@ -118,7 +165,7 @@ def main() -> None:
     print(f"offline batch:  {offline_s:7.1f} s   {audio_seconds / offline_s:8.1f} audio-s/s")
 
     served = Served(model_dir, "--max-slots", str(args.slots), "--max-audio-seconds", "20", "--max-queue", "1024",
-                    "--served-model-name", "bench", log=os.path.join(root, "server.log"))
+                    "--served-model-name", "bench", log=os.path.join(root, "server.log"), start_seconds=3600)
     try:
         client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=3600)
         served_pass(client, files, args.clients, args.new_tokens)  # compiles the shapes the warm-up left out

@@ -1,7 +1,9 @@
 """The server as clients meet it: the real ``qasr-jax serve`` on a loopback port, the official ``openai`` client
-and raw HTTP. Every answer equals ``Transcriber.transcribe`` on the same file; streamed deltas add up to the
-text; 64 clients' 256 requests all come back, each its own; bad requests get OpenAI-shaped 4xx errors and the
-server keeps answering; a client that leaves frees its slot; SIGTERM finishes the request in flight, then exits.
+and raw HTTP. With default flags it is ready soon in bounded memory and answers any model name; every answer
+equals ``Transcriber.transcribe`` on the same file (long uploads in the same pieces); streamed deltas add up to the
+text; realtime deltas only append; 64 clients' 256 requests all come back, each its own; bad requests get
+OpenAI-shaped 4xx errors and the server keeps answering; a client that leaves frees its slot; SIGTERM finishes the
+request in flight, then exits.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ import websockets
 
 from qasr_jax import cli
 from qasr_jax.aligner import Aligner
+from qasr_jax.config import MAX_CONTEXT_TOKENS
 from qasr_jax.server import command, realtime
 from qasr_jax.transcribe import Transcriber
-from qasr_jax.testing import DATA, synthetic
+from qasr_jax.testing import DATA, speech, synthetic
 from qasr_jax.testing.serving import SERVER_KEY, Served, error_of, multipart, post
 from test_docs import readme_blocks
 from test_transcribe import norm, parse_cues
@@ -65,8 +68,8 @@ def asr(dirs):
 @pytest.fixture(scope="module")
 def server(dirs, tmp_path_factory):
     served = Served(dirs["asr"], "--aligner", dirs["aligner"], "--max-slots", "16", "--max-upload-mb", "2",
-                    "--max-audio-seconds", "20", "--served-model-name", "qwen3-asr-tiny", key=KEY,
-                    cache=dirs["cache"], log=str(tmp_path_factory.mktemp("log") / "server.log"))
+                    "--max-audio-seconds", "20", "--served-model-name", "qwen3-asr-tiny", "--strict-model-name",
+                    key=KEY, cache=dirs["cache"], log=str(tmp_path_factory.mktemp("log") / "server.log"))
     yield served
     assert served.stop() == 0, served.output()
 
@@ -140,6 +143,56 @@ def test_streamed_deltas_add_up_to_the_text(client, asr):
     assert len(deltas) <= 1 and "".join(deltas) == events[-1].text == beam.text
 
 
+def test_bad_serve_flags_are_named_before_loading():
+    """Each bad flag is named (with what it got) before anything is loaded; the defaults pass."""
+    parse = cli.build_parser().parse_args
+    command.check_serve_args(parse(["serve"]))
+    with pytest.raises(ValueError) as e:
+        command.check_serve_args(parse(["serve", "--piece-seconds", "0", "--kv-cache-gb", "-1", "--port", "70000"]))
+    for flag in ("--piece-seconds must be a positive number, got 0", "--kv-cache-gb must be a positive number, got -1",
+                 "--port"):
+        assert flag in str(e.value)
+
+
+READY_SECONDS = 180  # a readiness bound for the tiny model on a busy 2-core machine (it is ready in ~25 s)
+
+
+def test_default_flags_ready_soon_in_bounded_memory_and_any_model_name(dirs, asr, tmp_path):
+    """``qasr-jax serve --model DIR`` with no other flag: /health answers 200 within a generous bound, openai clients
+    sending model="qwen3-asr" or "whisper-1" get the served model's transcript, a 106 s upload decodes in pieces of
+    at most 30 s (as offline with max_audio_seconds=30; streamed, piece after piece), and the process's peak RSS
+    stays under 2 GiB (the warm-up used to compile every encoder bucket up to 1200 s, and was killed at 24 GB)."""
+    served = Served(dirs["asr"], cache="off", log=str(tmp_path / "server.log"))
+    try:
+        assert served.ready_seconds < READY_SECONDS, served.output()
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=600)
+        assert [m.id for m in client.models.list().data] == [dirs["asr"]]
+        path = os.path.join(DATA, "hello_en.wav")
+        offline = asr.transcribe(path, max_new_tokens=NEW)[0].text
+        for model in ("qwen3-asr", "whisper-1"):
+            r = client.audio.transcriptions.create(file=open(path, "rb"), model=model,
+                                                   extra_body={"max_new_tokens": NEW})
+            assert r.text == offline
+        wave = as_sent(np.concatenate([synthetic(25.0 + i, 40 + i) for i in range(4)]))  # 106 s
+        v = client.audio.transcriptions.create(file=("long.wav", wav_bytes(wave)), model="whisper-1",
+                                               response_format="verbose_json", extra_body={"max_new_tokens": NEW})
+        pieces = asr.transcribe(wave, max_new_tokens=NEW, max_audio_seconds=30.0)[0]
+        assert v.text == pieces.text
+        assert [(s.start, s.end) for s in v.segments] == [(s.start, s.end) for s in pieces.segments]
+        assert len(v.segments) >= 4 and all(s.end - s.start <= 30.0 for s in v.segments)
+        # Streamed, each piece's text follows as it is done (not all at the end), and the deltas add up.
+        events = list(client.audio.transcriptions.create(file=("long.wav", wav_bytes(wave)), model="whisper-1",
+                                                         stream=True, language="en",
+                                                         extra_body={"max_new_tokens": NEW}))
+        deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+        forced = asr.transcribe(wave, language="en", max_new_tokens=NEW, max_audio_seconds=30.0)[0]
+        assert "".join(deltas) == events[-1].text == forced.text
+        assert len(deltas) >= len(forced.segments)
+        assert served.peak_rss() < 2 * 2**30, f"peak RSS {served.peak_rss() / 2**30:.2f} GiB"
+    finally:
+        assert served.stop() == 0, served.output()
+
+
 def test_warm_up_compiled_what_a_short_request_needs(server, client):
     """Ready means warmed up: the warm-up compiled programs, and a 1 s request then compiles nothing."""
     before = server.gauge("qasr_compilations")
@@ -204,7 +257,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client, t
         ({**ok, "beam_size": "zero"}, audio, SERVER_KEY, 400, "beam_size"),
         ({**ok, "hotwords": "Qwen", "hotword_boost": "-1"}, audio, SERVER_KEY, 400, "hotword_boost"),
         ({**ok, "stream": "true", "response_format": "srt"}, audio, SERVER_KEY, 400, "stream"),
-        ({"model": "whisper-1"}, audio, SERVER_KEY, 404, "model"),
+        ({"model": "whisper-1"}, audio, SERVER_KEY, 404, "model"),  # --strict-model-name
+        ({**ok, "prompt": "word " * (MAX_CONTEXT_TOKENS + 100)}, audio, SERVER_KEY, 400, "prompt"),
         (ok, audio, None, 401, None),
         (ok, audio, "not-the-key", 401, None),
     ]
@@ -216,6 +270,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client, t
             assert "2 MB" in err["message"] and "--max-upload-mb" in err["message"]
         elif param == "file" and files:
             assert files["file"][0] in err["message"]  # names the upload
+        elif param == "prompt":
+            assert f"{MAX_CONTEXT_TOKENS:,}" in err["message"] and "prompt" in err["message"]
         assert server.healthy()
     assert "Klingon" in error_of(post(server, ENDPOINT, {**ok, "language": "Klingon"}, audio)[2])["message"]
     code, _, body = post(server, "/v1/audio/translations", ok, audio)
@@ -341,12 +397,17 @@ def client_pcm24(wave16: np.ndarray) -> bytes:
     return (np.clip(up, -1, 32767 / 32768) * 32768).astype("<i2").tobytes()
 
 
-async def _utterance(ws, pcm: bytes, piece_ms: int = 100) -> list[dict]:
-    """Stream ``pcm`` in ``piece_ms`` pieces, commit, and return the events up to the item's ``completed``."""
+async def _append(ws, pcm: bytes, piece_ms: int = 100) -> None:
+    """Send ``pcm`` in ``piece_ms`` pieces of ``input_audio_buffer.append``."""
     step = realtime.INPUT_RATE * 2 * piece_ms // 1000
     for i in range(0, len(pcm), step):
         await ws.send(json.dumps({"type": "input_audio_buffer.append",
                                   "audio": base64.b64encode(pcm[i:i + step]).decode()}))
+
+
+async def _utterance(ws, pcm: bytes, piece_ms: int = 100) -> list[dict]:
+    """Stream ``pcm`` in ``piece_ms`` pieces, commit, and return the events up to the item's ``completed``."""
+    await _append(ws, pcm, piece_ms)
     await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
     events = []
     while not events or events[-1]["type"] != "conversation.item.input_audio_transcription.completed":
@@ -396,6 +457,40 @@ def test_realtime_sessions_end_with_the_text_of_asr_stream(server, asr):
         assert any(e["type"].endswith(".delta") for e in events)  # the text as it grew, before the commit's end
 
 
+def test_realtime_deltas_only_append(server, asr):
+    """A 23 s utterance whose streamed text is rewritten along the way (shown on asr.stream, the algorithm the
+    server runs, fed the same audio; the server decodes its first 2 s chunk alone, as live audio comes, and the
+    text after it is rewritten later): the deltas, concatenated as OpenAI's clients do, are a prefix of the
+    completed transcript at every point (in fact they end equal to it), and some came before the last (a
+    segment's fixed text), so they are not the whole transcript sent at the end."""
+    gap = np.zeros(16000, np.float32)
+    wave = np.concatenate([speech("long_en.wav"), gap, speech("long_en.wav"), gap, speech("hello_en.wav")])
+    pcm = client_pcm24(wave)
+    heard = realtime.Pcm16Resampler().push(pcm, last=True)
+    stream = asr.stream(language="en")
+    texts = [stream.feed(heard[i:i + 32000]).text for i in range(0, len(heard), 32000)]
+    final = stream.finish().text
+    assert texts[0] and not any(later.startswith(texts[0]) for later in texts[1:])  # the first chunk's is rewritten
+    head = int(2.5 * realtime.INPUT_RATE) * 2  # bytes: 2.5 s, one whole chunk after resampling
+
+    async def run():
+        ws = await _session(server, "en")
+        try:
+            await _utterance(ws, client_pcm24(speech("hello_en.wav")))  # the streams' programs are compiled
+            await _append(ws, pcm[:head])
+            await asyncio.sleep(3.0)  # the engine decodes the first chunk alone
+            return await _utterance(ws, pcm[head:])
+        finally:
+            await ws.close()
+
+    events = asyncio.run(run())
+    assert events[-1]["transcript"] == final
+    deltas = [e["delta"] for e in events if e["type"] == "conversation.item.input_audio_transcription.delta"]
+    for n in range(1, len(deltas) + 1):
+        assert final.startswith("".join(deltas[:n])), (deltas, final)
+    assert "".join(deltas) == final and len(deltas) >= 2
+
+
 def test_malformed_realtime_events_get_error_events(server, asr):
     """Each malformed event gets an OpenAI-shaped error event and the session goes on to transcribe; a wrong
     key or a missing intent is refused with an error event and a close."""
@@ -411,6 +506,8 @@ def test_malformed_realtime_events_get_error_events(server, asr):
                      "session": {"input_audio_transcription": {"language": "Klingon"}}}), "unsupported_language"),
         (json.dumps({"type": "transcription_session.update", "session": {"input_audio_format": "g711_ulaw"}}),
          "unsupported_audio_format"),
+        (json.dumps({"type": "transcription_session.update", "session": {"input_audio_transcription": {
+            "prompt": "word " * (MAX_CONTEXT_TOKENS + 100)}}}), "context_too_long"),
     ]
     wave = sf.read(os.path.join(DATA, "hello_en.wav"), dtype="float32")[0]
 

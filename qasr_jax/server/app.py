@@ -2,8 +2,9 @@
 
 :class:`Server` owns the loaded model, the engine thread (warm-up, then the :class:`Scheduler` loop), the
 metrics and the admission limits; :func:`build_app` puts routes on top of it. ``/health`` answers 503 until the
-warm-up has compiled the shapes requests need, then 200. With an API key, every ``/v1`` route wants
-``Authorization: Bearer KEY`` (compared in constant time); ``/health`` and ``/metrics`` stay open for probes.
+warm-up has compiled what a first short request needs (other shapes compile when first used), then 200. With an
+API key, every ``/v1`` route wants ``Authorization: Bearer KEY`` (compared in constant time); ``/health`` and
+``/metrics`` stay open for probes.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class ServerConfig:
     max_audio_seconds: float = 1200.0
     max_queue: int = 256
     realtime_slots: int = 8
+    piece_seconds: float = 30.0
+    kv_cache_gb: float = 1.0
+    strict_model_name: bool = False
     step_seconds: float = STEP_SECONDS
 
 
@@ -53,9 +57,10 @@ class Server:
         self.asr, self.config = asr, config
         self.model_id = config.model_id
         self.token_limit = token_limit(asr.model.config)
-        self.scheduler = Scheduler(asr, config.max_slots, config.realtime_slots, config.step_seconds)
         self._compiles = contextlib.ExitStack()
         self.compiles = self._compiles.enter_context(count_compilations())
+        self.scheduler = Scheduler(asr, self.compiles, config.max_slots, config.realtime_slots, config.step_seconds,
+                                   int(config.kv_cache_gb * 2**30))
         self.metrics = Metrics(self.scheduler, self.compiles)
         self.ready = threading.Event()
         self.failed: str | None = None  # why the engine thread stopped, if it did
@@ -69,9 +74,9 @@ class Server:
     def _engine(self) -> None:
         try:
             start = time.perf_counter()
-            clips = self.scheduler.warm_up(self.config.max_audio_seconds)
-            log.info("warm-up: %d clips, %d compilations, %.1f s; ready", clips, self.compiles.count,
-                     time.perf_counter() - start)
+            self.scheduler.warm_up()
+            log.info("warm-up: %d compilations, %.1f s; ready (other shapes compile when first used)",
+                     self.compiles.count, time.perf_counter() - start)
             self.ready.set()
             self.scheduler.run()
         except Exception as e:  # nothing can be served without the engine: stop the server, which exits with 1

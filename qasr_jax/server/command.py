@@ -29,12 +29,19 @@ def add_command(subparsers) -> None:
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     sv.add_argument("--max-upload-mb", type=float, default=25.0, help="larger uploads get a 413")
     sv.add_argument("--max-audio-seconds", type=float, default=1200.0, help="longer audio gets a 400")
+    sv.add_argument("--piece-seconds", type=float, default=30.0, help="longer uploads decode as pieces of at most "
+                    "this length, cut at quiet points (Transcriber.transcribe's max_audio_seconds); memory grows "
+                    "with it")
+    sv.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache memory (GiB) one group of "
+                    "similar-length requests may hold; fewer than --max-slots slots fit when requests are long")
     sv.add_argument("--max-queue", type=int, default=256, help="requests in flight at most; more get a 503 with "
                     "Retry-After")
     sv.add_argument("--realtime-slots", type=int, default=8, help="realtime utterances transcribed at once "
                     "(WS /v1/realtime; 0 turns the endpoint's streams off)")
-    sv.add_argument("--served-model-name", default=None, help="the model id clients send and /v1/models lists "
-                    "(default: --model)")
+    sv.add_argument("--served-model-name", default=None, help="the model id /v1/models lists (default: --model); "
+                    "requests naming any model (e.g. whisper-1) are answered by this one")
+    sv.add_argument("--strict-model-name", action="store_true", help="answer only requests whose model is "
+                    "--served-model-name (others get a 404)")
     sv.set_defaults(func=serve)
 
 
@@ -48,7 +55,8 @@ def check_serve_args(args: argparse.Namespace) -> None:
             problems.append(f"{flag} must be >= 1, got {value}")
     if args.realtime_slots < 0:
         problems.append(f"--realtime-slots must be >= 0, got {args.realtime_slots}")
-    for flag, value in (("--max-upload-mb", args.max_upload_mb), ("--max-audio-seconds", args.max_audio_seconds)):
+    for flag, value in (("--max-upload-mb", args.max_upload_mb), ("--max-audio-seconds", args.max_audio_seconds),
+                        ("--piece-seconds", args.piece_seconds), ("--kv-cache-gb", args.kv_cache_gb)):
         if not (math.isfinite(value) and value > 0):
             problems.append(f"{flag} must be a positive number, got {value:g}")
     if args.api_key is not None and not args.api_key.strip():
@@ -74,7 +82,8 @@ def serve(args: argparse.Namespace) -> int:
     asr = Transcriber.from_pretrained(args.model, dtype=args.dtype, aligner=args.aligner, mesh=mesh_arg(args.mesh),
                                       quantize=args.quantize)
     config = ServerConfig(args.served_model_name or args.model, args.max_slots, args.api_key, args.max_upload_mb,
-                          args.max_audio_seconds, args.max_queue, args.realtime_slots)
+                          args.max_audio_seconds, args.max_queue, args.realtime_slots, args.piece_seconds,
+                          args.kv_cache_gb, args.strict_model_name)
     print(f"qasr-jax serve: {config.model_id} loaded; warming up, then serving on http://{args.host}:{args.port}",
           file=sys.stderr, flush=True)
     # uvicorn finishes the requests in flight on SIGTERM/SIGINT, then raises the signal again for the handler

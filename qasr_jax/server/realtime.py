@@ -5,7 +5,9 @@ A client configures the session (``transcription_session.update``: ``input_audio
 base64), and ends each utterance with ``input_audio_buffer.commit`` (``input_audio_buffer.clear`` drops it).
 Audio is resampled to 16 kHz as it arrives and fed to a ``qasr_jax.streaming`` stream; the engine thread
 advances every session's stream in one step. Back come ``conversation.item.input_audio_transcription.delta``
-events as the text grows, and ``.completed`` with the utterance's final transcript after its commit. Errors
+events as the stream commits text no later audio can change (``Partial.fixed_text``: a segment ends at a pause
+after ``segment_seconds``), the rest in one delta after the utterance's commit, then ``.completed`` with its final
+transcript. Deltas only ever append: their concatenation, as OpenAI's clients build it, is the transcript. Errors
 (malformed events, bad settings) come as ``error`` events and the session goes on. ``turn_detection`` is off
 unless the client asks for ``{"type": "server_vad", "threshold", "prefix_padding_ms", "silence_duration_ms"}``
 (defaults 0.5, 300, 500): then Silero VAD (``qasr_jax.vad_rules.TurnDetector``) finds each utterance, the session
@@ -28,7 +30,7 @@ import soxr
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from qasr_jax.audio import SAMPLE_RATE
-from qasr_jax.prompts import normalize_language
+from qasr_jax.prompts import context_problem, normalize_language
 from qasr_jax.vad import FRAME_SAMPLES
 
 INPUT_RATE = 24000  # OpenAI's realtime pcm16 rate
@@ -158,9 +160,13 @@ class Session:
             except ValueError as e:
                 raise RealtimeError(str(e), "unsupported_language",
                                     "session.input_audio_transcription.language") from None
+        context = str(settings.get("prompt", self.context) or "")
+        problem = context_problem(self.server.asr.tokenizer, context, "the prompt")
+        if problem:
+            raise RealtimeError(problem, "context_too_long", "session.input_audio_transcription.prompt")
         if "turn_detection" in session:
             self.set_turn_detection(session["turn_detection"])
-        self.language, self.context = language or None, str(settings.get("prompt", self.context) or "")
+        self.language, self.context = language or None, context
         await self.send({"type": "transcription_session.updated", "session": self.describe()})
 
     def set_turn_detection(self, settings: Any) -> None:
@@ -260,8 +266,8 @@ class Session:
 
     # -- engine events -----------------------------------------------------------------------------------------------
     async def relay(self) -> None:
-        """Send the engine's results as OpenAI's item events: deltas append to the text sent so far (a stream may
-        still rewrite its last words; ``completed`` carries the final transcript)."""
+        """Send the engine's results as OpenAI's item events: a delta when the stream's fixed text (or, once
+        committed, its final transcript) extends what was sent, never text that a later chunk may rewrite."""
         while True:
             kind, item, payload = await self.engine_events.get()
             base = {"item_id": item.id, "content_index": 0}
@@ -270,7 +276,8 @@ class Session:
                                  "error": {"type": "server_error", "code": "transcription_failed",
                                            "message": payload}})
                 continue
-            text, sent = payload.text, self.sent.get(item.id, "")
+            text = payload.text if kind == "completed" else payload.fixed_text
+            sent = self.sent.get(item.id, "")
             if len(text) > len(sent) and text.startswith(sent):
                 await self.send({"type": "conversation.item.input_audio_transcription.delta", **base,
                                  "delta": text[len(sent):]})

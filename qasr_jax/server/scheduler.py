@@ -7,6 +7,9 @@ so a long request never holds up short ones), encodes whatever arrived together 
 live slot a few tokens at a time, so that new requests join within about ``STEP_SECONDS`` (the steps per look
 follow the measured time per step) and streamed requests get their tokens as they are generated. A job that is
 cancelled (its client went away) frees its slots at the next step.
+
+The warm-up compiles only what a first short request needs; every other shape (a longer piece, a burst of rows,
+beam search, hotwords, the realtime streams) compiles when first used, and a log line says what compiled for what.
 """
 
 from __future__ import annotations
@@ -22,17 +25,16 @@ from typing import Any
 import numpy as np
 
 from qasr_jax.audio import SAMPLE_RATE
-from qasr_jax.buckets import frame_bucket
-from qasr_jax.config import AudioConfig
+from qasr_jax.compiles import CompileCount
 from qasr_jax.longform import Piece
-from qasr_jax.pipeline import DecodeOptions, Pipeline, Work, token_budget, token_limit
+from qasr_jax.pipeline import DEFAULT_KV_BYTES, DecodeOptions, Pipeline, Work, token_budget, token_limit
 
 log = logging.getLogger("qasr_jax.server")
 
 STEP_SECONDS = 0.1  # decoding between looks at the queue: a new request waits about this long to join
 MAX_STEP_TOKENS = 256
 
-WARMUP_STREAM_SAMPLES = 7 * SAMPLE_RATE  # three 2 s chunks and a tail
+WARMUP_SECONDS = 1.0  # the warm-up's clip: the shapes of a short request
 _ids = itertools.count()
 
 
@@ -65,26 +67,26 @@ class Job:
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
 
 
-def warmup_seconds(max_seconds: float, audio: AudioConfig) -> list[float]:
-    """Clip lengths whose shapes the warm-up compiles: both ends of every encoder frame bucket up to
-    ``max_seconds`` (the ends also span every KV cache group a length in that bucket can fall into)."""
-    out, lo = [], 0
-    while lo < max_seconds * 100:  # frames (100 per second)
-        hi = frame_bucket(lo + 1, audio)
-        out += [(lo + 1) / 100, min(hi / 100, max_seconds)]
-        lo = hi
-    return sorted(set(out))
+def _what(new: list[Job], realtime: list[tuple]) -> str:
+    """What an engine loop turn worked on, for the log line of what it compiled."""
+    parts = [f"a request of {len(j.pieces)} piece(s) of up to {max(p.duration for p in j.pieces):.1f} s"
+             f"{f', beam {j.beam_size}' if j.beam_size > 1 else ''}{', hotwords' if j.hotwords else ''}" for j in new]
+    if realtime:
+        parts.append("realtime streams")
+    return "; ".join(parts) or "the requests decoding (a new cache shape or row count)"
 
 
 class Scheduler:
     """Drives one Pipeline per beam size from one thread (see the module doc); thread-safe ``submit``/``cancel``."""
 
-    def __init__(self, asr, max_slots: int, realtime_slots: int = 8, step_seconds: float = STEP_SECONDS):
-        self.asr, self.max_slots, self.step_seconds = asr, max_slots, step_seconds
+    def __init__(self, asr, compiles: CompileCount, max_slots: int, realtime_slots: int = 8,
+                 step_seconds: float = STEP_SECONDS, kv_bytes: int = DEFAULT_KV_BYTES):
+        self.asr, self.compiles, self.max_slots, self.step_seconds = asr, compiles, max_slots, step_seconds
+        self.kv_bytes = kv_bytes  # KV cache memory each group of one Pipeline may hold
         self.seconds_per_step = 0.0  # measured: decode steps run for about step_seconds between looks
         self.pipes: dict[int, Pipeline] = {}
         self.realtime_slots = realtime_slots
-        self.driver = None  # the streams' StreamDriver, made by the warm-up (on the engine thread)
+        self.driver = None  # the streams' StreamDriver, made when the first realtime utterance opens
         self._rt: list[tuple] = []  # realtime operations waiting for the engine thread
         self.jobs: dict[int, tuple[Job, set[int]]] = {}  # engine thread only: job id -> (job, pieces not done)
         self._cond = threading.Condition()
@@ -126,37 +128,20 @@ class Scheduler:
         if beam_size not in self.pipes:
             options = DecodeOptions(beam_size, eos_ids=tuple(self.asr.tokenizer.eos_ids))
             self.pipes[beam_size] = Pipeline(self.asr.model, self.asr.tokenizer, options, self.max_slots,
-                                             side_by_side=True)
+                                             self.kv_bytes, side_by_side=True)
         return self.pipes[beam_size]
 
-    def warm_up(self, max_seconds: float) -> int:
-        """Compile what requests of up to ``max_seconds`` need (greedy): for each clip length of
-        ``warmup_seconds``, encode, insert into a slot, one step, read, release; then batches of 1, 2, 4, ... short
-        clips and one of ``max_slots``; and a stream of a few chunks. Returns the number of warm-up clips."""
+    def warm_up(self) -> None:
+        """Compile what a first short request needs (greedy, one row): encode a WARMUP_SECONDS clip, insert it into
+        a slot, one step, read, release. Everything else compiles when first used (see ``run``)."""
         pipe = self._pipe(1)
-        rng = np.random.default_rng(0)
-        limit = token_limit(self.asr.model.config)
-        clips = [[s] for s in warmup_seconds(max_seconds, self.asr.model.config.audio)]
-        k = 1
-        while k < self.max_slots:
-            clips.append([1.0] * k)
-            k *= 2
-        clips.append([1.0] * self.max_slots)  # a full burst (its row count need not be a power of two)
-        for n, batch in enumerate(clips):
-            works = [Work(("warm-up", n, i), (0.05 * rng.standard_normal(int(s * SAMPLE_RATE))).astype(np.float32),
-                          None, "", token_budget(s, limit)) for i, s in enumerate(batch)]
-            for w in works:
-                pipe.submit(w)
-            pipe.step(max_steps=1)
-            pipe.partial()
-            for w in works:
-                pipe.cancel(w.key)
-        if self.realtime_slots:  # streams: a few chunks of one stream, and its finish
-            self.driver = self.asr.stream_driver(slots=self.realtime_slots)
-            stream = self.driver.stream()
-            self.driver.feed({stream: (0.05 * rng.standard_normal(WARMUP_STREAM_SAMPLES)).astype(np.float32)})
-            self.driver.finish([stream])
-        return sum(map(len, clips))
+        noise = 0.05 * np.random.default_rng(0).standard_normal(int(WARMUP_SECONDS * SAMPLE_RATE))
+        work = Work("warm-up", noise.astype(np.float32), None, "",
+                    token_budget(WARMUP_SECONDS, token_limit(self.asr.model.config)))
+        pipe.submit(work)
+        pipe.step(max_steps=1)
+        pipe.partial()
+        pipe.cancel(work.key)
 
     def _busy(self) -> bool:
         return any(p.busy for p in self.pipes.values())
@@ -171,6 +156,7 @@ class Scheduler:
                 rt, self._rt = self._rt, []
                 if self._stop and not new and not self.jobs:
                     return
+            compiled, seconds = self.compiles.count, self.compiles.seconds
             for job in gone:
                 self._drop(job)
             for job in new:
@@ -180,6 +166,9 @@ class Scheduler:
             for beam, pipe in list(self.pipes.items()):
                 if pipe.busy:
                     self._step(beam, pipe)
+            if self.compiles.count > compiled:
+                log.info("compiled %d programs (%.1f s) on first use of their shapes, for %s",
+                         self.compiles.count - compiled, self.compiles.seconds - seconds, _what(new, rt))
             with self._cond:
                 self.waiting = sum(p.waiting for p in self.pipes.values()) + sum(len(j.pieces) for j in self._new)
                 self.live = sum(p.live for p in self.pipes.values())
@@ -191,6 +180,8 @@ class Scheduler:
         ends: dict[str, list] = {"commit": [], "close": []}
         for op, item, samples in ops:
             if op == "open":
+                if self.driver is None:  # its KV cache is allocated now, for every realtime slot
+                    self.driver = self.asr.stream_driver(slots=self.realtime_slots)
                 try:
                     item.stream = self.driver.stream(item.language, item.context)
                 except (RuntimeError, ValueError) as e:  # every stream slot taken, or a context too long

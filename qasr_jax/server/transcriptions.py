@@ -1,10 +1,13 @@
 """``POST /v1/audio/transcriptions``: OpenAI's form fields in, a transcript (or a stream of text events) out.
 
-OpenAI's fields: ``file``, ``model``, ``language`` (ISO code or name), ``prompt`` (the context), ``response_format``
+OpenAI's fields: ``file``, ``model`` (any name is answered by the served model unless the server was started with
+``--strict-model-name``), ``language`` (ISO code or name), ``prompt`` (the context), ``response_format``
 (json, text, srt, vtt, verbose_json), ``temperature`` (0 only), ``stream``, ``include[]=logprobs`` and
 ``timestamp_granularities[]`` (``word`` needs the server's aligner). Our own: ``beam_size`` and
 ``max_new_tokens`` (each piece's cap; default: a budget that grows with the audio's duration), ``vad`` (true:
-decode only speech, in pieces of at most 30 s, as ``transcribe(vad=True)``).
+decode only speech, in pieces of at most 30 s, as ``transcribe(vad=True)``). Audio longer than ``--piece-seconds``
+decodes as pieces cut at quiet points, as ``Transcriber.transcribe`` with that ``max_audio_seconds``, so memory
+stays bounded however long the upload.
 """
 
 from __future__ import annotations
@@ -25,13 +28,13 @@ from qasr_jax import hotwords as hw
 from qasr_jax.audio import SAMPLE_RATE, AudioError, load_audio
 from qasr_jax.longform import split_long_audio
 from qasr_jax.pipeline import token_budget
-from qasr_jax.prompts import normalize_language
+from qasr_jax.prompts import context_problem, normalize_language
+from qasr_jax.results import join_texts, majority_language
 from qasr_jax.server.openai_format import RESPONSE_FORMATS, APIError, logprobs, render, sse, stable_text
 from qasr_jax.server.scheduler import Event, Job
 from qasr_jax.transcribe import ALIGN_PIECE_SECONDS, Result
 from qasr_jax.vad_rules import speech_pieces
 
-PIECE_SECONDS = 1200.0  # longer audio is cut into pieces, as Transcriber.transcribe's default max_audio_seconds
 VAD_PIECE_SECONDS = 30.0  # with vad=true, as transcribe's default vad_max_seconds
 MAX_BEAM = 8
 MAX_HOTWORDS = 1000
@@ -76,9 +79,9 @@ def _int(form, name: str, lo: int, hi: int) -> int | None:
 def parse_options(form, server) -> Options:
     """Read and check every field but the file; an APIError names the first bad one and what to send instead."""
     model = form.get("model")
-    if model not in (None, "", server.model_id):
+    if server.config.strict_model_name and model not in (None, "", server.model_id):
         raise APIError(404, f"model {model!r} is not served here; this server serves {server.model_id!r} "
-                            "(GET /v1/models lists it)", "model", "model_not_found")
+                            "(GET /v1/models lists it; --strict-model-name is on)", "model", "model_not_found")
     o = Options()
     o.response_format = str(form.get("response_format") or "json")
     if o.response_format not in RESPONSE_FORMATS:
@@ -139,8 +142,10 @@ def parse_options(form, server) -> Options:
             raise APIError(400, f"hotword_boost must be a non-negative number, got {raw!r}", "hotword_boost",
                            "invalid_value")
     o.vad = _flag(form, "vad")
+    _check_context(server, o.context, "prompt", "prompt")
     if o.hotwords:
         o.context = hw.with_context(o.context, o.hotwords)  # as offline: the model reads them too
+        _check_context(server, o.context, "hotwords", "the prompt with the hotwords")
     return o
 
 
@@ -150,6 +155,13 @@ def _flag(form, name: str) -> bool:
     if raw not in ("true", "false", "1", "0"):
         raise APIError(400, f"{name} must be true or false, got {raw!r}", name, "invalid_value")
     return raw in ("true", "1")
+
+
+def _check_context(server, context: str, param: str, name: str) -> None:
+    """A 400 naming ``param`` when the context the model reads is over ``qasr_jax.config.MAX_CONTEXT_TOKENS``."""
+    problem = context_problem(server.asr.tokenizer, context, name)
+    if problem:
+        raise APIError(400, problem, param, "context_too_long")
 
 
 def read_upload(upload: UploadFile, name: str) -> np.ndarray:
@@ -199,7 +211,8 @@ async def transcribe(request: Request, server) -> Response:
                             "files", "file", "audio_too_long")
     result = Result(name, duration=duration)
     # Digital silence: nothing was said, as offline (no pieces, an empty transcript).
-    pieces = split_long_audio(wave, ALIGN_PIECE_SECONDS if o.words else PIECE_SECONDS) if np.any(wave) else []
+    piece_seconds = min(server.config.piece_seconds, ALIGN_PIECE_SECONDS) if o.words else server.config.piece_seconds
+    pieces = split_long_audio(wave, piece_seconds) if np.any(wave) else []
     if o.vad and pieces:  # only speech, merged into pieces of at most VAD_PIECE_SECONDS (none for silence or noise)
         pieces = (await asyncio.to_thread(speech_pieces, [wave], VAD_PIECE_SECONDS))[0]
     budgets = [o.max_new_tokens or token_budget(p.duration, server.token_limit) for p in pieces]
@@ -251,10 +264,10 @@ def _respond(server, result: Result, parts: dict, o: Options) -> Response:
 
 
 async def _stream(server, job: Job, events: asyncio.Queue, result: Result, o: Options):
-    """Server-sent events as OpenAI sends them: ``transcript.text.delta`` as the first piece's text is generated
-    (the pieces after it, of audio over PIECE_SECONDS, in one delta when all are done), then
-    ``transcript.text.done``. A beam search sends its text when it is done (its best beam can still change)."""
-    tok, sent, n_tokens, parts = server.asr.tokenizer, "", 0, {}
+    """Server-sent events as OpenAI sends them: ``transcript.text.delta`` as the text is generated, piece after
+    piece (a piece's tokens stream once every piece before it is done), then ``transcript.text.done``. A beam
+    search sends its text when it is done (its best beam can still change)."""
+    tok, sent, n_tokens, parts, live = server.asr.tokenizer, "", 0, {}, ((), ())
     try:
         while len(parts) < len(job.pieces):
             ev: Event = await events.get()
@@ -263,13 +276,21 @@ async def _stream(server, job: Job, events: asyncio.Queue, result: Result, o: Op
                                                               code="engine_error").body()["error"]})
                 return
             if ev.kind == "piece":
+                if ev.piece == _leading(parts):  # the streamed piece is done: the next one streams
+                    live = ((), ())
                 parts[ev.piece] = server.asr.decoded(job.pieces[ev.piece], ev.output, job.language)
-            elif ev.piece == 0 and len(ev.token_ids) > n_tokens:
-                text = stable_text(tok, ev.token_ids, job.language)
-                if len(text) > len(sent):
-                    yield sse(_delta(tok, text[len(sent):], ev.token_ids[n_tokens:], ev.token_logprobs[n_tokens:],
-                                     o.logprobs))
-                    sent, n_tokens = text, len(ev.token_ids)
+            elif ev.piece == _leading(parts):  # the piece being streamed: its tokens so far
+                live = (ev.token_ids, ev.token_logprobs)
+            else:
+                continue
+            done = [parts[k] for k in range(_leading(parts))]
+            language = job.language or majority_language([p.language for p in done])
+            text = join_texts([p.text for p in done] + [stable_text(tok, live[0], job.language)], language)
+            if len(text) > len(sent) and text.startswith(sent):
+                ids = [t for p in done for t in p.token_ids] + list(live[0])
+                lps = [x for p in done for x in p.token_logprobs] + list(live[1])
+                yield sse(_delta(tok, text[len(sent):], ids[n_tokens:], lps[n_tokens:], o.logprobs))
+                sent, n_tokens = text, len(ids)
         if parts:
             await asyncio.to_thread(server.asr.finish, result, parts, False)
         rest = result.text[len(sent):] if result.text.startswith(sent) else ""
@@ -284,6 +305,14 @@ async def _stream(server, job: Job, events: asyncio.Queue, result: Result, o: Op
         if len(parts) < len(job.pieces):  # the client went away (or the engine failed): free its slots
             server.scheduler.cancel(job)
         server.release(job)
+
+
+def _leading(parts: dict) -> int:
+    """How many pieces from the first are done (the index of the piece being streamed)."""
+    k = 0
+    while k in parts:
+        k += 1
+    return k
 
 
 def _delta(tok, text: str, ids, lps, with_logprobs: bool) -> dict:

@@ -1,5 +1,5 @@
-"""Helpers for the server tests: start the real ``qasr-jax serve`` on a free loopback port, read its metrics, and
-send raw multipart requests (for the malformed ones no client library would send)."""
+"""Helpers for the server tests: start the real ``qasr-jax serve`` on a free loopback port, read its metrics and
+its peak memory, and send raw multipart requests (for the malformed ones no client library would send)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import uuid
 
 from prometheus_client.parser import text_string_to_metric_families
 
-START_SECONDS = 900  # the warm-up compiles every shape bucket: minutes on a busy 2-core machine
+START_SECONDS = 300  # load and warm up (one short request's programs): generous for a busy 2-core machine
 
 
 def free_port() -> int:
@@ -27,9 +27,11 @@ def free_port() -> int:
 
 
 class Served:
-    """A ``qasr-jax serve`` subprocess on 127.0.0.1: ``url`` (no trailing slash), ``key``, ``proc``."""
+    """A ``qasr-jax serve`` subprocess on 127.0.0.1: ``url`` (no trailing slash), ``key``, ``proc``, and
+    ``ready_seconds`` from the start of the process to the first 200 from /health."""
 
-    def __init__(self, model: str, *flags: str, key: str | None = None, cache: str | None = None, log: str):
+    def __init__(self, model: str, *flags: str, key: str | None = None, cache: str | None = None, log: str,
+                 start_seconds: float = START_SECONDS):
         self.port, self.key = free_port(), key
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "qasr_jax.cli", "serve", "--model", model, "--port", str(self.port), *flags]
@@ -38,12 +40,13 @@ class Served:
         env = {**os.environ, "QASR_JAX_COMPILATION_CACHE": cache or "off"}
         self.log = log
         self._log_file = open(log, "w")
+        start = time.monotonic()
         self.proc = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + START_SECONDS
         while not self.healthy():
             assert self.proc.poll() is None, f"the server exited with {self.proc.returncode}:\n{self.output()}"
-            assert time.monotonic() < deadline, f"not ready after {START_SECONDS} s:\n{self.output()}"
+            assert time.monotonic() < start + start_seconds, f"not ready after {start_seconds} s:\n{self.output()}"
             time.sleep(0.5)
+        self.ready_seconds = time.monotonic() - start
 
     def output(self, tail: int = 4000) -> str:
         """The last ``tail`` characters the server printed."""
@@ -72,6 +75,12 @@ class Served:
 
     def gauge(self, name: str) -> float:
         return self.metrics()[(name, ())]
+
+    def peak_rss(self) -> int:
+        """The server process's peak resident memory so far, in bytes (VmHWM from /proc; Linux only)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return kib * 1024
 
     def stop(self) -> int:
         """SIGTERM, then wait for the exit code."""
