@@ -18,9 +18,10 @@ def add_command(subparsers) -> None:
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--dtype", default="float32", choices=DTYPES)
-    from qasr_jax.cli_options import add_quantize_flag
+    from qasr_jax.cli_options import add_layers_flag, add_quantize_flag
 
     add_quantize_flag(sv)
+    add_layers_flag(sv)
     sv.add_argument("--mesh", default=None, help="device mesh, e.g. data=8,model=1 (default: all local devices "
                     "on data)")
     sv.add_argument("--aligner", default=None, help="ForcedAligner folder or hub id: word timestamps "
@@ -80,7 +81,7 @@ def serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     asr = Transcriber.from_pretrained(args.model, dtype=args.dtype, aligner=args.aligner, mesh=mesh_arg(args.mesh),
-                                      quantize=args.quantize)
+                                      quantize=args.quantize, layers=args.layers)
     config = ServerConfig(args.served_model_name or args.model, args.max_slots, args.api_key, args.max_upload_mb,
                           args.max_audio_seconds, args.max_queue, args.realtime_slots, args.piece_seconds,
                           args.kv_cache_gb, args.strict_model_name)
