@@ -31,10 +31,10 @@ import os
 import re
 import tempfile
 import time
-import wave
 
 import jax
 import numpy as np
+import soundfile as sf
 
 from bench_slots import random_transcriber  # noqa: E402
 from bench_throughput import clip_set  # noqa: E402
@@ -46,26 +46,11 @@ HOST = "(host)"
 
 
 def write_wavs(waves: list[np.ndarray], folder: str) -> list[str]:
-    """16-bit mono 16 kHz WAV files of ``waves`` (the standard library's writer: nothing to install)."""
-    paths = []
-    for i, w in enumerate(waves):
-        path = os.path.join(folder, f"clip{i}.wav")
-        with wave.open(path, "wb") as f:
-            f.setnchannels(1), f.setsampwidth(2), f.setframerate(16000)
-            f.writeframes((np.clip(w, -1, 1) * 32767).astype("<i2").tobytes())
-        paths.append(path)
+    """16-bit mono 16 kHz WAV files of ``waves``, as a user's files would be."""
+    paths = [os.path.join(folder, f"clip{i}.wav") for i in range(len(waves))]
+    for path, w in zip(paths, waves):
+        sf.write(path, w, 16000, subtype="PCM_16")
     return paths
-
-
-def decode(path: str) -> np.ndarray:
-    """A WAV file as 16 kHz float32: ``load_audio`` (soundfile), or the standard library where soundfile is absent."""
-    try:
-        import soundfile  # noqa: F401
-    except (ImportError, OSError):
-        with wave.open(path, "rb") as f:
-            pcm = np.frombuffer(f.readframes(f.getnframes()), "<i2")
-        return load_audio((pcm, 16000))
-    return load_audio(path)
 
 
 class Stages:
@@ -96,7 +81,7 @@ def run_stages(asr, paths: list[str], new_tokens: int, programs) -> tuple[dict[s
     mel, tower, proj = programs
     options = DecodeOptions(suppress_eos=True, eos_ids=tuple(asr.tokenizer.eos_ids))
     pipe = Pipeline(asr.model, asr.tokenizer, options, batch_size=len(paths))
-    waves = t(f"audio decode {HOST}", lambda: [decode(p) for p in paths])
+    waves = t(f"audio decode {HOST}", lambda: [load_audio(p) for p in paths])
     frames = frame_bucket(max(n_frames(w.shape[0]) for w in waves), asr.model.config.audio)
     samples, lengths, frames = t(f"padding {HOST}", pad_waves, waves, frames)
     samples, lengths = t("transfer to device", lambda: (engine.put(samples), engine.put(lengths)))
@@ -191,8 +176,9 @@ def plot(report: dict, path: str) -> None:
     stages = {k: v for k, v in report["seconds"].items() if not k.startswith(("pipeline", "end to end"))}
     fig, ax = plt.subplots(figsize=(7, 6))
     bottom = 0.0
-    for name, s in stages.items():
-        ax.bar([report["label"]], [1e3 * s], bottom=bottom, label=name, hatch="//" if HOST in name else None)
+    for i, (name, s) in enumerate(stages.items()):
+        ax.bar([report["label"]], [1e3 * s], bottom=bottom, label=name, color=plt.cm.tab20(i),
+               hatch="//" if HOST in name else None)
         bottom += 1e3 * s
     e2e = report["seconds"].get("end to end (transcribe)")
     if e2e is not None:

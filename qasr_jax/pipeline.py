@@ -6,7 +6,9 @@ two-second clip never pays for the cache of a twenty-minute one. Each group has 
 :class:`qasr_jax.slots.SlotBatcher`, with as many slots as ``batch_size`` allows within the KV memory budget;
 pieces are encoded in batches as slots come free, and a finished piece's slot takes the next one at once, so
 outputs of mixed lengths keep the slots full. Offline the groups run one after another, longest first (one cache
-in memory at a time); a server runs them side by side, so a long request never holds up short ones.
+in memory at a time), the narrower groups' pieces filling the slots the widest would leave empty (a batch of mixed
+lengths decodes as one batch), and freed slots are refilled in waves (one prefill for many pieces); a server runs
+the groups side by side, so a long request never holds up short ones, and refills a slot at once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import collections
 import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
 
 from qasr_jax import hotwords as hw
@@ -27,7 +30,8 @@ from qasr_jax.slots import Output, Prompts, Request, SlotBatcher
 
 TOKENS_PER_SECOND = 10.0  # default output budget per second of audio (see token_budget)
 BUDGET_BASE = 32  # plus this many, for the "language X<asr_text>" header and short clips
-DEFAULT_KV_BYTES = 8 << 30  # KV cache memory one group of slots may take
+DEFAULT_KV_BYTES = 8 << 30  # KV cache memory one group of slots may take (at least; see kv_budget)
+KV_SHARE = 0.5  # of an accelerator's free memory, for one group's KV cache (the rest: activations, log-mel)
 # Offline, freed slots are refilled once this fraction of them is free (1/8): one prefill for a wave of pieces,
 # not one per finished piece. A server refills at once (a waiting request's latency comes first).
 REFILL_FRACTION = 8
@@ -45,6 +49,14 @@ def token_budget(seconds: float, limit: int | None = None) -> int:
     runs out is flagged (``Result.truncated``), never silently cut."""
     budget = BUDGET_BASE + int(np.ceil(TOKENS_PER_SECOND * seconds))
     return budget if limit is None else min(budget, limit)
+
+
+def kv_budget() -> int:
+    """KV cache bytes a new group of slots may take: half the free memory of the first device where it reports it
+    (a GPU or TPU: a batch of 256 two-minute clips needs ~70 GB at 0.6B), else ``DEFAULT_KV_BYTES``."""
+    stats = jax.devices()[0].memory_stats() or {}
+    free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+    return max(DEFAULT_KV_BYTES, int(KV_SHARE * free))
 
 
 @dataclasses.dataclass
@@ -97,7 +109,7 @@ class Pipeline:
     """Pieces in (:meth:`submit`), finished ``(Work, Output)`` pairs out of each :meth:`step` (see module doc)."""
 
     def __init__(self, model, tokenizer, options: DecodeOptions, batch_size: int = 8,
-                 kv_bytes: int = DEFAULT_KV_BYTES, side_by_side: bool = False):
+                 kv_bytes: int | None = None, side_by_side: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer, self.options = model, tokenizer, options
@@ -128,7 +140,8 @@ class Pipeline:
     def _slots(self, width: int, out_len: int) -> int:
         t = self.model.config.text
         per_slot = 2 * t.layers * t.kv_heads * t.head_dim * (width + out_len) * np.dtype(self.model.engine.dtype).itemsize
-        fits = max(1, int(self.kv_bytes // (per_slot * self.options.beam_size)))
+        budget = kv_budget() if self.kv_bytes is None else self.kv_bytes  # asked as each group starts: side by side,
+        fits = max(1, int(budget // (per_slot * self.options.beam_size)))  # each takes half of what is left
         return round_up(min(self.batch_size, fits) * self.options.beam_size,
                         self.model.data_size * self.options.beam_size)
 
