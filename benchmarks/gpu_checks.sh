@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks behind the GPU rows of RESULTS.md, in one go (under 10 minutes by default): the attention table
 # with queued calls, then throughput at batch 1/8/32/128/256 against transformers on the same GPU, bf16, for the
-# 0.6B (with our int8 decoder as a third column) and the 1.7B (issue 15). Named steps only: also the compiled
+# 0.6B and the 1.7B (issue 15; int8 is not offered on GPU, docs/tpu.md). Named steps only: also the compiled
 # Pallas kernels against the reference (tests/test_kernels.py, no interpreter) and end-to-end transcription at
 # batch 1 and 8, and compile seconds per new batch bucket (1, 32, 256) of the 0.6B bf16 with the decoder's layers
 # scanned and unrolled, plus their decode step at batch 1 and 8 (issue 24; about 4 minutes). Logs go to $1 (default:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 from typing import Any
 
 import jax
@@ -187,9 +188,18 @@ class Pipeline:
         """Encode the group's next pieces (as many as it has slots) and queue them in its batcher."""
         batcher = group.batcher
         take = [group.pending.popleft() for _ in range(min(batcher.requests, len(group.pending)))]
-        batch = self.encode_batch(take, batcher.requests)
-        for r, work in enumerate(take):
-            batcher.submit(Request(batch, r, work.max_new, tag=work, hotwords=work.hotwords))
+        # One encoder batch per octave of audio length (the pending queue is longest first): a 3 s piece is not
+        # padded to the 22 s of the longest (the encoder's work is all in the padded frames); they decode together.
+        chunk = self.model.config.audio.chunk_frames
+
+        def octave(work: Work) -> int:
+            return next_pow2(-(-n_frames(work.samples.shape[0]) // chunk))
+
+        for _, part in itertools.groupby(take, key=octave):
+            part = list(part)
+            batch = self.encode_batch(part, batcher.requests)
+            for r, work in enumerate(part):
+                batcher.submit(Request(batch, r, work.max_new, tag=work, hotwords=work.hotwords))
 
     def encode_batch(self, works: list[Work], cap: int) -> Prompts:
         """Encode pieces as one batch (rows padded to a bucket of at most ``cap``) -> their embedded prompts."""
