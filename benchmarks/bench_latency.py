@@ -70,7 +70,9 @@ def main() -> None:
     files = [wav(w) for w in clip_set(max(counts), args.seconds)]
     print(f"{cpu_name()}; {args.preset} random weights, {args.dtype}; streamed {args.seconds:g} s clips, "
           f"{args.new_tokens} new tokens each; server with {max(counts)} slots\n")
+    # The warm-up compiles every shape up to --max-audio-seconds: only those of these clips (no realtime streams).
     served = Served(folder, "--dtype", args.dtype, "--max-slots", str(max(counts)), "--max-queue", "4096",
+                    "--max-audio-seconds", f"{args.seconds:g}", "--realtime-slots", "0",
                     "--served-model-name", "bench", log=os.path.join(root, "server.log"))
     try:
         client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=3600)

@@ -36,6 +36,7 @@ KV_SHARE = 0.5  # of an accelerator's free memory, for one group's KV cache (the
 # Offline, freed slots are refilled once this fraction of them is free (1/8): one prefill for a wave of pieces,
 # not one per finished piece. A server refills at once (a waiting request's latency comes first).
 REFILL_FRACTION = 8
+SPLIT_PADDING = 1.5  # an encoder batch padded to more than this times its pieces' frames is split (_encoder_batches)
 
 
 def token_limit(config) -> int:
@@ -188,18 +189,27 @@ class Pipeline:
         """Encode the group's next pieces (as many as it has slots) and queue them in its batcher."""
         batcher = group.batcher
         take = [group.pending.popleft() for _ in range(min(batcher.requests, len(group.pending)))]
-        # One encoder batch per octave of audio length (the pending queue is longest first): a 3 s piece is not
-        # padded to the 22 s of the longest (the encoder's work is all in the padded frames); they decode together.
-        chunk = self.model.config.audio.chunk_frames
-
-        def octave(work: Work) -> int:
-            return next_pow2(-(-n_frames(work.samples.shape[0]) // chunk))
-
-        for _, part in itertools.groupby(take, key=octave):
-            part = list(part)
+        for part in self._encoder_batches(take, batcher.requests):
             batch = self.encode_batch(part, batcher.requests)
             for r, work in enumerate(part):
                 batcher.submit(Request(batch, r, work.max_new, tag=work, hotwords=work.hotwords))
+
+    def _encoder_batches(self, take: list[Work], cap: int) -> list[list[Work]]:
+        """Pieces (longest first) as one encoder batch, or one per octave of audio length where one batch would pad
+        to over ``SPLIT_PADDING`` times their frames (a 3 s piece beside a 22 s one: the encoder's work is all in
+        the padded frames); either way they decode together. Shapes stay buckets: a mix of lengths within one
+        octave is never split, so it compiles nothing new."""
+        audio = self.model.config.audio
+
+        def octave(work: Work) -> int:
+            return next_pow2(-(-n_frames(work.samples.shape[0]) // audio.chunk_frames))
+
+        def padded(works: list[Work]) -> int:  # the frames an encoder batch of these pieces computes
+            longest = max(n_frames(w.samples.shape[0]) for w in works)
+            return batch_rows(len(works), cap, self.model.data_size) * frame_bucket(longest, audio)
+
+        parts = [list(p) for _, p in itertools.groupby(take, key=octave)]
+        return parts if padded(take) > SPLIT_PADDING * sum(map(padded, parts)) else [take]
 
     def encode_batch(self, works: list[Work], cap: int) -> Prompts:
         """Encode pieces as one batch (rows padded to a bucket of at most ``cap``) -> their embedded prompts."""

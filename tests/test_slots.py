@@ -203,15 +203,19 @@ def test_freed_slots_wait_for_a_wave_and_outputs_do_not_change(tiny):
 def test_offline_pipeline_decodes_a_mixed_batch_as_one(checkpoints, tmp_path_factory):
     """Pieces whose caches differ (100 and 10 new tokens: two output buffers, two groups) share one batch offline:
     the decode takes as many steps as the longest piece (not the sum of two batches'), and each piece's ids are
-    those it gets transcribed alone."""
+    those it gets transcribed alone. Their audio (5-6 s and 1 s) is encoded in two batches, not padded to 6 s."""
     asr = Transcriber.from_pretrained(with_tokenizer(checkpoints("asr").official, tmp_path_factory, "official"))
-    waves = [synthetic(s, i) for i, s in enumerate([1.0, 2.5, 1.5, 3.0])]
+    waves = [synthetic(s, i) for i, s in enumerate([6.0, 1.0, 5.0, 0.8])]
     budgets = [100, 10, 100, 10]
     options = DecodeOptions(suppress_eos=True, eos_ids=tuple(asr.tokenizer.eos_ids))
     pipe = Pipeline(asr.model, asr.tokenizer, options, batch_size=4)
-    for i, (w, b) in enumerate(zip(waves, budgets)):
-        pipe.submit(Work(i, w, None, "", b))
+    works = [Work(i, w, None, "", b) for i, (w, b) in enumerate(zip(waves, budgets))]
+    for work in works:
+        pipe.submit(work)
     assert len(pipe.groups) == 2
+    longest_first = [works[i] for i in (0, 2, 1, 3)]
+    assert [[w.key for w in part] for part in pipe._encoder_batches(longest_first, 4)] == [[0, 2], [1, 3]]
+    assert len(pipe._encoder_batches(longest_first[:2], 4)) == 1  # 5 and 6 s: one octave, one batch
     got = {}
     while pipe.busy:
         got.update({work.key: out.token_ids for work, out in pipe.step()})
