@@ -92,9 +92,9 @@ def slots(asr, waves, budgets, batch) -> tuple[list[list[int]], int]:
     return [out[i] for i in range(len(waves))], pipe.steps
 
 
-def random_transcriber(preset: str, checkpoint: str | None) -> qasr_jax.Transcriber:
-    """A Transcriber of a random-weight ``preset`` checkpoint with the real tokenizer: the folder ``checkpoint``,
-    saved there (bf16, -hf layout) when it holds no model yet, or a temporary one."""
+def random_checkpoint(preset: str, checkpoint: str | None) -> str:
+    """A folder with a random-weight ``preset`` checkpoint and the real tokenizer: ``checkpoint``, saved there (bf16,
+    -hf layout) when it holds no model yet, or a temporary one."""
     folder = checkpoint or tempfile.mkdtemp()
     if not os.path.isfile(os.path.join(folder, "config.json")):
         import torch
@@ -105,7 +105,12 @@ def random_transcriber(preset: str, checkpoint: str | None) -> qasr_jax.Transcri
     from qasr_jax.testing.tokenizer_files import write_tokenizer
 
     write_tokenizer(folder, "hf")
-    return qasr_jax.Transcriber.from_pretrained(folder)
+    return folder
+
+
+def random_transcriber(preset: str, checkpoint: str | None, dtype: str = "float32") -> qasr_jax.Transcriber:
+    """A Transcriber of ``random_checkpoint(preset, checkpoint)``."""
+    return qasr_jax.Transcriber.from_pretrained(random_checkpoint(preset, checkpoint), dtype=dtype)
 
 
 def main() -> None:

@@ -23,11 +23,18 @@ the cap and grows the transcript 4x faster than speech does.
 ``--stages`` also times each step's programs (log-mel, encoder, embedding, prefill, decode loop, slot release)
 by waiting for each one's result; what is left is host work (tokenizing, bookkeeping, copies).
 
+``--capacity 32,64,128,256``: how many concurrent streams stay real time (issue 27). For each count, a driver of
+that many slots steps every stream's 2 s chunk together for ``--capacity-seconds`` of audio; a step answers every
+stream's chunk, so the streams keep up when the step's p95 wall time is under the chunk length (each chunk answered
+before the next is due). Counts are tried in order, up to the first that falls behind. NeMo's figure for
+comparison: 240 streams per H100 for its streaming model.
+
 Machine load (load average and the CPU other processes took during each step, from /proc) is recorded with every
 step: on a shared machine compare rows of the same run only.
 
     python benchmarks/bench_stream.py [--minutes 1,5,10,30] [--streams 1,8] [--refeed-at 1,5] [--out FILE]
     python benchmarks/bench_stream.py --preset tiny --minutes 1 --refeed-at 1    # a smoke run
+    python benchmarks/bench_stream.py --dtype bfloat16 --capacity 32,64,128,256   # streams in real time (GPU)
 """
 
 from __future__ import annotations
@@ -185,6 +192,30 @@ def percentiles(rows, minute: int) -> tuple[float, float, int, float] | None:
             statistics.mean(r["load"] for r in sel))
 
 
+def capacity(asr, args, out) -> None:
+    """The capacity table: per stream count, the p50 / p95 step wall time and whether the streams keep up."""
+    counts = [int(n) for n in args.capacity.split(",")]
+    audio = track(args.capacity_seconds + STREAM_OFFSET * max(counts) + 2 * args.segment_seconds)
+    budget = 1e3 * args.chunk_seconds
+    print(f"{cpu_model()}; {jax.devices()[0].device_kind}; preset {args.preset}, {args.dtype}; chunk "
+          f"{args.chunk_seconds} s, max_new_tokens {args.max_new_tokens}, {args.capacity_seconds:g} s per stream")
+    print(f"\n| streams | p50 ms | p95 ms | steps | real time (p95 < {budget:.0f} ms) |\n|---:|---:|---:|---:|---|")
+    kept = 0
+    for n in counts:
+        run = Run(asr, audio, n, args, out)
+        while run.position < args.capacity_seconds:
+            run.step()
+        run.close()
+        ms = [r["ms"] for r in run.rows if r["compiles"] == 0]
+        p95 = float(np.percentile(ms, 95))
+        print(f"| {n} | {statistics.median(ms):.0f} | {p95:.0f} | {len(ms)} | {'yes' if p95 < budget else 'no'} |",
+              flush=True)
+        if p95 >= budget:
+            break
+        kept = n
+    print(f"\nstreams kept in real time: {kept} (of the counts tried)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="asr-0.6b", choices=["asr-0.6b", "tiny"])
@@ -198,6 +229,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--segment-seconds", type=float, default=20.0)
     ap.add_argument("--stages", action="store_true", help="time each step's programs too")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--capacity", metavar="COUNTS", help="only the capacity table, for these stream counts")
+    ap.add_argument("--capacity-seconds", type=float, default=60.0, help="audio each capacity run streams")
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "bench_stream.jsonl"),
                     help="every step as a JSON line (appended as it runs)")
     args = ap.parse_args()
@@ -210,7 +244,11 @@ def main() -> None:
         print(f"building the random-weight checkpoint in {folder} ...", flush=True)
         make_checkpoint(preset(args.preset), folder)
         write_tokenizer(folder, "official")
-    asr = Transcriber.from_pretrained(folder, dtype="float32")
+    asr = Transcriber.from_pretrained(folder, dtype=args.dtype)
+    if args.capacity:
+        with open(args.out, "a") as out:
+            capacity(asr, args, out)
+        return
     stages = time_stages(asr.model.engine) if args.stages else None
     longest = max(minutes) * 60
     audio = track(longest + STREAM_OFFSET * max(counts) + 2 * args.segment_seconds)

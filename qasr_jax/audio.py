@@ -168,6 +168,11 @@ def n_frames(n_samples: int) -> int:
     return max(int(n_samples), MIN_SAMPLES) // HOP
 
 
+def frames_of(lengths: jax.Array) -> jax.Array:
+    """Valid mel frames (batch,) of waveforms of ``lengths`` (batch,) samples: ``n_frames`` inside a program."""
+    return jnp.maximum(lengths, MIN_SAMPLES) // HOP
+
+
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
     """Slaney's mel scale: linear below 1 kHz (3 mels per 200 Hz), logarithmic above (27 mels per factor 6.4)."""
     mels = hz / (200.0 / 3)
@@ -222,7 +227,7 @@ def log10_mel_padded(samples: jax.Array, lengths: jax.Array, frames: int) -> tup
         samples = jnp.pad(samples, ((0, 0), (0, MIN_SAMPLES - total)))
         total = MIN_SAMPLES
     n = jnp.maximum(lengths, MIN_SAMPLES)[:, None]  # (batch, 1) effective length, min padding included
-    valid_frames = n[:, 0] // HOP  # (batch,)
+    valid_frames = frames_of(lengths)  # (batch,)
 
     # Frame t covers positions t*HOP - N_FFT/2 .. + N_FFT - 1 of the signal. Framing below works in blocks of
     # gcd(HOP, N_FFT) = 80 samples, so the centred signal is read for (2 * frames + 3) blocks.
@@ -278,12 +283,12 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def log_mel_batch(waves: Sequence[np.ndarray], pad_to: int | None = None) -> tuple[jax.Array, np.ndarray]:
-    """Log-mel of 16 kHz mono waveforms of any lengths: ``(feats (batch, 128, T_pad) jax.Array, n_frames (batch,) int32)``.
+def pad_waves(waves: Sequence[np.ndarray], pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """16 kHz mono waveforms -> ``(samples (batch, S) zero-padded float32, lengths (batch,) int32, frames)``: the
+    input of ``log_mel_padded`` (and of the engine's fused log-mel and encoder program), checked.
 
-    T_pad is the longest item's frame count (or `pad_to`, if larger) rounded up to a multiple of 100 frames (1 s),
-    so differing lengths reuse one compiled function. Frames at and past each item's n_frames are 0.0; each
-    item's valid frames equal ``log_mel`` of that item alone. n_frames is a host numpy array.
+    ``frames`` is the longest item's frame count (or ``pad_to``, if larger) rounded up to a multiple of 100 (1 s),
+    so differing lengths reuse one compiled function; S = (frames + 1) * 160 holds every item whole.
     """
     if isinstance(waves, np.ndarray) and waves.ndim == 1:
         raise AudioError("log_mel_batch takes a list of waveforms; for one waveform use log_mel(wave)")
@@ -299,13 +304,25 @@ def log_mel_batch(waves: Sequence[np.ndarray], pad_to: int | None = None) -> tup
         if not np.all(np.isfinite(arr)):
             raise AudioError(f"array input #{i}: audio contains NaN or Inf samples; clean or re-decode the audio")
         arrays.append(arr)
-    counts = np.array([n_frames(a.shape[0]) for a in arrays], dtype=np.int32)
-    frames = _round_up(max(int(counts.max()), int(pad_to or 0)), CHUNK_FRAMES)
+    lengths = np.array([a.shape[0] for a in arrays], dtype=np.int32)
+    longest = max(n_frames(int(n)) for n in lengths)
+    frames = _round_up(max(longest, int(pad_to or 0)), CHUNK_FRAMES)
     # Every item fits whole: n_frames <= frames means length < (frames + 1) * HOP.
     padded = np.zeros((len(arrays), (frames + 1) * HOP), dtype=np.float32)  # (batch, whole seconds + one hop)
     for i, arr in enumerate(arrays):
         padded[i, : arr.shape[0]] = arr
-    lengths = np.array([a.shape[0] for a in arrays], dtype=np.int32)
+    return padded, lengths, frames
+
+
+def log_mel_batch(waves: Sequence[np.ndarray], pad_to: int | None = None) -> tuple[jax.Array, np.ndarray]:
+    """Log-mel of 16 kHz mono waveforms of any lengths: ``(feats (batch, 128, T_pad) jax.Array, n_frames (batch,) int32)``.
+
+    T_pad is the longest item's frame count (or `pad_to`, if larger) rounded up to a multiple of 100 frames (1 s),
+    so differing lengths reuse one compiled function. Frames at and past each item's n_frames are 0.0; each
+    item's valid frames equal ``log_mel`` of that item alone. n_frames is a host numpy array.
+    """
+    padded, lengths, frames = pad_waves(waves, pad_to)
+    counts = np.array([n_frames(int(n)) for n in lengths], dtype=np.int32)
     feats = _log_mel_padded_jit(padded, lengths, frames=frames)
     return feats, counts
 

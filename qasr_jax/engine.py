@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qasr_jax import search as S
+from qasr_jax.audio import frames_of, log_mel_padded
 from qasr_jax.buckets import PREFILL_CHUNK
 from qasr_jax.compiles import jit_with_encoder
 from qasr_jax.model import LAYER_MODES, KVCache, Qwen3ASRModule, stack_layers, unstack_layers
@@ -107,6 +108,10 @@ class Engine:
         def encode(params, feats, n_frames):
             return apply(params, feats, n_frames, method=Qwen3ASRModule.encode)
 
+        def encode_waves(params, samples, lengths, *, frames):
+            # Log-mel, its padding and the encoder in one program: the features never leave the device.
+            return encode(params, log_mel_padded(samples, lengths, frames), frames_of(lengths))
+
         def embed(params, input_ids, audio_embeds):
             return apply(params, input_ids, audio_embeds, method=Qwen3ASRModule.embed)
 
@@ -179,6 +184,7 @@ class Engine:
         self._forward = forward_with(self.module)  # the one tree's forward (training differentiates it)
         state_sh = self._state_shardings()
         self._encode = jit_with_encoder(encode)
+        self._encode_waves = jit_with_encoder(encode_waves, static_argnames="frames")
         self._embed = jax.jit(embed)
         self._logits = jit_with_encoder(logits)
         self._score = jit_with_encoder(score, static_argnames="classes")
@@ -259,6 +265,11 @@ class Engine:
     def encode(self, feats, n_frames) -> tuple[jax.Array, jax.Array]:
         """Padded log-mel (batch, 128, frames), n_frames (batch,) -> (audio embeds (batch, seq, hidden), n_tokens)."""
         return self._encode(self._params, self.put(feats), self.put(n_frames))
+
+    def encode_waves(self, samples, lengths, frames: int) -> tuple[jax.Array, jax.Array]:
+        """Zero-padded 16 kHz samples (batch, S) and their lengths (batch,), from ``audio.pad_waves`` -> (audio
+        embeds, n_tokens): log-mel and encoder in one program."""
+        return self._encode_waves(self.params, self.put(samples), self.put(lengths, np.int32), frames=frames)
 
     def embed(self, input_ids, audio_embeds) -> jax.Array:
         """Prompt ids (batch, seq) + audio embeds (batch, audio_seq, hidden) -> decoder input embeds."""

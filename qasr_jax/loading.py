@@ -73,6 +73,9 @@ class Model:
         layout = _layout(mesh, sharding)
         if quantize is not None and layout is not None:
             raise ValueError("quantize= runs on one device; drop mesh= or quantize=")
+        if quantize is not None and jax.default_backend() == "gpu":  # measured slower than bf16 (docs/tpu.md)
+            raise ValueError(f"quantize={quantize!r} is for CPU (and TPU): on a GPU it decodes slower than "
+                             "bfloat16; drop quantize= and load with dtype='bfloat16'")
         if layout is None:
             params = cast_params(params, dtype)
             if quantize is not None:

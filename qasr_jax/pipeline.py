@@ -6,20 +6,24 @@ two-second clip never pays for the cache of a twenty-minute one. Each group has 
 :class:`qasr_jax.slots.SlotBatcher`, with as many slots as ``batch_size`` allows within the KV memory budget;
 pieces are encoded in batches as slots come free, and a finished piece's slot takes the next one at once, so
 outputs of mixed lengths keep the slots full. Offline the groups run one after another, longest first (one cache
-in memory at a time); a server runs them side by side, so a long request never holds up short ones.
+in memory at a time), the narrower groups' pieces filling the slots the widest would leave empty (a batch of mixed
+lengths decodes as one batch), and freed slots are refilled in waves (one prefill for many pieces); a server runs
+the groups side by side, so a long request never holds up short ones, and refills a slot at once.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 from typing import Any
 
+import jax
 import numpy as np
 
 from qasr_jax import hotwords as hw
 from qasr_jax import search as S
-from qasr_jax.audio import log_mel_batch, n_frames
+from qasr_jax.audio import n_frames, pad_waves
 from qasr_jax.buckets import batch_rows, frame_bucket, next_pow2, output_buffer, prompt_width, round_up
 from qasr_jax.config import audio_token_count
 from qasr_jax.prompts import build_prompt_ids
@@ -27,7 +31,12 @@ from qasr_jax.slots import Output, Prompts, Request, SlotBatcher
 
 TOKENS_PER_SECOND = 10.0  # default output budget per second of audio (see token_budget)
 BUDGET_BASE = 32  # plus this many, for the "language X<asr_text>" header and short clips
-DEFAULT_KV_BYTES = 8 << 30  # KV cache memory one group of slots may take
+DEFAULT_KV_BYTES = 8 << 30  # KV cache memory one group of slots may take (at least; see kv_budget)
+KV_SHARE = 0.5  # of an accelerator's free memory, for one group's KV cache (the rest: activations, log-mel)
+# Offline, freed slots are refilled once this fraction of them is free (1/8): one prefill for a wave of pieces,
+# not one per finished piece. A server refills at once (a waiting request's latency comes first).
+REFILL_FRACTION = 8
+SPLIT_PADDING = 1.5  # an encoder batch padded to more than this times its pieces' frames is split (_encoder_batches)
 
 
 def token_limit(config) -> int:
@@ -42,6 +51,14 @@ def token_budget(seconds: float, limit: int | None = None) -> int:
     runs out is flagged (``Result.truncated``), never silently cut."""
     budget = BUDGET_BASE + int(np.ceil(TOKENS_PER_SECOND * seconds))
     return budget if limit is None else min(budget, limit)
+
+
+def kv_budget() -> int:
+    """KV cache bytes a new group of slots may take: half the free memory of the first device where it reports it
+    (a GPU or TPU: a batch of 256 two-minute clips needs ~70 GB at 0.6B), else ``DEFAULT_KV_BYTES``."""
+    stats = jax.devices()[0].memory_stats() or {}
+    free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+    return max(DEFAULT_KV_BYTES, int(KV_SHARE * free))
 
 
 @dataclasses.dataclass
@@ -94,7 +111,7 @@ class Pipeline:
     """Pieces in (:meth:`submit`), finished ``(Work, Output)`` pairs out of each :meth:`step` (see module doc)."""
 
     def __init__(self, model, tokenizer, options: DecodeOptions, batch_size: int = 8,
-                 kv_bytes: int = DEFAULT_KV_BYTES, side_by_side: bool = False):
+                 kv_bytes: int | None = None, side_by_side: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer, self.options = model, tokenizer, options
@@ -102,21 +119,31 @@ class Pipeline:
         self.cfg, self.settings = options.config(), options.settings()
         self.groups: dict[tuple[int, int, int], _Group] = {}
         self.steps = 0  # decode steps run by every batcher so far
+        self._prompt_parts: dict[tuple[str, str | None], tuple[list[int], list[int]]] = {}
 
     # -- shapes -------------------------------------------------------------------------------------------------
-    def _prompt_len(self, work: Work, n_audio: int) -> int:
-        return len(build_prompt_ids(self.tokenizer, n_audio, work.context, work.language))
+    def prompt_ids(self, work: Work, n_audio: int) -> list[int]:
+        """The prompt ids of a piece with ``n_audio`` audio tokens."""
+        # The text around the audio pads is tokenized once per (context, language), not once per piece.
+        key = (work.context, work.language)
+        if key not in self._prompt_parts:
+            ids = build_prompt_ids(self.tokenizer, 0, work.context, work.language)
+            at = ids.index(self.tokenizer.audio_start_id) + 1
+            self._prompt_parts[key] = (ids[:at], ids[at:])
+        head, tail = self._prompt_parts[key]
+        return head + [self.tokenizer.audio_pad_id] * n_audio + tail
 
     def _group_of(self, work: Work) -> tuple[int, int, int]:
         frames = frame_bucket(n_frames(work.samples.shape[0]), self.model.config.audio)
-        width = self._prompt_len(work, audio_token_count(frames, self.model.config.audio))
+        width = len(self.prompt_ids(work, audio_token_count(frames, self.model.config.audio)))
         edges = hw.edge_bucket(hw.edges_of(work.hotwords)) if work.hotwords else 0
         return next_pow2(prompt_width(width), 256), next_pow2(output_buffer(work.max_new), 64), edges
 
     def _slots(self, width: int, out_len: int) -> int:
         t = self.model.config.text
         per_slot = 2 * t.layers * t.kv_heads * t.head_dim * (width + out_len) * np.dtype(self.model.engine.dtype).itemsize
-        fits = max(1, int(self.kv_bytes // (per_slot * self.options.beam_size)))
+        budget = kv_budget() if self.kv_bytes is None else self.kv_bytes  # asked as each group starts: side by side,
+        fits = max(1, int(budget // (per_slot * self.options.beam_size)))  # each takes half of what is left
         return round_up(min(self.batch_size, fits) * self.options.beam_size,
                         self.model.data_size * self.options.beam_size)
 
@@ -162,24 +189,54 @@ class Pipeline:
         """Encode the group's next pieces (as many as it has slots) and queue them in its batcher."""
         batcher = group.batcher
         take = [group.pending.popleft() for _ in range(min(batcher.requests, len(group.pending)))]
-        cfg = self.model.config
-        rows = batch_rows(len(take), batcher.requests, self.model.data_size)
-        waves = [w.samples for w in take] + [take[-1].samples] * (rows - len(take))
-        frames = frame_bucket(max(n_frames(w.shape[0]) for w in waves), cfg.audio)
-        feats, valid = log_mel_batch(waves, pad_to=frames)
-        audio, n_tok = self.model.engine.encode(feats, valid)
-        n_tok = np.asarray(n_tok)
-        prompts = [build_prompt_ids(self.tokenizer, int(n_tok[r]), take[min(r, len(take) - 1)].context,
-                                    take[min(r, len(take) - 1)].language) for r in range(rows)]
-        width = prompt_width(max(map(len, prompts)))
-        ids = np.zeros((rows, width), np.int32)
+        for part in self._encoder_batches(take, batcher.requests):
+            batch = self.encode_batch(part, batcher.requests)
+            for r, work in enumerate(part):
+                batcher.submit(Request(batch, r, work.max_new, tag=work, hotwords=work.hotwords))
+
+    def _encoder_batches(self, take: list[Work], cap: int) -> list[list[Work]]:
+        """Pieces (longest first) as one encoder batch, or one per octave of audio length where one batch would pad
+        to over ``SPLIT_PADDING`` times their frames (a 3 s piece beside a 22 s one: the encoder's work is all in
+        the padded frames); either way they decode together. Shapes stay buckets: a mix of lengths within one
+        octave is never split, so it compiles nothing new."""
+        audio = self.model.config.audio
+
+        def octave(work: Work) -> int:
+            return next_pow2(-(-n_frames(work.samples.shape[0]) // audio.chunk_frames))
+
+        def padded(works: list[Work]) -> int:  # the frames an encoder batch of these pieces computes
+            longest = max(n_frames(w.samples.shape[0]) for w in works)
+            return batch_rows(len(works), cap, self.model.data_size) * frame_bucket(longest, audio)
+
+        parts = [list(p) for _, p in itertools.groupby(take, key=octave)]
+        return parts if padded(take) > SPLIT_PADDING * sum(map(padded, parts)) else [take]
+
+    def encode_batch(self, works: list[Work], cap: int) -> Prompts:
+        """Encode pieces as one batch (rows padded to a bucket of at most ``cap``) -> their embedded prompts."""
+        engine = self.model.engine
+        rows = batch_rows(len(works), cap, self.model.data_size)
+        works = works + [works[-1]] * (rows - len(works))
+        frames = frame_bucket(max(n_frames(w.samples.shape[0]) for w in works), self.model.config.audio)
+        samples, lengths, frames = pad_waves([w.samples for w in works], pad_to=frames)
+        audio, n_tok = engine.encode_waves(samples, lengths, frames)
+        prompts = [self.prompt_ids(w, int(n)) for w, n in zip(works, np.asarray(n_tok))]
+        ids = np.zeros((rows, prompt_width(max(map(len, prompts)))), np.int32)
         for r, p in enumerate(prompts):
             ids[r, : len(p)] = p
-        ids_dev = self.model.engine.put(ids)
-        batch = Prompts(self.model.engine.embed(ids_dev, audio), np.array([len(p) for p in prompts], np.int32),
-                        ids_dev if self.cfg.penalize_repetition or self.cfg.no_repeat_ngram_size else None)
-        for r, work in enumerate(take):
-            batcher.submit(Request(batch, r, work.max_new, tag=work, hotwords=work.hotwords))
+        ids_dev = engine.put(ids)
+        return Prompts(engine.embed(ids_dev, audio), np.array([len(p) for p in prompts], np.int32),
+                       ids_dev if self.cfg.penalize_repetition or self.cfg.no_repeat_ngram_size else None)
+
+    def _borrow(self, group: _Group) -> None:
+        """Offline, fill the slots a group would leave empty with the pending pieces of narrower groups (same
+        hotword room), widest first: a batch of mixed lengths decodes as one batch, in the cache it already has."""
+        spare = group.batcher.requests - len(group.batcher.live) - len(group.batcher.queue) - len(group.pending)
+        others = sorted((g for g in self.groups.values() if g is not group and g.pending and g.edges == group.edges
+                         and g.width <= group.width and g.out_len <= group.out_len), key=lambda g: -g.width)
+        for other in others:
+            while spare > 0 and other.pending:
+                group.pending.append(other.pending.popleft())
+                spare -= 1
 
     def step(self, max_steps: int | None = None) -> list[tuple[Work, Output]]:
         """Encode what free slots can take, decode until a piece finishes (or ``max_steps`` steps: a server keeps
@@ -193,7 +250,10 @@ class Pipeline:
                 slots = self._slots(group.width, group.out_len)
                 cfg = dataclasses.replace(self.cfg, hotword_edges=group.edges)
                 group.batcher = SlotBatcher(self.model.engine, slots, group.width + group.out_len, group.out_len,
-                                            cfg, self.settings, history_len=group.width + group.out_len)
+                                            cfg, self.settings, history_len=group.width + group.out_len,
+                                            refill=1 if self.side_by_side else max(1, slots // REFILL_FRACTION))
+            if not self.side_by_side:
+                self._borrow(group)
             if group.pending and not group.batcher.queue:
                 group.pending = collections.deque(sorted(group.pending, key=lambda w: -w.samples.shape[0]))
                 self._encode(group)

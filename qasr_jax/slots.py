@@ -61,8 +61,9 @@ class SlotBatcher:
     """A queue of requests decoded in ``slots`` slots of ``max_len`` cache positions (see the module doc)."""
 
     def __init__(self, engine, slots: int, max_len: int, out_len: int, cfg: S.SearchConfig,
-                 settings: S.SearchSettings, history_len: int = 0):
+                 settings: S.SearchSettings, history_len: int = 0, refill: int = 1):
         self.engine, self.cfg, self.settings = engine, cfg, settings
+        self.refill = refill  # free slots inserted into only once this many are free (or nothing else decodes)
         self.max_len, self.out_len = max_len, out_len
         self.requests = slots // cfg.beam_size  # request slots; each holds beam_size cache rows
         self.state = engine.new_state(slots, max_len, cfg, out_len, history_len)
@@ -134,6 +135,8 @@ class SlotBatcher:
     def _fill(self) -> None:
         """Insert queued requests into slots: one engine call per run of requests sharing a prompt batch."""
         waiting: collections.deque[Request] = collections.deque()
+        unpinned = sum(r.slot is None for r in self.queue)
+        wave = not self.live or len(self.free) >= min(self.refill, unpinned)  # else free slots wait for more
         while self.queue:
             first = self.queue[0]
             group: list[tuple[Request, int]] = []
@@ -144,7 +147,7 @@ class SlotBatcher:
                         waiting.append(self.queue.popleft())
                         continue
                     slot = req.slot
-                elif self.free:
+                elif self.free and wave:
                     slot = self.free.pop(0)
                 else:
                     break

@@ -16,9 +16,12 @@ from qasr_jax import search as S
 from qasr_jax.audio import log_mel_batch
 from qasr_jax.buckets import cache_length, prompt_width
 from qasr_jax.compiles import count_compilations
+from qasr_jax.pipeline import DecodeOptions, Pipeline, Work
 from qasr_jax.slots import Prompts, Request, SlotBatcher
 from qasr_jax.testing import speech, synthetic
 from qasr_jax.testing.reference import save_hf
+from qasr_jax.testing.tokenizer_files import with_tokenizer
+from qasr_jax.transcribe import Transcriber
 from test_parity import PREFIX, SUFFIX, reference_inputs
 
 MAX_NEW = [4, 96, 9, 33, 70, 5, 12, 50, 7, 88, 16, 24]  # per request: 12 requests, 3x the 4 request slots
@@ -173,3 +176,49 @@ def test_partial_tokens_grow_into_the_result_and_cancel_frees_the_slot(tiny):
     assert outs[1].token_ids[:6] == seen[1][0]
     np.testing.assert_allclose(outs[1].token_logprobs[:6], seen[1][1], rtol=1e-5, atol=1e-6)
     assert slots.idle and sorted(slots.free) == [0, 1]
+
+
+def test_freed_slots_wait_for_a_wave_and_outputs_do_not_change(tiny):
+    """With ``refill=2``, one freed slot stays empty (its queued request waits) until a second is free, then both
+    are filled by one insert; every request still decodes exactly as if alone."""
+    model, _, _, _, batch = tiny
+    cfg, z = S.SearchConfig(), S.SearchSettings.make(suppress_eos=True)
+    out_len = max(MAX_NEW)
+    slots = SlotBatcher(model.engine, 4, cache_length(batch.embeds.shape[1], out_len), out_len, cfg, z, refill=2)
+    for row in range(8):
+        slots.submit(Request(batch, row, MAX_NEW[row], tag=row))
+    outs = slots.run()  # rows 0-3 decode; row 0 (4 tokens) ends first
+    assert [o.request.tag for o in outs] == [0] and len(slots.queue) == 4 and len(slots.live) == 3
+    outs += slots.run()  # the one free slot waited: row 2 (9 tokens) ends next
+    assert [o.request.tag for o in outs] == [0, 2] and len(slots.queue) == 4 and len(slots.free) == 2
+    outs += slots.run()  # two free: rows 4 and 5 go in together (row 5, 5 tokens, then ends first)
+    assert len(slots.queue) == 2 and [o.request.tag for o in outs] == [0, 2, 5] and len(slots.live) == 3
+    outs += slots.drain()
+    assert sorted(o.request.tag for o in outs) == list(range(8))
+    for o in outs:
+        want = alone(model, batch, o.request.tag, MAX_NEW[o.request.tag], cfg, z)
+        assert o.token_ids == want.tokens[0, : want.lengths[0]].tolist()
+
+
+def test_offline_pipeline_decodes_a_mixed_batch_as_one(checkpoints, tmp_path_factory):
+    """Pieces whose caches differ (100 and 10 new tokens: two output buffers, two groups) share one batch offline:
+    the decode takes as many steps as the longest piece (not the sum of two batches'), and each piece's ids are
+    those it gets transcribed alone. Their audio (5-6 s and 1 s) is encoded in two batches, not padded to 6 s."""
+    asr = Transcriber.from_pretrained(with_tokenizer(checkpoints("asr").official, tmp_path_factory, "official"))
+    waves = [synthetic(s, i) for i, s in enumerate([6.0, 1.0, 5.0, 0.8])]
+    budgets = [100, 10, 100, 10]
+    options = DecodeOptions(suppress_eos=True, eos_ids=tuple(asr.tokenizer.eos_ids))
+    pipe = Pipeline(asr.model, asr.tokenizer, options, batch_size=4)
+    works = [Work(i, w, None, "", b) for i, (w, b) in enumerate(zip(waves, budgets))]
+    for work in works:
+        pipe.submit(work)
+    assert len(pipe.groups) == 2
+    longest_first = [works[i] for i in (0, 2, 1, 3)]
+    assert [[w.key for w in part] for part in pipe._encoder_batches(longest_first, 4)] == [[0, 2], [1, 3]]
+    assert len(pipe._encoder_batches(longest_first[:2], 4)) == 1  # 5 and 6 s: one octave, one batch
+    got = {}
+    while pipe.busy:
+        got.update({work.key: out.token_ids for work, out in pipe.step()})
+    assert pipe.steps == max(budgets) - 1  # the prefill picks each piece's first token
+    for i, (w, b) in enumerate(zip(waves, budgets)):
+        assert got[i] == asr.transcribe(w, max_new_tokens=b, batch_size=1, suppress_eos=True)[0].token_ids
