@@ -10,7 +10,7 @@
 # Issue 27's steps (about 5 minutes together, compiles included; JAX alone on the card, no transformers): the
 # stage profile of a batch-256 job with its trace (profile), then our throughput only: the 0.6B at batch 1/32/256
 # with 10 s clips (tp-table), ~2-minute clips at batch 256 with 3 tokens per audio second (tp-2min), the 1.7B at
-# batch 256 (tp-1.7b). They share one random checkpoint per model under $logs/ckpt. Named only (each a few minutes,
+# batch 256 (tp-1.7b). They share one random checkpoint per model under $CKPT_DIR (default /tmp/qasr_gpu_ckpt). Named only (each a few minutes,
 # mostly the server's and the drivers' compiles): the first streamed delta through the server at 1/16/128 clients
 # (latency) and the concurrent 2 s-chunk streams kept in real time (streams).
 #
@@ -63,12 +63,13 @@ step compile 270 $py benchmarks/bench_compile.py --sections buckets,step --prese
 
 # Issue 27: JAX alone may take most of the card (its KV budget is half of what is free, qasr_jax.pipeline.kv_budget).
 alone="env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 $py"
+ckpt=${CKPT_DIR:-/tmp/qasr_gpu_ckpt}  # random checkpoints shared by the steps, kept out of the log folder
 tp="$alone benchmarks/bench_throughput.py --dtype bfloat16 --no-reference"
 step profile 150 $alone benchmarks/profile_gpu.py --preset asr-0.6b --batch 256 --trace --out "$logs/profile" \
-  --checkpoint "$logs/ckpt/asr-0.6b"
-step tp-table 80 $tp --preset asr-0.6b --batches 1,32,256 --checkpoint "$logs/ckpt/asr-0.6b"
-step tp-2min 120 $tp --preset asr-0.6b --seconds 120 --tokens-per-second 3 --batches 256 --checkpoint "$logs/ckpt/asr-0.6b"
-step tp-1.7b 120 $tp --preset asr-1.7b --batches 256 --checkpoint "$logs/ckpt/asr-1.7b"
-step latency 300 $alone benchmarks/bench_latency.py --preset asr-0.6b --clients 1,16,128 --checkpoint "$logs/ckpt/asr-0.6b"
+  --checkpoint "$ckpt/asr-0.6b"
+step tp-table 80 $tp --preset asr-0.6b --batches 1,32,256 --checkpoint "$ckpt/asr-0.6b"
+step tp-2min 120 $tp --preset asr-0.6b --seconds 120 --tokens-per-second 3 --batches 256 --checkpoint "$ckpt/asr-0.6b"
+step tp-1.7b 120 $tp --preset asr-1.7b --batches 256 --checkpoint "$ckpt/asr-1.7b"
+step latency 300 $alone benchmarks/bench_latency.py --preset asr-0.6b --clients 1,16,128 --checkpoint "$ckpt/asr-0.6b"
 step streams 300 $alone benchmarks/bench_stream.py --preset asr-0.6b --dtype bfloat16 --capacity 32,64,128,256 \
-  --checkpoint "$logs/ckpt/asr-0.6b" --out "$logs/streams.jsonl"
+  --checkpoint "$ckpt/asr-0.6b" --out "$logs/streams.jsonl"
