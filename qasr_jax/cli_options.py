@@ -112,3 +112,36 @@ def add_layers_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", default="auto", choices=("auto", "scan", "unrolled"),
                         help="scan: compile one decoder layer, not 28 (the default on GPU and TPU); unrolled: the "
                              "fastest CPU decode step (the default on CPU)")
+
+
+SUBTITLE_OPTIONS = ("max_line_width", "max_line_count", "max_words_per_line", "max_cue_seconds")
+
+
+def add_subtitle_flags(parser: argparse.ArgumentParser) -> None:
+    """--max-line-width, --max-line-count, --max-words-per-line, --max-cue-seconds: how srt and vtt cues are cut."""
+    group = parser.add_argument_group("subtitles (srt, vtt)", "cues break at sentence ends, pauses over 1 s and "
+                                      "these limits, never inside a word; word timestamps make better cues")
+    group.add_argument("--max-line-width", type=int, default=None,
+                       help="characters per line (default 42; 16 for Chinese, Japanese or Korean text)")
+    group.add_argument("--max-line-count", type=int, default=None, help="lines per cue (default 2)")
+    group.add_argument("--max-words-per-line", type=int, default=None, help="words per line (default: no limit)")
+    group.add_argument("--max-cue-seconds", type=float, default=None, help="longest cue on screen (default 7)")
+
+
+def subtitle_options(args: argparse.Namespace) -> dict:
+    """The subtitle flags that were given, as keyword arguments of ``formats.render``."""
+    return {name: getattr(args, name) for name in SUBTITLE_OPTIONS if getattr(args, name) is not None}
+
+
+def subtitle_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with the subtitle flags (see ``add_subtitle_flags``), by flag name."""
+    from qasr_jax.formats import CueLimits
+
+    try:
+        CueLimits(**subtitle_options(args))
+    except ValueError as e:
+        message = str(e)
+        for name in SUBTITLE_OPTIONS:
+            message = message.replace(name, "--" + name.replace("_", "-"))
+        return [message]
+    return []
