@@ -237,6 +237,7 @@ def _transcribe(args: argparse.Namespace) -> int:
         max_audio_seconds=args.max_audio_seconds, errors="collect", progress=sys.stderr.isatty(),
         vad=args.vad, vad_max_seconds=args.vad_max_seconds,
         hotwords=words or None, **boost,
+        language_probabilities=args.output_format == "json",  # the detection pass costs a prefill: json only
     )
     for i, result in results:
         failed += report_result(result, args)
@@ -356,10 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--split", action="store_true",
                     help=f"align audio over {ALIGN_MAX_SECONDS / 60:g} min window by window (approximate at joins)")
     al.set_defaults(func=_align)
-    from qasr_jax import cli_env, cli_stream  # the stream and env commands live in their own modules
+    from qasr_jax import cli_env, cli_language, cli_stream  # the stream, env and detect-language commands
 
     cli_stream.add_command(sub)
     cli_env.add_command(sub)
+    cli_language.add_command(sub)
     add_serve(sub)
     from qasr_jax import cli_warmup
 

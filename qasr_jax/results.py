@@ -33,6 +33,8 @@ class Result:
     error: str | None = None
     token_logprobs: list[float] = dataclasses.field(default_factory=list)  # one per id of token_ids
     truncated: bool = False  # a piece stopped at max_new_tokens instead of at its end: raise it and run again
+    language_probability: float | None = None  # of `language` (qasr_jax.language); None: forced, or not asked
+    language_probabilities: dict[str, float] | None = None  # the 5 most probable languages, most probable first
 
     @property
     def confidence(self) -> float | None:
@@ -40,10 +42,11 @@ class Result:
         return float(np.mean(self.token_logprobs)) if self.token_logprobs else None
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict (file, language, text, token_ids, token_logprobs, confidence, truncated, duration,
-        segments, words, error)."""
+        """A JSON-ready dict (file, language, language_probability, language_probabilities, text, token_ids,
+        token_logprobs, confidence, truncated, duration, segments, words, error)."""
         conf = self.confidence
-        d = {"file": self.source, "language": self.language, "text": self.text, "token_ids": self.token_ids,
+        d = {"file": self.source, "language": self.language, "language_probability": self.language_probability,
+             "language_probabilities": self.language_probabilities, "text": self.text, "token_ids": self.token_ids,
              "token_logprobs": [rounded_logprob(x) for x in self.token_logprobs],
              "confidence": None if conf is None else rounded_logprob(conf), "truncated": self.truncated,
              "duration": round(self.duration, 3), "segments": [dataclasses.asdict(s) for s in self.segments]}

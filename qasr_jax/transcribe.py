@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from qasr_jax import hotwords as hw
+from qasr_jax import language as lang_probs
 from qasr_jax.audio import SAMPLE_RATE, AudioError, load_audio
 from qasr_jax.hub import resolve_model_path
 from qasr_jax.loading import Model, load
@@ -157,7 +158,8 @@ class Transcriber:
         frees its slot for the next at once. ``hotwords`` (a list of words and names for every input, or one list
         per input) biases the search towards them by ``hotword_boost`` per matched token (see
         ``qasr_jax.hotwords``) and, unless ``hotwords_in_context=False``, adds them to the context the model reads.
-        Other options: ``return_timestamps``,
+        ``language_probabilities=True`` also fills ``Result.language_probability`` and ``language_probabilities``
+        for detected languages (``qasr_jax.language``). Other options: ``return_timestamps``,
         ``length_penalty``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``max_audio_seconds`` (longer
         inputs are cut into pieces), ``errors`` ("raise": stop on the first bad input before any work;
         "collect": report it in ``Result.error`` and go on), ``progress``.
@@ -166,6 +168,14 @@ class Transcriber:
         for i, r in self.transcribe_iter(audio, language, context, beam_size, max_new_tokens, batch_size, **kwargs):
             results[i] = r
         return results  # type: ignore[return-value]
+
+    def detect_language(self, audio, context="", batch_size: int = 8, max_seconds: float = lang_probs.MAX_SECONDS):
+        """Language probabilities of one input (or a list; ``context`` one or one per input): name -> probability
+        over the model's languages, most probable first, from the first ``max_seconds``; no transcript is decoded."""
+        waves, one = lang_probs.load_waves(audio)
+        dists, _ = lang_probs.language_distributions(self.model, self.tokenizer, waves,
+                                                     _as_list(context, len(waves), "context"), batch_size, max_seconds)
+        return dists[0] if one else dists
 
     @staticmethod
     def _inputs(audio) -> list:
@@ -179,8 +189,8 @@ class Transcriber:
                         max_audio_seconds: float = 1200.0, errors: str = "raise",
                         progress: bool = False, suppress_eos: bool = False, hotwords=None,
                         hotword_boost: float = hw.DEFAULT_BOOST,
-                        hotwords_in_context: bool = True, vad: bool = False,
-                        vad_max_seconds: float = 30.0) -> Iterator[tuple[int, Result]]:
+                        hotwords_in_context: bool = True, vad: bool = False, vad_max_seconds: float = 30.0,
+                        language_probabilities: bool = False) -> Iterator[tuple[int, Result]]:
         """Like ``transcribe`` but yields ``(input index, Result)`` as soon as each input is done.
 
         ``suppress_eos=True`` makes every piece run to its ``max_new_tokens`` (for benchmarks). ``vad=True`` decodes
@@ -241,6 +251,10 @@ class Transcriber:
                 pieces[i][p] = piece
                 budget = budgets[i] or token_budget(piece.duration, limit)
                 pipe.submit(Work((i, p), piece.samples, langs[i], contexts[i], budget, tries[i]))
+        detect = [i for i in pieces if langs[i] is None] if language_probabilities else []
+        found, _ = lang_probs.language_distributions(self.model, self.tokenizer, [pieces[i][0].samples for i in detect],
+                                                     [contexts[i] for i in detect], batch_size)
+        detected = dict(zip(detect, found))
         for i in range(n):  # bad and silent inputs first: they are done
             if results[i].error is not None or i not in pieces:
                 yield i, results[i]
@@ -256,6 +270,7 @@ class Transcriber:
                 bar.update(piece.samples.shape[0])
                 if len(parts[i]) == len(pieces[i]):
                     self.finish(results[i], parts.pop(i), return_timestamps)
+                    lang_probs.attach(results[i], detected.get(i))
                     yield i, results[i]
         bar.close()
 
