@@ -16,7 +16,7 @@ from qasr_jax.aligner import MAX_SECONDS as ALIGN_MAX_SECONDS
 from qasr_jax.aligner import Aligner
 from qasr_jax.cli_options import (add_hotword_flags, add_layers_flag, add_quantize_flag, check_model_args,
                                   hotword_problems, mesh_arg, read_hotwords)
-from qasr_jax.cli_options import add_subtitle_flags, subtitle_options, subtitle_problems
+from qasr_jax.cli_options import add_guard_flags, add_subtitle_flags, guard_options, subtitle_options, subtitle_problems
 from qasr_jax.loading import DTYPES
 from qasr_jax.server.command import add_command as add_serve
 
@@ -238,6 +238,7 @@ def _transcribe(args: argparse.Namespace) -> int:
         vad=args.vad, vad_max_seconds=args.vad_max_seconds,
         hotwords=words or None, **boost,
         language_probabilities=args.output_format == "json",  # the detection pass costs a prefill: json only
+        **guard_options(args),
     )
     for i, result in results:
         failed += report_result(result, args)
@@ -319,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--vad", action="store_true", help="decode only speech (Silero VAD): skips silence and noise, "
                     "one segment per speech piece; for long recordings with pauses (docs/vad.md)")
     tr.add_argument("--vad-max-seconds", type=float, default=30.0, help="with --vad: longest piece of merged speech")
+    add_guard_flags(tr)
     tr.add_argument("--output-format", default="txt", choices=FORMATS)
     add_subtitle_flags(tr)
     tr.add_argument("--output-dir", default=None, help="write FILE_STEM.FORMAT here instead of printing (each file "

@@ -145,3 +145,25 @@ def subtitle_problems(args: argparse.Namespace) -> list[str]:
             message = message.replace(name, "--" + name.replace("_", "-"))
         return [message]
     return []
+
+
+def add_guard_flags(parser: argparse.ArgumentParser) -> None:
+    """--stop-loops, --fallback / --no-fallback and its thresholds: guards against repeated and hallucinated text."""
+    group = parser.add_argument_group("repetition and hallucination guards")
+    group.add_argument("--stop-loops", action="store_true", help="stop greedy decoding of a piece whose output ends "
+                       "in a pattern of up to 20 tokens repeated 20 times (json: repetition_stopped)")
+    group.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=False,
+                       help="decode a piece that looks hallucinated again, with a repetition penalty, then with 4 "
+                            "beams, keeping the first decode that passes the thresholds (default: off)")
+    group.add_argument("--compression-ratio-threshold", type=float, default=2.4,
+                       help="with --fallback: a text compressing (zlib) more than this repeats itself (default 2.4)")
+    group.add_argument("--logprob-threshold", type=float, default=-1.0,
+                       help="with --fallback: a mean token log-probability under this is unsure (default -1.0)")
+
+
+def guard_options(args: argparse.Namespace) -> dict:
+    """The guard flags as keyword arguments of ``Transcriber.transcribe`` (``stop_loops``, ``fallback``)."""
+    from qasr_jax.transcribe import Fallback
+
+    fallback = Fallback(args.compression_ratio_threshold, args.logprob_threshold) if args.fallback else None
+    return {"stop_loops": args.stop_loops, "fallback": fallback}
