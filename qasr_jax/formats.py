@@ -140,15 +140,15 @@ class CueLimits:
             raise ValueError("; ".join(problems))
 
 
-def is_wide_char(char: str) -> bool:
-    """True for a CJK ideograph or a Japanese kana: a character that is a word of its own when lines are cut."""
+def _is_wide(char: str) -> bool:
+    # A CJK ideograph or a Japanese kana: a word of its own when lines are cut.
     return is_cjk_char(char) or 0x3040 <= ord(char) <= 0x30FF
 
 
 def _spaced(before: str, after: str) -> bool:
     """Whether a space goes between two words of unknown spacing: not between CJK characters or kana."""
     last = [c for c in before if c.isalnum()][-1:] or ["a"]
-    return not (is_wide_char(last[0]) and is_wide_char(after[:1] or "a"))
+    return not (_is_wide(last[0]) and _is_wide(after[:1] or "a"))
 
 
 @dataclasses.dataclass
@@ -172,7 +172,7 @@ def _split_text(text: str) -> list[tuple[str, bool]]:
             continue
         kept = char == "'" or unicodedata.category(char)[0] in "LN"
         opening = unicodedata.category(char) in ("Ps", "Pi")
-        starts_word = is_wide_char(char) or (kept and any(is_wide_char(c) for c in current)) or (
+        starts_word = _is_wide(char) or (kept and any(_is_wide(c) for c in current)) or (
             opening and current and any(c.isalnum() for c in current))
         if starts_word and current:
             words.append((current, space))
@@ -261,12 +261,12 @@ def _cut(pieces: list[_Piece], limits: CueLimits, width: int) -> list[Segment]:
     return cues
 
 
-def line_width(pieces_text: str, limits: CueLimits) -> int:
-    """The line width ``limits`` give for ``pieces_text``: its own, else 16 for mostly-CJK text, else 42."""
+def _line_width(text: str, limits: CueLimits) -> int:
+    # The limits' own width, else 16 for text mostly in CJK characters or kana, else 42.
     if limits.max_line_width is not None:
         return limits.max_line_width
-    letters = [c for c in pieces_text if c.isalnum()]
-    wide = sum(is_wide_char(c) for c in letters)
+    letters = [c for c in text if c.isalnum()]
+    wide = sum(_is_wide(c) for c in letters)
     return CJK_LINE_WIDTH if letters and 2 * wide > len(letters) else LATIN_LINE_WIDTH
 
 
@@ -277,7 +277,7 @@ def build_cues(items: Iterable[Any], limits: CueLimits = CueLimits(), *, words: 
     items = list(items)
     pieces = _word_pieces(items, text) if words else _segment_pieces(items)
     pieces = [p for p in pieces if p.text]
-    return _cut(pieces, limits, line_width("".join(p.text for p in pieces), limits))
+    return _cut(pieces, limits, _line_width("".join(p.text for p in pieces), limits))
 
 
 def result_cues(result: Any, limits: CueLimits = CueLimits()) -> list[Segment]:

@@ -272,7 +272,7 @@ def test_cue_options_on_plain_segments_and_bad_values():
             render(words, "srt", **bad)
 
 
-def test_cli_srt_honours_max_line_width(checkpoints, tmp_path_factory, capsys):
+def test_cli_srt_honours_max_line_width(checkpoints, tmp_path_factory, capsys, monkeypatch):
     """``qasr-jax transcribe --output-format srt --max-line-width 20`` on a long clip (cut into pieces): no line
     wider than 20 unless it is one word, at most two lines a cue, cues in order and inside the audio, the whole
     transcript kept; a bad limit is refused by its flag name before anything loads."""
@@ -282,6 +282,7 @@ def test_cli_srt_honours_max_line_width(checkpoints, tmp_path_factory, capsys):
     from qasr_jax.testing import DATA
     from qasr_jax.testing.tokenizer_files import with_tokenizer
 
+    monkeypatch.setenv("QASR_JAX_COMPILATION_CACHE", "off")  # cli.main runs here: keep ~/.cache clean
     model = with_tokenizer(checkpoints("asr").official, tmp_path_factory, "official")
     path = os.path.join(DATA, "long_en.wav")
     args = ["transcribe", path, "--model", model, "--max-new-tokens", "40", "--max-audio-seconds", "6"]

@@ -156,7 +156,7 @@ def test_scripted_probabilities_are_the_header_products(table, group):
     assert written == next(iter(dist))
 
 
-def test_transcribe_fills_result_fields_and_json(asr, asr_dir, waves, capsys):
+def test_transcribe_fills_result_fields_and_json(asr, asr_dir, waves, capsys, monkeypatch):
     """``language_probabilities=True``: the top 5 of detect_language and the written language's probability (None
     without a header or with a forced language); ``qasr-jax transcribe --output-format json`` writes them, and
     ``qasr-jax detect-language`` prints one line per file."""
@@ -170,6 +170,7 @@ def test_transcribe_fills_result_fields_and_json(asr, asr_dir, waves, capsys):
     plain = asr.transcribe(waves[0], max_new_tokens=6)[0]
     assert plain.language_probabilities is None and plain.token_ids == results[0].token_ids
 
+    monkeypatch.setenv("QASR_JAX_COMPILATION_CACHE", "off")  # cli.main runs here: keep ~/.cache clean
     path = os.path.join(DATA, FILES[0])
     assert cli.main(["transcribe", path, "--model", asr_dir, "--max-new-tokens", "6", "--output-format", "json"]) == 0
     d = json.loads(capsys.readouterr().out)

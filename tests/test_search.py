@@ -407,11 +407,15 @@ def test_loop_guard_defaults_never_fire_on_prose(tok, name):
 
 
 @pytest.fixture(scope="module")
-def tiny_asr(checkpoints, tmp_path_factory):
+def tiny_dir(checkpoints, tmp_path_factory):
     from qasr_jax.testing.tokenizer_files import with_tokenizer
 
-    return qasr_jax.Transcriber.from_pretrained(with_tokenizer(checkpoints("asr").official, tmp_path_factory,
-                                                               "official"))
+    return with_tokenizer(checkpoints("asr").official, tmp_path_factory, "official")
+
+
+@pytest.fixture(scope="module")
+def tiny_asr(tiny_dir):
+    return qasr_jax.Transcriber.from_pretrained(tiny_dir)
 
 
 def first_loop_end(ids: list[int], max_period: int = 20, repeats: int = 20) -> int | None:
@@ -424,17 +428,21 @@ def first_loop_end(ids: list[int], max_period: int = 20, repeats: int = 20) -> i
     return None
 
 
-def test_transcribe_stop_loops_and_fallback(tiny_asr):
+def test_transcribe_stop_loops_and_fallback(tiny_asr, tiny_dir, capsys, monkeypatch):
     """stop_loops cuts a looping piece where the loop guard's rule says (worked out here on the unguarded ids) and
     marks it; the fallback keeps the first of plain, penalised and beam decodes that passes Whisper's thresholds
-    (else the last), and changes nothing when no decode is rejected."""
+    (else the last), and changes nothing when no decode is rejected; the CLI's flags do the same."""
+    import json
     import zlib
 
+    from qasr_jax import cli
     from qasr_jax.audio import load_audio
     from qasr_jax.testing import DATA
     from qasr_jax.transcribe import Fallback
 
-    wave = load_audio(f"{DATA}/hello_en.wav")
+    monkeypatch.setenv("QASR_JAX_COMPILATION_CACHE", "off")  # cli.main runs here: keep ~/.cache clean
+    path = f"{DATA}/hello_en.wav"
+    wave = load_audio(path)
     new = 64
     plain = tiny_asr.transcribe(wave, max_new_tokens=new)[0]
     cut = first_loop_end(plain.token_ids)
@@ -456,3 +464,11 @@ def test_transcribe_stop_loops_and_fallback(tiny_asr):
     assert got.token_ids == expected.token_ids and got.text == expected.text
     lax = Fallback(compression_ratio_threshold=float("inf"), logprob_threshold=float("-inf"))
     assert tiny_asr.transcribe(wave, max_new_tokens=new, fallback=lax)[0].token_ids == plain.token_ids
+    both = tiny_asr.transcribe(wave, max_new_tokens=new, stop_loops=True, fallback=Fallback())[0]
+    argv = ["transcribe", path, "--model", tiny_dir, "--max-new-tokens", str(new), "--output-format", "json"]
+    assert cli.main(argv + ["--stop-loops", "--fallback"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["token_ids"] == both.token_ids and d["repetition_stopped"] == both.repetition_stopped
+    assert cli.main(argv + ["--stop-loops", "--no-fallback"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["token_ids"] == guarded.token_ids and d["repetition_stopped"]
