@@ -161,7 +161,7 @@ class _Piece:
 
 def _split_text(text: str) -> list[tuple[str, bool]]:
     """Text -> (word, space before it): whitespace separates words, each CJK character or kana is a word of its
-    own, and punctuation stays with the word before it (opening punctuation with the word after it)."""
+    own, and punctuation stays with the word before it (after CJK, opening punctuation with the word after it)."""
     words: list[tuple[str, bool]] = []
     current, space, after_space = "", False, False
     for char in text:
@@ -172,9 +172,8 @@ def _split_text(text: str) -> list[tuple[str, bool]]:
             continue
         kept = char == "'" or unicodedata.category(char)[0] in "LN"
         opening = unicodedata.category(char) in ("Ps", "Pi")
-        starts_word = _is_wide(char) or (kept and any(_is_wide(c) for c in current)) or (
-            opening and current and any(c.isalnum() for c in current))
-        if starts_word and current:
+        starts_word = _is_wide(char) or ((kept or opening) and any(_is_wide(c) for c in current))
+        if starts_word and any(c.isalnum() for c in current):  # opening punctuation waits for its word
             words.append((current, space))
             current, space = "", False
         if not current:

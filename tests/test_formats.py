@@ -241,6 +241,9 @@ def test_cues_hand_worked():
     cues = build_cues(words, CueLimits(max_line_width=4), words=True, text=text)
     assert [c.text for c in cues] == ["今天天气\n很好。", "我们去公\n园散步", "吧！"]
     assert [(c.start, c.end) for c in cues] == [(0.0, 1.45), (1.5, 3.2), (3.25, 3.45)]
+    # Without word times: an opening quote stays with the character after it, a closing one with the one before.
+    cues = build_cues([Seg("我说「你好」。", 0.0, 3.0)], CueLimits(max_line_width=3, max_line_count=1))
+    assert [c.text for c in cues] == ["我说", "「你", "好」。"]
 
 
 @pytest.mark.parametrize("first,text,width", [("Short first segment.", ENGLISH, 42), ("你好。", CHINESE, 16)])
