@@ -16,6 +16,7 @@ from qasr_jax.aligner import MAX_SECONDS as ALIGN_MAX_SECONDS
 from qasr_jax.aligner import Aligner
 from qasr_jax.cli_options import (add_hotword_flags, add_layers_flag, add_quantize_flag, check_model_args,
                                   hotword_problems, mesh_arg, read_hotwords)
+from qasr_jax.cli_options import add_guard_flags, add_subtitle_flags, guard_options, subtitle_options, subtitle_problems
 from qasr_jax.loading import DTYPES
 from qasr_jax.server.command import add_command as add_serve
 
@@ -125,7 +126,7 @@ def check_transcribe_args(args: argparse.Namespace) -> None:
         problems.append(f"--max-audio-seconds must be a positive number of seconds, got {args.max_audio_seconds:g}")
     if not (math.isfinite(args.vad_max_seconds) and args.vad_max_seconds >= 1):
         problems.append(f"--vad-max-seconds must be at least 1 second, got {args.vad_max_seconds:g}")
-    problems += hotword_problems(args)
+    problems += hotword_problems(args) + subtitle_problems(args)
     if args.timestamps and not args.aligner:
         problems.append(f"--timestamps needs a forced aligner: add --aligner {DEFAULT_ALIGNER} (or a local aligner "
                         "folder)")
@@ -229,16 +230,20 @@ def _transcribe(args: argparse.Namespace) -> int:
     printer = InOrderPrinter(files, labels=len(files) > 1 and args.output_format != "json")
     failed = 0
     boost = {} if args.hotword_boost is None else {"hotword_boost": args.hotword_boost}
+    cue_options = subtitle_options(args)
     results = asr.transcribe_iter(
         files, language=args.language, context=args.context, beam_size=args.beam_size,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, return_timestamps=args.timestamps,
         max_audio_seconds=args.max_audio_seconds, errors="collect", progress=sys.stderr.isatty(),
         vad=args.vad, vad_max_seconds=args.vad_max_seconds,
         hotwords=words or None, **boost,
+        language_probabilities=args.output_format == "json",  # the detection pass costs a prefill: json only
+        **guard_options(args),
     )
     for i, result in results:
         failed += report_result(result, args)
-        text = None if result.error is not None and result.text == "" else formats.render(result, args.output_format)
+        text = None if result.error is not None and result.text == "" else formats.render(result, args.output_format,
+                                                                                         **cue_options)
         if not args.output_dir:
             printer.add(i, text)
         elif text is not None:
@@ -268,9 +273,12 @@ def _cli_aligner(model: str, dtype: str) -> Aligner:
 
 
 def _align(args: argparse.Namespace) -> int:
+    problems = subtitle_problems(args)
+    if problems:
+        raise ValueError("; ".join(problems))
     aligner = _cli_aligner(args.model, args.dtype)
     words = aligner.align(args.audio, _read_transcript(args.text), args.language, split=args.split)
-    out = formats.render(words, args.output_format)
+    out = formats.render(words, args.output_format, **subtitle_options(args))
     if args.output == "-":
         sys.stdout.write(out)
     else:
@@ -312,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--vad", action="store_true", help="decode only speech (Silero VAD): skips silence and noise, "
                     "one segment per speech piece; for long recordings with pauses (docs/vad.md)")
     tr.add_argument("--vad-max-seconds", type=float, default=30.0, help="with --vad: longest piece of merged speech")
+    add_guard_flags(tr)
     tr.add_argument("--output-format", default="txt", choices=FORMATS)
+    add_subtitle_flags(tr)
     tr.add_argument("--output-dir", default=None, help="write FILE_STEM.FORMAT here instead of printing (each file "
                     "whole or not at all)")
     tr.add_argument("--skip-existing", action="store_true", help="with --output-dir: skip the inputs whose output "
@@ -340,17 +350,20 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--model", "-m", default=DEFAULT_ALIGNER,
                     help=f"checkpoint folder or hub id (default {DEFAULT_ALIGNER})")
     al.add_argument("--output-format", "-f", choices=FORMATS, default="json",
-                    help="json (default), srt or vtt subtitles with one word per cue, tsv, or txt")
+                    help="json (default), srt or vtt subtitles (one word per cue unless a subtitle flag is given), "
+                         "tsv, or txt")
+    add_subtitle_flags(al)
     al.add_argument("--output", "-o", default="-", help="output file (default: standard output)")
     al.add_argument("--dtype", choices=DTYPES, default="float32",
                     help="compute dtype (default float32)")
     al.add_argument("--split", action="store_true",
                     help=f"align audio over {ALIGN_MAX_SECONDS / 60:g} min window by window (approximate at joins)")
     al.set_defaults(func=_align)
-    from qasr_jax import cli_env, cli_stream  # the stream and env commands live in their own modules
+    from qasr_jax import cli_env, cli_language, cli_stream  # the stream, env and detect-language commands
 
     cli_stream.add_command(sub)
     cli_env.add_command(sub)
+    cli_language.add_command(sub)
     add_serve(sub)
     from qasr_jax import cli_warmup
 

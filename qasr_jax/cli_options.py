@@ -112,3 +112,58 @@ def add_layers_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", default="auto", choices=("auto", "scan", "unrolled"),
                         help="scan: compile one decoder layer, not 28 (the default on GPU and TPU); unrolled: the "
                              "fastest CPU decode step (the default on CPU)")
+
+
+SUBTITLE_OPTIONS = ("max_line_width", "max_line_count", "max_words_per_line", "max_cue_seconds")
+
+
+def add_subtitle_flags(parser: argparse.ArgumentParser) -> None:
+    """--max-line-width, --max-line-count, --max-words-per-line, --max-cue-seconds: how srt and vtt cues are cut."""
+    group = parser.add_argument_group("subtitles (srt, vtt)", "cues break at sentence ends, pauses over 1 s and "
+                                      "these limits, never inside a word; word timestamps make better cues")
+    group.add_argument("--max-line-width", type=int, default=None,
+                       help="characters per line (default 42; 16 for Chinese, Japanese or Korean text)")
+    group.add_argument("--max-line-count", type=int, default=None, help="lines per cue (default 2)")
+    group.add_argument("--max-words-per-line", type=int, default=None, help="words per line (default: no limit)")
+    group.add_argument("--max-cue-seconds", type=float, default=None, help="longest cue on screen (default 7)")
+
+
+def subtitle_options(args: argparse.Namespace) -> dict:
+    """The subtitle flags that were given, as keyword arguments of ``formats.render``."""
+    return {name: getattr(args, name) for name in SUBTITLE_OPTIONS if getattr(args, name) is not None}
+
+
+def subtitle_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with the subtitle flags (see ``add_subtitle_flags``), by flag name."""
+    from qasr_jax.formats import CueLimits
+
+    try:
+        CueLimits(**subtitle_options(args))
+    except ValueError as e:
+        message = str(e)
+        for name in SUBTITLE_OPTIONS:
+            message = message.replace(name, "--" + name.replace("_", "-"))
+        return [message]
+    return []
+
+
+def add_guard_flags(parser: argparse.ArgumentParser) -> None:
+    """--stop-loops, --fallback / --no-fallback and its thresholds: guards against repeated and hallucinated text."""
+    group = parser.add_argument_group("repetition and hallucination guards")
+    group.add_argument("--stop-loops", action="store_true", help="stop greedy decoding of a piece whose output ends "
+                       "in a pattern of up to 20 tokens repeated 20 times (json: repetition_stopped)")
+    group.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=False,
+                       help="decode a piece that looks hallucinated again, with a repetition penalty, then with 4 "
+                            "beams, keeping the first decode that passes the thresholds (default: off)")
+    group.add_argument("--compression-ratio-threshold", type=float, default=2.4,
+                       help="with --fallback: a text compressing (zlib) more than this repeats itself (default 2.4)")
+    group.add_argument("--logprob-threshold", type=float, default=-1.0,
+                       help="with --fallback: a mean token log-probability under this is unsure (default -1.0)")
+
+
+def guard_options(args: argparse.Namespace) -> dict:
+    """The guard flags as keyword arguments of ``Transcriber.transcribe`` (``stop_loops``, ``fallback``)."""
+    from qasr_jax.transcribe import Fallback
+
+    fallback = Fallback(args.compression_ratio_threshold, args.logprob_threshold) if args.fallback else None
+    return {"stop_loops": args.stop_loops, "fallback": fallback}

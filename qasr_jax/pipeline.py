@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from qasr_jax import hotwords as hw
+from qasr_jax import processors as P
 from qasr_jax import search as S
 from qasr_jax.audio import n_frames, pad_waves
 from qasr_jax.buckets import batch_rows, frame_bucket, next_pow2, output_buffer, prompt_width, round_up
@@ -84,9 +85,12 @@ class DecodeOptions:
     no_repeat_ngram_size: int = 0
     suppress_eos: bool = False
     eos_ids: tuple[int, ...] = (151645, 151643)
+    stop_loops: bool = False  # greedy search stops a piece caught in a loop (processors.LOOP_PERIOD, LOOP_REPEATS)
 
     def config(self) -> S.SearchConfig:
-        return S.SearchConfig(self.beam_size, self.repetition_penalty != 1.0, self.no_repeat_ngram_size)
+        loops = P.LOOP_PERIOD if self.stop_loops and self.beam_size == 1 else 0
+        return S.SearchConfig(self.beam_size, self.repetition_penalty != 1.0, self.no_repeat_ngram_size,
+                              loop_period=loops, loop_repeats=P.LOOP_REPEATS)
 
     def settings(self) -> S.SearchSettings:
         return S.SearchSettings.make(self.eos_ids, self.length_penalty, self.repetition_penalty,

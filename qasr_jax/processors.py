@@ -11,6 +11,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+# The loop guard's defaults: a pattern of up to 20 tokens repeated 20 times back to back (the official text repair,
+# ``detect_and_fix_repetitions``, undoes a pattern of up to 20 characters repeated 20 times).
+LOOP_PERIOD = 20
+LOOP_REPEATS = 20
+
 
 @flax.struct.dataclass
 class Guard:
@@ -84,3 +89,18 @@ def process(scores: jax.Array, guard: Guard, cfg, z) -> jax.Array:
     return jnp.where(is_eos & z.suppress_eos, -jnp.inf, scores)
 
 
+
+
+def ends_in_loop(tokens: jax.Array, lengths: jax.Array, max_period: int, repeats: int) -> jax.Array:
+    """(rows,) bool: rows whose last ``k * repeats`` tokens are one k-token pattern ``repeats`` times back to back,
+    for some period k <= ``max_period`` (a decoding loop: "I think I think I think ..."); ``tokens`` (rows, out_len)
+    hold ``lengths`` (rows,) real tokens each."""
+    window = max_period * repeats
+    at = lengths[:, None] - window + jnp.arange(window)[None, :]  # (rows, window): the last `window` positions
+    last = jnp.take_along_axis(tokens, jnp.clip(at, 0, tokens.shape[1] - 1), axis=1)
+    looped = jnp.zeros(lengths.shape, bool)
+    for k in range(1, max_period + 1):
+        span = k * repeats  # the pattern's copies; each token equals the one k before it
+        same = jnp.all(last[:, window - span + k :] == last[:, window - span : window - k], axis=1)
+        looped |= same & (lengths >= span)
+    return looped

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import zlib
 
 import numpy as np
 
@@ -33,6 +34,9 @@ class Result:
     error: str | None = None
     token_logprobs: list[float] = dataclasses.field(default_factory=list)  # one per id of token_ids
     truncated: bool = False  # a piece stopped at max_new_tokens instead of at its end: raise it and run again
+    repetition_stopped: bool = False  # a piece was stopped in a decoding loop (stop_loops=True)
+    language_probability: float | None = None  # of `language` (qasr_jax.language); None: forced, or not asked
+    language_probabilities: dict[str, float] | None = None  # the 5 most probable languages, most probable first
 
     @property
     def confidence(self) -> float | None:
@@ -40,12 +44,14 @@ class Result:
         return float(np.mean(self.token_logprobs)) if self.token_logprobs else None
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict (file, language, text, token_ids, token_logprobs, confidence, truncated, duration,
-        segments, words, error)."""
+        """A JSON-ready dict (file, language, language_probability, language_probabilities, text, token_ids,
+        token_logprobs, confidence, truncated, repetition_stopped, duration, segments, words, error)."""
         conf = self.confidence
-        d = {"file": self.source, "language": self.language, "text": self.text, "token_ids": self.token_ids,
+        d = {"file": self.source, "language": self.language, "language_probability": self.language_probability,
+             "language_probabilities": self.language_probabilities, "text": self.text, "token_ids": self.token_ids,
              "token_logprobs": [rounded_logprob(x) for x in self.token_logprobs],
              "confidence": None if conf is None else rounded_logprob(conf), "truncated": self.truncated,
+             "repetition_stopped": self.repetition_stopped,
              "duration": round(self.duration, 3), "segments": [dataclasses.asdict(s) for s in self.segments]}
         if self.words is not None:
             d["words"] = [dataclasses.asdict(w) for w in self.words]
@@ -57,6 +63,12 @@ class Result:
 def rounded_logprob(x: float) -> float:
     """A log-probability rounded to 6 decimals, never -0.0 (a sure token prints as 0.0)."""
     return round(float(x), 6) + 0.0  # IEEE: -0.0 + 0.0 is +0.0
+
+
+def compression_ratio(text: str) -> float:
+    """A text's UTF-8 bytes over their zlib-compressed bytes (0 for none): over 2.4 it mostly repeats itself."""
+    raw = text.encode("utf-8")
+    return len(raw) / len(zlib.compress(raw)) if raw else 0.0
 
 
 def join_texts(texts: list[str], language: str | None) -> str:

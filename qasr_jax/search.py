@@ -53,12 +53,17 @@ class SearchConfig:
     no_repeat_ngram_size: int = 0
     pad_id: int = PAD_ID
     hotword_edges: int = 0  # > 0: requests may carry hotword tries of up to this many edges (hotwords.edge_bucket)
+    loop_period: int = 0  # > 0 (greedy only): stop a request whose output ends in a pattern of at most this many
+    loop_repeats: int = 20  # tokens repeated this many times back to back (SearchResult.looped)
 
     def __post_init__(self):
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
         if self.no_repeat_ngram_size < 0:
             raise ValueError(f"no_repeat_ngram_size must be >= 0 (0 turns it off), got {self.no_repeat_ngram_size}")
+        if self.loop_period < 0 or self.loop_repeats < 2 or (self.loop_period and self.beam_size > 1):
+            raise ValueError(f"loop_period must be >= 0 (0 turns the loop guard off; greedy search only, got beam_size="
+                             f"{self.beam_size}) and loop_repeats >= 2, got {self.loop_period} and {self.loop_repeats}")
 
 
 EARLY_STOPPING = {False: 0, True: 1, "never": 2}  # HF's early_stopping values -> SearchSettings.early_stopping
@@ -102,6 +107,7 @@ class SearchResult(NamedTuple):
     finished: jax.Array  # (requests,) bool: ended with an EOS (False: stopped at max_new_tokens)
     steps: jax.Array  # (requests,) int32: tokens chosen (< max_new_tokens when it stopped early)
     token_logprobs: jax.Array  # (requests, out_len) float32: log-prob of each token of `tokens` (0 past lengths)
+    looped: jax.Array  # (requests,) bool: stopped by the loop guard (SearchConfig.loop_period)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,7 +155,8 @@ class GreedyRows:
     logprobs: jax.Array  # (rows, out_len) float32: each chosen token's log-prob
     lengths: jax.Array  # (rows,) int32, EOS excluded
     finished: jax.Array  # (rows,) bool: ended with an EOS
-    done: jax.Array  # (rows,) bool: no more steps (finished, at max_new, or no request)
+    done: jax.Array  # (rows,) bool: no more steps (finished, at max_new, looped, or no request)
+    looped: jax.Array  # (rows,) bool: stopped in a decoding loop (SearchConfig.loop_period)
     logprob: jax.Array  # (rows,) float32: sum of log-probs of the chosen tokens, EOS included
     last: jax.Array  # (rows,) int32: the token fed to the next step
     guard: P.Guard
@@ -161,7 +168,7 @@ def _greedy_init(cfg: SearchConfig, n: int, out_len: int, vocab: int, history_le
     return GreedyRows(
         t=zeros, max_new=zeros, tokens=jnp.full((n, out_len), cfg.pad_id, jnp.int32),
         logprobs=jnp.zeros((n, out_len), jnp.float32), lengths=zeros, finished=zeros.astype(bool),
-        done=jnp.ones((n,), bool), logprob=jnp.zeros((n,), jnp.float32), last=zeros,
+        done=jnp.ones((n,), bool), looped=zeros.astype(bool), logprob=jnp.zeros((n,), jnp.float32), last=zeros,
         guard=P.init_guard(n, vocab, history_len, cfg), bias=hw.initial(cfg.hotword_edges, n, n),
     )
 
@@ -175,11 +182,12 @@ def _greedy_pick(s: GreedyRows, logits, update, cfg: SearchConfig, z: SearchSett
     keep = ~is_eos
     fed = jnp.where(keep, token, cfg.pad_id)
     at = jnp.arange(s.tokens.shape[1])[None, :] == s.t[:, None]  # (rows, out_len): this step's position
+    tokens, lengths = jnp.where(at & keep[:, None], token[:, None], s.tokens), s.lengths + keep
+    looped = P.ends_in_loop(tokens, lengths, cfg.loop_period, cfg.loop_repeats) & keep if cfg.loop_period else s.looped
     new = GreedyRows(
-        t=s.t + 1, max_new=s.max_new,
-        tokens=jnp.where(at & keep[:, None], token[:, None], s.tokens),
+        t=s.t + 1, max_new=s.max_new, tokens=tokens,
         logprobs=jnp.where(at & keep[:, None], logp[:, None], s.logprobs),
-        lengths=s.lengths + keep, finished=is_eos, done=is_eos | (s.t + 1 >= s.max_new),
+        lengths=lengths, finished=is_eos, done=is_eos | (s.t + 1 >= s.max_new) | looped, looped=looped,
         logprob=s.logprob + logp, last=fed, guard=P.guard_append(s.guard, fed),
         bias=None if s.bias is None else hw.transition(s.bias, token),
     )
@@ -188,7 +196,8 @@ def _greedy_pick(s: GreedyRows, logits, update, cfg: SearchConfig, z: SearchSett
 
 def _greedy_result(s: GreedyRows, z: SearchSettings) -> SearchResult:
     n = jnp.maximum(s.lengths + s.finished, 1).astype(jnp.float32)
-    return SearchResult(s.tokens, s.lengths, s.logprob / n**z.length_penalty, s.finished, s.t, s.logprobs)
+    return SearchResult(s.tokens, s.lengths, s.logprob / n**z.length_penalty, s.finished, s.t, s.logprobs,
+                        s.looped)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,7 +323,7 @@ def _beam_result(s: BeamRows, cfg: SearchConfig) -> SearchResult:
     real = jnp.arange(out_len)[None, :] < lengths[:, None]
     tokens = jnp.where(real, s.done_tokens[:, 0], cfg.pad_id)
     return SearchResult(tokens, lengths, s.done_scores[:, 0], s.done_eos[:, 0], jnp.minimum(s.t, s.max_new),
-                        jnp.where(real, s.done_logprobs[:, 0], 0.0))
+                        jnp.where(real, s.done_logprobs[:, 0], 0.0), jnp.zeros(lengths.shape, bool))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ class Output:
     token_logprobs: list[float]
     finished: bool
     steps: int
+    looped: bool = False  # stopped by the search's loop guard (SearchConfig.loop_period)
 
 
 class SlotBatcher:
@@ -192,7 +193,7 @@ class SlotBatcher:
             req = self.live.pop(slot)
             n = int(res.lengths[slot])
             out.append(Output(req, res.tokens[slot, :n].tolist(), res.token_logprobs[slot, :n].tolist(),
-                              bool(res.finished[slot]), int(res.steps[slot])))
+                              bool(res.finished[slot]), int(res.steps[slot]), bool(res.looped[slot])))
             if slot not in self.held:
                 self.free.append(slot)
         if any(slot not in self.held for slot in finished):

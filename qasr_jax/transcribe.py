@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from qasr_jax import hotwords as hw
+from qasr_jax import language as lang_probs
 from qasr_jax.audio import SAMPLE_RATE, AudioError, load_audio
 from qasr_jax.hub import resolve_model_path
 from qasr_jax.loading import Model, load
@@ -25,7 +26,7 @@ from qasr_jax.longform import Piece, split_long_audio
 from qasr_jax.pipeline import DecodeOptions, Pipeline, Work, token_budget, token_limit
 from qasr_jax.progress import audio_progress
 from qasr_jax.prompts import context_problem, normalize_language, parse_output, supported_languages
-from qasr_jax.results import Result, Segment, join_texts, majority_language, rounded_logprob
+from qasr_jax.results import Result, Segment, compression_ratio, join_texts, majority_language, rounded_logprob
 from qasr_jax.tokenizer import IncrementalDecoder, Tokenizer
 from qasr_jax.units import unit_spans
 from qasr_jax.vad_rules import speech_pieces
@@ -43,6 +44,7 @@ class _Part:
     token_ids: list[int]
     token_logprobs: list[float]
     truncated: bool
+    looped: bool = False
 
 
 def _source_name(item: Any, i: int) -> str:
@@ -91,6 +93,30 @@ def _hotword_lists(hotwords, n: int) -> list[list[str]]:
             raise ValueError(f"hotwords has {len(items)} lists for {n} inputs; pass one list per input or one list")
         return [[str(w) for w in x if str(w).strip()] for x in items]
     return [[str(w) for w in items if str(w).strip()]] * n
+
+
+@dataclasses.dataclass(frozen=True)
+class Fallback:
+    """Whisper's rule for a piece whose output looks hallucinated (its text's compression ratio over
+    ``compression_ratio_threshold``, its mean token log-probability under ``logprob_threshold``, or stopped in a
+    loop): decode it again with ``repetition_penalty``, then with ``beam_size`` beams, and keep the first decode
+    that passes (a loop is often confident: the most probable is not the best), else the last."""
+
+    compression_ratio_threshold: float = 2.4
+    logprob_threshold: float = -1.0
+    repetition_penalty: float = 1.2
+    beam_size: int = 4
+
+    def stages(self, options: DecodeOptions) -> list[DecodeOptions]:
+        """The decode options tried in turn: the caller's, then with the penalty, then with the beams."""
+        penalty = dataclasses.replace(options, repetition_penalty=self.repetition_penalty)
+        return [options, penalty, dataclasses.replace(penalty, beam_size=self.beam_size)]
+
+    def rejects(self, part: _Part) -> bool:
+        """Whether a decoded piece looks hallucinated (see the class doc)."""
+        lps = part.token_logprobs
+        return (part.looped or compression_ratio(part.text) > self.compression_ratio_threshold
+                or (bool(lps) and float(np.mean(lps)) < self.logprob_threshold))
 
 
 class Transcriber:
@@ -157,7 +183,10 @@ class Transcriber:
         frees its slot for the next at once. ``hotwords`` (a list of words and names for every input, or one list
         per input) biases the search towards them by ``hotword_boost`` per matched token (see
         ``qasr_jax.hotwords``) and, unless ``hotwords_in_context=False``, adds them to the context the model reads.
-        Other options: ``return_timestamps``,
+        ``language_probabilities=True`` also fills ``Result.language_probability`` and ``language_probabilities``
+        for detected languages (``qasr_jax.language``). ``stop_loops=True`` stops a greedy piece whose output
+        ends in a pattern repeated 20 times (``Result.repetition_stopped``); ``fallback=Fallback()`` decodes a
+        piece that looks hallucinated again (see ``Fallback``). Other options: ``return_timestamps``,
         ``length_penalty``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``max_audio_seconds`` (longer
         inputs are cut into pieces), ``errors`` ("raise": stop on the first bad input before any work;
         "collect": report it in ``Result.error`` and go on), ``progress``.
@@ -166,6 +195,14 @@ class Transcriber:
         for i, r in self.transcribe_iter(audio, language, context, beam_size, max_new_tokens, batch_size, **kwargs):
             results[i] = r
         return results  # type: ignore[return-value]
+
+    def detect_language(self, audio, context="", batch_size: int = 8, max_seconds: float = lang_probs.MAX_SECONDS):
+        """Language probabilities of one input (or a list; ``context`` one or one per input): name -> probability
+        over the model's languages, most probable first, from the first ``max_seconds``; no transcript is decoded."""
+        waves, one = lang_probs.load_waves(audio)
+        dists, _ = lang_probs.language_distributions(self.model, self.tokenizer, waves,
+                                                     _as_list(context, len(waves), "context"), batch_size, max_seconds)
+        return dists[0] if one else dists
 
     @staticmethod
     def _inputs(audio) -> list:
@@ -179,8 +216,9 @@ class Transcriber:
                         max_audio_seconds: float = 1200.0, errors: str = "raise",
                         progress: bool = False, suppress_eos: bool = False, hotwords=None,
                         hotword_boost: float = hw.DEFAULT_BOOST,
-                        hotwords_in_context: bool = True, vad: bool = False,
-                        vad_max_seconds: float = 30.0) -> Iterator[tuple[int, Result]]:
+                        hotwords_in_context: bool = True, vad: bool = False, vad_max_seconds: float = 30.0,
+                        language_probabilities: bool = False, stop_loops: bool = False,
+                        fallback: Fallback | None = None) -> Iterator[tuple[int, Result]]:
         """Like ``transcribe`` but yields ``(input index, Result)`` as soon as each input is done.
 
         ``suppress_eos=True`` makes every piece run to its ``max_new_tokens`` (for benchmarks). ``vad=True`` decodes
@@ -218,8 +256,9 @@ class Transcriber:
             max_audio_seconds = min(max_audio_seconds, ALIGN_PIECE_SECONDS)
 
         options = DecodeOptions(beam_size, length_penalty, repetition_penalty, no_repeat_ngram_size, suppress_eos,
-                                tuple(self.tokenizer.eos_ids))
-        pipe = Pipeline(self.model, self.tokenizer, options, batch_size)
+                                tuple(self.tokenizer.eos_ids), stop_loops)
+        stages = [options] if fallback is None else fallback.stages(options)
+        pipes = [Pipeline(self.model, self.tokenizer, o, batch_size) for o in stages]
         results = [Result(_source_name(x, i)) for i, x in enumerate(inputs)]
         pieces: dict[int, dict[int, Piece]] = collections.defaultdict(dict)
         waves: dict[int, np.ndarray] = {}
@@ -240,7 +279,11 @@ class Transcriber:
             for p, piece in enumerate(cut):
                 pieces[i][p] = piece
                 budget = budgets[i] or token_budget(piece.duration, limit)
-                pipe.submit(Work((i, p), piece.samples, langs[i], contexts[i], budget, tries[i]))
+                pipes[0].submit(Work((i, p), piece.samples, langs[i], contexts[i], budget, tries[i]))
+        detect = [i for i in pieces if langs[i] is None] if language_probabilities else []
+        found, _ = lang_probs.language_distributions(self.model, self.tokenizer, [pieces[i][0].samples for i in detect],
+                                                     [contexts[i] for i in detect], batch_size)
+        detected = dict(zip(detect, found))
         for i in range(n):  # bad and silent inputs first: they are done
             if results[i].error is not None or i not in pieces:
                 yield i, results[i]
@@ -248,14 +291,20 @@ class Transcriber:
         parts: dict[int, dict[int, _Part]] = collections.defaultdict(dict)
         bar = audio_progress(sum(p.samples.shape[0] for ps in pieces.values() for p in ps.values()), SAMPLE_RATE,
                              progress)
-        while pipe.busy:
-            for work, out in pipe.step():
+        while any(q.busy for q in pipes):
+            done = [(stage, work, out) for stage, q in enumerate(pipes) if q.busy for work, out in q.step()]
+            for stage, work, out in done:
                 i, p = work.key
                 piece = pieces[i][p]
-                parts[i][p] = self.decoded(piece, out, langs[i])
+                part = self.decoded(piece, out, langs[i])
+                if stage + 1 < len(pipes) and fallback.rejects(part):  # decode it again, with the next stage
+                    pipes[stage + 1].submit(work)
+                    continue
+                parts[i][p] = part
                 bar.update(piece.samples.shape[0])
                 if len(parts[i]) == len(pieces[i]):
                     self.finish(results[i], parts.pop(i), return_timestamps)
+                    lang_probs.attach(results[i], detected.get(i))
                     yield i, results[i]
         bar.close()
 
@@ -263,7 +312,8 @@ class Transcriber:
         """A piece's decoder ``Output`` (``qasr_jax.slots.Output``) read as language and text; ``language`` is the
         forced one (canonical name) or None."""
         lang, text = parse_output(out.token_ids, self.tokenizer, language=language, supported=self.languages)
-        return _Part(piece, lang or language, text, out.token_ids, out.token_logprobs, not out.finished)
+        return _Part(piece, lang or language, text, out.token_ids, out.token_logprobs,
+                     not out.finished and not out.looped, out.looped)
 
     def finish(self, result: Result, parts: dict[int, _Part], return_timestamps: bool) -> None:
         """Fill ``result`` from its decoded pieces (``decoded``, keyed by piece order): language, text, tokens,
@@ -274,6 +324,7 @@ class Transcriber:
         result.token_ids = [t for p in order for t in p.token_ids]
         result.token_logprobs = [x for p in order for x in p.token_logprobs]
         result.truncated = any(p.truncated for p in order)
+        result.repetition_stopped = any(p.looped for p in order)
         result.segments = [Segment(round(p.piece.offset, 3), round(p.piece.offset + p.piece.duration, 3),
                                    p.text.strip()) for p in order if p.text.strip()]
         if return_timestamps:

@@ -335,3 +335,140 @@ def test_greedy_repetition_guard_matches_transformers(tiny):
     for row, tokens in enumerate(got):
         skip = RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=len(tiny.prompts[row]))
         assert tokens == theirs(tiny, row, logits_processor=LogitsProcessorList([skip]))[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop guard (SearchConfig.loop_period): a decoder forced to write given sequences, one per row.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def forced(seqs: list[list[int]], cfg: S.SearchConfig, vocab: int, max_new: int, eos: int = EOS) -> S.SearchResult:
+    """Greedy search over a decoder whose row r writes seqs[r] then ``eos`` (its logits one-hot at the next token)."""
+    width = max(map(len, seqs)) + 1
+    table = jnp.asarray([s + [eos] * (width - len(s)) for s in seqs], jnp.int32)  # (rows, width)
+
+    def logits_at(t):
+        return jnp.where(jnp.arange(vocab)[None, :] == table[jnp.arange(len(seqs)), t][:, None], 0.0, -30.0)
+
+    def step_fn(tokens, active, t):
+        t = jnp.minimum(t + active, width - 1)
+        return logits_at(t), t
+
+    z = S.SearchSettings.make(eos_ids=(eos,))
+    run = jax.jit(lambda: S.search(step_fn, logits_at(jnp.zeros(len(seqs), jnp.int32)),
+                                   jnp.zeros(len(seqs), jnp.int32), 0, z, max_new, out_len=max_new, cfg=cfg))
+    return jax.device_get(run())
+
+
+def thue_morse(n: int) -> list[int]:
+    """A over B Thue-Morse sequence: it holds no block repeated three times back to back (cube-free)."""
+    return [A + bin(i).count("1") % 2 for i in range(n)]
+
+
+def test_loop_guard_stops_a_looping_row_and_no_other():
+    """A row looping a 3-token pattern stops once the pattern has been written ``loop_repeats`` times (15 tokens),
+    marked looped and not finished; a row beside it that never repeats runs on; with the guard off both run on."""
+    cfg = S.SearchConfig(loop_period=4, loop_repeats=5)
+    seqs = [[A, B, C] * 20, thue_morse(40)]
+    r = forced(seqs, cfg, vocab=6, max_new=48)
+    assert hyp(r, 0) == [A, B, C] * 5 and r.looped[0] and not r.finished[0] and r.steps[0] == 15
+    assert hyp(r, 1) == thue_morse(40) and r.finished[1] and not r.looped[1]
+    off = forced(seqs, S.SearchConfig(), vocab=6, max_new=48)
+    assert hyp(off, 0) == [A, B, C] * 16 and not off.looped.any()
+    # A period longer than loop_period is not a loop the guard looks for; one token repeated is (period 1).
+    longer = forced([[A, B, C, D, E] * 8, [D] * 30], cfg, vocab=6, max_new=48)
+    assert hyp(longer, 0) == [A, B, C, D, E] * 8 and not longer.looped[0]
+    assert hyp(longer, 1) == [D] * 5 and longer.looped[1]
+    with pytest.raises(ValueError, match="greedy search only"):
+        S.SearchConfig(beam_size=2, loop_period=4)
+
+
+@pytest.mark.parametrize("name", ["prose_en.txt", "prose_zh.txt"])
+def test_loop_guard_defaults_never_fire_on_prose(tok, name):
+    """The default guard (patterns of up to 20 tokens, 20 times) lets thousands of words of natural text through,
+    tokenized with the real vocabulary, and stops the loop of QwenLM/Qwen3-ASR#129 ("I think" over and over)."""
+    import os
+
+    from qasr_jax import processors as P
+    from qasr_jax.testing import DATA
+
+    with open(os.path.join(DATA, name), encoding="utf-8") as f:
+        ids = tok.encode(f.read())
+    cfg = S.SearchConfig(loop_period=P.LOOP_PERIOD, loop_repeats=P.LOOP_REPEATS)
+    loop = tok.encode("So I think" + " I think" * 40)
+    r = forced([ids, loop], cfg, vocab=152064, max_new=len(ids) + 8, eos=tok.eos_ids[0])
+    assert hyp(r, 0) == ids and r.finished[0] and not r.looped[0]
+    assert r.looped[1] and r.lengths[1] < len(loop) and tok.decode(hyp(r, 1)).endswith(" I think" * 20)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The guards through transcription, on the tiny random checkpoint (which loops on one token, as broken models do)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(checkpoints, tmp_path_factory):
+    from qasr_jax.testing.tokenizer_files import with_tokenizer
+
+    return with_tokenizer(checkpoints("asr").official, tmp_path_factory, "official")
+
+
+@pytest.fixture(scope="module")
+def tiny_asr(tiny_dir):
+    return qasr_jax.Transcriber.from_pretrained(tiny_dir)
+
+
+def first_loop_end(ids: list[int], max_period: int = 20, repeats: int = 20) -> int | None:
+    """The first length at which ``ids`` end in a pattern of <= max_period ids written ``repeats`` times."""
+    for n in range(1, len(ids) + 1):
+        for k in range(1, max_period + 1):
+            tail = ids[n - k * repeats : n] if n >= k * repeats else None
+            if tail is not None and tail == tail[:k] * repeats:
+                return n
+    return None
+
+
+def test_transcribe_stop_loops_and_fallback(tiny_asr, tiny_dir, capsys, monkeypatch):
+    """stop_loops cuts a looping piece where the loop guard's rule says (worked out here on the unguarded ids) and
+    marks it; the fallback keeps the first of plain, penalised and beam decodes that passes Whisper's thresholds
+    (else the last), and changes nothing when no decode is rejected; the CLI's flags do the same."""
+    import json
+    import zlib
+
+    from qasr_jax import cli
+    from qasr_jax.audio import load_audio
+    from qasr_jax.testing import DATA
+    from qasr_jax.transcribe import Fallback
+
+    monkeypatch.setenv("QASR_JAX_COMPILATION_CACHE", "off")  # cli.main runs here: keep ~/.cache clean
+    path = f"{DATA}/hello_en.wav"
+    wave = load_audio(path)
+    new = 64
+    plain = tiny_asr.transcribe(wave, max_new_tokens=new)[0]
+    cut = first_loop_end(plain.token_ids)
+    assert cut is not None and cut < new  # the random model loops: the case the guard is for
+    guarded = tiny_asr.transcribe(wave, max_new_tokens=new, stop_loops=True)[0]
+    assert guarded.token_ids == plain.token_ids[:cut] and guarded.repetition_stopped and not guarded.truncated
+    assert plain.truncated and not plain.repetition_stopped
+
+    def passes(r) -> bool:
+        raw = r.text.encode()
+        ratio = len(raw) / len(zlib.compress(raw)) if raw else 0.0
+        return ratio <= 2.4 and (not r.token_logprobs or np.mean(r.token_logprobs) >= -1.0)
+
+    stages = [plain, tiny_asr.transcribe(wave, max_new_tokens=new, repetition_penalty=1.2)[0],
+              tiny_asr.transcribe(wave, max_new_tokens=new, repetition_penalty=1.2, beam_size=4)[0]]
+    assert not passes(plain)
+    expected = next((r for r in stages[:2] if passes(r)), stages[2])
+    got = tiny_asr.transcribe(wave, max_new_tokens=new, fallback=Fallback())[0]
+    assert got.token_ids == expected.token_ids and got.text == expected.text
+    lax = Fallback(compression_ratio_threshold=float("inf"), logprob_threshold=float("-inf"))
+    assert tiny_asr.transcribe(wave, max_new_tokens=new, fallback=lax)[0].token_ids == plain.token_ids
+    both = tiny_asr.transcribe(wave, max_new_tokens=new, stop_loops=True, fallback=Fallback())[0]
+    argv = ["transcribe", path, "--model", tiny_dir, "--max-new-tokens", str(new), "--output-format", "json"]
+    assert cli.main(argv + ["--stop-loops", "--fallback"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["token_ids"] == both.token_ids and d["repetition_stopped"] == both.repetition_stopped
+    assert cli.main(argv + ["--stop-loops", "--no-fallback"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["token_ids"] == guarded.token_ids and d["repetition_stopped"]

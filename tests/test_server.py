@@ -29,7 +29,7 @@ import soundfile as sf
 import soxr
 import websockets
 
-from qasr_jax import cli
+from qasr_jax import cli, formats
 from qasr_jax.aligner import Aligner
 from qasr_jax.config import MAX_CONTEXT_TOKENS
 from qasr_jax.server import command, realtime
@@ -37,7 +37,6 @@ from qasr_jax.transcribe import Transcriber
 from qasr_jax.testing import DATA, speech, synthetic
 from qasr_jax.testing.serving import SERVER_KEY, Served, error_of, multipart, post
 from test_docs import readme_blocks
-from test_transcribe import norm, parse_cues
 from qasr_jax.testing.tokenizer_files import write_tokenizer
 
 KEY = "test-key-7f3a"
@@ -105,15 +104,22 @@ def test_every_response_format_equals_offline(client, asr):
         assert b"".join(bytes(map(int, lp.bytes)) for lp in r.logprobs).decode() == asr.tokenizer.decode(
             offline.token_ids, skip_special_tokens=False)
         assert create(response_format="text") == offline.text + "\n"
-        for fmt in ("srt", "vtt"):
-            cues = parse_cues(create(response_format=fmt), fmt)
-            assert [(a, b, norm(t)) for a, b, t in cues] == [(s.start, s.end, norm(s.text)) for s in offline.segments]
+        for fmt in ("srt", "vtt"):  # the segments cut into cues (tests/test_formats.py checks the cutting)
+            assert create(response_format=fmt) == formats.render(offline, fmt)
+            narrow = client.audio.transcriptions.create(
+                file=open(path, "rb"), model="qwen3-asr-tiny", response_format=fmt,
+                extra_body={"max_new_tokens": NEW, "max_line_width": 12, "max_line_count": 1, "max_cue_seconds": 2.5})
+            assert narrow == formats.render(offline, fmt, max_line_width=12, max_line_count=1, max_cue_seconds=2.5)
+        detected = asr.transcribe(path, max_new_tokens=NEW, language_probabilities=True)[0]
+        v = create(response_format="verbose_json")
+        assert v.language_probability == detected.language_probability  # None when no header was written
         forced = asr.transcribe(path, language="English", context="Qwen, JAX", max_new_tokens=NEW,
                                 return_timestamps=True)[0]
         for language in ("en", "English"):
             v = create(response_format="verbose_json", language=language, prompt="Qwen, JAX",
                        timestamp_granularities=["word", "segment"])
             assert (v.text, v.language, v.duration) == (forced.text, "english", round(forced.duration, 3))
+            assert v.language_probability is None  # a forced language has no probability
             assert [(s.start, s.end, s.text) for s in v.segments] == [(s.start, s.end, s.text) for s in forced.segments]
             assert [s.tokens for s in v.segments] == [forced.token_ids]  # one piece: all the tokens
             assert [(w.word, w.start, w.end) for w in v.words] == [(w.text, w.start, w.end) for w in forced.words]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import zlib
 
 from qasr_jax import formats
+from qasr_jax.results import compression_ratio
 from qasr_jax.transcribe import Result
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
@@ -61,11 +61,6 @@ def logprobs(tok, token_ids, token_logprobs) -> list[dict]:
     return out
 
 
-def _compression_ratio(text: str) -> float:
-    raw = text.encode("utf-8")
-    return round(len(raw) / len(zlib.compress(raw)), 4) if raw else 0.0
-
-
 def verbose_json(result: Result, parts: list, words: bool) -> dict:
     """``verbose_json``: language, duration, text, a segment per spoken piece (time span, tokens, mean
     log-probability), and with ``words`` the aligner's words with start and end."""
@@ -77,18 +72,21 @@ def verbose_json(result: Result, parts: list, words: bool) -> dict:
             "id": n, "seek": int(round(seg.start * 100)), "start": seg.start, "end": seg.end, "text": seg.text,
             "tokens": part.token_ids, "temperature": 0.0,
             "avg_logprob": round(sum(lps) / len(lps), 6) if lps else 0.0,
-            "compression_ratio": _compression_ratio(seg.text),
+            "compression_ratio": round(compression_ratio(seg.text), 4),
             "no_speech_prob": 0.0,  # the model has no such head; silence comes back as no segment at all
         })
-    body = {"task": "transcribe", "language": (result.language or "").lower(), "duration": round(result.duration, 3),
+    body = {"task": "transcribe", "language": (result.language or "").lower(),
+            "language_probability": result.language_probability, "duration": round(result.duration, 3),
             "text": result.text, "segments": segments, "usage": {"type": "duration", "seconds": result.duration}}
     if words:
         body["words"] = [{"word": w.text, "start": w.start, "end": w.end} for w in result.words or []]
     return body
 
 
-def render(result: Result, parts: list, fmt: str, tok, with_logprobs: bool, words: bool) -> tuple[str, str]:
-    """A finished transcription as ``(body, media type)`` in ``fmt`` (one of RESPONSE_FORMATS)."""
+def render(result: Result, parts: list, fmt: str, tok, with_logprobs: bool, words: bool,
+           cues: dict | None = None) -> tuple[str, str]:
+    """A finished transcription as ``(body, media type)`` in ``fmt`` (one of RESPONSE_FORMATS); ``cues``: the
+    subtitle limits of ``formats.render`` (srt, vtt)."""
     if fmt == "json":
         body = {"text": result.text, "usage": {"type": "duration", "seconds": result.duration}}
         if with_logprobs:
@@ -96,7 +94,7 @@ def render(result: Result, parts: list, fmt: str, tok, with_logprobs: bool, word
         return json.dumps(body, ensure_ascii=False), "application/json"
     if fmt == "verbose_json":
         return json.dumps(verbose_json(result, parts, words), ensure_ascii=False), "application/json"
-    return formats.render(result, "txt" if fmt == "text" else fmt), "text/plain; charset=utf-8"
+    return formats.render(result, "txt" if fmt == "text" else fmt, **(cues or {})), "text/plain; charset=utf-8"
 
 
 def stable_text(tok, token_ids, language: str | None) -> str:

@@ -7,7 +7,8 @@ OpenAI's fields: ``file``, ``model`` (any name is answered by the served model u
 ``max_new_tokens`` (each piece's cap; default: a budget that grows with the audio's duration), ``vad`` (true:
 decode only speech, in pieces of at most 30 s, as ``transcribe(vad=True)``). Audio longer than ``--piece-seconds``
 decodes as pieces cut at quiet points, as ``Transcriber.transcribe`` with that ``max_audio_seconds``, so memory
-stays bounded however long the upload.
+stays bounded however long the upload. For srt and vtt: ``max_line_width``, ``max_line_count``,
+``max_words_per_line`` and ``max_cue_seconds`` (as ``formats.render``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from qasr_jax import formats
 from qasr_jax import hotwords as hw
+from qasr_jax import language as lang_probs
 from qasr_jax.audio import SAMPLE_RATE, AudioError, load_audio
 from qasr_jax.longform import split_long_audio
 from qasr_jax.pipeline import token_budget
@@ -56,6 +59,7 @@ class Options:
     hotwords: list[str] = dataclasses.field(default_factory=list)
     hotword_boost: float = hw.DEFAULT_BOOST
     vad: bool = False
+    cues: dict = dataclasses.field(default_factory=dict)  # subtitle limits (formats.CueLimits) for srt and vtt
 
 
 def _values(form, name: str) -> list[str]:
@@ -146,6 +150,17 @@ def parse_options(form, server) -> Options:
     if o.hotwords:
         o.context = hw.with_context(o.context, o.hotwords)  # as offline: the model reads them too
         _check_context(server, o.context, "hotwords", "the prompt with the hotwords")
+    for name in ("max_line_width", "max_line_count", "max_words_per_line"):
+        if (value := _int(form, name, 1, 10_000)) is not None:
+            o.cues[name] = value
+    raw = form.get("max_cue_seconds")
+    if raw not in (None, ""):
+        try:
+            o.cues["max_cue_seconds"] = float(str(raw))
+            formats.CueLimits(max_cue_seconds=o.cues["max_cue_seconds"])
+        except ValueError:
+            raise APIError(400, f"max_cue_seconds must be a positive number of seconds, got {raw!r}",
+                           "max_cue_seconds", "invalid_value") from None
     return o
 
 
@@ -237,6 +252,9 @@ async def transcribe(request: Request, server) -> Response:
         parts = collect.result()
         if parts:
             await asyncio.to_thread(server.asr.finish, result, parts, o.words)
+            if o.response_format == "verbose_json" and o.language is None:  # language_probability, as peers
+                found = await asyncio.to_thread(server.asr.detect_language, pieces[0].samples, o.context)
+                lang_probs.attach(result, found)
     finally:
         server.release(job)
     return _respond(server, result, parts, o)
@@ -259,7 +277,7 @@ def _respond(server, result: Result, parts: dict, o: Options) -> Response:
         raise APIError(400, result.error, "timestamp_granularities", "alignment_failed")
     server.metrics.audio.inc(result.duration)
     body, media = render(result, [parts[k] for k in sorted(parts)], o.response_format, server.asr.tokenizer,
-                         o.logprobs, o.words)
+                         o.logprobs, o.words, o.cues)
     return Response(body, media_type=media)
 
 
