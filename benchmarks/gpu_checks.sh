@@ -54,20 +54,20 @@ step() {  # step NAME SECONDS COMMAND...
   tail -n 40 "$logs/$name.txt"
 }
 
-step kernels 240 $py -m pytest -q -rf --durations=5 -p no:cacheprovider tests/test_kernels.py -k "not tpu"
+step kernels 140 $py -m pytest -q -rf --durations=5 -p no:cacheprovider tests/test_kernels.py -k "not tpu"
 step attention 90 $py benchmarks/bench_attention.py --repeats 5
 step transcribe 240 $py benchmarks/bench_transcribe.py --dtype bfloat16
 step throughput-0.6b 250 $py benchmarks/bench_throughput.py --preset asr-0.6b --dtype bfloat16
 step throughput-1.7b 220 $py benchmarks/bench_throughput.py --preset asr-1.7b --dtype bfloat16
-step compile 270 $py benchmarks/bench_compile.py --sections buckets,step --preset asr-0.6b --dtype bfloat16
+step compile 220 $py benchmarks/bench_compile.py --sections buckets,step --preset asr-0.6b --dtype bfloat16
 
 # Issue 27: JAX alone may take most of the card (its KV budget is half of what is free, qasr_jax.pipeline.kv_budget).
 alone="env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 $py"
 ckpt=${CKPT_DIR:-/tmp/qasr_gpu_ckpt}  # random checkpoints shared by the steps, kept out of the log folder
 tp="$alone benchmarks/bench_throughput.py --dtype bfloat16 --no-reference"
-step profile 150 $alone benchmarks/profile_gpu.py --preset asr-0.6b --batch 256 --trace --out "$logs/profile" \
+step profile 130 $alone benchmarks/profile_gpu.py --preset asr-0.6b --batch 256 --trace --out "$logs/profile" \
   --checkpoint "$ckpt/asr-0.6b"
-step tp-table 80 $tp --preset asr-0.6b --batches 1,32,256 --checkpoint "$ckpt/asr-0.6b"
+step tp-table 75 $tp --preset asr-0.6b --batches 1,32,256 --checkpoint "$ckpt/asr-0.6b"
 step tp-2min 120 $tp --preset asr-0.6b --seconds 120 --tokens-per-second 3 --batches 256 --checkpoint "$ckpt/asr-0.6b"
 step tp-1.7b 120 $tp --preset asr-1.7b --batches 256 --checkpoint "$ckpt/asr-1.7b"
 step latency 300 $alone benchmarks/bench_latency.py --preset asr-0.6b --clients 1,16,128 --checkpoint "$ckpt/asr-0.6b"
