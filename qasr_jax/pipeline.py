@@ -57,7 +57,7 @@ def token_budget(seconds: float, limit: int | None = None) -> int:
 def kv_budget() -> int:
     """KV cache bytes a new group of slots may take: half the free memory of the first device where it reports it
     (a GPU or TPU: a batch of 256 two-minute clips needs ~70 GB at 0.6B), else ``DEFAULT_KV_BYTES``."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}  # local: another host's device has no stats here
     free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
     return max(DEFAULT_KV_BYTES, int(KV_SHARE * free))
 

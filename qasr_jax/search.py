@@ -110,9 +110,7 @@ class SearchResult(NamedTuple):
     looped: jax.Array  # (requests,) bool: stopped by the loop guard (SearchConfig.loop_period)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Rows of a decoder state: each leaf holds the rows on its own axis (batch_axes).
-# ----------------------------------------------------------------------------------------------------------------
+# Rows of a decoder state: each leaf holds the rows on its own axis (batch_axes) ---
 
 
 def _map_rows(fn: Callable[[jax.Array, int], jax.Array], state, batch_axes):
@@ -142,9 +140,7 @@ def _pick_rows(update: jax.Array, new, old):
                                   new, old)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Greedy search: one decoder row per request
-# ----------------------------------------------------------------------------------------------------------------
+# Greedy search: one decoder row per request ------------------
 
 
 @flax.struct.dataclass
@@ -200,9 +196,7 @@ def _greedy_result(s: GreedyRows, z: SearchSettings) -> SearchResult:
                         s.looped)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Beam search: beam_size consecutive decoder rows per request
-# ----------------------------------------------------------------------------------------------------------------
+# Beam search: beam_size consecutive decoder rows per request ---
 
 
 @flax.struct.dataclass
@@ -326,9 +320,7 @@ def _beam_result(s: BeamRows, cfg: SearchConfig) -> SearchResult:
                         jnp.where(real, s.done_logprobs[:, 0], 0.0), jnp.zeros(lengths.shape, bool))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Requests in rows: start, pick, step, run, result
-# ----------------------------------------------------------------------------------------------------------------
+# Requests in rows: start, pick, step, run, result ------------
 
 Rows = GreedyRows | BeamRows
 

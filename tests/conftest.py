@@ -15,10 +15,11 @@ import pytest
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
-from qasr_jax.testing import DATA, speech, synthetic, tiny_variant  # noqa: E402,F401  (re-exported for tests)
+from qasr_jax.testing import tiny_variant  # noqa: E402
 from qasr_jax.testing.reference import build_reference, save_hf, save_official  # noqa: E402
-from qasr_jax.testing.tokenizer_files import write_tokenizer  # noqa: E402
+from qasr_jax.testing.tokenizer_files import with_tokenizer, write_tokenizer  # noqa: E402
 from qasr_jax.tokenizer import Tokenizer  # noqa: E402
+from qasr_jax.transcribe import Transcriber  # noqa: E402
 
 
 class Checkpoints:
@@ -59,3 +60,15 @@ def toks(folders):
 @pytest.fixture(scope="session")
 def tok(toks):
     return toks["official"]
+
+
+@pytest.fixture(scope="module")
+def asr_dir(checkpoints, tmp_path_factory):
+    """The tiny ASR checkpoint (official layout) with the official tokenizer files, one copy per test module."""
+    return with_tokenizer(checkpoints("asr").official, tmp_path_factory, "official")
+
+
+@pytest.fixture(scope="module")
+def asr(asr_dir):
+    """A Transcriber on ``asr_dir`` (a module may define its own ``asr`` for another checkpoint)."""
+    return Transcriber.from_pretrained(asr_dir)

@@ -24,23 +24,12 @@ import soundfile as sf
 
 from qasr_jax import cli, progress
 from qasr_jax.tokenizer import Tokenizer
-from qasr_jax.transcribe import Result, Transcriber
+from qasr_jax.transcribe import Result
 from qasr_jax.testing import DATA, synthetic
 from qasr_jax.testing.tokenizer_files import with_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW = 8  # new tokens per input
-
-
-@pytest.fixture(scope="module")
-def asr_dir(checkpoints, tmp_path_factory):
-    """The tiny ASR checkpoint (official layout) with the official tokenizer files."""
-    return with_tokenizer(checkpoints("asr").official, tmp_path_factory, "official")
-
-
-@pytest.fixture(scope="module")
-def asr(asr_dir):
-    return Transcriber.from_pretrained(asr_dir)
 
 
 @pytest.fixture

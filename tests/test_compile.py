@@ -15,17 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 import qasr_jax
 from qasr_jax import sharding
-from qasr_jax.config import audio_token_count, preset
+from qasr_jax.config import preset
 from qasr_jax.engine import Engine
 from qasr_jax.model import KVCache, param_shapes
 from qasr_jax.transcribe import Transcriber
 from qasr_jax.testing import speech, synthetic
 from qasr_jax.testing.tokenizer_files import with_tokenizer
-from test_parity import prompt, reference_inputs, rel
+from test_parity import reference_prompt_logits, rel
 
 TOL = 1e-4
 
@@ -42,17 +41,13 @@ def pair(asr_dir):
 
 
 def test_scanned_layers_match_the_reference(checkpoints, pair):
-    ck = checkpoints("asr")
     wave = speech("hello_en.wav")
-    feats, mask = reference_inputs(wave)
-    ids = prompt(audio_token_count(int(mask.sum()), ck.cfg.audio))
-    with torch.no_grad():
-        ref = ck.torch_model(input_ids=torch.tensor([ids]), input_features=feats, input_features_mask=mask).logits
+    ids, ref = reference_prompt_logits(checkpoints("asr"), wave)
     model = pair["scan"].model
     assert model.layers == "scan" and pair["unrolled"].model.layers == "unrolled"
     out = model.logits(ids, model.log_mel(wave))
-    assert rel(out, ref[0].numpy()) <= TOL
-    assert (out.argmax(-1) == ref[0].numpy().argmax(-1)).all()
+    assert rel(out, ref) <= TOL
+    assert (out.argmax(-1) == ref.argmax(-1)).all()
 
 
 def test_scan_and_unrolled_share_one_tree_and_give_the_same_ids(pair):

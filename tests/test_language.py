@@ -19,21 +19,9 @@ from qasr_jax.audio import load_audio
 from qasr_jax.config import audio_token_count
 from qasr_jax.prompts import LANGUAGES, build_prompt_ids
 from qasr_jax.testing import DATA, synthetic
-from qasr_jax.testing.tokenizer_files import with_tokenizer
-from qasr_jax.transcribe import Transcriber
 from test_parity import reference_inputs
 
 FILES = ["hello_en.wav", "zh.wav", "long_en.wav"]
-
-
-@pytest.fixture(scope="module")
-def asr_dir(checkpoints, tmp_path_factory):
-    return with_tokenizer(checkpoints("asr").official, tmp_path_factory, "official")
-
-
-@pytest.fixture(scope="module")
-def asr(asr_dir):
-    return Transcriber.from_pretrained(asr_dir)
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,15 @@ def prompt(n_audio: int) -> list[int]:
     return PREFIX + [151676] * n_audio + SUFFIX + TEXT
 
 
+def reference_prompt_logits(ck, wave) -> tuple[list[int], np.ndarray]:
+    """The prompt ids for ``wave`` and the reference model's float32 logits over them: (ids, (len, V))."""
+    feats, mask = reference_inputs(wave)
+    ids = prompt(audio_token_count(int(mask.sum()), ck.cfg.audio))
+    with torch.no_grad():
+        ref = ck.torch_model(input_ids=torch.tensor([ids]), input_features=feats, input_features_mask=mask).logits
+    return ids, ref[0].numpy()
+
+
 @pytest.fixture(scope="module")
 def models(checkpoints):
     cache = {}
@@ -132,17 +141,12 @@ def test_batched_encode_matches_reference_and_single(checkpoints, models):
 @pytest.mark.parametrize("name", SHORT)
 def test_prompt_logits_match_reference(checkpoints, models, kind, layout, name):
     wave = INPUTS[name]()
-    ck = checkpoints(kind)
-    feats, mask = reference_inputs(wave)
-    n_audio = audio_token_count(int(mask.sum()), ck.cfg.audio)
-    ids = prompt(n_audio)
-    with torch.no_grad():
-        ref = ck.torch_model(input_ids=torch.tensor([ids]), input_features=feats, input_features_mask=mask).logits
+    ids, ref = reference_prompt_logits(checkpoints(kind), wave)
     model = models(kind, layout)
     out = model.logits(ids, model.log_mel(wave))
-    assert out.shape == tuple(ref.shape[1:])
-    assert rel(out, ref[0].numpy()) <= TOL
-    assert (out.argmax(-1) == ref[0].numpy().argmax(-1)).all()
+    assert out.shape == ref.shape
+    assert rel(out, ref) <= TOL
+    assert (out.argmax(-1) == ref.argmax(-1)).all()
 
 
 def test_logits_rejects_wrong_audio_pad_count(models):
@@ -185,11 +189,7 @@ def test_bfloat16_logits_close_to_reference(checkpoints):
     """
     ck = checkpoints("asr")
     wave = speech("hello_en.wav")
-    feats, mask = reference_inputs(wave)
-    ids = prompt(audio_token_count(int(mask.sum()), ck.cfg.audio))
-    with torch.no_grad():
-        ref = ck.torch_model(input_ids=torch.tensor([ids]), input_features=feats, input_features_mask=mask).logits
-    ref = ref[0].numpy()
+    ids, ref = reference_prompt_logits(ck, wave)
     model = qasr_jax.load(ck.hf, dtype="bfloat16")
     assert model.params["decoder"]["embed"]["embedding"].dtype == jnp.bfloat16
     out = model.logits(ids, model.log_mel(wave))

@@ -307,10 +307,10 @@ def test_twenty_minutes_encode_in_one_call():
     free when it starts: on this shared machine a program that does not fit must fail on its own allocation
     instead of waking the kernel's OOM killer, which may pick another process.
     """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))  # `-c` puts it first on sys.path: tests/, never the root
     code = "from test_real_size import _encode_twenty_minutes as f; f()"
     cap = int(0.8 * _meminfo_mb("MemAvailable") * 2**20)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=3600,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True, timeout=3600,
                           preexec_fn=_cap_address_space(cap))
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     total = _meminfo_mb("MemTotal")

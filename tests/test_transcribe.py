@@ -26,17 +26,6 @@ from qasr_jax.testing.tokenizer_files import with_tokenizer
 NEW = 10  # new tokens per input: random weights rarely stop, so every row runs to the limit
 
 
-@pytest.fixture(scope="module")
-def asr_dir(checkpoints, tmp_path_factory):
-    """The tiny ASR checkpoint (official layout) with the official tokenizer files."""
-    return with_tokenizer(checkpoints("asr").official, tmp_path_factory, "official")
-
-
-@pytest.fixture(scope="module")
-def asr(asr_dir):
-    return Transcriber.from_pretrained(asr_dir)
-
-
 def reference_ids(ck, tok, wave, language=None, context="", new=NEW) -> list[int]:
     """transformers' greedy generate on one input alone, from the same prompt ids."""
     torch_model = ck.torch_model

@@ -191,20 +191,6 @@ def test_turns_of_two_utterances_one_second_apart():
 NEW = 8  # new tokens per piece: random weights rarely stop
 
 
-@pytest.fixture(scope="module")
-def asr_dir(checkpoints, tmp_path_factory):
-    from qasr_jax.testing.tokenizer_files import with_tokenizer
-
-    return with_tokenizer(checkpoints("asr").official, tmp_path_factory, "official")
-
-
-@pytest.fixture(scope="module")
-def asr(asr_dir):
-    from qasr_jax.transcribe import Transcriber
-
-    return Transcriber.from_pretrained(asr_dir)
-
-
 def test_transcribe_with_vad_decodes_only_speech_pieces(asr, rec):
     wave = rec[0]
     quiet = np.concatenate([SILENCE, NOISE])
