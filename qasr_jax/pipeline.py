@@ -202,7 +202,10 @@ class Pipeline:
         """Pieces (longest first) as one encoder batch, or one per octave of audio length where one batch would pad
         to over ``SPLIT_PADDING`` times their frames (a 3 s piece beside a 22 s one: the encoder's work is all in
         the padded frames); either way they decode together. Shapes stay buckets: a mix of lengths within one
-        octave is never split, so it compiles nothing new."""
+        octave is never split, so it compiles nothing new. On a data-parallel mesh every part pads its rows to the
+        data axis (less to save) and each shape is a sharded compile, so the pieces stay one batch there."""
+        if self.model.data_size > 1:
+            return [take]
         audio = self.model.config.audio
 
         def octave(work: Work) -> int:
