@@ -2,9 +2,8 @@
 
 from qasr_jax.aligner import Aligner, Word
 from qasr_jax.config import ModelConfig, load_config, preset
-from qasr_jax.language import detect_language
 from qasr_jax.loading import Model, load
-from qasr_jax.transcribe import Result, Segment, Transcriber
+from qasr_jax.transcribe import Result, Segment, Transcriber, detect_language
 
 __all__ = [
     "Aligner", "Model", "ModelConfig", "Result", "Segment", "Transcriber", "Word", "detect_language", "load",

@@ -15,14 +15,12 @@ from qasr_jax.aligner import DEFAULT_MODEL as DEFAULT_ALIGNER
 from qasr_jax.aligner import MAX_SECONDS as ALIGN_MAX_SECONDS
 from qasr_jax.aligner import Aligner
 from qasr_jax.cli_options import (add_hotword_flags, add_layers_flag, add_quantize_flag, check_model_args,
-                                  hotword_problems, mesh_arg, read_hotwords)
+                                  expand_inputs, hotword_problems, mesh_arg, read_hotwords)
 from qasr_jax.cli_options import add_guard_flags, add_subtitle_flags, guard_options, subtitle_options, subtitle_problems
 from qasr_jax.loading import DTYPES
 from qasr_jax.server.command import add_command as add_serve
 
 FORMATS = tuple(formats.FORMATS)
-AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma", ".webm", ".mp4")
-MANIFEST_SUFFIXES = (".txt", ".lst")
 
 
 def _warn(command: str, message: str) -> None:
@@ -70,37 +68,6 @@ def _convert(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 # transcribe
-
-
-def expand_inputs(args: list[str]) -> list[tuple[str, str]]:
-    """Command-line inputs -> (audio path, output name without suffix): a folder gives its audio files (recursively,
-    sorted), a manifest (.txt / .lst) the paths it lists one per line (relative to the manifest; # comments),
-    anything else is an audio file. Names keep the path below a folder or manifest, so they do not collide."""
-    out: list[tuple[str, str]] = []
-
-    def stem(path: str, root: str | None) -> str:
-        rel = os.path.relpath(path, root) if root else os.path.basename(path)
-        if rel.startswith(os.pardir):
-            rel = os.path.basename(path)
-        return os.path.splitext(rel)[0] or "audio"
-
-    for arg in args:
-        if os.path.isdir(arg):
-            found = sorted(
-                os.path.join(d, f) for d, _, files in os.walk(arg) for f in files if f.lower().endswith(AUDIO_SUFFIXES)
-            )
-            if not found:
-                raise ValueError(f"{arg}: folder holds no audio files ({', '.join(AUDIO_SUFFIXES)})")
-            out.extend((f, stem(f, arg)) for f in found)
-        elif arg.lower().endswith(MANIFEST_SUFFIXES):
-            root = os.path.dirname(os.path.abspath(arg))
-            with open(arg, encoding="utf-8") as f:
-                lines = [line.strip() for line in f]
-            paths = [os.path.join(root, line) for line in lines if line and not line.startswith("#")]
-            out.extend((path, stem(path, root)) for path in paths)
-        else:
-            out.append((arg, stem(arg, None)))
-    return out
 
 
 def output_dir_problems(folder: str) -> list[str]:

@@ -15,7 +15,7 @@ def _detect(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1 and --max-seconds > 0, got {args.batch_size} and "
                          f"{args.max_seconds:g}")
     from qasr_jax.audio import AudioError, load_audio
-    from qasr_jax.cli import expand_inputs
+    from qasr_jax.cli_options import expand_inputs
     from qasr_jax.transcribe import Transcriber
 
     files = [path for path, _ in expand_inputs(args.files)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 from qasr_jax.quant import QUANTIZE_MODES
 
@@ -167,3 +168,38 @@ def guard_options(args: argparse.Namespace) -> dict:
 
     fallback = Fallback(args.compression_ratio_threshold, args.logprob_threshold) if args.fallback else None
     return {"stop_loops": args.stop_loops, "fallback": fallback}
+
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma", ".webm", ".mp4")
+MANIFEST_SUFFIXES = (".txt", ".lst")
+
+
+def expand_inputs(args: list[str]) -> list[tuple[str, str]]:
+    """Command-line inputs -> (audio path, output name without suffix): a folder gives its audio files (recursively,
+    sorted), a manifest (.txt / .lst) the paths it lists one per line (relative to the manifest; # comments),
+    anything else is an audio file. Names keep the path below a folder or manifest, so they do not collide."""
+    out: list[tuple[str, str]] = []
+
+    def stem(path: str, root: str | None) -> str:
+        rel = os.path.relpath(path, root) if root else os.path.basename(path)
+        if rel.startswith(os.pardir):
+            rel = os.path.basename(path)
+        return os.path.splitext(rel)[0] or "audio"
+
+    for arg in args:
+        if os.path.isdir(arg):
+            found = sorted(
+                os.path.join(d, f) for d, _, files in os.walk(arg) for f in files if f.lower().endswith(AUDIO_SUFFIXES)
+            )
+            if not found:
+                raise ValueError(f"{arg}: folder holds no audio files ({', '.join(AUDIO_SUFFIXES)})")
+            out.extend((f, stem(f, arg)) for f in found)
+        elif arg.lower().endswith(MANIFEST_SUFFIXES):
+            root = os.path.dirname(os.path.abspath(arg))
+            with open(arg, encoding="utf-8") as f:
+                lines = [line.strip() for line in f]
+            paths = [os.path.join(root, line) for line in lines if line and not line.startswith("#")]
+            out.extend((path, stem(path, root)) for path in paths)
+        else:
+            out.append((arg, stem(arg, None)))
+    return out

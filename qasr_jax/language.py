@@ -154,17 +154,6 @@ def attach(result, distribution: dict[str, float] | None) -> None:
         result.language_probability = round(distribution.get(result.language, 0.0), 6)
 
 
-def detect_language(audio, model: Any = "Qwen/Qwen3-ASR-0.6B", context: str = "", batch_size: int = 8,
-                    max_seconds: float = MAX_SECONDS) -> dict[str, float] | list[dict[str, float]]:
-    """Language probabilities of one input (or a list): name -> probability over the model's languages, most
-    probable first; ``model`` is a ``Transcriber``, a local folder or a hub id."""
-    if not hasattr(model, "detect_language"):
-        from qasr_jax.transcribe import Transcriber
-
-        model = Transcriber.from_pretrained(model)
-    return model.detect_language(audio, context=context, batch_size=batch_size, max_seconds=max_seconds)
-
-
 def load_waves(audio) -> tuple[list[np.ndarray], bool]:
     """One input or a list of them (paths, ``(samples, rate)`` tuples, 16 kHz arrays) -> (16 kHz waves, was one)."""
     one = isinstance(audio, (str, os.PathLike, tuple, np.ndarray))

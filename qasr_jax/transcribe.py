@@ -344,3 +344,12 @@ class Transcriber:
             off = part.piece.offset
             result.words += [dataclasses.replace(w, start=round(w.start + off, 3), end=round(w.end + off, 3),
                                                  logprob=score) for w, score in zip(words, scores)]
+
+
+def detect_language(audio, model: Any = "Qwen/Qwen3-ASR-0.6B", context: str = "", batch_size: int = 8,
+                    max_seconds: float = lang_probs.MAX_SECONDS) -> dict[str, float] | list[dict[str, float]]:
+    """Language probabilities of one input (or a list): name -> probability over the model's languages, most
+    probable first; ``model`` is a ``Transcriber``, a local folder or a hub id."""
+    if not hasattr(model, "detect_language"):
+        model = Transcriber.from_pretrained(model)
+    return model.detect_language(audio, context=context, batch_size=batch_size, max_seconds=max_seconds)

@@ -21,7 +21,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
 from qasr_jax import sharding
-from qasr_jax.cli import expand_inputs
+from qasr_jax.cli_options import expand_inputs
 from qasr_jax.config import load_config, preset
 from qasr_jax.model import param_shapes
 from qasr_jax.testing import DATA, tiny_variant
