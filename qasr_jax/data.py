@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from qasr_jax.audio import SAMPLE_RATE, AudioError, load_audio, log_mel_batch, n_frames
-from qasr_jax.buckets import PAD_ID, frame_bucket, prompt_width, target_width
+from qasr_jax.buckets import frame_bucket, prompt_width, target_width
 from qasr_jax.config import ModelConfig, audio_token_count
 from qasr_jax.prompts import build_prompt_ids
 from qasr_jax.tokenizer import ASR_TEXT, Tokenizer
@@ -241,10 +241,11 @@ def collate(waves: Sequence[np.ndarray], examples: Sequence[Example], tok: Token
     targets = [target_ids(tok, ex.text) for ex in examples]
     seq = max(seq or 0, prompt_width(max(len(p) + len(t) for p, t in zip(prompts, targets))))
     width = max(width or 0, target_width(max(len(t) for t in targets)))
-    ids = np.full((rows, seq), PAD_ID, np.int32)
+    pad = tok.endoftext_id  # the checkpoint's own id: one outside its vocabulary would embed as NaN
+    ids = np.full((rows, seq), pad, np.int32)
     mask = np.zeros((rows, seq), bool)
     positions = np.zeros((rows, width), np.int32)
-    target = np.full((rows, width), PAD_ID, np.int32)
+    target = np.full((rows, width), pad, np.int32)
     weights = np.zeros((rows, width), np.float32)
     for r, i in enumerate(order):
         p, t = prompts[i], targets[i]
@@ -253,6 +254,9 @@ def collate(waves: Sequence[np.ndarray], examples: Sequence[Example], tok: Token
         positions[r, : len(t)] = np.arange(len(p) - 1, len(p) + len(t) - 1)  # each logit predicts the next token
         target[r, : len(t)] = t
         weights[r, : len(t)] = 1.0 if r < real else 0.0
+    if int(ids.max()) >= cfg.text.vocab_size:
+        raise ValueError(f"token id {int(ids.max())} of {tok!r} lies outside the model's vocabulary of "
+                         f"{cfg.text.vocab_size}: the tokenizer does not belong to this checkpoint")
     return Batch(ids, mask, np.asarray(feats), np.asarray(valid, np.int32), positions, target, weights,
                  sum(w.shape[0] for w in waves[:real]) / SAMPLE_RATE, tuple(ex.where for ex in examples[:real]))
 

@@ -155,6 +155,10 @@ class Tokenizer:
         _add_tokens_at_ids(backend, _added_tokens_from_config(config), str(folder))
         return cls(backend, str(folder))
 
+    def save_json(self, path: str | os.PathLike) -> None:
+        """Write the whole tokenizer (BPE and added tokens) as one ``tokenizer.json`` (the -hf layout's file)."""
+        self._tk.save(str(path), pretty=False)
+
     def __repr__(self) -> str:
         return f"Tokenizer(source={self._source!r}, vocab_size={self._vocab_size})"
 

@@ -137,3 +137,38 @@ def with_tokenizer(source: str, tmp_path_factory, layout: str) -> str:
     shutil.copytree(source, folder)
     write_tokenizer(folder, layout)
     return folder
+
+
+def write_small_tokenizer(dst_dir: str | os.PathLike, layout: str = "official", bpe_size: int = 4096) -> Path:
+    """A byte-level BPE of Qwen's first ``bpe_size`` tokens (its first ``bpe_size - 256`` merges) with every Qwen
+    and Qwen3-ASR special token placed right after it (``<|endoftext|>`` at ``bpe_size``, ``<timestamp>`` at
+    ``bpe_size + 62``), in checkpoint ``layout`` "official" or "hf". A checkpoint with these ids proves that no
+    Qwen id is hard-coded; the trained tiny model uses it (``bpe_size`` 4096: vocabulary 4,159, padded to 4,160)."""
+    dst = Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    src = qwen_bpe_dir()
+    with open(src / "vocab.json", encoding="utf-8") as f:
+        vocab = {t: i for t, i in json.load(f).items() if i < bpe_size}
+    with open(src / "merges.txt", encoding="utf-8") as f:
+        merges = [line.rstrip("\n") for line in f if not line.startswith("#version")][: bpe_size - 256]
+    if any(a + b not in vocab or a not in vocab or b not in vocab for a, b in (m.split(" ") for m in merges)):
+        raise RuntimeError("Qwen's first merges do not stay inside its first tokens: a truncated BPE would break")
+    first = min(int(k) for k in official_tokenizer_config()["added_tokens_decoder"])  # 151643, <|endoftext|>
+    cfg = official_tokenizer_config()
+    cfg["added_tokens_decoder"] = {str(int(k) - first + bpe_size): v for k, v in cfg["added_tokens_decoder"].items()}
+    cfg.pop("chat_template", None)
+    cfg["model_max_length"] = 32768
+    official = Path(tempfile.mkdtemp(prefix="qasr_small_tok_")) if layout == "hf" else dst
+    _write_json(vocab, official / "vocab.json")
+    (official / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    _write_json(cfg, official / "tokenizer_config.json")
+    if layout == "official":
+        return dst
+    if layout != "hf":
+        raise ValueError(f"layout must be 'official' or 'hf', got {layout!r}")
+    from qasr_jax.tokenizer import Tokenizer
+
+    Tokenizer.from_dir(official).save_json(dst / "tokenizer.json")
+    _write_json({k: v for k, v in cfg.items() if k != "added_tokens_decoder"}, dst / "tokenizer_config.json")
+    shutil.rmtree(official, ignore_errors=True)
+    return dst
