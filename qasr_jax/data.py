@@ -219,16 +219,73 @@ class Batch:
     lines: tuple[str, ...] = ()  # the rows' ``where``
 
 
-ARRAYS = ("ids", "token_mask", "feats", "n_frames", "positions", "targets", "weights")  # Batch's array fields
+    ctc_labels: np.ndarray | None = None  # (rows, labels) int32: each row's transcript tokens (an encoder CTC loss)
+    ctc_paddings: np.ndarray | None = None  # (rows, labels) float32: 1 past each row's transcript
+
+
+ARRAYS = ("ids", "token_mask", "feats", "n_frames", "positions", "targets", "weights", "ctc_labels", "ctc_paddings")
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Training-time noise, all off by default (a from-scratch recipe turns it on; fine-tuning rarely needs it).
+
+    ``spec_augment``: SpecAugment on the log-mel, ``freq_masks`` bands of up to ``freq_width`` bins and
+    ``time_masks`` spans of up to ``time_fraction`` of each row's frames, set to the features' mean.
+    ``token_noise``: the fraction of teacher-forced transcript tokens (the decoder's inputs, never its labels)
+    replaced by random BPE tokens, so the decoder learns to read the audio rather than only its own history.
+    """
+
+    spec_augment: bool = False
+    freq_masks: int = 2
+    freq_width: int = 20
+    time_masks: int = 2
+    time_fraction: float = 0.05
+    token_noise: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.token_noise < 1.0 or not 0.0 <= self.time_fraction < 1.0:
+            raise ValueError(f"token_noise and time_fraction must lie in [0, 1), got {self.token_noise} and "
+                             f"{self.time_fraction}")
+
+    @property
+    def active(self) -> bool:
+        return self.spec_augment or self.token_noise > 0
+
+    def mask_features(self, feats: np.ndarray, valid: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """SpecAugment of log-mel (rows, mels, frames) whose rows hold ``valid`` real frames (a copy)."""
+        feats = feats.copy()
+        mels = feats.shape[1]
+        for r, n in enumerate(valid):
+            fill = feats[r, :, :n].mean()
+            for _ in range(self.freq_masks):
+                w = int(rng.integers(0, self.freq_width + 1))
+                f0 = int(rng.integers(0, max(mels - w, 0) + 1))
+                feats[r, f0:f0 + w, :n] = fill
+            for _ in range(self.time_masks):
+                w = int(rng.integers(0, int(self.time_fraction * n) + 1))
+                t0 = int(rng.integers(0, max(int(n) - w, 0) + 1))
+                feats[r, :, t0:t0 + w] = fill
+        return feats
+
+    def noise_tokens(self, ids: np.ndarray, spans: Sequence[tuple[int, int]], bpe_size: int,
+                     rng: np.random.Generator) -> np.ndarray:
+        """``ids`` (rows, seq) with each transcript input in ``spans`` [start, stop) per row replaced by a random
+        id below ``bpe_size`` with probability ``token_noise`` (a copy)."""
+        ids = ids.copy()
+        for r, (start, stop) in enumerate(spans):
+            hit = np.nonzero(rng.random(stop - start) < self.token_noise)[0] + start
+            ids[r, hit] = rng.integers(0, bpe_size, hit.size)
+        return ids
 
 
 def collate(waves: Sequence[np.ndarray], examples: Sequence[Example], tok: Tokenizer, cfg: ModelConfig,
             rows: int | None = None, frames: int | None = None, seq: int | None = None, width: int | None = None,
-            real: int | None = None) -> Batch:
+            real: int | None = None, augment: Augment | None = None, rng: np.random.Generator | None = None) -> Batch:
     """Padded arrays for (waveform, example) pairs; ``rows``/``frames``/``seq``/``width`` force larger shapes.
 
     Only the first ``real`` examples (default all) count; padding rows repeat the first row with zero weights, so
-    every row holds real audio.
+    every row holds real audio. ``augment`` (with ``rng``) adds training noise to the features and inputs.
     """
     n = len(examples)
     real = n if real is None else real
@@ -247,6 +304,10 @@ def collate(waves: Sequence[np.ndarray], examples: Sequence[Example], tok: Token
     positions = np.zeros((rows, width), np.int32)
     target = np.full((rows, width), pad, np.int32)
     weights = np.zeros((rows, width), np.float32)
+    bodies = [t[t.index(tok.asr_text_id) + 1:-1] for t in targets]  # the transcript's tokens
+    labels = np.zeros((rows, width), np.int32)
+    label_pad = np.ones((rows, width), np.float32)
+    spans = []
     for r, i in enumerate(order):
         p, t = prompts[i], targets[i]
         ids[r, : len(p) + len(t)] = p + t
@@ -254,11 +315,21 @@ def collate(waves: Sequence[np.ndarray], examples: Sequence[Example], tok: Token
         positions[r, : len(t)] = np.arange(len(p) - 1, len(p) + len(t) - 1)  # each logit predicts the next token
         target[r, : len(t)] = t
         weights[r, : len(t)] = 1.0 if r < real else 0.0
+        labels[r, : len(bodies[i])] = bodies[i]
+        label_pad[r, : len(bodies[i])] = 0.0
+        spans.append((len(p) + len(t) - 1 - len(bodies[i]), len(p) + len(t) - 1))  # transcript inputs
+    if augment is not None and augment.active:
+        rng = rng or np.random.default_rng()
+        if augment.spec_augment:
+            feats = augment.mask_features(np.asarray(feats), np.asarray(valid), rng)
+        if augment.token_noise:
+            ids = augment.noise_tokens(ids, spans, tok.endoftext_id, rng)  # the BPE ends where special ids begin
     if int(ids.max()) >= cfg.text.vocab_size:
         raise ValueError(f"token id {int(ids.max())} of {tok!r} lies outside the model's vocabulary of "
                          f"{cfg.text.vocab_size}: the tokenizer does not belong to this checkpoint")
     return Batch(ids, mask, np.asarray(feats), np.asarray(valid, np.int32), positions, target, weights,
-                 sum(w.shape[0] for w in waves[:real]) / SAMPLE_RATE, tuple(ex.where for ex in examples[:real]))
+                 sum(w.shape[0] for w in waves[:real]) / SAMPLE_RATE, tuple(ex.where for ex in examples[:real]),
+                 labels, label_pad)
 
 
 def batch_shapes(batches: Sequence[Batch]) -> tuple[int, int, int]:
@@ -280,11 +351,12 @@ def read_waves(examples: Sequence[Example]) -> list[np.ndarray]:
 
 
 def step_batch(examples: Sequence[Example], tok: Tokenizer, cfg: ModelConfig, rows: int, accum: int,
-               filler: Example | None = None) -> Batch:
+               filler: Example | None = None, augment: Augment | None = None,
+               rng: np.random.Generator | None = None) -> Batch:
     """One optimizer step's rows: ``accum`` micro-batches of ``rows`` rows with shared shapes, stacked.
 
     A micro-batch left without examples (the short last group of an epoch) holds ``filler`` (default: the first
-    example) at zero weight.
+    example) at zero weight. ``augment`` draws its noise from ``rng``.
     """
     filler = filler or examples[0]
     waves = read_waves(examples)
@@ -294,7 +366,8 @@ def step_batch(examples: Sequence[Example], tok: Tokenizer, cfg: ModelConfig, ro
         parts.append((waves[i::accum], mine, len(mine)) if mine else (read_waves([filler]), [filler], 0))
     first = [collate(w, ex, tok, cfg, rows, real=k) for w, ex, k in parts]
     frames, seq, width = batch_shapes(first)
-    return stack([collate(w, ex, tok, cfg, rows, frames, seq, width, real=k) for w, ex, k in parts])
+    return stack([collate(w, ex, tok, cfg, rows, frames, seq, width, real=k, augment=augment, rng=rng)
+                  for w, ex, k in parts])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -321,13 +394,14 @@ class Loader:
     host; ``loader.iterator`` is the Grain iterator whose state the train checkpoints hold.
 
     ``batch_size`` is the global rows of one micro-batch (all hosts and devices), ``grad_accum`` micro-batches make
-    a step, ``steps`` the length of the run (epochs repeat with new shuffles). Host ``host_index`` of
+    a step, ``steps`` the length of the run (epochs repeat with new shuffles); ``augment`` adds training noise,
+    seeded by step. Host ``host_index`` of
     ``host_count`` reads rows ``host_index::host_count`` of every step group.
     """
 
     def __init__(self, examples: Sequence[Example], tok: Tokenizer, cfg: ModelConfig, batch_size: int,
                  grad_accum: int, steps: int, seed: int = 0, host_index: int = 0, host_count: int = 1,
-                 threads: int = 4, prefetch: int = 4):
+                 threads: int = 4, prefetch: int = 4, augment: Augment | None = None):
         import grain
 
         if not examples:
@@ -343,7 +417,7 @@ class Loader:
         self.host = (host_index, host_count)
         self._seconds = [ex.seconds for ex in self.examples]
         self._epochs: dict[int, list[list[int]]] = {}
-        self._tok, self._cfg = tok, cfg
+        self._tok, self._cfg, self._augment = tok, cfg, augment
         self.dataset = (grain.MapDataset.range(steps).map(lambda i: self._load(int(i)))
                         .to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)))
         self.iterator = iter(self.dataset)
@@ -359,7 +433,9 @@ class Loader:
         index, count = self.host
         group = self.group_of(step)
         mine = [self.examples[i] for i in group[index::count]]
-        return step_batch(mine, self._tok, self._cfg, self.rows, self.accum, self.examples[group[0]])
+        rng = np.random.default_rng([self.seed, step, index])  # a step's noise is the same when resumed
+        return step_batch(mine, self._tok, self._cfg, self.rows, self.accum, self.examples[group[0]], self._augment,
+                          rng)
 
     def __iter__(self):
         return self

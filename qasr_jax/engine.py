@@ -125,11 +125,13 @@ class Engine:
             return apply(params, tokens, active, cache, method=Qwen3ASRModule.step)
 
         def forward_with(module):
-            def forward(params, ids, feats, n_frames, token_mask, positions):
+            def forward(params, ids, feats, n_frames, token_mask, positions, with_audio=False):
                 run = functools.partial(module.apply, {"params": params})
-                hidden = run(ids, feats, n_frames, token_mask, method=Qwen3ASRModule.prompt_hidden)
+                hidden, audio, n_tokens = run(ids, feats, n_frames, token_mask,
+                                              method=Qwen3ASRModule.prompt_hidden_and_audio)
                 at = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # (batch, n_positions, hidden)
-                return run(at, method=Qwen3ASRModule.head)
+                logits = run(at, method=Qwen3ASRModule.head)
+                return (logits, audio, n_tokens) if with_audio else logits
             return forward
 
         forward = forward_with(mod)
@@ -255,11 +257,12 @@ class Engine:
 
         return jax.eval_shape(init)
 
-    def forward(self, params, input_ids, feats, n_frames, token_mask, positions) -> jax.Array:
+    def forward(self, params, input_ids, feats, n_frames, token_mask, positions, with_audio: bool = False):
         """The pure (un-jitted) prompt forward pass that position scoring is built from: right-padded prompts and
-        their log-mel -> float32 logits (batch, n_positions, V) at ``positions`` (batch, n_positions) only. Training
-        differentiates it inside its own compiled step; for inference call the compiled programs below."""
-        return self._forward(params, input_ids, feats, n_frames, token_mask, positions)
+        their log-mel -> float32 logits (batch, n_positions, V) at ``positions`` (batch, n_positions) only
+        (``with_audio``: also the projector's output and each row's audio token count). Training differentiates it
+        inside its own compiled step; for inference call the compiled programs below."""
+        return self._forward(params, input_ids, feats, n_frames, token_mask, positions, with_audio)
 
     # -- one-shot programs --------------------------------------------------------------------------------------
     def encode(self, feats, n_frames) -> tuple[jax.Array, jax.Array]:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from qasr_jax.data import Example, Loader
+from qasr_jax.data import Augment, Example, Loader
 from qasr_jax.tokenizer import Tokenizer
 from qasr_jax.training import Trainer, TrainConfig, TrainState
 
@@ -27,6 +27,18 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 EXPORTS = {"hf": "model-hf", "official": "model"}
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, gradient or weight became NaN or Inf: training stopped and nothing was written."""
+
+
+def check_finite(tree, what: str) -> None:
+    """Raise NonFiniteError naming ``what`` when any leaf of ``tree`` holds NaN or Inf."""
+    finite = jax.tree_util.tree_map(lambda x: jax.numpy.isfinite(x).all(), tree)
+    if not all(bool(f) for f in jax.tree_util.tree_leaves(finite)):
+        raise NonFiniteError(f"{what} holds NaN or Inf; nothing was written. Lower the learning rate, check the "
+                             "manifest's audio, or resume from the last checkpoint")
 
 
 def steps_for_epochs(n_examples: int, epochs: float, batch_size: int, grad_accum: int) -> int:
@@ -99,10 +111,12 @@ def _check_resume(output: str, record: dict) -> None:
 def finetune(model, tokenizer: Tokenizer, train: Sequence[Example], output: str, config: TrainConfig, *,
              eval_examples: Sequence[Example] | None = None, save_every: int = 500, keep: int = 3,
              eval_every: int = 0, eval_batch_size: int = 8, resume: bool = False, progress: bool = False,
-             threads: int = 4) -> tuple[Trainer, TrainState]:
+             threads: int = 4, augment: Augment | None = None) -> tuple[Trainer, TrainState]:
     """Train ``model`` (``qasr_jax.load``, float32) on ``train`` for ``config.steps`` steps, writing checkpoints
     every ``save_every`` steps (the last ``keep``) and metrics to ``output``; evaluate on ``eval_examples`` every
-    ``eval_every`` steps (0: only at the end). ``resume`` continues the latest checkpoint in ``output``."""
+    ``eval_every`` steps (0: only at the end). ``resume`` continues the latest checkpoint in ``output``;
+    ``augment`` adds training noise (SpecAugment, teacher-forcing noise). A non-finite loss or gradient stops the
+    run at once with NonFiniteError naming the step and its manifest lines; no checkpoint holds NaN or Inf."""
     import grain
     import orbax.checkpoint as ocp
 
@@ -121,7 +135,7 @@ def finetune(model, tokenizer: Tokenizer, train: Sequence[Example], output: str,
             json.dump(record, f, indent=1)
     trainer = Trainer(model, config)
     loader = Loader(train, tokenizer, model.config, config.batch_size, config.grad_accum, config.steps,
-                    config.seed, jax.process_index(), jax.process_count(), threads)
+                    config.seed, jax.process_index(), jax.process_count(), threads, augment=augment)
     manager = ocp.CheckpointManager(os.path.abspath(os.path.join(output, CHECKPOINTS)),
                                     options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
     start = manager.latest_step() if resume else None
@@ -145,6 +159,11 @@ def finetune(model, tokenizer: Tokenizer, train: Sequence[Example], output: str,
         batch = next(loader)
         state, values = trainer.step(state, batch)
         values = {k: float(v) for k, v in jax.device_get(values).items()}
+        if not all(np.isfinite(v) for v in values.values()):
+            shown = ", ".join(batch.lines[:8]) + (" ..." if len(batch.lines) > 8 else "")
+            raise NonFiniteError(f"step {step}: non-finite training values {values} on the batch of {shown}; "
+                                 "nothing was written for this step. Lower the learning rate or check these "
+                                 f"examples, then resume from the last checkpoint in {output}")
         now = time.perf_counter()
         speed = batch.seconds / max(now - clock, 1e-9)
         clock = now
@@ -153,6 +172,7 @@ def finetune(model, tokenizer: Tokenizer, train: Sequence[Example], output: str,
                            "audio_s_per_s": round(speed, 2), "lines": list(batch.lines)})
         bar.update(values["loss"], values["lr"], speed)
         if step % save_every == 0 or step == config.steps:
+            check_finite(state.params, f"the weights at step {step}")
             manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        data=grain.checkpoint.CheckpointSave(loader.iterator)))
         if evaluator and ((eval_every and step % eval_every == 0) or step == config.steps):
@@ -173,6 +193,7 @@ def export(trainer: Trainer, state: TrainState, output: str, copy_from: str | No
     from qasr_jax.convert.export import export_checkpoint
 
     params = trainer.params(state)
+    check_finite(params, "the trained weights")
     return [export_checkpoint(params, trainer.model.config, os.path.join(output, EXPORTS[layout]), layout, dtype,
                               copy_from) for layout in layouts]
 

@@ -307,13 +307,18 @@ class Qwen3ASRModule(nn.Module):
 
     def prompt_hidden(self, input_ids, feats, n_frames, token_mask=None):
         """Final hidden states (batch, seq, hidden) at every prompt position of right-padded prompts, no cache."""
-        audio, _ = self.encode(feats, n_frames)
+        return self.prompt_hidden_and_audio(input_ids, feats, n_frames, token_mask)[0]
+
+    def prompt_hidden_and_audio(self, input_ids, feats, n_frames, token_mask=None):
+        """:meth:`prompt_hidden` and what the encoder gave it: (hidden, audio embeds (batch, seq, hidden), n_tokens)
+        (an auxiliary loss on the encoder reads the audio)."""
+        audio, n_tokens = self.encode(feats, n_frames)
         embeds = self.embed(input_ids, audio)
         if token_mask is None:
             token_mask = jnp.ones(input_ids.shape, bool)
         positions, mask = prompt_positions_and_mask(token_mask)
         hidden, _ = self.decode(embeds, positions, mask)
-        return hidden
+        return hidden, audio, n_tokens
 
 
 def _constrain_cache(cache: KVCache, layout) -> KVCache:
@@ -329,19 +334,32 @@ def prompt_positions_and_mask(token_mask: jax.Array) -> tuple[jax.Array, jax.Arr
     return positions, causal[None] & token_mask[:, None, :]
 
 
-@functools.lru_cache(maxsize=None)
-def param_shapes(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """The parameter tree as ShapeDtypeStructs (no memory used), from ``jax.eval_shape`` of init."""
+def _initializer(cfg: ModelConfig, dtype: str):
     module = Qwen3ASRModule(cfg, jnp.dtype(dtype))
     frames = cfg.audio.chunk_frames
     n_tok = audio_token_count(frames, cfg.audio)
 
-    def init():  # the example inputs are made inside the trace: nothing is compiled or run
+    def init(key):  # the example inputs are made inside the trace
         ids = jnp.full((1, n_tok), cfg.audio_token_id, jnp.int32)
         feats = jnp.zeros((1, cfg.audio.num_mel_bins, frames), jnp.float32)
-        return module.init(jax.random.PRNGKey(0), ids, feats, jnp.array([frames], jnp.int32))["params"]
+        return module.init(key, ids, feats, jnp.array([frames], jnp.int32))["params"]
 
-    return jax.eval_shape(init)
+    return init
+
+
+@functools.lru_cache(maxsize=None)
+def param_shapes(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    """The parameter tree as ShapeDtypeStructs (no memory used), from ``jax.eval_shape`` of init."""
+    return jax.eval_shape(_initializer(cfg, dtype), jax.random.PRNGKey(0))
+
+
+def init_params(cfg: ModelConfig, seed: int = 0, dtype: str = "float32") -> dict:
+    """Fresh weights to train from scratch: Flax's initialisers (LeCun-normal matrices, unit norms, zero biases),
+    the token embedding scaled to std 0.02 as in Qwen3's own initialisation (it is also the tied output head)."""
+    params = jax.jit(_initializer(cfg, dtype))(jax.random.PRNGKey(seed))
+    embed = params["decoder"]["embed"]["embedding"]
+    params["decoder"]["embed"]["embedding"] = embed * (0.02 / jnp.std(embed))
+    return params
 
 
 def _stack_leaves(*xs):

@@ -55,6 +55,10 @@ class TrainConfig:
     lora_alpha: float | None = None  # default 2 * rank
     lora_targets: tuple[str, ...] = ("decoder",)  # of LORA_MODULES
     seed: int = 0  # data order and LoRA initialisation
+    decay: str = "linear"  # after warmup: "linear" to 0 (the official recipe) or "cosine" to final_lr_ratio * lr
+    final_lr_ratio: float = 0.0  # the cosine schedule's last learning rate, as a fraction of lr
+    adam_b2: float = 0.999
+    ctc_weight: float = 0.0  # > 0: add a CTC loss of a linear head on the encoder's output (never exported)
 
     def __post_init__(self):
         unknown = [f for f in self.freeze if f not in FREEZABLE]
@@ -72,6 +76,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if set(self.freeze) >= set(FREEZABLE):
             raise ValueError("every part is frozen: nothing would train")
+        if self.decay not in ("linear", "cosine") or not 0.0 <= self.final_lr_ratio <= 1.0:
+            raise ValueError(f"decay must be 'linear' or 'cosine' and final_lr_ratio in [0, 1], got {self.decay!r} "
+                             f"and {self.final_lr_ratio}")
+        if self.ctc_weight < 0 or (self.ctc_weight and (self.lora_rank or "encoder" in self.freeze)):
+            raise ValueError(f"ctc_weight must be >= 0 and trains the encoder (no LoRA, no frozen encoder), got "
+                             f"{self.ctc_weight}")
 
     @property
     def warmup_steps(self) -> int:
@@ -186,10 +196,38 @@ def token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tup
     return jnp.sum((logz - picked) * weights), jnp.sum(weights)
 
 
-def _forward_loss(engine: Engine, params, batch: Mapping) -> tuple[jax.Array, jax.Array]:
-    logits = engine.forward(params, batch["ids"], batch["feats"], batch["n_frames"], batch["token_mask"],
-                            batch["positions"])  # (rows, targets, V) float32
-    return token_loss(logits, batch["targets"], batch["weights"])
+CTC_HEAD = "ctc_head"  # the auxiliary head's key in a TrainState's params; never part of a checkpoint
+
+
+def init_ctc_head(cfg, key: jax.Array) -> dict:
+    """A linear head from the projector's output (the decoder's width) to the vocabulary plus a blank (the last
+    class), for :func:`ctc_loss`."""
+    hidden, classes = cfg.text.hidden_size, cfg.text.vocab_size + 1
+    return {"kernel": jax.random.normal(key, (hidden, classes), jnp.float32) * hidden ** -0.5,
+            "bias": jnp.zeros((classes,), jnp.float32)}
+
+
+def ctc_loss(head: Mapping, audio: jax.Array, n_tokens: jax.Array, batch: Mapping) -> jax.Array:
+    """Sum over a batch's real rows of the CTC loss of the head on the encoder's output (audio (rows, seq, hidden),
+    ``n_tokens`` real per row) against each row's transcript tokens."""
+    logits = audio.astype(jnp.float32) @ head["kernel"] + head["bias"]
+    paddings = (jnp.arange(audio.shape[1])[None, :] >= n_tokens[:, None]).astype(jnp.float32)
+    per_row = optax.ctc_loss(logits, paddings, batch["ctc_labels"], batch["ctc_paddings"],
+                             blank_id=logits.shape[-1] - 1)
+    real = (batch["weights"].sum(axis=1) > 0).astype(jnp.float32)
+    return jnp.sum(per_row * real)
+
+
+def _forward_loss(engine: Engine, params, batch: Mapping, ctc_head=None, ctc_weight: float = 0.0):
+    """(total loss, target tokens, cross-entropy part): the total adds ``ctc_weight`` x the rows' CTC losses."""
+    args = (batch["ids"], batch["feats"], batch["n_frames"], batch["token_mask"], batch["positions"])
+    if ctc_head is None:
+        logits = engine.forward(params, *args)  # (rows, targets, V) float32
+        total, count = token_loss(logits, batch["targets"], batch["weights"])
+        return total, count, total
+    logits, audio, n_tokens = engine.forward(params, *args, with_audio=True)
+    ce, count = token_loss(logits, batch["targets"], batch["weights"])
+    return ce + ctc_weight * ctc_loss(ctc_head, audio, n_tokens, batch), count, ce
 
 
 def loss_and_grads(model, batch: Sequence[Mapping], tokenizer=None) -> tuple[float, dict[str, np.ndarray]]:
@@ -209,7 +247,7 @@ def loss_and_grads(model, batch: Sequence[Mapping], tokenizer=None) -> tuple[flo
     engine = model.engine
 
     def mean_loss(params, arrays):
-        total, count = _forward_loss(engine, params, arrays)
+        total, count, _ = _forward_loss(engine, params, arrays)
         return total / count
 
     loss, grads = jit_with_encoder(jax.value_and_grad(mean_loss))(model.params, arrays)
@@ -221,18 +259,22 @@ def loss_and_grads(model, batch: Sequence[Mapping], tokenizer=None) -> tuple[flo
 
 
 def schedule(config: TrainConfig) -> optax.Schedule:
-    """Learning rate by step: linear warmup from 0 to ``lr`` over ``warmup_steps``, then linear decay to 0."""
+    """Learning rate by step: linear warmup from 0 to ``lr`` over ``warmup_steps``, then linear decay to 0 (or
+    cosine decay to ``final_lr_ratio * lr``)."""
     warm = config.warmup_steps
+    if config.decay == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, config.lr, warm, config.steps,
+                                                  config.lr * config.final_lr_ratio)
     return optax.join_schedules(
         [optax.linear_schedule(0.0, config.lr, warm), optax.linear_schedule(config.lr, 0.0, config.steps - warm)],
         [warm])
 
 
 def optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW (betas 0.9/0.999, eps 1e-8; weight decay on matrices only)."""
+    """Global-norm clipping then AdamW (betas 0.9/``adam_b2``, eps 1e-8; weight decay on matrices only)."""
     decay = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)  # noqa: E731
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
-                       optax.adamw(schedule(config), b1=0.9, b2=0.999, eps=1e-8,
+                       optax.adamw(schedule(config), b1=0.9, b2=config.adam_b2, eps=1e-8,
                                    weight_decay=config.weight_decay, mask=decay))
 
 
@@ -280,7 +322,13 @@ class Trainer:
             return jax.tree_util.tree_map(lambda _: rep, tree)
         from qasr_jax.sharding import param_shardings
 
-        return param_shardings(tree, self.layout, self.model.config)
+        tree = dict(tree)
+        head = tree.pop(CTC_HEAD, None)
+        out = param_shardings(tree, self.layout, self.model.config)
+        if head is not None:  # small: every device holds it whole
+            rep = jax.sharding.NamedSharding(self.layout.mesh, jax.sharding.PartitionSpec())
+            out[CTC_HEAD] = jax.tree_util.tree_map(lambda _: rep, head)
+        return out
 
     def state_shardings(self, state_shapes: TrainState):
         """The NamedSharding of every leaf of a TrainState (None without a mesh)."""
@@ -303,6 +351,10 @@ class Trainer:
             raise ValueError("init_state was already called (or the base released): the weights live in that state")
         else:
             params, self._base = self._base, None
+            if self.config.ctc_weight:
+                head = init_ctc_head(self.model.config, jax.random.PRNGKey(self.config.seed))
+                params = {**params, CTC_HEAD: head if self.layout is None else
+                          jax.device_put(head, self._param_shardings({CTC_HEAD: head})[CTC_HEAD])}
         shapes = self.state_shapes()
         init = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.optimizer.init(p)),
                        donate_argnums=0, out_shardings=self.state_shardings(shapes))
@@ -320,6 +372,9 @@ class Trainer:
             params = jax.eval_shape(lambda: init_lora(self.engine, self.provider, jax.random.PRNGKey(0)))
         else:
             params = self._base_shapes
+            if self.config.ctc_weight:
+                params = {**params, CTC_HEAD: jax.eval_shape(lambda: init_ctc_head(self.model.config,
+                                                                                   jax.random.PRNGKey(0)))}
         return jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.optimizer.init(p)), params)
 
     # -- the step ----------------------------------------------------------------------------------------------
@@ -328,30 +383,36 @@ class Trainer:
         gradients inside a loop body ~40x slower, so each micro-batch's gradients come from one call and are
         summed by the next (``accumulate``), and ``apply`` divides by the token count and updates."""
         engine, opt, lr, dt = self.engine, self.optimizer, self.schedule, jnp.dtype(self.config.dtype)
+        weight = self.config.ctc_weight
 
         def micro(trained, frozen, arrays):
+            trained = dict(trained)
+            head = trained.pop(CTC_HEAD, None)
             params = jax.tree_util.tree_map(lambda p: p.astype(dt), merge_trees(trained, frozen))
-            return _forward_loss(engine, params, arrays)
+            total, count, ce = _forward_loss(engine, params, arrays, head, weight)
+            return total, (count, ce)
 
         def grads(params, frozen, arrays):
-            (total, count), g = jax.value_and_grad(micro, has_aux=True)(params, frozen, arrays)
-            return g, total, count
+            (total, (count, ce)), g = jax.value_and_grad(micro, has_aux=True)(params, frozen, arrays)
+            return g, total, count, ce
 
         def accumulate(params, frozen, arrays, acc):
             return jax.tree_util.tree_map(jnp.add, acc, grads(params, frozen, arrays))
 
         def apply(state: TrainState, acc):
-            grads, total, count = acc
+            grads, total, count, ce = acc
             count = jnp.maximum(count, 1.0)
             grads = jax.tree_util.tree_map(lambda g: g / count, grads)  # the mean over all target tokens
             updates, opt_state = opt.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            metrics = {"loss": total / count, "tokens": count, "grad_norm": optax.tree.norm(grads),
+            metrics = {"loss": ce / count, "tokens": count, "grad_norm": optax.tree.norm(grads),
                        "lr": lr(state.step)}
+            if weight:  # the CTC loss per target token, unweighted
+                metrics["ctc_loss"] = (total - ce) / count / weight
             return TrainState(state.step + 1, params, opt_state), metrics
 
         shardings = self.state_shardings(self.state_shapes())
-        grad_sh = None if shardings is None else (shardings.params, None, None)
+        grad_sh = None if shardings is None else (shardings.params, None, None, None)
         out = None if shardings is None else (shardings, None)
         self._grads = jit_with_encoder(grads, out_shardings=grad_sh)
         self._accumulate = jit_with_encoder(accumulate, donate_argnums=3, out_shardings=grad_sh)
@@ -387,4 +448,4 @@ class Trainer:
         """The whole parameter tree after training, float32 (frozen parts as loaded, LoRA merged in)."""
         if self.provider:
             return merge_lora(self.model.params, state.params, self.config.lora_rank, self.config.alpha)
-        return merge_trees(state.params, self._frozen_f32)
+        return merge_trees({k: v for k, v in state.params.items() if k != CTC_HEAD}, self._frozen_f32)
