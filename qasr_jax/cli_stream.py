@@ -30,7 +30,7 @@ def add_command(sub) -> None:
     st = sub.add_parser("stream", help="live transcription of a file, or of raw 16 kHz s16le audio on stdin (-)")
     st.add_argument("source", help="audio file, or - for raw 16 kHz mono signed 16-bit little-endian samples on "
                                    "stdin (e.g. ffmpeg -i in.mp3 -f s16le -ac 1 -ar 16000 -) or a WAV stream")
-    st.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or hub id")
+    st.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder, hub id, or tiny-en (the bundled model)")
     st.add_argument("--language", default=None, help="force a language (name or ISO code); default: detect")
     st.add_argument("--context", default="", help="context text: names, hotwords, domain terms")
     st.add_argument("--chunk-seconds", type=float, default=2.0, help="audio decoded at a time (default 2.0)")

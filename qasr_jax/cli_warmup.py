@@ -15,7 +15,7 @@ def add_command(sub) -> None:
     from qasr_jax.cli_stream import DEFAULT_MODEL
 
     wu = sub.add_parser("warmup", help="compile the programs transcription needs into the compilation cache")
-    wu.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or hub id")
+    wu.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder, hub id, or tiny-en (the bundled model)")
     wu.add_argument("--batch-sizes", default="1,8",
                     help="comma-separated --batch-size values (decode slots) to compile for (default 1,8)")
     wu.add_argument("--max-seconds", type=float, default=30.0,
