@@ -45,7 +45,7 @@ def hf_config(cfg: ModelConfig, dtype: str) -> dict:
             "rope_parameters": {"rope_theta": t.rope_theta, "rope_type": "default"}}
     return {"architectures": ["Qwen3ASRForConditionalGeneration"], "model_type": "qwen3_asr",
             "audio_config": {**_audio_fields(cfg), "model_type": "qwen3_asr_encoder"}, "text_config": text,
-            "audio_token_id": cfg.audio_token_id, "timestamp_token_id": cfg.timestamp_token_id,
+            "audio_token_id": cfg.audio_token_id,
             "tie_word_embeddings": t.tie_word_embeddings, "eos_token_id": [151643, 151645],
             "pad_token_id": 151645, "dtype": dtype, "support_languages": list(cfg.support_languages)}
 
