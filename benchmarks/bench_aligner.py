@@ -84,7 +84,8 @@ def reference_align(model, processor, waves, texts, languages):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        input_features=batch["input_features"],
                        input_features_mask=batch["input_features_mask"]).logits
-    return processor.decode_forced_alignment(logits, batch["input_ids"], word_lists, 151705)
+    return processor.decode_forced_alignment(logits, batch["input_ids"], word_lists,
+                                             model.config.timestamp_token_id)
 
 
 def timed(fn, repeats: int) -> float:

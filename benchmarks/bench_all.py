@@ -38,11 +38,12 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 import qasr_jax  # noqa: E402
-from bench_core import PREFIX, SUFFIX, OthersMeter, clip, copy_bandwidth, make_checkpoint  # noqa: E402
+from bench_core import OthersMeter, clip, copy_bandwidth, make_checkpoint  # noqa: E402
 from bench_transcribe import clips, reference_run  # noqa: E402
 from floors import cpu_line, decoder_flops, encoder_flops, matmul_rates, step_bytes  # noqa: E402
 from qasr_jax.audio import log_mel_batch  # noqa: E402
-from qasr_jax.config import AUDIO_TOKEN_ID, audio_token_count, preset  # noqa: E402
+from qasr_jax.config import audio_token_count, preset  # noqa: E402
+from qasr_jax.prompts import build_prompt_ids  # noqa: E402
 from qasr_jax.tokenizer import Tokenizer  # noqa: E402
 from qasr_jax.transcribe import Transcriber  # noqa: E402
 
@@ -87,7 +88,7 @@ def torch_core(model, feats, n_frames, ids):
     with torch.inference_mode():
         audio = model.model.get_audio_features(feats_t, mask_t).pooler_output
         embeds = model.model.get_input_embeddings()(ids_t)
-        is_audio = (ids_t == AUDIO_TOKEN_ID)[..., None].expand_as(embeds)
+        is_audio = (ids_t == model.config.audio_token_id)[..., None].expand_as(embeds)
         embeds = embeds.masked_scatter(is_audio, audio.reshape(-1, audio.shape[-1]))
     fns = {"encoder": lambda: model.model.get_audio_features(feats_t, mask_t),
            "prefill": lambda: model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)}
@@ -176,7 +177,7 @@ def run_phase(args, name: str, cfg, folder: str, bandwidth: float, rates) -> dic
     ref_side, sides, e2e_sides = PHASES[name]
     feats, n_frames = log_mel_batch([clip()])
     feats = np.asarray(feats)
-    ids = PREFIX + [AUDIO_TOKEN_ID] * audio_token_count(int(n_frames[0]), cfg.audio) + SUFFIX
+    ids = build_prompt_ids(Tokenizer.from_dir(folder), audio_token_count(int(n_frames[0]), cfg.audio))
     ours = load_sides(folder, sides)
     out = {"core": {}, "e2e": {}, "quality": {}, "floors": {}, "n_prompt": len(ids)}
     if name == "ours":

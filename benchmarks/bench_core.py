@@ -49,12 +49,12 @@ import numpy as np
 
 import qasr_jax  # noqa: E402
 from qasr_jax.audio import log_mel_batch  # noqa: E402
-from qasr_jax.config import AUDIO_TOKEN_ID, audio_token_count, preset  # noqa: E402
+from qasr_jax.config import audio_token_count, preset  # noqa: E402
+from qasr_jax.prompts import build_prompt_ids  # noqa: E402
+from qasr_jax.tokenizer import Tokenizer  # noqa: E402
 
 CLIP_SECONDS = 11.3
 RATE = 16000
-PREFIX = [151644, 8948, 198, 151645, 198, 151644, 872, 198, 151669]  # system turn, user turn, <|audio_start|>
-SUFFIX = [151670, 151645, 198, 151644, 77091, 198]  # <|audio_end|><|im_end|>\n<|im_start|>assistant\n
 STAGES = ("encoder", "prefill", "prompt", "decode step")
 DECODE_HEADROOM = 256  # our cache holds the prompt plus this many slots, as for a 256-token transcript
 
@@ -217,7 +217,8 @@ def reference_stages(model, feats, n_frames, ids):
         audio = encoder()
         outs["encoder"] = audio[0].numpy().copy() if audio.ndim == 3 else audio.numpy().copy()
         embeds = model.model.get_input_embeddings()(ids_t)
-        embeds = embeds.masked_scatter((ids_t == AUDIO_TOKEN_ID)[..., None].expand_as(embeds), audio)
+        is_audio = ids_t == model.config.audio_token_id
+        embeds = embeds.masked_scatter(is_audio[..., None].expand_as(embeds), audio)
 
     def prefill():
         with torch.inference_mode():
@@ -355,7 +356,11 @@ def main() -> None:
     feats, n_frames = log_mel_batch([wave])
     feats = np.asarray(feats)
     n_audio = audio_token_count(int(n_frames[0]), cfg.audio)
-    ids = PREFIX + [AUDIO_TOKEN_ID] * n_audio + SUFFIX
+    if not os.path.isfile(os.path.join(folder, "vocab.json")):
+        from qasr_jax.testing.tokenizer_files import write_tokenizer
+
+        write_tokenizer(folder, "official")
+    ids = build_prompt_ids(Tokenizer.from_dir(folder), n_audio)
 
     # qasr_jax first (its loading peak is the larger), then the reference from the same files.
     model = qasr_jax.load(folder, dtype="float32")

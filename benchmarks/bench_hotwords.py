@@ -64,7 +64,7 @@ def main() -> None:
         assert steps == args.steps
         return (time.perf_counter() - start) / steps
 
-    plain, biased = S.SearchConfig(), S.SearchConfig(hotword_edges=edges)
+    plain, biased = S.SearchConfig(tok.endoftext_id), S.SearchConfig(tok.endoftext_id, hotword_edges=edges)
     times: dict[str, list[float]] = {"plain": [], "biased": []}
     for rep in range(args.repeats + 1):  # the first round compiles
         for name, cfg, trie in (("plain", plain, None), ("biased", biased, packed)):

@@ -58,7 +58,7 @@ def clips(n: int, low: float, high: float, seed: int = 0) -> tuple[list[np.ndarr
 def fixed_batches(asr, waves, budgets, batch) -> tuple[list[list[int]], int]:
     """Batches in input order through Engine.generate -> (token ids per clip, decode steps)."""
     model, tok, engine = asr.model, asr.tokenizer, asr.model.engine
-    cfg, z = S.SearchConfig(), S.SearchSettings.make(tok.eos_ids, suppress_eos=True)
+    cfg, z = S.SearchConfig(tok.endoftext_id), S.SearchSettings.make(tok.eos_ids, suppress_eos=True)
     out, steps = [], 0
     for start in range(0, len(waves), batch):
         part, want = waves[start:start + batch], budgets[start:start + batch]
@@ -82,7 +82,7 @@ def fixed_batches(asr, waves, budgets, batch) -> tuple[list[list[int]], int]:
 
 def slots(asr, waves, budgets, batch) -> tuple[list[list[int]], int]:
     """The Pipeline that Transcriber.transcribe runs (continuous batching) -> (token ids per clip, decode steps)."""
-    options = DecodeOptions(suppress_eos=True, eos_ids=tuple(asr.tokenizer.eos_ids))
+    options = DecodeOptions.for_tokenizer(asr.tokenizer, suppress_eos=True)
     pipe = Pipeline(asr.model, asr.tokenizer, options, batch)
     for i, (wave, budget) in enumerate(zip(waves, budgets)):
         pipe.submit(Work(i, wave, None, "", budget))

@@ -177,7 +177,7 @@ def refeed_once(asr, audio: np.ndarray, text: str, max_new: int) -> tuple[float,
     padded = np.full((1, width), tok.endoftext_id, np.int32)
     padded[0, : len(ids)] = ids
     res = engine.generate(engine.embed(padded, embeds), [len(ids)], [max_new], S.SearchSettings.make(tok.eos_ids),
-                          S.SearchConfig(), max_len=width + output_buffer(max_new))
+                          S.SearchConfig(tok.endoftext_id), max_len=width + output_buffer(max_new))
     np.asarray(res.tokens)
     return (time.perf_counter() - t) * 1e3, len(ids)
 

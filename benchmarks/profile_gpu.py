@@ -79,7 +79,7 @@ def run_stages(asr, paths: list[str], new_tokens: int, programs) -> tuple[dict[s
     """One batch job stage by stage -> (seconds per stage, decode steps)."""
     t, engine = Stages(), asr.model.engine
     mel, tower, proj = programs
-    options = DecodeOptions(suppress_eos=True, eos_ids=tuple(asr.tokenizer.eos_ids))
+    options = DecodeOptions.for_tokenizer(asr.tokenizer, suppress_eos=True)
     pipe = Pipeline(asr.model, asr.tokenizer, options, batch_size=len(paths))
     waves = t(f"audio decode {HOST}", lambda: [load_audio(p) for p in paths])
     frames = frame_bucket(max(n_frames(w.shape[0]) for w in waves), asr.model.config.audio)

@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 from qasr_jax.config import ModelConfig
 from qasr_jax.convert.checkpoint import params_to_hf, to_official_name, tree_to_numpy
 from qasr_jax.convert.orbax_io import SIDE_FILES
+from qasr_jax.tokenizer import Tokenizer
 
 LAYOUTS = ("hf", "official")
 SHARD_BYTES = 4 << 30  # safetensors files are split above this size, with an index
@@ -38,16 +39,17 @@ def _text_fields(cfg: ModelConfig) -> dict:
             "max_position_embeddings": t.max_position_embeddings, "hidden_act": "silu"}
 
 
-def hf_config(cfg: ModelConfig, dtype: str) -> dict:
-    """config.json of the transformers-native layout (``Qwen3ASRForConditionalGeneration``)."""
+def hf_config(cfg: ModelConfig, dtype: str, tok: Tokenizer) -> dict:
+    """config.json of the transformers-native layout (``Qwen3ASRForConditionalGeneration``); generation stops at
+    ``tok``'s ``<|endoftext|>`` and ``<|im_end|>`` and pads with ``<|im_end|>``, as the released configs do."""
     t = cfg.text
     text = {**_text_fields(cfg), "model_type": "qwen3",
             "rope_parameters": {"rope_theta": t.rope_theta, "rope_type": "default"}}
     return {"architectures": ["Qwen3ASRForConditionalGeneration"], "model_type": "qwen3_asr",
             "audio_config": {**_audio_fields(cfg), "model_type": "qwen3_asr_encoder"}, "text_config": text,
-            "audio_token_id": cfg.audio_token_id, "timestamp_token_id": cfg.timestamp_token_id,
-            "tie_word_embeddings": t.tie_word_embeddings, "eos_token_id": [151643, 151645],
-            "pad_token_id": 151645, "dtype": dtype, "support_languages": list(cfg.support_languages)}
+            "audio_token_id": cfg.audio_token_id, "tie_word_embeddings": t.tie_word_embeddings,
+            "eos_token_id": [tok.endoftext_id, tok.im_end_id], "pad_token_id": tok.im_end_id, "dtype": dtype,
+            "support_languages": list(cfg.support_languages)}
 
 
 def official_config(cfg: ModelConfig, dtype: str) -> dict:
@@ -87,12 +89,15 @@ def _save_tensors(tensors: dict[str, np.ndarray], dst: str) -> None:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
 
 
-def export_checkpoint(params, cfg: ModelConfig, dst: str, layout: str = "hf", dtype: str = "float32",
-                      copy_from: str | None = None) -> str:
+def export_checkpoint(params, cfg: ModelConfig, dst: str, layout: str, dtype: str, copy_from: str) -> str:
     """Write ``params`` as a checkpoint folder ``dst`` in ``layout`` ("hf" or "official"), weights in ``dtype``;
-    tokenizer, preprocessor and generation files are copied from the folder ``copy_from``. Returns ``dst``."""
+    tokenizer, preprocessor and generation files are copied from the folder ``copy_from``, whose tokenizer gives
+    the config's token ids. Returns ``dst``."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if copy_from is None:
+        raise ValueError("export needs copy_from, the source checkpoint folder: its tokenizer gives the exported ids")
+    tok = Tokenizer.from_dir(copy_from)
     if cfg.is_aligner:
         raise ValueError("export writes ASR checkpoints; this config is a forced aligner")
     import ml_dtypes
@@ -110,12 +115,11 @@ def export_checkpoint(params, cfg: ModelConfig, dst: str, layout: str = "hf", dt
         if old.endswith(".safetensors") or old == "model.safetensors.index.json":
             os.remove(os.path.join(dst, old))
     _save_tensors(tensors, dst)
-    config = hf_config(cfg, dtype) if layout == "hf" else official_config(cfg, dtype)
+    config = hf_config(cfg, dtype, tok) if layout == "hf" else official_config(cfg, dtype)
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
-    if copy_from:
-        for name in SIDE_FILES:
-            src = os.path.join(copy_from, name)
-            if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(os.path.join(dst, name)):
-                shutil.copy2(src, os.path.join(dst, name))
+    for name in SIDE_FILES:
+        src = os.path.join(copy_from, name)
+        if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(os.path.join(dst, name)):
+            shutil.copy2(src, os.path.join(dst, name))
     return dst

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 from qasr_jax.config import AudioConfig
 
-EOS_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
-PAD_ID = 151643  # <|endoftext|>: fills token positions at and past each row's length
-
 PROMPT_STEP = 32  # prompt widths round up to this
 TARGET_STEP = 16  # training batches: target positions per row round up to this
 OUTPUT_STEP = 64  # output buffers (new tokens) round up to this

@@ -115,7 +115,7 @@ def warm_up(asr, seconds, batch_sizes=(1,), beam_size: int = 1, stream_seconds: 
 
     rng = np.random.default_rng(0)
     limit = token_limit(asr.model.config)
-    options = DecodeOptions(beam_size, eos_ids=tuple(asr.tokenizer.eos_ids))
+    options = DecodeOptions.for_tokenizer(asr.tokenizer, beam_size=beam_size)
 
     def noise(seconds: float) -> np.ndarray:
         return (0.05 * rng.standard_normal(max(1, int(seconds * 16000)))).astype(np.float32)

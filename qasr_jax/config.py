@@ -11,10 +11,6 @@ import json
 import os
 from typing import Any
 
-AUDIO_TOKEN_ID = 151676
-AUDIO_START_TOKEN_ID = 151669
-AUDIO_END_TOKEN_ID = 151670
-TIMESTAMP_TOKEN_ID = 151705
 # The longest context (system prompt text: --context, prompt=, hotwords joined to it) accepted, in tokens: the
 # official maintainers budget hotword context at up to 10,000 tokens; longer ones are refused before the model runs.
 MAX_CONTEXT_TOKENS = 10_000
@@ -96,17 +92,20 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A whole model: ``num_labels`` is None for ASR (LM head) and the class count for the forced aligner."""
+    """A whole model: ``num_labels`` is None for ASR (LM head) and the class count for the forced aligner; the
+    token ids are its tokenizer's ``<|audio_pad|>`` and ``<timestamp>`` (the aligner's slot marker; None for ASR)."""
 
     audio: AudioConfig
     text: TextConfig
+    audio_token_id: int
     num_labels: int | None = None
-    audio_token_id: int = AUDIO_TOKEN_ID
-    timestamp_token_id: int = TIMESTAMP_TOKEN_ID
+    timestamp_token_id: int | None = None
     timestamp_segment_ms: float = 80.0
     support_languages: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if self.is_aligner and self.timestamp_token_id is None:
+            raise ConfigError("a forced aligner config needs timestamp_token_id, the id of its <timestamp> slots")
         if self.audio.output_dim != self.text.hidden_size:
             raise ConfigError(
                 f"audio output_dim={self.audio.output_dim} must equal text hidden_size={self.text.hidden_size}: "
@@ -206,8 +205,21 @@ def _text_from(t: dict, where: str, tie: bool) -> TextConfig:
     )
 
 
-def config_from_hf_dict(cfg: dict) -> ModelConfig:
-    """Build a ModelConfig from a config.json dict of either schema."""
+def _token_id(value, token: str, folder: str | None) -> int:
+    """A token id from config.json, else from the checkpoint's tokenizer (the official ASR configs name no
+    ``<timestamp>``): never a Qwen id assumed for a vocabulary that may not be Qwen's."""
+    if value is None and folder is not None:
+        from qasr_jax.tokenizer import Tokenizer
+
+        value = Tokenizer.from_dir(folder).token_to_id(token)
+    if value is None:
+        raise ConfigError(f"config.json names no {token} id, and no tokenizer beside it has that token")
+    return int(value)
+
+
+def config_from_hf_dict(cfg: dict, folder: str | None = None) -> ModelConfig:
+    """Build a ModelConfig from a config.json dict of either schema; a token id it lacks is read from the
+    tokenizer in the checkpoint ``folder``."""
     if "thinker_config" in cfg:  # official layout
         th = cfg["thinker_config"]
         where = "thinker_config"
@@ -215,9 +227,9 @@ def config_from_hf_dict(cfg: dict) -> ModelConfig:
         is_aligner = "forced_aligner" in str(cfg.get("model_type", "")) or "classify_num" in th
         num_labels = _need(th, "classify_num", where) if is_aligner else None
         tie = bool(t.get("tie_word_embeddings", th.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))))
-        timestamp_token_id = cfg.get("timestamp_token_id", th.get("timestamp_token_id", TIMESTAMP_TOKEN_ID))
+        timestamp_token_id = cfg.get("timestamp_token_id", th.get("timestamp_token_id"))
         segment = cfg.get("timestamp_segment_time", th.get("timestamp_segment_time", 80.0))
-        audio_token_id = th.get("audio_token_id", AUDIO_TOKEN_ID)
+        audio_token_id = th.get("audio_token_id")
         langs = cfg.get("support_languages") or ()
         a_where, t_where = f"{where}.audio_config", f"{where}.text_config"
     elif "audio_config" in cfg and "text_config" in cfg:  # transformers-native (-hf) layout
@@ -229,9 +241,9 @@ def config_from_hf_dict(cfg: dict) -> ModelConfig:
         else:
             num_labels = None
         tie = bool(cfg.get("tie_word_embeddings", t.get("tie_word_embeddings", True))) and not is_aligner
-        timestamp_token_id = cfg.get("timestamp_token_id", TIMESTAMP_TOKEN_ID)
+        timestamp_token_id = cfg.get("timestamp_token_id")
         segment = cfg.get("timestamp_segment_time", 80.0)
-        audio_token_id = cfg.get("audio_token_id", AUDIO_TOKEN_ID)
+        audio_token_id = cfg.get("audio_token_id")
         langs = cfg.get("support_languages") or ()
         a_where, t_where = "audio_config", "text_config"
     else:
@@ -243,8 +255,8 @@ def config_from_hf_dict(cfg: dict) -> ModelConfig:
         audio=_audio_from(a, a_where),
         text=_text_from(t, t_where, tie),
         num_labels=num_labels,
-        audio_token_id=int(audio_token_id),
-        timestamp_token_id=int(timestamp_token_id),
+        audio_token_id=_token_id(audio_token_id, "<|audio_pad|>", folder),
+        timestamp_token_id=_token_id(timestamp_token_id, "<timestamp>", folder) if is_aligner else None,
         timestamp_segment_ms=float(segment),
         support_languages=tuple(langs),
     )
@@ -257,7 +269,7 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no config.json at {path!r}: pass a checkpoint folder that holds one")
     with open(file) as f:
-        return config_from_hf_dict(json.load(f))
+        return config_from_hf_dict(json.load(f), os.path.dirname(file))
 
 
 def _text(hidden: int, intermediate: int, vocab: int, tie: bool) -> TextConfig:
@@ -267,19 +279,21 @@ def _text(hidden: int, intermediate: int, vocab: int, tie: bool) -> TextConfig:
     )
 
 
+QWEN_AUDIO_PAD, QWEN_TIMESTAMP = 151676, 151705  # the released models' tokenizer: <|audio_pad|>, <timestamp>
+
 PRESETS: dict[str, ModelConfig] = {
     "asr-0.6b": ModelConfig(
         audio=AudioConfig(d_model=896, layers=18, heads=14, ffn_dim=3584, output_dim=1024),
-        text=_text(1024, 3072, 151936, True),
+        text=_text(1024, 3072, 151936, True), audio_token_id=QWEN_AUDIO_PAD,
     ),
     "asr-1.7b": ModelConfig(
         audio=AudioConfig(d_model=1024, layers=24, heads=16, ffn_dim=4096, output_dim=2048),
-        text=_text(2048, 6144, 151936, True),
+        text=_text(2048, 6144, 151936, True), audio_token_id=QWEN_AUDIO_PAD,
     ),
     "aligner-0.6b": ModelConfig(
         audio=AudioConfig(d_model=1024, layers=24, heads=16, ffn_dim=4096, output_dim=1024),
-        text=_text(1024, 3072, 152064, False),
-        num_labels=5000,
+        text=_text(1024, 3072, 152064, False), audio_token_id=QWEN_AUDIO_PAD,
+        num_labels=5000, timestamp_token_id=QWEN_TIMESTAMP,
     ),
     # Small enough to build, convert and run in a test in seconds; same structure (GQA, 8 s windows, 128 mels).
     "tiny": ModelConfig(
@@ -288,6 +302,7 @@ PRESETS: dict[str, ModelConfig] = {
             vocab_size=151936, hidden_size=48, intermediate_size=96, layers=2, heads=4, kv_heads=2, head_dim=16,
             tie_word_embeddings=True,
         ),
+        audio_token_id=QWEN_AUDIO_PAD,
     ),
 }
 

@@ -77,19 +77,26 @@ class Work:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeOptions:
-    """The search settings every piece of a pipeline shares."""
+    """The search settings every piece of a pipeline shares; its ids are the checkpoint tokenizer's
+    (:meth:`for_tokenizer`)."""
 
+    eos_ids: tuple[int, ...]
+    pad_id: int
     beam_size: int = 1
     length_penalty: float = 1.0
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     suppress_eos: bool = False
-    eos_ids: tuple[int, ...] = (151645, 151643)
     stop_loops: bool = False  # greedy search stops a piece caught in a loop (processors.LOOP_PERIOD, LOOP_REPEATS)
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, **options) -> "DecodeOptions":
+        """Options that stop at ``tokenizer``'s EOS ids and pad with its ``<|endoftext|>``."""
+        return cls(tuple(tokenizer.eos_ids), tokenizer.endoftext_id, **options)
 
     def config(self) -> S.SearchConfig:
         loops = P.LOOP_PERIOD if self.stop_loops and self.beam_size == 1 else 0
-        return S.SearchConfig(self.beam_size, self.repetition_penalty != 1.0, self.no_repeat_ngram_size,
+        return S.SearchConfig(self.pad_id, self.beam_size, self.repetition_penalty != 1.0, self.no_repeat_ngram_size,
                               loop_period=loops, loop_repeats=P.LOOP_REPEATS)
 
     def settings(self) -> S.SearchSettings:

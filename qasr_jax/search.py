@@ -36,7 +36,6 @@ import numpy as np
 
 from qasr_jax import hotwords as hw
 from qasr_jax import processors as P
-from qasr_jax.buckets import EOS_IDS, PAD_ID
 
 NEG = -1.0e9  # HF's "impossible" score, added (not assigned) so that orderings match transformers'
 
@@ -48,10 +47,10 @@ StepFn = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 class SearchConfig:
     """Static search settings (each distinct value compiles once); the numeric ones live in SearchSettings."""
 
+    pad_id: int  # the tokenizer's <|endoftext|>: fills tokens past each row's end
     beam_size: int = 1
     penalize_repetition: bool = False  # apply SearchSettings.repetition_penalty (off: no history is kept)
     no_repeat_ngram_size: int = 0
-    pad_id: int = PAD_ID
     hotword_edges: int = 0  # > 0: requests may carry hotword tries of up to this many edges (hotwords.edge_bucket)
     loop_period: int = 0  # > 0 (greedy only): stop a request whose output ends in a pattern of at most this many
     loop_repeats: int = 20  # tokens repeated this many times back to back (SearchResult.looped)
@@ -80,7 +79,7 @@ class SearchSettings:
     suppress_eos: jax.Array  # () bool: EOS scores -inf, so every request runs to its max_new_tokens
 
     @classmethod
-    def make(cls, eos_ids=EOS_IDS, length_penalty=1.0, repetition_penalty=1.0, early_stopping: bool | str = False,
+    def make(cls, eos_ids, length_penalty=1.0, repetition_penalty=1.0, early_stopping: bool | str = False,
              suppress_eos=False) -> "SearchSettings":
         """Settings from Python values (HF names and meanings); host arrays, so making them compiles nothing."""
         if early_stopping not in EARLY_STOPPING:
@@ -417,7 +416,7 @@ def result(rows: Rows, cfg: SearchConfig, z: SearchSettings) -> SearchResult:
 
 
 def search(step_fn: StepFn, logits: jax.Array, state, batch_axes, settings: SearchSettings, max_new_tokens, *,
-           out_len: int, cfg: SearchConfig = SearchConfig(), prompt_ids: jax.Array | None = None,
+           out_len: int, cfg: SearchConfig, prompt_ids: jax.Array | None = None,
            prompt_len: jax.Array | None = None, tries: hw.Trie | None = None) -> SearchResult:
     """Decode a batch to the end from its prompts' next-token logits (batch, V) and decoder state (one row per
     prompt; beam search widens it) with ``step_fn``; traceable, jit it.

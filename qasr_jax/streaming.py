@@ -192,7 +192,7 @@ class StreamDriver:
         if not segment_seconds > 0:
             raise ValueError(f"segment_seconds must be > 0, got {segment_seconds}")
         self.transcriber = transcriber
-        self.tokenizer = transcriber.tokenizer
+        tok = self.tokenizer = transcriber.tokenizer
         self.engine = transcriber.model.engine
         self.config = transcriber.model.config
         self.segment_seconds = float(segment_seconds)
@@ -200,9 +200,9 @@ class StreamDriver:
         self.max_len = stream_cache_length(segment_seconds, context_tokens, self.out_len, self.config.audio)
         # Streams may carry hotword tries of up to this many edges (0: none; a biased step costs a little more).
         self.hotword_edges = hw.edge_bucket(hotword_edges) if hotword_edges > 0 else 0
+        cfg = S.SearchConfig(tok.endoftext_id, hotword_edges=self.hotword_edges)
         self.batcher = SlotBatcher(self.engine, slot_count(slots, 1, self.engine.data_size), self.max_len,
-                                   self.out_len, S.SearchConfig(hotword_edges=self.hotword_edges),
-                                   S.SearchSettings.make(self.tokenizer.eos_ids))
+                                   self.out_len, cfg, S.SearchSettings.make(tok.eos_ids))
         self._lock = threading.RLock()
         self._abandoned: collections.deque[_State] = collections.deque()
         self._made = 0

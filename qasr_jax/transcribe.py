@@ -255,8 +255,9 @@ class Transcriber:
         if return_timestamps:  # the aligner takes pieces of at most ALIGN_PIECE_SECONDS, as the official toolkit
             max_audio_seconds = min(max_audio_seconds, ALIGN_PIECE_SECONDS)
 
-        options = DecodeOptions(beam_size, length_penalty, repetition_penalty, no_repeat_ngram_size, suppress_eos,
-                                tuple(self.tokenizer.eos_ids), stop_loops)
+        options = DecodeOptions.for_tokenizer(
+            self.tokenizer, beam_size=beam_size, length_penalty=length_penalty, repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size, suppress_eos=suppress_eos, stop_loops=stop_loops)
         stages = [options] if fallback is None else fallback.stages(options)
         pipes = [Pipeline(self.model, self.tokenizer, o, batch_size) for o in stages]
         results = [Result(_source_name(x, i)) for i, x in enumerate(inputs)]

@@ -15,7 +15,7 @@ from qasr_jax import search as S
 from qasr_jax.compiles import count_compilations
 from qasr_jax.transcribe import Transcriber
 from qasr_jax.testing import speech
-from test_search import CHAIN_AXES, EOS, FIRST, A, B, C, D, E, _chain_state, _chain_step, path_logprob
+from test_search import CHAIN_AXES, EOS, FIRST, PAD, A, B, C, D, E, _chain_state, _chain_step, path_logprob
 from qasr_jax.testing.tokenizer_files import with_tokenizer
 
 LETTERS = {"A": A, "B": B, "C": C, "D": D, "E": E}
@@ -30,7 +30,7 @@ def encode(word: str) -> list[int]:
 @functools.lru_cache(maxsize=None)
 def _run(beam_size: int, out_len: int, edges: int):
     def run(logits, state, z, max_new, tries):
-        cfg = S.SearchConfig(beam_size=beam_size, hotword_edges=edges)
+        cfg = S.SearchConfig(PAD, beam_size=beam_size, hotword_edges=edges)
         return S.search(_chain_step, logits, state, CHAIN_AXES, z, max_new, out_len=out_len, cfg=cfg, tries=tries)
 
     return jax.jit(run)

@@ -21,7 +21,7 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 import qasr_jax
 from qasr_jax import search as S
 from qasr_jax.audio import log_mel_batch
-from qasr_jax.buckets import EOS_IDS, PAD_ID, cache_length
+from qasr_jax.buckets import cache_length
 from qasr_jax.compiles import count_compilations
 from qasr_jax.engine import CACHE_AXES
 from qasr_jax.model import KVCache
@@ -34,6 +34,7 @@ from test_parity import PREFIX, SUFFIX, reference_inputs
 # ----------------------------------------------------------------------------------------------------------------
 
 EOS, A, B, C, D, E = range(6)
+PAD = EOS  # the chains' pad id, as <|endoftext|> is both
 _T = 1e-6  # "never" (kept finite so that sums stay comparable)
 CHAINS = {
     # Greedy takes A (0.5) then a flat continuation; beams find B (0.4) then C (0.9). After C: EOS 0.5 or D 0.45,
@@ -90,7 +91,7 @@ def _chain_state(chains: list[str]) -> dict:
 def _chain_search(beam_size: int, out_len: int):
     def run(logits, state, z, max_new):
         return S.search(_chain_step, logits, state, CHAIN_AXES, z, max_new, out_len=out_len,
-                        cfg=S.SearchConfig(beam_size=beam_size))
+                        cfg=S.SearchConfig(PAD, beam_size=beam_size))
 
     return jax.jit(run)
 
@@ -120,7 +121,7 @@ def test_scripted_greedy_is_misled_and_beams_are_not():
     assert hyp(g) == [A, B, C] and g.finished[0] and g.steps == 4
     np.testing.assert_allclose(g.scores[0], path_logprob("misleading", [A, B, C, EOS]) / 4, rtol=1e-6)
     # Padding past the length, and max_new_tokens = 0.
-    assert (g.tokens[0, 3:] == PAD_ID).all()
+    assert (g.tokens[0, 3:] == PAD).all()
     z = scripted(["misleading"], 0, beam_size=2)
     assert z.lengths[0] == 0 and z.steps == 0
     # The core cuts max_new_tokens to its static buffer (generate raises instead, see below).
@@ -170,7 +171,7 @@ def test_scripted_suppress_eos_and_one_beam():
     assert (g.tokens[:, :6] != EOS).all()
     # With nothing ending early, one beam takes the argmax every step, as greedy does.
     z = S.SearchSettings.make(eos_ids=(EOS,), suppress_eos=True)
-    cfg = S.SearchConfig(beam_size=1)
+    cfg = S.SearchConfig(PAD, beam_size=1)
 
     def one_beam(logits, state):
         rows = S.start(S._beam_init(cfg, 2, 8, 6, 0), jnp.arange(2), jnp.full((2,), 6), cfg)
@@ -179,7 +180,7 @@ def test_scripted_suppress_eos_and_one_beam():
         return S.result(rows, cfg, z)
 
     one = jax.jit(one_beam)(jnp.asarray(FIRST), _chain_state(["misleading", "eos-first"]))
-    assert isinstance(S.init_rows(S.SearchConfig(beam_size=2), 1, 8, 6), S.BeamRows)
+    assert isinstance(S.init_rows(S.SearchConfig(PAD, beam_size=2), 1, 8, 6), S.BeamRows)
     np.testing.assert_array_equal(one.tokens, g.tokens)
 
 
@@ -205,7 +206,7 @@ N = 8
 
 
 @pytest.fixture(scope="module")
-def tiny(checkpoints, tmp_path_factory):
+def tiny(checkpoints, tok, tmp_path_factory):
     ck = checkpoints("asr")
     ref = copy.deepcopy(ck.torch_model)
     with torch.no_grad():
@@ -215,33 +216,35 @@ def tiny(checkpoints, tmp_path_factory):
     feats, n_frames = log_mel_batch(waves)
     audio, n_tok = model.encode_batch(jnp.asarray(feats), jnp.asarray(n_frames))
     prompts = [PREFIX + [151676] * int(n) + SUFFIX for n in n_tok]
-    ids = np.full((len(waves), WIDTH), PAD_ID, np.int32)
+    ids = np.full((len(waves), WIDTH), tok.endoftext_id, np.int32)
     mask = np.zeros((len(waves), WIDTH), bool)
     for i, p in enumerate(prompts):
         ids[i, : len(p)], mask[i, : len(p)] = p, True
     embeds = model.embed(jnp.asarray(ids), audio)
-    return SimpleNamespace(ref=ref, model=model, waves=waves, prompts=prompts, ids=ids, mask=mask, embeds=embeds)
+    return SimpleNamespace(ref=ref, model=model, waves=waves, prompts=prompts, ids=ids, mask=mask, embeds=embeds,
+                           eos=tok.eos_ids, pad=tok.endoftext_id)
 
 
 def ours(tiny, rows=None, max_new_tokens=N, beam_size=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
          with_prompt=False, max_len=None, **settings):
     """The engine's one-call generate on the padded batch (or some rows of it) -> token lists, and the result."""
     rows = list(range(len(tiny.waves))) if rows is None else rows
-    cfg = S.SearchConfig(beam_size, repetition_penalty != 1.0, no_repeat_ngram_size)
-    z = S.SearchSettings.make(repetition_penalty=repetition_penalty, **settings)
+    cfg = S.SearchConfig(tiny.pad, beam_size, repetition_penalty != 1.0, no_repeat_ngram_size)
+    z = S.SearchSettings.make(settings.pop("eos_ids", tiny.eos), repetition_penalty=repetition_penalty, **settings)
     r = jax.device_get(tiny.model.engine.generate(
         tiny.embeds[np.asarray(rows)], tiny.mask[rows].sum(1), np.full(len(rows), max_new_tokens), z, cfg,
         max_len or cache_length(WIDTH, max_new_tokens), tiny.ids[rows] if with_prompt else None))
     return [r.tokens[i, : r.lengths[i]].tolist() for i in range(len(rows))], r
 
 
-def theirs(tiny, row: int, eos=EOS_IDS, **kw) -> tuple[list[int], float | None]:
+def theirs(tiny, row: int, eos=None, **kw) -> tuple[list[int], float | None]:
     """transformers' generate on one row alone -> (ids before the first EOS, sequences_scores or None)."""
+    eos = tiny.eos if eos is None else eos
     feats, fmask = reference_inputs(tiny.waves[row])
     ids = torch.tensor([tiny.prompts[row]])
     out = tiny.ref.generate(
         input_ids=ids, input_features=feats, input_features_mask=fmask, attention_mask=torch.ones_like(ids),
-        do_sample=False, max_new_tokens=kw.pop("max_new_tokens", N), eos_token_id=list(eos), pad_token_id=PAD_ID,
+        do_sample=False, max_new_tokens=kw.pop("max_new_tokens", N), eos_token_id=list(eos), pad_token_id=tiny.pad,
         return_dict_in_generate=True, output_scores=True, **kw,
     )
     new = out.sequences[0, ids.shape[1]:].tolist()
@@ -368,19 +371,19 @@ def thue_morse(n: int) -> list[int]:
 def test_loop_guard_stops_a_looping_row_and_no_other():
     """A row looping a 3-token pattern stops once the pattern has been written ``loop_repeats`` times (15 tokens),
     marked looped and not finished; a row beside it that never repeats runs on; with the guard off both run on."""
-    cfg = S.SearchConfig(loop_period=4, loop_repeats=5)
+    cfg = S.SearchConfig(PAD, loop_period=4, loop_repeats=5)
     seqs = [[A, B, C] * 20, thue_morse(40)]
     r = forced(seqs, cfg, vocab=6, max_new=48)
     assert hyp(r, 0) == [A, B, C] * 5 and r.looped[0] and not r.finished[0] and r.steps[0] == 15
     assert hyp(r, 1) == thue_morse(40) and r.finished[1] and not r.looped[1]
-    off = forced(seqs, S.SearchConfig(), vocab=6, max_new=48)
+    off = forced(seqs, S.SearchConfig(PAD), vocab=6, max_new=48)
     assert hyp(off, 0) == [A, B, C] * 16 and not off.looped.any()
     # A period longer than loop_period is not a loop the guard looks for; one token repeated is (period 1).
     longer = forced([[A, B, C, D, E] * 8, [D] * 30], cfg, vocab=6, max_new=48)
     assert hyp(longer, 0) == [A, B, C, D, E] * 8 and not longer.looped[0]
     assert hyp(longer, 1) == [D] * 5 and longer.looped[1]
     with pytest.raises(ValueError, match="greedy search only"):
-        S.SearchConfig(beam_size=2, loop_period=4)
+        S.SearchConfig(PAD, beam_size=2, loop_period=4)
 
 
 @pytest.mark.parametrize("name", ["prose_en.txt", "prose_zh.txt"])
@@ -394,7 +397,7 @@ def test_loop_guard_defaults_never_fire_on_prose(tok, name):
 
     with open(os.path.join(DATA, name), encoding="utf-8") as f:
         ids = tok.encode(f.read())
-    cfg = S.SearchConfig(loop_period=P.LOOP_PERIOD, loop_repeats=P.LOOP_REPEATS)
+    cfg = S.SearchConfig(tok.endoftext_id, loop_period=P.LOOP_PERIOD, loop_repeats=P.LOOP_REPEATS)
     loop = tok.encode("So I think" + " I think" * 40)
     r = forced([ids, loop], cfg, vocab=152064, max_new=len(ids) + 8, eos=tok.eos_ids[0])
     assert hyp(r, 0) == ids and r.finished[0] and not r.looped[0]

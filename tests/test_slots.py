@@ -24,6 +24,7 @@ from qasr_jax.testing.tokenizer_files import with_tokenizer
 from qasr_jax.transcribe import Transcriber
 from test_parity import PREFIX, SUFFIX, reference_inputs
 
+EOS_IDS, PAD = (151645, 151643), 151643  # the tiny checkpoint's (Qwen) <|im_end|>, <|endoftext|>
 MAX_NEW = [4, 96, 9, 33, 70, 5, 12, 50, 7, 88, 16, 24]  # per request: 12 requests, 3x the 4 request slots
 SECONDS = [0.6, 3.1, 1.2, 2.2, 0.9, 4.0, 1.7, 2.8, 0.7, 3.5, 1.4, 2.5]
 
@@ -75,8 +76,8 @@ def test_requests_in_slots_equal_each_request_alone(tiny, beams, guard):
     """Three times as many requests as slots, audio of 0.6-4 s, max_new_tokens 4 to 96: every request's ids equal
     the request decoded alone and its log-probabilities agree; fewer decode steps than fixed batches of 4."""
     model, _, _, _, batch = tiny
-    cfg = S.SearchConfig(beam_size=beams, no_repeat_ngram_size=guard)
-    probe = alone(model, batch, 3, 40, S.SearchConfig(), S.SearchSettings.make())
+    cfg = S.SearchConfig(PAD, beam_size=beams, no_repeat_ngram_size=guard)
+    probe = alone(model, batch, 3, 40, S.SearchConfig(PAD), S.SearchSettings.make(EOS_IDS))
     # An EOS id the model emits early for some requests and not others: slots then free at different times.
     z = S.SearchSettings.make(eos_ids=(int(probe.tokens[0, 5]), 151645), length_penalty=0.7)
     outs, steps = run_slots(model, batch, cfg, z)
@@ -99,7 +100,7 @@ def test_requests_in_slots_equal_each_request_alone(tiny, beams, guard):
 
 def test_joining_and_leaving_compiles_nothing(tiny):
     model, _, _, _, batch = tiny
-    cfg, z = S.SearchConfig(), S.SearchSettings.make()
+    cfg, z = S.SearchConfig(PAD), S.SearchSettings.make(EOS_IDS)
     run_slots(model, batch, cfg, z)
     with count_compilations() as compiled:
         outs, _ = run_slots(model, batch, cfg, z, order=list(reversed(range(len(MAX_NEW)))))
@@ -110,7 +111,7 @@ def test_held_slot_extends_its_kept_prefix(tiny):
     """A held slot keeps a prefix of its cache between requests: the prompt's first part, then the rest inserted
     on top of it, decodes exactly as the whole prompt inserted at once."""
     model, _, _, prompts, batch = tiny
-    cfg, z = S.SearchConfig(), S.SearchSettings.make()
+    cfg, z = S.SearchConfig(PAD), S.SearchSettings.make(EOS_IDS)
     row, cut = 2, 20
     width = batch.embeds.shape[1]
     out_len = 16
@@ -137,7 +138,7 @@ def test_token_logprobs_are_the_reference_log_softmax(tiny):
     """Greedy: each generated token's log-probability equals log_softmax of transformers' logits at that step."""
     model, ref, waves, prompts, batch = tiny
     row, new = 4, 12
-    got = alone(model, batch, row, new, S.SearchConfig(), S.SearchSettings.make())
+    got = alone(model, batch, row, new, S.SearchConfig(PAD), S.SearchSettings.make(EOS_IDS))
     new = int(got.lengths[0])
     assert new >= 6
     tokens = got.tokens[0, :new].tolist()
@@ -156,7 +157,7 @@ def test_partial_tokens_grow_into_the_result_and_cancel_frees_the_slot(tiny):
     """``partial`` gives each decoding request's tokens so far (a prefix of what it ends with); ``cancel`` of a
     decoding and of a queued request takes them out, and the others still decode as if alone."""
     model, _, _, _, batch = tiny
-    cfg, z = S.SearchConfig(), S.SearchSettings.make()
+    cfg, z = S.SearchConfig(PAD), S.SearchSettings.make(EOS_IDS)
     out_len = max(MAX_NEW)
     slots = SlotBatcher(model.engine, 2, cache_length(batch.embeds.shape[1], out_len), out_len, cfg, z)
     reqs = {row: Request(batch, row, MAX_NEW[row], tag=row) for row in (1, 9, 3, 7)}  # 96, 88, 33, 50 tokens
@@ -182,7 +183,7 @@ def test_freed_slots_wait_for_a_wave_and_outputs_do_not_change(tiny):
     """With ``refill=2``, one freed slot stays empty (its queued request waits) until a second is free, then both
     are filled by one insert; every request still decodes exactly as if alone."""
     model, _, _, _, batch = tiny
-    cfg, z = S.SearchConfig(), S.SearchSettings.make(suppress_eos=True)
+    cfg, z = S.SearchConfig(PAD), S.SearchSettings.make(EOS_IDS, suppress_eos=True)
     out_len = max(MAX_NEW)
     slots = SlotBatcher(model.engine, 4, cache_length(batch.embeds.shape[1], out_len), out_len, cfg, z, refill=2)
     for row in range(8):
@@ -207,7 +208,7 @@ def test_offline_pipeline_decodes_a_mixed_batch_as_one(checkpoints, tmp_path_fac
     asr = Transcriber.from_pretrained(with_tokenizer(checkpoints("asr").official, tmp_path_factory, "official"))
     waves = [synthetic(s, i) for i, s in enumerate([6.0, 1.0, 5.0, 0.8])]
     budgets = [100, 10, 100, 10]
-    options = DecodeOptions(suppress_eos=True, eos_ids=tuple(asr.tokenizer.eos_ids))
+    options = DecodeOptions.for_tokenizer(asr.tokenizer, suppress_eos=True)
     pipe = Pipeline(asr.model, asr.tokenizer, options, batch_size=4)
     works = [Work(i, w, None, "", b) for i, (w, b) in enumerate(zip(waves, budgets))]
     for work in works:

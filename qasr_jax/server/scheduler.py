@@ -126,7 +126,7 @@ class Scheduler:
     # -- the engine thread ------------------------------------------------------------------------------------------
     def _pipe(self, beam_size: int) -> Pipeline:
         if beam_size not in self.pipes:
-            options = DecodeOptions(beam_size, eos_ids=tuple(self.asr.tokenizer.eos_ids))
+            options = DecodeOptions.for_tokenizer(self.asr.tokenizer, beam_size=beam_size)
             self.pipes[beam_size] = Pipeline(self.asr.model, self.asr.tokenizer, options, self.max_slots,
                                              self.kv_bytes, side_by_side=True)
         return self.pipes[beam_size]

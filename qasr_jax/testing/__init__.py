@@ -15,7 +15,7 @@ import os
 import numpy as np
 import soundfile as sf
 
-from qasr_jax.config import ModelConfig, preset
+from qasr_jax.config import QWEN_TIMESTAMP, ModelConfig, preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout (editable install)
 DATA = os.path.join(ROOT, "tests", "data")
@@ -30,7 +30,7 @@ def tiny_variant(kind: str) -> ModelConfig:
         return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, tie_word_embeddings=False))
     if kind == "aligner":
         text = dataclasses.replace(cfg.text, tie_word_embeddings=False, vocab_size=152064)
-        return dataclasses.replace(cfg, text=text, num_labels=5000)
+        return dataclasses.replace(cfg, text=text, num_labels=5000, timestamp_token_id=QWEN_TIMESTAMP)
     raise ValueError(kind)
 
 

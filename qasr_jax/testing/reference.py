@@ -30,12 +30,15 @@ HF_TO_OFFICIAL = (
 )
 
 
-def hf_config(cfg: ModelConfig) -> Qwen3ASRConfig:
-    """The transformers config for a qasr_jax ModelConfig."""
+def hf_config(cfg: ModelConfig, tok=None) -> Qwen3ASRConfig:
+    """The transformers config for a qasr_jax ModelConfig; generation stops at ``tok``'s ``<|endoftext|>`` and
+    ``<|im_end|>`` and pads with ``<|im_end|>`` (None: transformers' defaults, the Qwen tokenizer's ids)."""
     a, t = cfg.audio, cfg.text
     extra = {}
     if cfg.is_aligner:
-        extra = {"num_labels": cfg.num_labels}
+        extra = {"num_labels": cfg.num_labels, "timestamp_token_id": cfg.timestamp_token_id}
+    if tok is not None:
+        extra.update(eos_token_id=[tok.endoftext_id, tok.im_end_id], pad_token_id=tok.im_end_id)
     return Qwen3ASRConfig(
         audio_config=dict(
             d_model=a.d_model, encoder_layers=a.layers, encoder_attention_heads=a.heads, encoder_ffn_dim=a.ffn_dim,
@@ -50,6 +53,7 @@ def hf_config(cfg: ModelConfig) -> Qwen3ASRConfig:
             max_position_embeddings=t.max_position_embeddings,
         ),
         tie_word_embeddings=t.tie_word_embeddings and not cfg.is_aligner,
+        audio_token_id=cfg.audio_token_id,
         **extra,
     )
 
@@ -85,10 +89,10 @@ def official_config(cfg: ModelConfig) -> dict:
     return out
 
 
-def build_reference(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
-    """A float32 reference model with random weights that make every parameter matter."""
+def build_reference(cfg: ModelConfig, seed: int = 0, tok=None) -> torch.nn.Module:
+    """A float32 reference model with random weights that make every parameter matter (``tok``: see hf_config)."""
     cls = Qwen3ASRForTokenClassification if cfg.is_aligner else Qwen3ASRForConditionalGeneration
-    model = cls(hf_config(cfg)).eval()
+    model = cls(hf_config(cfg, tok)).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
