@@ -150,7 +150,7 @@ def train(out: str, corpus: str, steps: int, batch_size: int, eval_every: int, s
     ``eval_every`` steps); export bfloat16 ``out``/tiny-en/model-hf and model -> their paths."""
     import qasr_jax
     from qasr_jax.data import Augment, read_manifest
-    from qasr_jax.finetune import export, finetune
+    from qasr_jax.finetune import finetune
     from qasr_jax.tokenizer import Tokenizer
     from qasr_jax.training import TrainConfig
 
@@ -168,12 +168,26 @@ def train(out: str, corpus: str, steps: int, batch_size: int, eval_every: int, s
                               eval_batch_size=32, save_every=max(steps // 5, 1), keep=1, progress=True,
                               augment=Augment(spec_augment=True, token_noise=0.15),
                               resume=os.path.isdir(os.path.join(run, "checkpoints")))
-    target = os.path.join(out, SHORT_NAME)
-    paths = export(trainer, state, target, copy_from=init, dtype="bfloat16")
+    return export_tiny(trainer.params(state), model.config, os.path.join(out, SHORT_NAME), corpus)
+
+
+def export_tiny(params, cfg: ModelConfig, target: str, corpus: str) -> list[str]:
+    """Both layouts in bfloat16 with their own tokenizer files (the official one vocab.json + merges.txt), the
+    word list and the training texts' hashes -> the checkpoint folders."""
+    from qasr_jax.convert.export import export_checkpoint
+    from qasr_jax.finetune import EXPORTS, check_finite
+    from qasr_jax.testing.tokenizer_files import write_small_tokenizer
+
+    check_finite(params, "the trained weights")
+    paths = []
+    for layout, folder in EXPORTS.items():
+        tok_dir = write_small_tokenizer(os.path.join(target, folder), layout)
+        paths.append(export_checkpoint(params, cfg, str(tok_dir), layout, "bfloat16", copy_from=str(tok_dir)))
     with open(os.path.join(target, "vocabulary.txt"), "w") as f:
         f.write("\n".join(WORDS) + "\n")
-    if os.path.exists(os.path.join(corpus, "train_text_hashes.txt")):
-        shutil.copy(os.path.join(corpus, "train_text_hashes.txt"), target)
+    hashes = os.path.join(corpus, "train_text_hashes.txt")
+    if os.path.exists(hashes):
+        shutil.copy(hashes, target)
     return paths
 
 

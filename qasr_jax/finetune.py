@@ -187,7 +187,7 @@ def finetune(model, tokenizer: Tokenizer, train: Sequence[Example], output: str,
     return trainer, state
 
 
-def export(trainer: Trainer, state: TrainState, output: str, copy_from: str | None,
+def export(trainer: Trainer, state: TrainState, output: str, copy_from: str,
            layouts: Sequence[str] = ("hf", "official"), dtype: str = "float32") -> list[str]:
     """Write the trained model into ``output``/model-hf and ``output``/model (official) -> their paths."""
     from qasr_jax.convert.export import export_checkpoint

@@ -85,7 +85,7 @@ def reference(ck, folder: str, batch: list[dict]) -> tuple[float, dict[str, np.n
         labels.append([-100] * len(prefix) + target)
     width = max(map(len, ids))
     pad = lambda x, v: x + [v] * (width - len(x))  # noqa: E731
-    input_ids = torch.tensor([pad(x, 151643) for x in ids])
+    input_ids = torch.tensor([pad(x, tok.pad_token_id) for x in ids])  # <|endoftext|> of this checkpoint
     mask = torch.tensor([pad([1] * len(x), 0) for x in ids])
     model = ck.torch_model
     model.zero_grad()
