@@ -186,7 +186,7 @@ def _transcribe(args: argparse.Namespace) -> int:
     if not files:  # everything done already, or more processes than inputs
         return 0
     words = read_hotwords(args.hotwords, args.hotwords_file)
-    path = check_model_args(args.model, args.language, args.context, words)
+    path = check_model_args(args.model, args.language, args.context)
     asr = Transcriber.from_pretrained(path, dtype=args.dtype, aligner=args.aligner,
                                       mesh=mesh_arg(args.mesh), sharding=args.sharding, quantize=args.quantize,
                                       layers=args.layers)
@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("transcribe", help="transcribe audio files (wav, flac, ogg, mp3; others through ffmpeg)")
     tr.add_argument("files", nargs="+", help="audio files, folders of them, or manifests (.txt/.lst, a path a line)")
-    tr.add_argument("--model", default="Qwen/Qwen3-ASR-0.6B", help="checkpoint folder, hub id, or tiny-en (the bundled model)")
+    tr.add_argument("--model", default="Qwen/Qwen3-ASR-0.6B",
+                    help="checkpoint folder, hub id, or tiny-en (the bundled model)")
     tr.add_argument("--language", default=None, help="force a language (name or ISO code); default: detect")
     tr.add_argument("--context", default="", help="context text: names, hotwords, domain terms")
     add_hotword_flags(tr)

@@ -48,7 +48,8 @@ def add_command(sub) -> None:
                         f"{TOP - 1} languages, tab-separated, one line a file; a top probability under {UNCERTAIN} "
                         "means the model hesitates (code-switched speech, a clip too short, or no speech).")
     dl.add_argument("files", nargs="+", help="audio files, folders of them, or manifests (.txt/.lst, a path a line)")
-    dl.add_argument("--model", default="Qwen/Qwen3-ASR-0.6B", help="checkpoint folder, hub id, or tiny-en (the bundled model)")
+    dl.add_argument("--model", default="Qwen/Qwen3-ASR-0.6B",
+                    help="checkpoint folder, hub id, or tiny-en (the bundled model)")
     dl.add_argument("--context", default="", help="context text, as for transcribe")
     dl.add_argument("--max-seconds", type=float, default=MAX_SECONDS,
                     help=f"audio read from the start of each file (default {MAX_SECONDS:g})")

@@ -54,15 +54,14 @@ def read_hotwords(inline: str | None, path: str | None) -> list[str]:
     return list(dict.fromkeys(w for w in words if w))
 
 
-def check_model_args(model: str, language: str | None = None, context: str = "", hotwords=()) -> str:
-    """Resolve ``--model`` and check it, ``--language`` and ``--context`` (with the hotwords) before the weights
-    load -> the checkpoint folder; a ValueError names each bad flag."""
+def check_model_args(model: str, language: str | None = None, context: str = "") -> str:
+    """Resolve ``--model`` and check it, ``--language`` and ``--context`` before the weights load -> the checkpoint
+    folder; a ValueError names each bad flag."""
     import json
     import os
 
     from qasr_jax.config import ModelConfig, load_config
     from qasr_jax.convert.orbax_io import CONFIG_FILE, is_orbax_export
-    from qasr_jax.hotwords import with_context
     from qasr_jax.hub import resolve_model_path
     from qasr_jax.prompts import context_problem, normalize_language, supported_languages
     from qasr_jax.tokenizer import Tokenizer
@@ -82,8 +81,7 @@ def check_model_args(model: str, language: str | None = None, context: str = "",
             normalize_language(language, supported_languages(cfg.support_languages))
         except ValueError as e:
             problems.append(f"--language: {e}")
-    flag = "--context with --hotwords" if hotwords else "--context"
-    problem = context_problem(Tokenizer.from_dir(path), with_context(context or "", hotwords), flag)
+    problem = context_problem(Tokenizer.from_dir(path), context or "", "--context")
     if problem:
         problems.append(problem)
     if problems:

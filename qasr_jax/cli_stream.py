@@ -34,7 +34,8 @@ def add_command(sub) -> None:
     st.add_argument("--language", default=None, help="force a language (name or ISO code); default: detect")
     st.add_argument("--context", default="", help="context text: names, hotwords, domain terms")
     st.add_argument("--chunk-seconds", type=float, default=2.0, help="audio decoded at a time (default 2.0)")
-    st.add_argument("--unfixed-chunks", type=int, default=2, help="first chunks decoded without a text prefix")
+    st.add_argument("--unfixed-chunks", type=int, default=None,
+                    help="first chunks decoded without a text prefix (default: 2, and at least 4 s of audio)")
     st.add_argument("--unfixed-tokens", type=int, default=5, help="tokens of the last output each chunk rewrites")
     st.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per chunk at most (default 32)")
     st.add_argument("--segment-seconds", type=float, default=None,
@@ -58,7 +59,7 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, value, least in (("--unfixed-chunks", args.unfixed_chunks, 0),
                                ("--unfixed-tokens", args.unfixed_tokens, 0),
                                ("--max-new-tokens", args.max_new_tokens, 1)):
-        if value < least:
+        if value is not None and value < least:
             problems.append(f"{flag} must be >= {least}, got {value}")
     from qasr_jax.cli_options import hotword_problems
 
@@ -200,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
 
     words = read_hotwords(args.hotwords, args.hotwords_file)
     boost = hw.DEFAULT_BOOST if args.hotword_boost is None else args.hotword_boost
-    path = check_model_args(args.model, args.language, args.context, words)
+    path = check_model_args(args.model, args.language, args.context)
     asr = Transcriber.from_pretrained(path, dtype=args.dtype, quantize=args.quantize, layers=args.layers)
     options = {} if args.segment_seconds is None else {"segment_seconds": args.segment_seconds}
     edges = hw.edges_of(hw.request(words, asr.tokenizer.encode, boost))

@@ -85,7 +85,8 @@ def add_commands(sub) -> None:
                         "...\", \"prompt\": \"optional context\"}; audio paths are relative to the manifest.")
     ft.add_argument("--train", required=True, help="training manifest (JSONL)")
     ft.add_argument("--eval", default=None, help="evaluation manifest (JSONL): WER every --eval-every steps")
-    ft.add_argument("--model", default="Qwen/Qwen3-ASR-0.6B", help="checkpoint folder, hub id, or tiny-en (the bundled model) to start from")
+    ft.add_argument("--model", default="Qwen/Qwen3-ASR-0.6B",
+                    help="checkpoint folder, hub id, or tiny-en (the bundled model) to start from")
     ft.add_argument("--output", required=True, help="run folder: checkpoints, metrics.jsonl, model-hf/, model/")
     length = ft.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=None, help="optimizer steps")
@@ -120,7 +121,8 @@ def add_commands(sub) -> None:
 
     ev = sub.add_parser("evaluate", help="WER (and CER for zh/ja/ko/yue) of a model on a JSONL manifest")
     ev.add_argument("manifest", help="JSONL manifest: audio paths relative to it, text 'language X<asr_text>...'")
-    ev.add_argument("--model", default="Qwen/Qwen3-ASR-0.6B", help="checkpoint folder, hub id, or tiny-en (the bundled model)")
+    ev.add_argument("--model", default="Qwen/Qwen3-ASR-0.6B",
+                    help="checkpoint folder, hub id, or tiny-en (the bundled model)")
     ev.add_argument("--output-format", default="txt", choices=["txt", "json"],
                     help="json: one object with wer, cer, n, per_language (fractions)")
     ev.add_argument("--batch-size", type=int, default=8)

@@ -46,7 +46,8 @@ from qasr_jax.prompts import normalize_language, parse_output
 from qasr_jax.results import Result, Segment, join_texts, majority_language
 from qasr_jax.slots import Prompts, Request, SlotBatcher
 from qasr_jax.stream_audio import StreamAudio, refresh
-from qasr_jax.stream_prompts import CARRY_TOKENS, generated_text, prompt_parts, rollback_prefix, segment_context
+from qasr_jax.stream_prompts import (CARRY_TOKENS, generated_text, prompt_parts, rollback_prefix, segment_context,
+                                     unfixed_chunks_for)
 
 DEFAULT_SEGMENT_SECONDS = 20.0
 QUIET_SECONDS = 0.3  # a pause: the segment's last 0.3 s ...
@@ -218,16 +219,16 @@ class StreamDriver:
             return len(self.batcher.free)
 
     # -- streams join and leave -----------------------------------------------------------------------------------
-    def stream(self, language=None, context: str = "", chunk_seconds: float = 2.0, unfixed_chunks: int = 2,
-               unfixed_tokens: int = 5, max_new_tokens: int = 32, hotwords=None,
-               hotword_boost: float = hw.DEFAULT_BOOST, hotwords_in_context: bool = True) -> Stream:
-        """A new stream in a free slot (the official algorithm's parameters and defaults; see the module doc).
-
-        ``hotwords`` (words and names) bias its decoding by ``hotword_boost`` per matched token and, unless
-        ``hotwords_in_context=False``, join its context, as in ``Transcriber.transcribe``; the driver must have
+    def stream(self, language=None, context: str = "", chunk_seconds: float = 2.0,
+               unfixed_chunks: int | None = None, unfixed_tokens: int = 5, max_new_tokens: int = 32, hotwords=None,
+               hotword_boost: float = hw.DEFAULT_BOOST, hotwords_in_context: bool = False) -> Stream:
+        """A new stream in a free slot (the official algorithm's parameters and defaults, ``unfixed_chunks`` by default
+        at least 4 s of audio; see the module doc). ``hotwords`` (words and names) bias its decoding by
+        ``hotword_boost`` per matched token and, with ``hotwords_in_context=True``, join its context, as in ``Transcriber.transcribe``; the driver must have
         been made with room for their trie (``hotword_edges``; ``Transcriber.stream`` sizes it itself)."""
         if not chunk_seconds > 0:
             raise ValueError(f"chunk_seconds must be > 0, got {chunk_seconds}")
+        unfixed_chunks = unfixed_chunks_for(chunk_seconds) if unfixed_chunks is None else unfixed_chunks
         if unfixed_chunks < 0 or unfixed_tokens < 0:
             raise ValueError(f"unfixed_chunks and unfixed_tokens must be >= 0, got {unfixed_chunks} and "
                              f"{unfixed_tokens}")

@@ -223,9 +223,6 @@ def test_flags_checked_against_the_model_name_the_flag_before_it_loads(asr_dir, 
     for command in ("transcribe", "stream"):
         code, _, err = run_main([command, wav, "--model", model, "--context", " ".join(words)], capsys)
         assert code == 2 and "--context is 10,001 tokens, over the limit of 10,000" in err, err
-    code, _, err = run_main(["stream", wav, "--model", model, "--context", " ".join(words[:9_999]),
-                             "--hotwords", "Qwen,Pallas"], capsys)
-    assert code == 2 and "--context with --hotwords is" in err and "over the limit of 10,000" in err
     a_file = tmp_path / "notes.txt"
     a_file.write_text("not a folder")
     code, _, err = run_main(["transcribe", wav, "--model", str(tmp_path / "nowhere"), "--output-dir",

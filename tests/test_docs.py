@@ -37,6 +37,7 @@ def workdir(checkpoints, tmp_path_factory):
         write_tokenizer(folder, "official")
         models[name] = folder
     models["path/to/Qwen3-ASR-0.6B"] = models["Qwen/Qwen3-ASR-0.6B"]
+    models["tests/data/"] = DATA + os.sep  # the bundled model's clips, named from the checkout's root
     shutil.copy(os.path.join(DATA, "hello_en.wav"), root / "speech.wav")
     shutil.copy(os.path.join(DATA, "zh.wav"), root / "a.wav")
     wave, rate = sf.read(os.path.join(DATA, "long_en.wav"))

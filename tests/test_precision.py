@@ -2,8 +2,9 @@
 greedy ids and compile counts on the tiny random-weight models.
 
 Tolerances (max |x - float32| / max |float32 logits|): bfloat16 2e-2 (as against the reference in test_parity);
-int8 5e-2 on these tiny models, whose 48-wide hidden states make one scale per token coarse (measured 2.1-3.9e-2);
-on the random ASR-0.6B the slow test measures the int8 noise floor (5.6-7.2%; issue 15's 2% is blocked by it).
+int8 5e-2 on these tiny models, whose 48-wide hidden states make one scale per token coarse (measured 2.1-3.9e-2).
+What users see is judged on the trained tiny-en model instead (tests/test_tiny_model.py: bfloat16 and int8 word
+error rates within a point of float32), which replaced the random ASR-0.6B's logit noise floor (5.6-7.2%).
 """
 
 from __future__ import annotations
@@ -222,36 +223,3 @@ def test_cli_quantize_flag_gives_the_int8_transcript(transcribers, asr_dir, caps
 def test_quantize_needs_one_device(checkpoints):
     with pytest.raises(ValueError, match="one device"):
         qasr_jax.load(checkpoints("asr").hf, quantize="int8", mesh="data=1")
-
-
-@pytest.mark.slow
-def test_int8_and_bf16_logits_at_real_asr_0_6b_size(tmp_path):
-    """Random-weight ASR-0.6B, the 10 s clip: bf16 prompt logits within 2e-2 of float32; int8 (float32 and bf16
-    activations) within 1e-1, the noise floor of int8 weights and per-token int8 activations on these Gaussian
-    weights (measured 5.6-7.2%: each of the four kernel kinds alone adds 2.4-3.7%, the int8 head 2.1%; see
-    benchmarks/RESULTS.md, where issue 15's 2% is reported blocked). A wrong scale or layout is off by ~100%.
-    The float32 model is freed before the others load."""
-    import gc
-
-    import torch
-
-    from qasr_jax.config import preset
-    from qasr_jax.testing.reference import build_reference, save_hf
-
-    cfg = preset("asr-0.6b")
-    folder = save_hf(build_reference(cfg, seed=6), str(tmp_path / "asr-0.6b"), dtype=torch.bfloat16)
-    gc.collect()
-    wave = speech("long_en.wav")
-    model = qasr_jax.load(folder)
-    feats = model.log_mel(wave)
-    ids = prompt(audio_token_count(feats.shape[1], cfg.audio))
-    want = model.logits(ids, feats)
-    del model
-    gc.collect()
-    figures = {}
-    for mode, (dtype, q) in MODES.items():
-        figures[mode] = rel(qasr_jax.load(folder, dtype=dtype, quantize=q).logits(ids, feats), want)
-        gc.collect()
-    print("max |x - float32| / max |float32|:", figures)
-    assert figures["bfloat16"] <= 2e-2
-    assert figures["int8"] <= 1e-1 and figures["bfloat16+int8"] <= 1e-1

@@ -143,7 +143,8 @@ def test_a_context_over_the_limit_is_refused_before_any_work(asr, tmp_path):
     with pytest.raises(ValueError, match="^context is 10,001 tokens, over the limit of 10,000 "):
         asr.transcribe(missing, context=" ".join(words))
     with pytest.raises(ValueError, match="^context of input #1 with its hotwords is .* over the limit of 10,000"):
-        asr.transcribe([synthetic(1.0), missing], context=["", " ".join(words[:-2])], hotwords=["Qwen", "Pallas"])
+        asr.transcribe([synthetic(1.0), missing], context=["", " ".join(words[:-2])], hotwords=["Qwen", "Pallas"],
+                       hotwords_in_context=True)
 
 
 def test_samples_channels_arrays_as_soundfile_reads_them(asr, tmp_path):

@@ -14,7 +14,8 @@ from qasr_jax.loading import DTYPES
 def add_command(subparsers) -> None:
     """Add ``serve`` to the ``qasr-jax`` command's subparsers."""
     sv = subparsers.add_parser("serve", help="serve the OpenAI transcription API (pip install '.[serve]')")
-    sv.add_argument("--model", default="Qwen/Qwen3-ASR-0.6B", help="checkpoint folder, hub id, or tiny-en (the bundled model)")
+    sv.add_argument("--model", default="Qwen/Qwen3-ASR-0.6B",
+                    help="checkpoint folder, hub id, or tiny-en (the bundled model)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--dtype", default="float32", choices=DTYPES)

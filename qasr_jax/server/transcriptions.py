@@ -147,9 +147,6 @@ def parse_options(form, server) -> Options:
                            "invalid_value")
     o.vad = _flag(form, "vad")
     _check_context(server, o.context, "prompt", "prompt")
-    if o.hotwords:
-        o.context = hw.with_context(o.context, o.hotwords)  # as offline: the model reads them too
-        _check_context(server, o.context, "hotwords", "the prompt with the hotwords")
     for name in ("max_line_width", "max_line_count", "max_words_per_line"):
         if (value := _int(form, name, 1, 10_000)) is not None:
             o.cues[name] = value
