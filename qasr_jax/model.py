@@ -350,7 +350,8 @@ def _initializer(cfg: ModelConfig, dtype: str):
 @functools.lru_cache(maxsize=None)
 def param_shapes(cfg: ModelConfig, dtype: str = "float32") -> dict:
     """The parameter tree as ShapeDtypeStructs (no memory used), from ``jax.eval_shape`` of init."""
-    return jax.eval_shape(_initializer(cfg, dtype), jax.random.PRNGKey(0))
+    init = _initializer(cfg, dtype)
+    return jax.eval_shape(lambda: init(jax.random.PRNGKey(0)))  # the key too is made inside the trace
 
 
 def init_params(cfg: ModelConfig, seed: int = 0, dtype: str = "float32") -> dict:
