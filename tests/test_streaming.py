@@ -22,7 +22,7 @@ from qasr_jax import search as S
 from qasr_jax.audio import AudioError, load_audio
 from qasr_jax.compiles import count_compilations
 from qasr_jax.prompts import parse_output
-from qasr_jax.stream_prompts import segment_context
+from qasr_jax.stream_prompts import segment_context, unfixed_chunks_for
 from qasr_jax.transcribe import Transcriber
 from qasr_jax.testing import speech, synthetic
 from qasr_jax.testing.reference import save_official
@@ -126,6 +126,12 @@ def streamed(stream, wave, seconds):
     return out, result
 
 
+def test_default_unfixed_chunks_cover_four_seconds():
+    """The official 2 chunks at 2 s; shorter chunks keep 4 s of audio unfixed (tests/test_tiny_model.py measures
+    why), longer ones keep 2 chunks."""
+    assert [unfixed_chunks_for(s) for s in (0.5, 1.0, 1.5, 2.0, 3.7)] == [8, 4, 3, 2, 2]
+
+
 def parsed_text(asr, raw: str, language) -> str:
     return parse_output(asr.tokenizer.encode(raw, parse_special=True), asr.tokenizer, language)[1]
 
@@ -134,8 +140,8 @@ def parsed_text(asr, raw: str, language) -> str:
 @pytest.mark.parametrize("language,context", [(None, ""), ("English", "Qwen, JAX and Flax")])
 def test_stream_equals_the_plain_refeed_at_every_chunk(asr, seconds, language, context):
     wave = wave_12s()
-    want = refeed(asr, wave, seconds, language, context)
-    got, result = streamed(asr.stream(language, context, seconds), wave, seconds)
+    want = refeed(asr, wave, seconds, language, context)  # the official parameters: 2 unfixed chunks
+    got, result = streamed(asr.stream(language, context, seconds, unfixed_chunks=2), wave, seconds)
     assert len(got) == len(want) == -(-wave.shape[0] // round(seconds * SR))
     for k, ((ids, partial), (want_ids, raw)) in enumerate(zip(got, want)):
         assert ids == want_ids, (k, seconds)
@@ -159,7 +165,7 @@ def test_segments_end_at_pauses_or_a_full_cache_and_each_is_the_algorithm_on_its
         wave[int((pause - 0.4) * SR) : pause * SR] = 0.0
     driver = asr.stream_driver(slots=1, segment_seconds=2.0, context_tokens=64)
     assert driver.max_len == 256
-    got, result = streamed(driver.stream(chunk_seconds=1.0), wave, 1.0)
+    got, result = streamed(driver.stream(chunk_seconds=1.0, unfixed_chunks=2), wave, 1.0)
     spans = [(seg.start, seg.end) for seg in result.segments]
     assert spans[:2] == [(0.0, 3.0), (3.0, 6.0)] and len(spans) >= 4, spans
     assert [a for a, _ in spans[1:]] == [b for _, b in spans[:-1]] and spans[-1][1] == 14.0
