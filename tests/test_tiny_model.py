@@ -61,6 +61,11 @@ def greedy(asr, waves):
     return asr.transcribe(waves, batch_size=32)
 
 
+@pytest.fixture(scope="module")
+def beam(asr, waves):
+    return asr.transcribe(waves, beam_size=4, batch_size=32)
+
+
 def test_shipped_model_is_small_and_never_trained_on_its_heldout_clips(heldout):
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(SHIPPED) for f in fs)
     assert size < 12 * 2**20
@@ -72,10 +77,10 @@ def test_shipped_model_is_small_and_never_trained_on_its_heldout_clips(heldout):
     assert len(held) == len(heldout) == 100 and not held & trained
 
 
-def test_greedy_and_beam_word_error_rates(asr, waves, heldout, greedy):
+def test_greedy_and_beam_word_error_rates(heldout, greedy, beam):
     refs = [ex.transcript for ex in heldout]
     assert wer(refs, texts(greedy)) <= 0.15
-    assert wer(refs, texts(asr.transcribe(waves, beam_size=4, batch_size=32))) <= 0.15
+    assert wer(refs, texts(beam)) <= 0.15
 
 
 def test_transformers_generate_gives_our_token_ids(asr, waves, greedy):
@@ -98,25 +103,26 @@ def vocabulary() -> list[str]:
         return f.read().split()
 
 
-@pytest.mark.parametrize("beam", [1, 4])
-def test_hotwords_recover_missed_words_and_leave_right_clips_alone(asr, waves, heldout, greedy, beam):
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_hotwords_recover_missed_words_and_leave_right_clips_alone(asr, waves, heldout, greedy, beam, beam_size):
     refs = [normalize(ex.transcript) for ex in heldout]
-    base = texts(greedy) if beam == 1 else texts(asr.transcribe(waves, beam_size=beam, batch_size=32))
+    base = texts(greedy if beam_size == 1 else beam)
     hyps = [normalize(h) for h in base]
     wrong = [i for i, (r, h) in enumerate(zip(refs, hyps)) if r != h]
     missed = {i: sorted(set(refs[i].split()) - set(hyps[i].split())) for i in wrong}
     wrong = [i for i in wrong if missed[i]]
     assert len(wrong) >= 5
-    boosted = asr.transcribe([waves[i] for i in wrong], beam_size=beam, hotwords=[missed[i] for i in wrong])
+    boosted = asr.transcribe([waves[i] for i in wrong], beam_size=beam_size, hotwords=[missed[i] for i in wrong],
+                             batch_size=32)
     found = sum(len(set(missed[i]) & set(normalize(r.text).split())) for i, r in zip(wrong, boosted))
     assert found / sum(len(missed[i]) for i in wrong) >= 0.30
 
     right = [i for i, (r, h) in enumerate(zip(refs, hyps)) if r == h]
-    rng = np.random.default_rng(beam)
+    rng = np.random.default_rng(beam_size)
     words = vocabulary()
     unrelated = [[str(w) for w in rng.choice([w for w in words if w not in refs[i].split()], 3, replace=False)]
                  for i in right]
-    again = asr.transcribe([waves[i] for i in right], beam_size=beam, hotwords=unrelated)
+    again = asr.transcribe([waves[i] for i in right], beam_size=beam_size, hotwords=unrelated, batch_size=32)
     assert wer([refs[i] for i in right], texts(again)) <= 0.02
 
 
@@ -125,11 +131,11 @@ def test_streaming_final_text_is_offline_text(asr, waves, heldout, greedy):
 
     refs = [ex.transcript for ex in heldout]
     offline = wer(refs, texts(greedy))
-    driver = StreamDriver(asr, slots=16, max_new_tokens=64)
+    driver = StreamDriver(asr, slots=32, max_new_tokens=64)
     for seconds in (1.0, 2.0):
         finals = []
-        for start in range(0, len(waves), 16):
-            group = waves[start:start + 16]
+        for start in range(0, len(waves), 32):
+            group = waves[start:start + 32]
             streams = [driver.stream(chunk_seconds=seconds) for _ in group]
             step = int(seconds * 16000)
             for k in range(0, max(w.shape[0] for w in group), step):
