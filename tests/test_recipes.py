@@ -16,23 +16,11 @@ import qasr_jax
 from qasr_jax.data import Augment, collate, examples_from_records, read_manifest
 from qasr_jax.finetune import NonFiniteError, finetune
 from qasr_jax.testing import DATA, speech, synthetic
-from qasr_jax.testing.tokenizer_files import with_tokenizer
-from qasr_jax.tokenizer import Tokenizer
 from qasr_jax.training import CTC_HEAD, TrainConfig, Trainer, ctc_loss, schedule
 
 NEW_WORDS = os.path.join(DATA, "newwords", "newwords.jsonl")
 TEXTS = ["language English<asr_text>the violin and the rocket", "language English<asr_text>a b c d e f g",
          "language English<asr_text>hello world again"]
-
-
-@pytest.fixture(scope="module")
-def tiny(checkpoints, tmp_path_factory) -> str:
-    return with_tokenizer(checkpoints("asr").hf, tmp_path_factory, "official")
-
-
-@pytest.fixture(scope="module")
-def tok(tiny):
-    return Tokenizer.from_dir(tiny)
 
 
 def batch_of(tok, cfg, **kw):
@@ -61,8 +49,8 @@ def test_ctc_loss_equals_torch():
     assert abs(ours - want) <= 1e-5 * abs(want)
 
 
-def test_collate_gives_the_transcript_tokens_as_ctc_labels(tiny, tok):
-    cfg = qasr_jax.load(tiny).config
+def test_collate_gives_the_transcript_tokens_as_ctc_labels(asr_dir, tok):
+    cfg = qasr_jax.load(asr_dir).config
     b = batch_of(tok, cfg)
     for r, text in enumerate(TEXTS + TEXTS[:1]):  # the padding row repeats the first
         body = tok.encode(text.split("<asr_text>")[1])
@@ -72,8 +60,8 @@ def test_collate_gives_the_transcript_tokens_as_ctc_labels(tiny, tok):
     assert all(np.array_equal(getattr(b, f), getattr(plain, f)) for f in ("ids", "feats", "targets"))
 
 
-def test_augment_touches_only_features_and_transcript_inputs(tiny, tok):
-    cfg = qasr_jax.load(tiny).config
+def test_augment_touches_only_features_and_transcript_inputs(asr_dir, tok):
+    cfg = qasr_jax.load(asr_dir).config
     clean = batch_of(tok, cfg)
     aug = Augment(spec_augment=True, freq_width=30, time_fraction=0.2, token_noise=0.5)
     noisy = batch_of(tok, cfg, augment=aug, rng=np.random.default_rng(1))
@@ -103,30 +91,30 @@ def test_cosine_schedule_warms_up_then_ends_at_its_floor():
         TrainConfig(ctc_weight=0.5, lora_rank=4)
 
 
-def test_ctc_head_trains_the_encoder_and_is_never_exported(tiny, tok):
+def test_ctc_head_trains_the_encoder_and_is_never_exported(asr_dir, tok):
     from qasr_jax.data import stack
 
     encoder = {}
     for weight in (0.0, 0.5):
-        model = qasr_jax.load(tiny)
+        model = qasr_jax.load(asr_dir)
         trainer = Trainer(model, TrainConfig(lr=1e-3, warmup_ratio=0.0, batch_size=4, steps=2, dtype="float32",
                                              ctc_weight=weight))
         state, metrics = trainer.step(trainer.init_state(), stack([batch_of(tok, model.config)]))
         encoder[weight] = np.asarray(state.params["audio_tower"]["layers_0"]["fc1"]["kernel"])
         params = trainer.params(state)
         assert CTC_HEAD not in params
-        assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(qasr_jax.load(tiny).params)
+        assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(qasr_jax.load(asr_dir).params)
     assert np.isfinite(float(metrics["ctc_loss"])) and float(metrics["ctc_loss"]) > 0
     assert CTC_HEAD in state.params
     assert not np.array_equal(encoder[0.0], encoder[0.5])  # the CTC loss reached the encoder
 
 
-def test_a_non_finite_loss_stops_the_run_and_is_never_written(tiny, tok, tmp_path):
+def test_a_non_finite_loss_stops_the_run_and_is_never_written(asr_dir, tok, tmp_path):
     """An absurd learning rate blows the weights up: the run stops at the first non-finite step, naming it and its
     manifest lines, and every checkpoint on disk holds finite weights."""
     import orbax.checkpoint as ocp
 
-    model = qasr_jax.load(tiny)
+    model = qasr_jax.load(asr_dir)
     train = read_manifest(NEW_WORDS)
     config = TrainConfig(lr=1e12, warmup_ratio=0.0, batch_size=4, steps=6, dtype="float32")
     out = tmp_path / "run"
