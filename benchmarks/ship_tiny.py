@@ -5,7 +5,9 @@
 - qasr_jax/data/tiny-en/: model-hf/ and model/ (bfloat16, with tokenizers), vocabulary.txt (the 200 words it
   knows), train_text_hashes.txt (SHA-256 prefixes of every training text), heldout_specs.jsonl (the held-out texts
   and the espeak-ng voice, speed and pitch that speak them);
-- tests/data/tiny_en/: the held-out and new-word clips as Ogg Vorbis with their manifests;
+- tests/data/tiny_en/: the held-out and new-word clips as Ogg Vorbis with their manifests, the first 360 training
+  clips (replay.jsonl, at Vorbis's smallest size) and finetune.jsonl (the 40 new-word training clips then the
+  replay clips: what the fine-tuning test trains on);
 - benchmarks/tiny_training_curve.json and .png: loss, CTC loss and held-out WER against steps (matplotlib, the
   ``benchmarks`` extra).
 """
@@ -21,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "qasr_jax", "data", "tiny-en")
 CLIPS = os.path.join(ROOT, "tests", "data", "tiny_en")
 CURVE = os.path.join(ROOT, "benchmarks", "tiny_training_curve")
-SETS = ("heldout", "novel_train", "novel_eval")
+SETS = {"heldout": ("heldout", None), "novel_train": ("novel_train", None), "novel_eval": ("novel_eval", None),
+        "replay": ("train", 360)}  # shipped name: (corpus set, clips kept)
 
 
 def ship_model(run: str) -> None:
@@ -41,14 +44,20 @@ def ship_clips(run: str) -> None:
     shutil.rmtree(CLIPS, ignore_errors=True)
     os.makedirs(os.path.join(CLIPS, "clips"))
     corpus = os.path.join(run, "corpus")
-    for name in SETS:
-        with open(os.path.join(corpus, f"{name}.jsonl")) as f, open(os.path.join(CLIPS, f"{name}.jsonl"), "w") as out:
-            for line in f:
-                record = json.loads(line)
+    for name, (source, keep) in SETS.items():
+        with open(os.path.join(corpus, f"{source}.jsonl")) as f:
+            records = [json.loads(line) for line in f][:keep]
+        with open(os.path.join(CLIPS, f"{name}.jsonl"), "w") as out:
+            for record in records:
                 wave, rate = sf.read(os.path.join(corpus, record["audio"]), dtype="float32")
                 record["audio"] = os.path.splitext(record["audio"])[0] + ".ogg"
-                sf.write(os.path.join(CLIPS, record["audio"]), wave, rate, format="OGG", subtype="VORBIS")
+                smallest = {"compression_level": 1.0} if name == "replay" else {}  # 9.5 KB a clip, not 15
+                sf.write(os.path.join(CLIPS, record["audio"]), wave, rate, format="OGG", subtype="VORBIS", **smallest)
                 out.write(json.dumps({"audio": record["audio"], "text": record["text"]}) + "\n")
+    with open(os.path.join(CLIPS, "finetune.jsonl"), "w") as out:
+        for name in ("novel_train", "replay"):
+            with open(os.path.join(CLIPS, f"{name}.jsonl")) as f:
+                out.write(f.read())
 
 
 def ship_curve(run: str) -> None:

@@ -64,18 +64,13 @@ def tiny_config(vocab_size: int = 4160, audio_token_id: int = 4129) -> ModelConf
         audio_token_id=audio_token_id)
 
 
-def utterances(n: int, words: list[str], rng: np.random.Generator, forbidden: set[str] = frozenset(),
-               must: list[str] | None = None) -> list[dict]:
-    """``n`` utterance specs (text, voice, speed, pitch) with distinct texts outside ``forbidden``; with ``must``,
-    each holds one or two of those words among the others."""
+def utterances(n: int, words: list[str], rng: np.random.Generator, forbidden: set[str] = frozenset()) -> list[dict]:
+    """``n`` utterance specs (text, voice, speed, pitch) of 3-8 of ``words`` with distinct texts outside
+    ``forbidden``."""
     out, seen = [], set(forbidden)
     while len(out) < n:
         k = int(rng.integers(3, 9))
-        chosen = [str(w) for w in rng.choice(words, k)]
-        if must:
-            for slot in rng.choice(k, int(rng.integers(1, 3)), replace=False):
-                chosen[int(slot)] = str(rng.choice(must))
-        text = " ".join(chosen)
+        text = " ".join(str(w) for w in rng.choice(words, k))
         if text in seen:
             continue
         seen.add(text)
@@ -122,7 +117,7 @@ def make_corpus(folder: str, train_clips: int, heldout_clips: int, novel_train: 
     rng = np.random.default_rng(seed)
     heldout = utterances(heldout_clips, WORDS, rng)
     train = utterances(train_clips, WORDS, rng, forbidden={s["text"] for s in heldout})
-    novel = utterances(novel_train + novel_eval, WORDS, rng, must=NOVEL_WORDS)
+    novel = utterances(novel_train + novel_eval, NOVEL_WORDS, rng)  # new words only: the fine-tuning test's sets
     sets = {"heldout": (heldout, "flac"), "train": (train, "wav"), "novel_train": (novel[:novel_train], "flac"),
             "novel_eval": (novel[novel_train:], "flac")}
     out = {name: write_set(folder, name, specs, suffix) for name, (specs, suffix) in sets.items()}
@@ -209,7 +204,7 @@ def main() -> None:
             raise SystemExit("espeak-ng is not on the PATH: apt-get install -y espeak-ng (or pass --corpus)")
         corpus = os.path.join(args.out, "corpus")
         if not os.path.exists(os.path.join(corpus, "novel_eval.jsonl")):
-            make_corpus(corpus, args.train_clips, args.heldout_clips, 30, 20, args.seed)
+            make_corpus(corpus, args.train_clips, args.heldout_clips, 40, 40, args.seed)
         print(f"corpus ready in {time.perf_counter() - start:.0f} s", flush=True)
     paths = train(args.out, corpus, args.steps, args.batch_size, args.eval_every, args.seed)
     print(f"trained and exported in {time.perf_counter() - start:.0f} s:", *paths, flush=True)
