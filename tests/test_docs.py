@@ -144,15 +144,17 @@ def test_notebook_runs_from_its_install_cell(name, workdir, monkeypatch, capsys)
 
 def test_finetune_notebook_makes_its_own_data_and_runs(checkpoints, tmp_path_factory, tmp_path, monkeypatch):
     """finetune.ipynb in an empty folder: its install cell finds this checkout, it writes a small manifest of its
-    own clips where none was uploaded (beside the manifest's path), and trains, exports and evaluates on it."""
+    own clips where none was uploaded (beside the manifest's path), trains LoRA adapters on it, folds them in,
+    exports both layouts and evaluates. (Training every weight: the CLI tests of tests/test_finetune.py.)"""
     model = with_tokenizer(checkpoints("asr").hf, tmp_path_factory, "official")
     monkeypatch.setenv("QASR_JAX_COMPILATION_CACHE", "off")
     monkeypatch.chdir(tmp_path)
     namespace = run_code_cells(os.path.join(ROOT, "notebooks", "finetune.ipynb"), (
         f"MODEL = {model!r}\nTRAIN = 'data/train.jsonl'\nEVAL = 'data/dev.jsonl'\nOUTPUT = 'nb'\nSTEPS = 2\n"
-        "BATCH_SIZE = 4\nGRAD_ACCUM = 1\nLR = 1e-3\nLORA_RANK = 0\nDTYPE = 'float32'\nMESH = None\n"))
+        "BATCH_SIZE = 4\nGRAD_ACCUM = 1\nLR = 1e-3\nLORA_RANK = 4\nDTYPE = 'float32'\nMESH = None\n"))
     assert len(read_manifest("data/train.jsonl")) == 16 and namespace["before"]["n"] == namespace["after"]["n"] == 8
-    assert int(namespace["state"].step) == 2 and os.path.isdir(os.path.join("nb", "model-hf"))
+    assert int(namespace["state"].step) == 2
+    assert namespace["folders"] == [os.path.join("nb", "model-hf"), os.path.join("nb", "model")]
 
 
 SHIPPED_SOURCE = 'QASR_JAX_SOURCE = "git+https://github.com/<owner>/qasr-jax.git"'

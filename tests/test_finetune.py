@@ -1,7 +1,7 @@
 """Fine-tuning runs end to end, on the tiny random-weight checkpoint (tests/reference.py) with Qwen's tokenizer:
-manifests checked before training, the Grain pipeline's order and shares, WER and CER, fine-tuning on the
-new-words clips (tests/data/newwords) lowering their loss and WER, the export read by transformers, a killed run
-resumed to the same weights bit for bit, and the README's commands and the notebook run as written."""
+manifests checked before training, the Grain pipeline's order and shares, WER and CER, a killed run resumed to the
+same weights bit for bit, and the README's commands and the notebook run as written. (What fine-tuning teaches a
+trained model, and its export read by transformers: tests/test_tiny_model.py.)"""
 
 from __future__ import annotations
 
@@ -18,17 +18,12 @@ import time
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from safetensors.numpy import load_file
-from transformers import Qwen3ASRForConditionalGeneration
 
-import qasr_jax
 from qasr_jax.cli import main
 from qasr_jax.data import Loader, ManifestError, epoch_groups, examples_from_records, read_manifest
 from qasr_jax.evaluation import Scored, normalize, score
-from qasr_jax.tokenizer import Tokenizer
 from qasr_jax.testing import DATA, synthetic
-from qasr_jax.testing.notebook_run import run_code_cells
 from qasr_jax.testing.tokenizer_files import with_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,58 +181,6 @@ def evaluate_json(capsys, manifest_path: str, model: str) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def hf_logits(folder: str, wave: np.ndarray, ids: list[int]) -> np.ndarray:
-    from transformers.models.qwen3_asr import Qwen3ASRFeatureExtractor
-
-    ref = Qwen3ASRForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    feats = Qwen3ASRFeatureExtractor()(wave, sampling_rate=16000, padding="longest", return_tensors="pt",
-                                       return_attention_mask=True)
-    with torch.no_grad():
-        out = ref(input_ids=torch.tensor([ids]), input_features=feats["input_features"],
-                  input_features_mask=feats["attention_mask"])
-    return out.logits[0].numpy()
-
-
-def prompt_for(model, folder: str, wave: np.ndarray, text: str) -> list[int]:
-    from qasr_jax.config import audio_token_count
-    from qasr_jax.data import target_ids
-    from qasr_jax.prompts import build_prompt_ids
-
-    tok = Tokenizer.from_dir(folder)
-    n = audio_token_count(model.log_mel(wave).shape[1], model.config.audio)
-    return build_prompt_ids(tok, n, "") + target_ids(tok, text)
-
-
-def test_finetuning_learns_the_new_words_clips(tiny, tmp_path, capsys):
-    """A random-weight model fine-tuned on the 8 new-words clips (train = eval) learns to transcribe them: the loss
-    falls from ~39 to ~0 and WER from 1 (garbage) to 0, which takes the audio (8 different sentences, one prompt).
-    The exported -hf folder, read by transformers, gives our logits; the official-layout folder loads back."""
-    before = evaluate_json(capsys, NEW_WORDS, tiny)["wer"]
-    out = tmp_path / "run"
-    assert main(["finetune", "--train", NEW_WORDS, "--eval", NEW_WORDS, "--model", tiny, "--output", str(out),
-                 "--steps", "80", "--batch-size", "8", "--lr", "3e-3", "--dtype", "float32",
-                 "--eval-every", "40", "--save-every", "40"]) == 0
-    capsys.readouterr()
-    after = evaluate_json(capsys, NEW_WORDS, str(out / "model-hf"))["wer"]
-    assert before >= 0.9 and after <= 0.05
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [m["loss"] for m in metrics if "loss" in m]
-    assert len(losses) == 80 and losses[-1] < 0.01 * losses[0]
-    evals = [m for m in metrics if "eval" in m]
-    assert [e["step"] for e in evals] == [40, 80] and evals[-1]["eval"]["wer"] == after
-    assert evals[0]["eval"]["wer"] < before
-    assert sorted(os.listdir(out / "checkpoints")) == ["40", "80"]
-
-    wave = sf.read(os.path.join(DATA, "newwords", "newwords_0000.wav"), dtype="float32")[0]
-    exported = qasr_jax.load(str(out / "model-hf"))
-    ids = prompt_for(exported, tiny, wave, "language English<asr_text>The violin and the rocket.")
-    ours = exported.logits(ids, exported.log_mel(wave))
-    ref = hf_logits(str(out / "model-hf"), wave, ids)
-    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
-    official = qasr_jax.load(str(out / "model"))
-    assert np.array_equal(official.logits(ids, official.log_mel(wave)), ours)
-
-
 def finetune_args(model: str, output: str, *extra: str) -> list[str]:
     return ["finetune", "--train", NEW_WORDS, "--model", model, "--output", output, "--steps", "12", "--batch-size",
             "2", "--grad-accum", "2", "--lr", "1e-3", "--dtype", "float32", "--save-every", "1", "--keep", "2",
@@ -302,16 +245,3 @@ def test_readme_finetuning_commands_run(tiny, tmp_path, monkeypatch, capsys):
     assert report["n"] == 8
     for run in ("run", "run-lora"):
         assert sorted(os.listdir(tmp_path / run / "model-hf")) == sorted(os.listdir(tiny))
-
-
-def test_finetune_notebook_runs(tiny, tmp_path, monkeypatch):
-    """notebooks/finetune.ipynb's code cells (the install line dropped, the parameters replaced) on the tiny
-    random-weight checkpoint: LoRA adapters trained, folded in, exported and evaluated."""
-    new_words_folder(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    namespace = run_code_cells(os.path.join(ROOT, "notebooks", "finetune.ipynb"), (
-        f"MODEL = {tiny!r}\nTRAIN = 'train.jsonl'\nEVAL = 'dev.jsonl'\nOUTPUT = 'nb'\nSTEPS = 4\n"
-        "BATCH_SIZE = 4\nGRAD_ACCUM = 1\nLR = 1e-3\nLORA_RANK = 4\nDTYPE = 'float32'\nMESH = None\n"))
-    assert namespace["before"]["n"] == namespace["after"]["n"] == 8
-    assert int(namespace["state"].step) == 4
-    assert namespace["folders"] == [os.path.join("nb", "model-hf"), os.path.join("nb", "model")]
