@@ -95,6 +95,23 @@ def test_transformers_generate_gives_our_token_ids(asr, waves, greedy):
         assert reference_ids(ck, asr.tokenizer, wave, new=64) == ours.token_ids
 
 
+def test_guards_never_fire_and_language_probabilities_agree_on_heldout_clips(asr, waves, greedy):
+    """The repetition stop and Whisper's fallback on every held-out clip: neither fires (no loop, every greedy
+    output's compression ratio <= 2.4 and mean log-probability >= -1.0), so the text and WER are unchanged; and the
+    most probable language is the one the decoder writes, with its probability reported."""
+    from qasr_jax.results import compression_ratio
+    from qasr_jax.transcribe import Fallback
+
+    guard = Fallback()
+    assert all(compression_ratio(r.text) <= guard.compression_ratio_threshold
+               and np.mean(r.token_logprobs) >= guard.logprob_threshold for r in greedy)
+    guarded = asr.transcribe(waves, batch_size=32, stop_loops=True, fallback=guard, language_probabilities=True)
+    assert texts(guarded) == texts(greedy) and not any(r.repetition_stopped for r in guarded)
+    for r in guarded:
+        top = next(iter(r.language_probabilities))
+        assert top == r.language == "English" and r.language_probability == r.language_probabilities[top] > 0.5
+
+
 @pytest.mark.parametrize("kind", ["bfloat16", "int8"])
 def test_bfloat16_and_int8_within_a_point_of_float32(waves, heldout, greedy, kind):
     refs = [ex.transcript for ex in heldout]
