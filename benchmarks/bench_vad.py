@@ -8,7 +8,8 @@ and what ``transcribe(vad=True)`` saves end to end on a long recording with paus
 2. ``--minutes`` of the stored espeak-ng clips (tests/data) with ``--pause-fraction`` of the time in 1-5 s pauses of
    low noise and louder noise bursts, transcribed without VAD (cut at energy minima into ``--piece-seconds``
    pieces) and with ``vad=True`` (pieces of at most ``--piece-seconds``), on a random-weight ``--preset``
-   checkpoint (random weights decode each piece to its token budget, so the time follows the audio decoded).
+   checkpoint (random weights decode each piece to its token budget, so the time follows the audio decoded) or
+   on ``--checkpoint`` (the trained tiny model stops each piece at its end token).
 
     python benchmarks/bench_vad.py [--streams 64] [--vad-seconds 60] [--minutes 20] [--preset asr-0.6b]
     python benchmarks/bench_vad.py --minutes 1 --preset tiny --vad-seconds 10   # smoke run
@@ -129,7 +130,7 @@ def end_to_end(args) -> None:
                 seconds[name].append(time.perf_counter() - start)
     audio_s = wave.shape[0] / SR
     plain, vad = (statistics.median(seconds[k]) for k in runs)
-    print(f"{args.preset}, {audio_s / 60:.1f} min ({spoken / audio_s:.0%} speech), pieces <= {args.piece_seconds:g} s, "
+    print(f"{args.checkpoint or args.preset}, {audio_s / 60:.1f} min ({spoken / audio_s:.0%} speech), pieces <= {args.piece_seconds:g} s, "
           f"batch {args.batch}: no VAD {plain:.1f} s (RTFx {audio_s / plain:.1f}, "
           f"{len(result['no VAD'].segments)} segments), --vad {vad:.1f} s (RTFx {audio_s / vad:.1f}, "
           f"{len(result['--vad'].segments)} segments); speed-up {plain / vad:.2f}x", flush=True)
@@ -143,7 +144,8 @@ def main() -> None:
     parser.add_argument("--pause-fraction", type=float, default=0.3)
     parser.add_argument("--piece-seconds", type=float, default=30.0)
     parser.add_argument("--preset", default="asr-0.6b")
-    parser.add_argument("--checkpoint", default=None, help="a saved random checkpoint folder (built if absent)")
+    parser.add_argument("--checkpoint", default=None, help="a checkpoint folder: a random --preset one is built there "
+                        "if absent; an existing one (qasr_jax/data/tiny-en/model-hf: the trained model) is used")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--skip-end-to-end", action="store_true")
