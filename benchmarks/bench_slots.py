@@ -94,17 +94,17 @@ def slots(asr, waves, budgets, batch) -> tuple[list[list[int]], int]:
 
 def random_checkpoint(preset: str, checkpoint: str | None) -> str:
     """A folder with a random-weight ``preset`` checkpoint and the real tokenizer: ``checkpoint``, saved there (bf16,
-    -hf layout) when it holds no model yet, or a temporary one."""
+    -hf layout) when it holds no model yet, or a temporary one. A folder that has a model is used as it is: its own
+    tokenizer is never replaced (the trained tiny-en's ids are not Qwen's)."""
     folder = checkpoint or tempfile.mkdtemp()
     if not os.path.isfile(os.path.join(folder, "config.json")):
         import torch
 
         from qasr_jax.testing.reference import build_reference, save_hf
+        from qasr_jax.testing.tokenizer_files import write_tokenizer
 
         save_hf(build_reference(qasr_jax.preset(preset), seed=3), folder, dtype=torch.bfloat16)
-    from qasr_jax.testing.tokenizer_files import write_tokenizer
-
-    write_tokenizer(folder, "hf")
+        write_tokenizer(folder, "hf")
     return folder
 
 
