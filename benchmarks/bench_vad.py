@@ -130,8 +130,8 @@ def end_to_end(args) -> None:
                 seconds[name].append(time.perf_counter() - start)
     audio_s = wave.shape[0] / SR
     plain, vad = (statistics.median(seconds[k]) for k in runs)
-    print(f"{args.checkpoint or args.preset}, {audio_s / 60:.1f} min ({spoken / audio_s:.0%} speech), pieces <= {args.piece_seconds:g} s, "
-          f"batch {args.batch}: no VAD {plain:.1f} s (RTFx {audio_s / plain:.1f}, "
+    print(f"{args.checkpoint or args.preset}, {audio_s / 60:.1f} min ({spoken / audio_s:.0%} speech), "
+          f"pieces <= {args.piece_seconds:g} s, batch {args.batch}: no VAD {plain:.1f} s (RTFx {audio_s / plain:.1f}, "
           f"{len(result['no VAD'].segments)} segments), --vad {vad:.1f} s (RTFx {audio_s / vad:.1f}, "
           f"{len(result['--vad'].segments)} segments); speed-up {plain / vad:.2f}x", flush=True)
 

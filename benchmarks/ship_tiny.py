@@ -47,12 +47,12 @@ def ship_clips(run: str) -> None:
     for name, (source, keep) in SETS.items():
         with open(os.path.join(corpus, f"{source}.jsonl")) as f:
             records = [json.loads(line) for line in f][:keep]
+        size = {"compression_level": 1.0} if name == "replay" else {}  # replay at 9.5 KB a clip, not 15
         with open(os.path.join(CLIPS, f"{name}.jsonl"), "w") as out:
             for record in records:
                 wave, rate = sf.read(os.path.join(corpus, record["audio"]), dtype="float32")
                 record["audio"] = os.path.splitext(record["audio"])[0] + ".ogg"
-                smallest = {"compression_level": 1.0} if name == "replay" else {}  # 9.5 KB a clip, not 15
-                sf.write(os.path.join(CLIPS, record["audio"]), wave, rate, format="OGG", subtype="VORBIS", **smallest)
+                sf.write(os.path.join(CLIPS, record["audio"]), wave, rate, format="OGG", subtype="VORBIS", **size)
                 out.write(json.dumps({"audio": record["audio"], "text": record["text"]}) + "\n")
     with open(os.path.join(CLIPS, "finetune.jsonl"), "w") as out:
         for name in ("novel_train", "replay"):

@@ -30,6 +30,7 @@ from qasr_jax.hub import bundled_model
 from qasr_jax.tokenizer import Tokenizer
 from qasr_jax.transcribe import Transcriber
 from qasr_jax.testing import DATA
+from test_parity import reference_inputs
 from test_transcribe import reference_ids
 
 CLIPS = os.path.join(DATA, "tiny_en")
@@ -172,15 +173,10 @@ def evaluate_wer(capsys, manifest: str, model: str) -> float:
 
 
 def hf_logits(folder: str, wave: np.ndarray, ids: list[int]) -> np.ndarray:
-    from transformers.models.qwen3_asr import Qwen3ASRFeatureExtractor
-
     ref = Qwen3ASRForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    feats = Qwen3ASRFeatureExtractor()(wave, sampling_rate=16000, padding="longest", return_tensors="pt",
-                                       return_attention_mask=True)
+    feats, mask = reference_inputs(wave)
     with torch.no_grad():
-        out = ref(input_ids=torch.tensor([ids]), input_features=feats["input_features"],
-                  input_features_mask=feats["attention_mask"])
-    return out.logits[0].numpy()
+        return ref(input_ids=torch.tensor([ids]), input_features=feats, input_features_mask=mask).logits[0].numpy()
 
 
 def prompt_for(model, folder: str, wave: np.ndarray, text: str) -> list[int]:
@@ -198,7 +194,7 @@ def test_finetuning_learns_eight_new_words_and_keeps_the_old(tmp_path, capsys):
     not one among its 200 training words), replayed among 360 of its own training clips, decoder only: then
     ``qasr-jax evaluate`` on 40 *other* clips of the new words shows their WER falls by >= 50 points (from ~130%:
     it hears known words), while the held-out WER rises by at most 3 points. (Without the replay the held-out WER
-    went to 30-72%: benchmarks/RESULTS.md.) The fine-tuned -hf export, read by transformers, gives our logits; the
+    went to 30-95%: benchmarks/RESULTS.md.) The fine-tuned -hf export, read by transformers, gives our logits; the
     official-layout export loads to the same."""
     novel, heldout = os.path.join(CLIPS, "novel_eval.jsonl"), os.path.join(CLIPS, "heldout.jsonl")
     before = evaluate_wer(capsys, novel, "tiny-en"), evaluate_wer(capsys, heldout, "tiny-en")
@@ -243,8 +239,9 @@ def test_vad_transcript_no_worse_than_without_on_long_recordings(asr, heldout, p
 
 
 def test_recipe_smoke_run_follows_the_recorded_curve(tmp_path):
-    """20 steps of benchmarks/train_tiny.py on the shipped replay clips (the first of its training set): the seeded initial weights give the
-    recorded run's first loss, the loss falls as the recorded curve's start does, and both layouts are exported."""
+    """20 steps of benchmarks/train_tiny.py on the shipped replay clips (the first of its training set): the seeded
+    initial weights give the recorded run's first loss, the loss falls as the recorded curve's start does, and both
+    layouts are exported."""
     import subprocess
     import sys
 
