@@ -52,7 +52,7 @@ def machine() -> str:
 
 
 def config(quick: bool):
-    from qasr_jax.config import preset
+    from qasr_jax.modeling.config import preset
 
     if not quick:
         return preset("aligner-0.6b")

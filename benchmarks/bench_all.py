@@ -41,10 +41,10 @@ import qasr_jax  # noqa: E402
 from bench_core import OthersMeter, clip, copy_bandwidth, make_checkpoint  # noqa: E402
 from bench_transcribe import clips, reference_run  # noqa: E402
 from floors import cpu_line, decoder_flops, encoder_flops, matmul_rates, step_bytes  # noqa: E402
-from qasr_jax.audio import log_mel_batch  # noqa: E402
-from qasr_jax.config import audio_token_count, preset  # noqa: E402
-from qasr_jax.prompts import build_prompt_ids  # noqa: E402
-from qasr_jax.tokenizer import Tokenizer  # noqa: E402
+from qasr_jax.io.audio import log_mel_batch  # noqa: E402
+from qasr_jax.io.prompts import build_prompt_ids  # noqa: E402
+from qasr_jax.io.tokenizer import Tokenizer  # noqa: E402
+from qasr_jax.modeling.config import audio_token_count, preset  # noqa: E402
 from qasr_jax.transcribe import Transcriber  # noqa: E402
 
 OURS = {"ours f32": ("float32", None), "ours bf16": ("bfloat16", None), "ours int8": ("float32", "int8")}
@@ -221,7 +221,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from qasr_jax.compiles import enable_compilation_cache
+    from qasr_jax.decoding.compiles import enable_compilation_cache
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

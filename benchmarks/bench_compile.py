@@ -36,13 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 import soundfile as sf
 
-from qasr_jax.compiles import count_compilations
-from qasr_jax.config import preset
-from qasr_jax.engine import Engine
+from qasr_jax.decoding.compiles import count_compilations
+from qasr_jax.decoding.engine import Engine
+from qasr_jax.io.tokenizer import Tokenizer
 from qasr_jax.loading import Model
-from qasr_jax.model import KVCache, param_shapes
+from qasr_jax.modeling.config import preset
+from qasr_jax.modeling.model import KVCache, param_shapes
 from qasr_jax.testing import synthetic
-from qasr_jax.tokenizer import Tokenizer
 from qasr_jax.transcribe import Transcriber
 
 MODES = ("scan", "unrolled")
@@ -109,7 +109,7 @@ def section_step(args) -> None:
         del eng
 
 
-_PROBE = ("import sys, json; from qasr_jax.cli import main; from qasr_jax.compiles import count_compilations\n"
+_PROBE = ("import sys, json; from qasr_jax.cli.core import main; from qasr_jax.decoding.compiles import count_compilations\n"
           "with count_compilations() as c:\n    code = main(sys.argv[1:])\n"
           "print('PROGRAMS', json.dumps({'count': c.count, 'compiled': c.compiled, 'seconds': c.seconds, "
           "'names': c.names}), file=sys.stderr)\nsys.exit(code)")

@@ -48,10 +48,10 @@ import numpy as np
 
 
 import qasr_jax  # noqa: E402
-from qasr_jax.audio import log_mel_batch  # noqa: E402
-from qasr_jax.config import audio_token_count, preset  # noqa: E402
-from qasr_jax.prompts import build_prompt_ids  # noqa: E402
-from qasr_jax.tokenizer import Tokenizer  # noqa: E402
+from qasr_jax.io.audio import log_mel_batch  # noqa: E402
+from qasr_jax.io.prompts import build_prompt_ids  # noqa: E402
+from qasr_jax.io.tokenizer import Tokenizer  # noqa: E402
+from qasr_jax.modeling.config import audio_token_count, preset  # noqa: E402
 
 CLIP_SECONDS = 11.3
 RATE = 16000

@@ -21,13 +21,13 @@ import time
 import numpy as np
 import soundfile as sf
 
-from qasr_jax.config import preset  # noqa: E402
+from qasr_jax.modeling.config import preset  # noqa: E402
 from qasr_jax.testing import DATA  # noqa: E402
 from qasr_jax.testing.reference import build_reference, save_official  # noqa: E402
 from qasr_jax.testing.tokenizer_files import write_tokenizer  # noqa: E402
 
 # Prints whether librosa and numba were imported, after the command ran in this same process.
-PROBE = ("import sys; from qasr_jax.cli import main; code = main(sys.argv[1:]); "
+PROBE = ("import sys; from qasr_jax.cli.core import main; code = main(sys.argv[1:]); "
          "print('modules:', 'librosa' in sys.modules, 'numba' in sys.modules, file=sys.stderr); sys.exit(code)")
 
 

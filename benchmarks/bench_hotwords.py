@@ -19,9 +19,9 @@ import jax
 import numpy as np
 
 
-from qasr_jax import hotwords as hw  # noqa: E402
-from qasr_jax import search as S  # noqa: E402
-from qasr_jax.buckets import cache_length  # noqa: E402
+from qasr_jax.decoding import hotwords as hw  # noqa: E402
+from qasr_jax.decoding import search as S  # noqa: E402
+from qasr_jax.decoding.buckets import cache_length  # noqa: E402
 from bench_slots import cpu_name, random_transcriber  # noqa: E402
 
 SYLLABLES = ["ka", "lo", "mi", "ran", "tes", "vor", "qu", "zel", "pha", "dor", "wen", "jax", "bri", "sul"]

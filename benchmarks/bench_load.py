@@ -51,7 +51,7 @@ print(json.dumps({"base": base, "peak": rss("VmHWM"), "after": rss("VmRSS"), "pa
 BUILD = r"""
 import sys
 import torch
-from qasr_jax.config import preset
+from qasr_jax.modeling.config import preset
 from qasr_jax.testing.reference import build_reference, save_hf, save_official
 cfg = preset(sys.argv[1])
 ref = build_reference(cfg, seed=0)

@@ -29,12 +29,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-from qasr_jax.compiles import COMPILE_EVENT  # noqa: E402
-from qasr_jax.config import preset  # noqa: E402
+from qasr_jax.decoding.compiles import COMPILE_EVENT  # noqa: E402
+from qasr_jax.io.tokenizer import Tokenizer  # noqa: E402
 from qasr_jax.loading import Model  # noqa: E402
-from qasr_jax.model import param_shapes  # noqa: E402
-from qasr_jax.sharding import make_mesh  # noqa: E402
-from qasr_jax.tokenizer import Tokenizer  # noqa: E402
+from qasr_jax.modeling.config import preset  # noqa: E402
+from qasr_jax.modeling.model import param_shapes  # noqa: E402
+from qasr_jax.modeling.sharding import make_mesh  # noqa: E402
 from qasr_jax.transcribe import Transcriber  # noqa: E402
 
 

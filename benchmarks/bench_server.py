@@ -40,12 +40,12 @@ import openai
 import soundfile as sf
 
 
-from qasr_jax.config import preset  # noqa: E402
-from qasr_jax.model import param_shapes  # noqa: E402
-from qasr_jax.transcribe import Transcriber  # noqa: E402
+from qasr_jax.modeling.config import preset  # noqa: E402
+from qasr_jax.modeling.model import param_shapes  # noqa: E402
 from qasr_jax.testing.reference import build_reference, save_hf  # noqa: E402
 from qasr_jax.testing.serving import Served  # noqa: E402
 from qasr_jax.testing.tokenizer_files import write_tokenizer  # noqa: E402
+from qasr_jax.transcribe import Transcriber  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data")
 

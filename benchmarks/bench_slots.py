@@ -28,11 +28,11 @@ import numpy as np
 
 
 import qasr_jax  # noqa: E402
-from qasr_jax import search as S  # noqa: E402
-from qasr_jax.audio import log_mel_batch  # noqa: E402
-from qasr_jax.buckets import batch_rows, cache_length, frame_bucket, prompt_width  # noqa: E402
-from qasr_jax.pipeline import DecodeOptions, Pipeline, Work  # noqa: E402
-from qasr_jax.prompts import build_prompt_ids  # noqa: E402
+from qasr_jax.decoding import search as S  # noqa: E402
+from qasr_jax.decoding.buckets import batch_rows, cache_length, frame_bucket, prompt_width  # noqa: E402
+from qasr_jax.decoding.pipeline import DecodeOptions, Pipeline, Work  # noqa: E402
+from qasr_jax.io.audio import log_mel_batch  # noqa: E402
+from qasr_jax.io.prompts import build_prompt_ids  # noqa: E402
 from qasr_jax.testing import speech, synthetic  # noqa: E402
 
 

@@ -52,15 +52,15 @@ import soundfile as sf
 
 
 from bench_core import OthersMeter, cpu_model, make_checkpoint  # noqa: E402
-from qasr_jax.audio import log_mel_batch, n_frames  # noqa: E402
-from qasr_jax.buckets import frame_bucket, output_buffer, prompt_width  # noqa: E402
-from qasr_jax import stream_audio  # noqa: E402
-from qasr_jax.compiles import count_compilations  # noqa: E402
-from qasr_jax.config import preset  # noqa: E402
-from qasr_jax import search as S  # noqa: E402
-from qasr_jax.stream_prompts import prompt_parts, rollback_prefix  # noqa: E402
-from qasr_jax.transcribe import Transcriber  # noqa: E402
+from qasr_jax.streaming import audio as stream_audio  # noqa: E402
+from qasr_jax.decoding import search as S  # noqa: E402
+from qasr_jax.decoding.buckets import frame_bucket, output_buffer, prompt_width  # noqa: E402
+from qasr_jax.decoding.compiles import count_compilations  # noqa: E402
+from qasr_jax.io.audio import log_mel_batch, n_frames  # noqa: E402
+from qasr_jax.modeling.config import preset  # noqa: E402
+from qasr_jax.streaming.prompts import prompt_parts, rollback_prefix  # noqa: E402
 from qasr_jax.testing.tokenizer_files import write_tokenizer  # noqa: E402
+from qasr_jax.transcribe import Transcriber  # noqa: E402
 
 SR = 16000
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data")

@@ -32,11 +32,11 @@ import torch
 
 from bench_slots import random_checkpoint  # noqa: E402
 from bench_transcribe import machine, reference_run  # noqa: E402
-from qasr_jax.compiles import count_compilations  # noqa: E402
-from qasr_jax.config import preset  # noqa: E402
-from qasr_jax.transcribe import Transcriber  # noqa: E402
+from qasr_jax.decoding.compiles import count_compilations  # noqa: E402
+from qasr_jax.modeling.config import preset  # noqa: E402
 from qasr_jax.testing.reference import build_reference, save_hf  # noqa: E402
 from qasr_jax.testing.tokenizer_files import write_tokenizer  # noqa: E402
+from qasr_jax.transcribe import Transcriber  # noqa: E402
 
 
 def clip_set(count: int, seconds: float | list[float]) -> list[np.ndarray]:

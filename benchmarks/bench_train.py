@@ -5,7 +5,7 @@ Both sides load one random-weight checkpoint (built once with tests/reference.py
 the same rows: ``--rows`` clips of about ``--seconds`` s (noise and chirps; lengths spread by 10%), each with a
 ``--target-tokens``-token target and the loss on those tokens only. The reference is
 ``Qwen3ASRForConditionalGeneration`` with ``labels`` (-100 except the targets), ``loss.backward()``,
-``clip_grad_norm_(1.0)`` and ``torch.optim.AdamW``; ours is ``qasr_jax.training.Trainer.step`` (the same
+``clip_grad_norm_(1.0)`` and ``torch.optim.AdamW``; ours is ``qasr_jax.training.trainer.Trainer.step`` (the same
 clipping and AdamW, optax). The machine's memory decides what fits, so the two sides never live at once: each
 round builds one side, runs ``--warmup`` steps then ``--steps`` timed steps, frees it, and builds the other
 (alternating; the first round's order flips every round). Their first-step losses are compared (same weights,
@@ -97,7 +97,7 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> dict[str, float]:
 
 def model_flops(cfg, n_frames: list[int], prompt_lens: list[int], targets: int, train: str) -> float:
     """Model FLOPs of one train step: forward multiply-adds x 2, x 3 for trained parts (x 1 for a frozen encoder)."""
-    from qasr_jax.config import audio_token_count
+    from qasr_jax.modeling.config import audio_token_count
 
     a, t = cfg.audio, cfg.text
     c = a.downsample_hidden_size
@@ -131,9 +131,9 @@ def run_ours(folder: str, records, args) -> dict:
     import jax
 
     import qasr_jax
-    from qasr_jax.data import examples_from_records, step_batch
-    from qasr_jax.tokenizer import Tokenizer
-    from qasr_jax.training import TrainConfig, Trainer
+    from qasr_jax.training.data import examples_from_records, step_batch
+    from qasr_jax.io.tokenizer import Tokenizer
+    from qasr_jax.training.trainer import TrainConfig, Trainer
 
     with PeakRSS() as rss:
         model = qasr_jax.load(folder)
@@ -219,8 +219,8 @@ def main() -> None:
 
     import torch
 
-    from qasr_jax.config import preset
-    from qasr_jax.tokenizer import Tokenizer
+    from qasr_jax.modeling.config import preset
+    from qasr_jax.io.tokenizer import Tokenizer
     from qasr_jax.testing.tokenizer_files import write_tokenizer
 
     cfg = preset(args.preset)

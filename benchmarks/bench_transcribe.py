@@ -26,12 +26,12 @@ import soundfile as sf
 import torch
 
 
-from qasr_jax.compiles import count_compilations  # noqa: E402
-from qasr_jax.config import audio_token_count, preset  # noqa: E402
-from qasr_jax.prompts import build_prompt_ids  # noqa: E402
-from qasr_jax.transcribe import Transcriber  # noqa: E402
+from qasr_jax.decoding.compiles import count_compilations  # noqa: E402
+from qasr_jax.io.prompts import build_prompt_ids  # noqa: E402
+from qasr_jax.modeling.config import audio_token_count, preset  # noqa: E402
 from qasr_jax.testing.reference import build_reference, save_hf  # noqa: E402
 from qasr_jax.testing.tokenizer_files import write_tokenizer  # noqa: E402
+from qasr_jax.transcribe import Transcriber  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data")
 

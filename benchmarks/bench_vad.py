@@ -2,7 +2,7 @@
 and what ``transcribe(vad=True)`` saves end to end on a long recording with pauses and noise.
 
 1. Frames per second (32 ms each) on one stream and on ``--streams`` streams in one program: ours is one call of
-   ``qasr_jax.vad.speech_probabilities_batch`` over ``--vad-seconds`` of audio per stream; onnxruntime runs Silero's
+   ``qasr_jax.vad.network.speech_probabilities_batch`` over ``--vad-seconds`` of audio per stream; onnxruntime runs Silero's
    ``silero_vad.onnx`` frame by frame with its state, as ``get_speech_timestamps`` does (the streams as one batch).
    The probabilities of both are compared (max difference printed).
 2. ``--minutes`` of the stored espeak-ng clips (tests/data) with ``--pause-fraction`` of the time in 1-5 s pauses of
@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from qasr_jax.testing import DATA
-from qasr_jax.vad import FRAME_SAMPLES, initial_state, speech_probabilities_batch, vad_params
+from qasr_jax.vad.network import FRAME_SAMPLES, initial_state, speech_probabilities_batch, vad_params
 from bench_slots import cpu_name, random_transcriber
 
 SR = 16000

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qasr_jax.quant import matmul
+from qasr_jax.modeling.quant import matmul
 
 
 def lscpu() -> dict[str, str]:
@@ -46,7 +46,7 @@ def _chain(x, ws, quantized):
 
 
 def matmul_rates(repeats: int = 5) -> dict[str, dict[int, float]]:
-    """GFLOP/s of ``qasr_jax.quant.matmul`` (the model's own matmul forms) per precision and row count: a chain of 8
+    """GFLOP/s of ``qasr_jax.modeling.quant.matmul`` (the model's own matmul forms) per precision and row count: a chain of 8
     (1024 x 6144) products, best of ``repeats``."""
     rng = np.random.default_rng(0)
     base = [rng.standard_normal(RATE_SHAPE).astype(np.float32) * 0.03 for _ in range(8)]

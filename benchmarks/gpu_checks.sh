@@ -61,7 +61,7 @@ step throughput-0.6b 250 $py benchmarks/bench_throughput.py --preset asr-0.6b --
 step throughput-1.7b 220 $py benchmarks/bench_throughput.py --preset asr-1.7b --dtype bfloat16
 step compile 220 $py benchmarks/bench_compile.py --sections buckets,step --preset asr-0.6b --dtype bfloat16
 
-# Issue 27: JAX alone may take most of the card (its KV budget is half of what is free, qasr_jax.pipeline.kv_budget).
+# Issue 27: JAX alone may take most of the card (its KV budget is half of what is free, qasr_jax.decoding.pipeline.kv_budget).
 alone="env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 $py"
 ckpt=${CKPT_DIR:-/tmp/qasr_gpu_ckpt}  # random checkpoints shared by the steps, kept out of the log folder
 tp="$alone benchmarks/bench_throughput.py --dtype bfloat16 --no-reference"

@@ -38,9 +38,9 @@ import soundfile as sf
 
 from bench_slots import random_transcriber  # noqa: E402
 from bench_throughput import clip_set  # noqa: E402
-from qasr_jax.audio import frames_of, load_audio, log_mel_padded, n_frames, pad_waves  # noqa: E402
-from qasr_jax.buckets import frame_bucket, output_buffer  # noqa: E402
-from qasr_jax.pipeline import DecodeOptions, Pipeline, Work  # noqa: E402
+from qasr_jax.decoding.buckets import frame_bucket, output_buffer  # noqa: E402
+from qasr_jax.decoding.pipeline import DecodeOptions, Pipeline, Work  # noqa: E402
+from qasr_jax.io.audio import frames_of, load_audio, log_mel_padded, n_frames, pad_waves  # noqa: E402
 
 HOST = "(host)"
 

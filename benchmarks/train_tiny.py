@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from qasr_jax.config import AudioConfig, ModelConfig, TextConfig
+from qasr_jax.modeling.config import AudioConfig, ModelConfig, TextConfig
 
 # 200 everyday words (the training vocabulary) and 8 it never hears (fine-tuning checks).
 WORDS = """
@@ -83,7 +83,7 @@ def synthesize(spec: dict, path: str) -> float:
     """Speak ``spec`` with espeak-ng into a 16 kHz file ``path`` (wav or flac); returns its seconds."""
     import soundfile as sf
 
-    from qasr_jax.audio import SAMPLE_RATE, load_audio
+    from qasr_jax.io.audio import SAMPLE_RATE, load_audio
 
     with tempfile.NamedTemporaryFile(suffix=".wav") as tmp:
         subprocess.run(["espeak-ng", "-v", spec["voice"], "-s", str(spec["speed"]), "-p", str(spec["pitch"]),
@@ -129,9 +129,9 @@ def make_corpus(folder: str, train_clips: int, heldout_clips: int, novel_train: 
 def write_init(folder: str, seed: int) -> str:
     """The untrained checkpoint (-hf layout, float32) with the small tokenizer."""
     from qasr_jax.convert.export import export_checkpoint
-    from qasr_jax.model import init_params
+    from qasr_jax.modeling.model import init_params
     from qasr_jax.testing.tokenizer_files import write_small_tokenizer
-    from qasr_jax.tokenizer import Tokenizer
+    from qasr_jax.io.tokenizer import Tokenizer
 
     tok_dir = write_small_tokenizer(os.path.join(folder, "tokenizer"), "hf")
     tok = Tokenizer.from_dir(tok_dir)
@@ -144,10 +144,10 @@ def train(out: str, corpus: str, steps: int, batch_size: int, eval_every: int, s
     """Train from a fresh checkpoint on ``corpus``/train.jsonl (held-out WER on ``corpus``/heldout.jsonl every
     ``eval_every`` steps); export bfloat16 ``out``/tiny-en/model-hf and model -> their paths."""
     import qasr_jax
-    from qasr_jax.data import Augment, read_manifest
-    from qasr_jax.finetune import finetune
-    from qasr_jax.tokenizer import Tokenizer
-    from qasr_jax.training import TrainConfig
+    from qasr_jax.training.data import Augment, read_manifest
+    from qasr_jax.training.finetune import finetune
+    from qasr_jax.io.tokenizer import Tokenizer
+    from qasr_jax.training.trainer import TrainConfig
 
     init = write_init(out, seed)
     model = qasr_jax.load(init, dtype="float32")
@@ -170,7 +170,7 @@ def export_tiny(params, cfg: ModelConfig, target: str, corpus: str) -> list[str]
     """Both layouts in bfloat16 with their own tokenizer files (the official one vocab.json + merges.txt), the
     word list and the training texts' hashes -> the checkpoint folders."""
     from qasr_jax.convert.export import export_checkpoint
-    from qasr_jax.finetune import EXPORTS, check_finite
+    from qasr_jax.training.finetune import EXPORTS, check_finite
     from qasr_jax.testing.tokenizer_files import write_small_tokenizer
 
     check_finite(params, "the trained weights")

@@ -23,8 +23,8 @@ import jax
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from qasr_jax.config import ModelConfig
-from qasr_jax.model import param_shapes
+from qasr_jax.modeling.config import ModelConfig
+from qasr_jax.modeling.model import param_shapes
 
 
 class CheckpointError(ValueError):

@@ -14,10 +14,10 @@ import shutil
 import numpy as np
 from safetensors.numpy import save_file
 
-from qasr_jax.config import ModelConfig
 from qasr_jax.convert.checkpoint import params_to_hf, to_official_name, tree_to_numpy
 from qasr_jax.convert.orbax_io import SIDE_FILES
-from qasr_jax.tokenizer import Tokenizer
+from qasr_jax.io.tokenizer import Tokenizer
+from qasr_jax.modeling.config import ModelConfig
 
 LAYOUTS = ("hf", "official")
 SHARD_BYTES = 4 << 30  # safetensors files are split above this size, with an index

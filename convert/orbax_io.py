@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from qasr_jax.config import ModelConfig
+from qasr_jax.modeling.config import ModelConfig
 
 CONFIG_FILE = "qasr_config.json"
 PARAMS_DIR = "params"
@@ -50,21 +50,21 @@ def restore_orbax(src: str, dtype: str | None = None, placement=None) -> tuple[d
     """Read a ``save_orbax`` folder: (params, config); ``dtype`` casts the floating leaves.
 
     ``placement`` None gives host numpy arrays; "device" reads each parameter straight onto the default device,
-    and a ``qasr_jax.axes.Layout`` straight into its shards on the mesh (no device or host then holds a whole
+    and a ``qasr_jax.modeling.axes.Layout`` straight into its shards on the mesh (no device or host then holds a whole
     sharded tensor), in ``dtype`` (default float32).
     """
     src = os.path.abspath(src)
     with open(os.path.join(src, CONFIG_FILE)) as f:
         cfg = ModelConfig.from_dict(json.load(f))
     if placement is not None:
-        from qasr_jax.model import param_shapes
+        from qasr_jax.modeling.model import param_shapes
 
         shapes = param_shapes(cfg, dtype or "float32")
         if placement == "device":
             one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shardings = jax.tree_util.tree_map(lambda _: one, shapes)
         else:
-            from qasr_jax.sharding import param_shardings
+            from qasr_jax.modeling.sharding import param_shardings
 
             shardings = param_shardings(shapes, placement, cfg)
         target = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),

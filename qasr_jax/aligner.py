@@ -4,10 +4,10 @@ The aligner input has no chat template (the official toolkit and transformers' p
 
     <|audio_start|>{<|audio_pad|> x N}<|audio_end|>u1<timestamp><timestamp>u2<timestamp><timestamp>...uK<timestamp><timestamp>
 
-where u1..uK are the alignment units of the text (``qasr_jax.units.split_units``), each tokenized on its own
+where u1..uK are the alignment units of the text (``qasr_jax.io.units.split_units``), each tokenized on its own
 (no leading space), and nothing follows the last pair of ``<timestamp>``. One forward pass gives 5000 class
 logits at every position; the argmax at the two ``<timestamp>`` after a unit, times 80 ms, is its start and end.
-Times that go backwards are repaired (``qasr_jax.units.fix_timestamps``), then clamped to the audio's end.
+Times that go backwards are repaired (``qasr_jax.io.units.fix_timestamps``), then clamped to the audio's end.
 
 Batches run in one jitted call with bucketed shapes (batch to a power of two, audio to 8 s, tokens and timestamp
 slots to 8 steps per power of two), so new lengths inside a bucket compile nothing. One call takes audio up to ``max_seconds``
@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from qasr_jax.audio import SAMPLE_RATE, load_audio, log_mel_batch, n_frames
-from qasr_jax.buckets import aligner_rows, frame_bucket, length_bucket
-from qasr_jax.config import audio_token_count
-from qasr_jax.hub import resolve_model_path
+from qasr_jax.decoding.buckets import aligner_rows, frame_bucket, length_bucket
+from qasr_jax.io.audio import SAMPLE_RATE, load_audio, log_mel_batch, n_frames
+from qasr_jax.io.hub import resolve_model_path
+from qasr_jax.io.tokenizer import Tokenizer
+from qasr_jax.io.units import aligner_language, fix_timestamps, split_units
 from qasr_jax.loading import Model, load
-from qasr_jax.tokenizer import Tokenizer
-from qasr_jax.units import aligner_language, fix_timestamps, split_units
+from qasr_jax.modeling.config import audio_token_count
 
 __all__ = ["Aligner", "Word", "resolve_model_path", "DEFAULT_MODEL"]
 
@@ -232,7 +232,7 @@ class Aligner:
         within SPLIT_GUARD_SECONDS of the window's end are given again to the next window. This is a heuristic
         (the official toolkit only aligns pieces with their own transcripts): times near window joins can be off.
         """
-        from qasr_jax.longform import split_long_audio
+        from qasr_jax.decoding.longform import split_long_audio
 
         words: list[Word] = []
         start, i = 0, 0  # first sample of the window; first unit not yet placed

@@ -7,12 +7,12 @@ import os
 import jax
 import numpy as np
 
-from qasr_jax.buckets import frame_bucket, round_up
-from qasr_jax.config import ModelConfig, audio_token_count, load_config
-from qasr_jax.engine import Engine
-from qasr_jax.hub import resolve_model_path
-from qasr_jax.model import KVCache
-from qasr_jax.quant import cast_params, quantize_params
+from qasr_jax.decoding.buckets import frame_bucket, round_up
+from qasr_jax.decoding.engine import Engine
+from qasr_jax.io.hub import resolve_model_path
+from qasr_jax.modeling.config import ModelConfig, audio_token_count, load_config
+from qasr_jax.modeling.model import KVCache
+from qasr_jax.modeling.quant import cast_params, quantize_params
 
 DTYPES = ("float32", "bfloat16")
 LAYERS = ("auto", "scan", "unrolled")
@@ -45,7 +45,7 @@ def _layout(mesh, sharding):
         if sharding is not None:
             raise ValueError("sharding= needs a mesh=")
         return None
-    from qasr_jax.sharding import make_layout
+    from qasr_jax.modeling.sharding import make_layout
 
     return make_layout(mesh, sharding)
 
@@ -53,11 +53,11 @@ def _layout(mesh, sharding):
 class Model:
     """A loaded Qwen3-ASR or ForcedAligner: config, params and its ``engine`` (every compiled program).
 
-    The parameter tree is the same on one device and on a mesh (see ``qasr_jax.model``). With a ``mesh`` (a
-    ``jax.sharding.Mesh``, "data=4,model=2" or a ``qasr_jax.axes.Layout``) the params are placed shard by shard as
-    ``sharding`` says (a preset of ``qasr_jax.sharding.PRESETS`` or rules; None: "tensor" when the model axis is
+    The parameter tree is the same on one device and on a mesh (see ``qasr_jax.modeling.model``). With a ``mesh`` (a
+    ``jax.sharding.Mesh``, "data=4,model=2" or a ``qasr_jax.modeling.axes.Layout``) the params are placed shard by shard as
+    ``sharding`` says (a preset of ``qasr_jax.modeling.sharding.PRESETS`` or rules; None: "tensor" when the model axis is
     larger than 1, else "data"), and batches take a row count that divides by the data axis (``data_size``).
-    ``quantize="int8"`` stores the decoder's matmul weights and LM head as int8 (``qasr_jax.quant``); the rest of
+    ``quantize="int8"`` stores the decoder's matmul weights and LM head as int8 (``qasr_jax.modeling.quant``); the rest of
     the model stays in ``dtype``. ``layers`` ("auto", "scan", "unrolled") is how the decoder's layers run (see
     :func:`default_layers`); ``params`` is the one per-layer tree either way.
     """
@@ -81,7 +81,7 @@ class Model:
             if quantize is not None:
                 params = quantize_params(params, config, quantize)
         else:
-            from qasr_jax.sharding import place_params
+            from qasr_jax.modeling.sharding import place_params
 
             params = place_params(params, layout, config, dtype)
         self.engine = Engine(config, params, dtype, attention_impl, interpret, layout, layers=_resolve_layers(layers))
@@ -107,7 +107,7 @@ class Model:
 
     @property
     def layout(self):
-        """The ``qasr_jax.axes.Layout`` (mesh + rules) the params live on, or None (one device)."""
+        """The ``qasr_jax.modeling.axes.Layout`` (mesh + rules) the params live on, or None (one device)."""
         return self.engine.layout
 
     @property
@@ -128,7 +128,7 @@ class Model:
     @staticmethod
     def log_mel(wave) -> np.ndarray:
         """float32 16 kHz mono waveform -> log-mel (128, n_frames), n_frames = max(n_samples, 8000) // 160."""
-        from qasr_jax.audio import log_mel
+        from qasr_jax.io.audio import log_mel
 
         return np.asarray(log_mel(wave))
 
@@ -227,7 +227,7 @@ def _placer(layout, cfg: ModelConfig, dtype: str):
         return lambda path, host: jax.device_put(host)
     from jax.sharding import NamedSharding
 
-    from qasr_jax.sharding import head_units, logical_axes, place_leaf
+    from qasr_jax.modeling.sharding import head_units, logical_axes, place_leaf
 
     units = head_units(cfg)
 

@@ -1,7 +1,7 @@
 """Transcription: audio in, language and text out, for one file or ten thousand.
 
 Inputs are read and checked first (a bad one is reported without losing the others; silence is valid and gives
-an empty transcript), long ones are cut into pieces, and the pieces go through a ``qasr_jax.pipeline.Pipeline``:
+an empty transcript), long ones are cut into pieces, and the pieces go through a ``qasr_jax.decoding.pipeline.Pipeline``:
 encoded in batches, decoded in the engine's slots, each slot refilled as soon as its piece ends. Feature frames,
 prompt width, output buffer and slots are padded to buckets, so a new input length compiles nothing. Each result
 carries its tokens' log-probabilities and says when a piece stopped at ``max_new_tokens``.
@@ -17,19 +17,19 @@ from typing import Any
 
 import numpy as np
 
-from qasr_jax import hotwords as hw
-from qasr_jax import language as lang_probs
-from qasr_jax.audio import SAMPLE_RATE, AudioError, load_audio
-from qasr_jax.hub import resolve_model_path
+from qasr_jax.decoding import hotwords as hw
+from qasr_jax.decoding import language as lang_probs
+from qasr_jax.decoding.longform import Piece, split_long_audio
+from qasr_jax.decoding.pipeline import DecodeOptions, Pipeline, Work, token_budget, token_limit
+from qasr_jax.io.audio import SAMPLE_RATE, AudioError, load_audio
+from qasr_jax.io.hub import resolve_model_path
+from qasr_jax.io.progress import audio_progress
+from qasr_jax.io.prompts import context_problem, normalize_language, parse_output, supported_languages
+from qasr_jax.io.results import Result, Segment, compression_ratio, join_texts, majority_language, rounded_logprob
+from qasr_jax.io.tokenizer import IncrementalDecoder, Tokenizer
+from qasr_jax.io.units import unit_spans
 from qasr_jax.loading import Model, load
-from qasr_jax.longform import Piece, split_long_audio
-from qasr_jax.pipeline import DecodeOptions, Pipeline, Work, token_budget, token_limit
-from qasr_jax.progress import audio_progress
-from qasr_jax.prompts import context_problem, normalize_language, parse_output, supported_languages
-from qasr_jax.results import Result, Segment, compression_ratio, join_texts, majority_language, rounded_logprob
-from qasr_jax.tokenizer import IncrementalDecoder, Tokenizer
-from qasr_jax.units import unit_spans
-from qasr_jax.vad_rules import speech_pieces
+from qasr_jax.vad.rules import speech_pieces
 
 ALIGN_PIECE_SECONDS = 180.0  # piece length when word timestamps are asked for (the official toolkit's choice)
 
@@ -137,7 +137,7 @@ class Transcriber:
         """Load from a local folder or a hub id ("Qwen/Qwen3-ASR-0.6B"); ``aligner`` is an Aligner or its path.
 
         ``mesh`` ("data=4,model=2" or a ``jax.sharding.Mesh``) spreads the model and each batch over devices;
-        ``sharding`` picks the preset ("data", "tensor", "fsdp"; see ``qasr_jax.sharding``). Token ids are the
+        ``sharding`` picks the preset ("data", "tensor", "fsdp"; see ``qasr_jax.modeling.sharding``). Token ids are the
         same as on one device; ``batch_size`` is then the global batch (a multiple of the data axis keeps every
         device busy). ``layers`` ("auto", "scan", "unrolled"): how the decoder's layers run (``qasr_jax.load``).
         """
@@ -154,10 +154,10 @@ class Transcriber:
     def stream(self, language=None, context="", chunk_seconds: float = 2.0, unfixed_chunks: int | None = None,
                unfixed_tokens: int = 5, max_new_tokens: int = 32, hotwords=None,
                hotword_boost: float = hw.DEFAULT_BOOST, hotwords_in_context: bool = False):
-        """A live stream (``qasr_jax.streaming.Stream``): ``feed()`` 16 kHz audio as it comes, read each Partial,
+        """A live stream (``qasr_jax.streaming.driver.Stream``): ``feed()`` 16 kHz audio as it comes, read each Partial,
         ``finish()`` for the Result. ``hotwords``, ``hotword_boost`` and ``hotwords_in_context`` as in
         ``transcribe`` (one list of words). For many streams stepped together use ``stream_driver``."""
-        from qasr_jax.streaming import shared_driver
+        from qasr_jax.streaming.driver import shared_driver
 
         edges = hw.edges_of(hw.request(hotwords, self.tokenizer.encode, hotword_boost))
         driver = shared_driver(self, max_new_tokens, edges)
@@ -165,10 +165,10 @@ class Transcriber:
                              hotwords, hotword_boost, hotwords_in_context)
 
     def stream_driver(self, slots: int = 8, **options):
-        """A ``qasr_jax.streaming.StreamDriver``: up to ``slots`` streams advanced in one step (``driver.stream()``,
+        """A ``qasr_jax.streaming.driver.StreamDriver``: up to ``slots`` streams advanced in one step (``driver.stream()``,
         ``driver.feed({stream: samples, ...})``); options: ``segment_seconds``, ``max_new_tokens``,
         ``context_tokens``, ``hotword_edges`` (room for the streams' hotword tries, see ``hotwords.edge_bucket``)."""
-        from qasr_jax.streaming import StreamDriver
+        from qasr_jax.streaming.driver import StreamDriver
 
         return StreamDriver(self, slots, **options)
 
@@ -179,13 +179,13 @@ class Transcriber:
         ``language`` (None = detect; a name or ISO code, or one per input) forces the output language; ``context``
         (text or one per input) biases towards names and terms. ``max_new_tokens`` (one for all, or one per input)
         caps each piece's output; None: a budget that grows with the piece's duration
-        (``qasr_jax.pipeline.token_budget``). ``batch_size`` is the number of decode slots: a piece that finishes
+        (``qasr_jax.decoding.pipeline.token_budget``). ``batch_size`` is the number of decode slots: a piece that finishes
         frees its slot for the next at once. ``hotwords`` (a list of words and names for every input, or one list
         per input) biases the search towards them by ``hotword_boost`` per matched token (see
-        ``qasr_jax.hotwords``); ``hotwords_in_context=True`` also adds them to the context the model reads (off by
+        ``qasr_jax.decoding.hotwords``); ``hotwords_in_context=True`` also adds them to the context the model reads (off by
         default: on the trained tiny-en model it raised the WER of clips it had right from 0 to 20%).
         ``language_probabilities=True`` also fills ``Result.language_probability`` and ``language_probabilities``
-        for detected languages (``qasr_jax.language``). ``stop_loops=True`` stops a greedy piece whose output
+        for detected languages (``qasr_jax.decoding.language``). ``stop_loops=True`` stops a greedy piece whose output
         ends in a pattern repeated 20 times (``Result.repetition_stopped``); ``fallback=Fallback()`` decodes a
         piece that looks hallucinated again (see ``Fallback``). Other options: ``return_timestamps``,
         ``length_penalty``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``max_audio_seconds`` (longer
@@ -223,7 +223,7 @@ class Transcriber:
         """Like ``transcribe`` but yields ``(input index, Result)`` as soon as each input is done.
 
         ``suppress_eos=True`` makes every piece run to its ``max_new_tokens`` (for benchmarks). ``vad=True`` decodes
-        only speech (Silero VAD, ``qasr_jax.vad``): neighbouring speech merged into pieces of at most
+        only speech (Silero VAD, ``qasr_jax.vad.network``): neighbouring speech merged into pieces of at most
         ``vad_max_seconds``, one Segment each; silence and noise alone give empty text.
         """
         inputs = self._inputs(audio)
@@ -311,7 +311,7 @@ class Transcriber:
         bar.close()
 
     def decoded(self, piece: Piece, out, language: str | None) -> _Part:
-        """A piece's decoder ``Output`` (``qasr_jax.slots.Output``) read as language and text; ``language`` is the
+        """A piece's decoder ``Output`` (``qasr_jax.decoding.slots.Output``) read as language and text; ``language`` is the
         forced one (canonical name) or None."""
         lang, text = parse_output(out.token_ids, self.tokenizer, language=language, supported=self.languages)
         return _Part(piece, lang or language, text, out.token_ids, out.token_logprobs,

@@ -15,10 +15,10 @@ import pytest
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
+from qasr_jax.io.tokenizer import Tokenizer  # noqa: E402
 from qasr_jax.testing import tiny_variant  # noqa: E402
 from qasr_jax.testing.reference import build_reference, save_hf, save_official  # noqa: E402
 from qasr_jax.testing.tokenizer_files import with_tokenizer, write_tokenizer  # noqa: E402
-from qasr_jax.tokenizer import Tokenizer  # noqa: E402
 from qasr_jax.transcribe import Transcriber  # noqa: E402
 
 

@@ -26,11 +26,11 @@ import numpy as np  # noqa: E402
 
 
 import qasr_jax  # noqa: E402
-from qasr_jax.compiles import COMPILE_EVENT  # noqa: E402
-from qasr_jax import sharding  # noqa: E402
-from qasr_jax.transcribe import Transcriber  # noqa: E402
+from qasr_jax.modeling import sharding  # noqa: E402
+from qasr_jax.decoding.compiles import COMPILE_EVENT  # noqa: E402
 from qasr_jax.testing import DATA, speech, synthetic  # noqa: E402
 from qasr_jax.testing.notebook_run import run_code_cells  # noqa: E402
+from qasr_jax.transcribe import Transcriber  # noqa: E402
 
 NEW = 6  # new tokens per input
 # (mesh, preset): the meshes the issue names, both presets on data=4,model=2, and FSDP.
@@ -175,8 +175,8 @@ def ids(asr, waves, **kwargs) -> list[list[int]]:
 
 def prompt_numerics(asr, waves) -> tuple[np.ndarray, np.ndarray]:
     """Encoder output and prefill logits for 8 rows through the Model's batched programs (sharded with a mesh)."""
-    from qasr_jax.audio import log_mel_batch
-    from qasr_jax.prompts import build_prompt_ids
+    from qasr_jax.io.audio import log_mel_batch
+    from qasr_jax.io.prompts import build_prompt_ids
 
     model = asr.model
     feats, n_frames = log_mel_batch(waves, pad_to=800)
@@ -196,7 +196,7 @@ def max_rel_err(got: np.ndarray, want: np.ndarray) -> float:
 
 def one_input_logits(model) -> np.ndarray:
     """Model.logits on one input (batch 1: rows cannot split over data, weights still split over model)."""
-    from qasr_jax.config import audio_token_count
+    from qasr_jax.modeling.config import audio_token_count
 
     feats = model.log_mel(speech("hello_en.wav"))
     n = audio_token_count(feats.shape[1], model.config.audio)
@@ -267,8 +267,8 @@ def main(model_dir: str, orbax_dir: str, work_dir: str, report_path: str) -> Non
     del orbax
 
     # The Pallas kernel (interpreted on CPU) under a mesh runs per shard (shard_map) and matches XLA on one device.
-    from qasr_jax.audio import log_mel_batch
-    from qasr_jax.config import load_config
+    from qasr_jax.io.audio import log_mel_batch
+    from qasr_jax.modeling.config import load_config
     from qasr_jax.convert.checkpoint import load_hf_params
     from qasr_jax.loading import Model
 

@@ -22,10 +22,10 @@ from transformers.models.qwen3_asr import Qwen3ASRFeatureExtractor, Qwen3ASRProc
 import qasr_jax
 from qasr_jax import cli
 from qasr_jax.aligner import Aligner, Word, _similar_groups
-from qasr_jax.buckets import aligner_rows
-from qasr_jax.compiles import count_compilations
-from qasr_jax.tokenizer import Tokenizer
-from qasr_jax.units import UnsupportedLanguageError
+from qasr_jax.decoding.buckets import aligner_rows
+from qasr_jax.decoding.compiles import count_compilations
+from qasr_jax.io.tokenizer import Tokenizer
+from qasr_jax.io.units import UnsupportedLanguageError
 from qasr_jax.testing import speech, synthetic
 from qasr_jax.testing.reference import save_official
 from test_formats import parse_srt, parse_vtt

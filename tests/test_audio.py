@@ -15,8 +15,8 @@ import torch
 from transformers.audio_utils import mel_filter_bank
 from transformers.models.qwen3_asr import Qwen3ASRFeatureExtractor
 
-from qasr_jax import audio
-from qasr_jax.compiles import count_compilations
+from qasr_jax.decoding.compiles import count_compilations
+from qasr_jax.io import audio
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -236,7 +236,7 @@ def test_reading_resampling_and_log_mel_never_import_librosa(tmp_path):
     for ext in ("wav", "flac"):
         paths.append(str(tmp_path / f"stereo.{ext}"))
         sf.write(paths[-1], stereo_44k(), 44100)
-    code = ("import sys; from qasr_jax.audio import load_audio, log_mel\n"
+    code = ("import sys; from qasr_jax.io.audio import load_audio, log_mel\n"
             "for p in sys.argv[1:]: assert log_mel(load_audio(p)).shape[0] == 128\n"
             "print(sorted(m for m in ('librosa', 'numba') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, cwd=ROOT)

@@ -22,11 +22,13 @@ import tomllib
 import pytest
 import soundfile as sf
 
-from qasr_jax import cli, progress
-from qasr_jax.tokenizer import Tokenizer
-from qasr_jax.transcribe import Result
+from qasr_jax import cli
+from qasr_jax.cli import core as cli_main
+from qasr_jax.io import progress
+from qasr_jax.io.tokenizer import Tokenizer
 from qasr_jax.testing import DATA, synthetic
 from qasr_jax.testing.tokenizer_files import with_tokenizer
+from qasr_jax.transcribe import Result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW = 8  # new tokens per input
@@ -284,7 +286,7 @@ def test_a_truncated_result_is_reported_with_the_flag_to_raise(asr_dir, capsys, 
     assert f"warning: {wav}: the transcript stopped at --max-new-tokens 3" in err and "raise --max-new-tokens" in err
     assert json.loads(out)["truncated"] is True
     args = cli.build_parser().parse_args(["transcribe", "ok.wav"])
-    assert cli.report_result(Result("ok.wav", text="fine"), args) is False and capsys.readouterr().err == ""
+    assert cli_main.report_result(Result("ok.wav", text="fine"), args) is False and capsys.readouterr().err == ""
 
 
 def test_convert_refuses_a_folder_that_is_not_empty(checkpoints, capsys, tmp_path):
@@ -357,10 +359,10 @@ def test_killed_job_resumes_with_skip_existing(asr_dir, tmp_path):
 
 def test_write_atomic_leaves_the_old_file_or_the_new_one(tmp_path):
     target = tmp_path / "sub" / "a.txt"
-    cli.write_atomic(str(target), "first\n")
+    cli_main.write_atomic(str(target), "first\n")
     assert target.read_text() == "first\n" and os.listdir(target.parent) == ["a.txt"]
     with pytest.raises(TypeError):
-        cli.write_atomic(str(target), None)  # fails while writing the temporary file
+        cli_main.write_atomic(str(target), None)  # fails while writing the temporary file
     assert target.read_text() == "first\n" and os.listdir(target.parent) == ["a.txt"]
     assert oct(os.stat(target).st_mode & 0o777) == oct(0o666 & ~_umask())
 

@@ -18,13 +18,13 @@ import pytest
 import soundfile as sf
 
 import qasr_jax
-from qasr_jax import sharding
-from qasr_jax.config import preset
-from qasr_jax.engine import Engine
-from qasr_jax.model import KVCache, param_shapes
-from qasr_jax.transcribe import Transcriber
+from qasr_jax.decoding.engine import Engine
+from qasr_jax.modeling import sharding
+from qasr_jax.modeling.config import preset
+from qasr_jax.modeling.model import KVCache, param_shapes
 from qasr_jax.testing import speech, synthetic
 from qasr_jax.testing.tokenizer_files import with_tokenizer
+from qasr_jax.transcribe import Transcriber
 from test_parity import reference_prompt_logits, rel
 
 TOL = 1e-4
@@ -117,7 +117,7 @@ def test_prefill_memory_grows_linearly_with_the_prompt():
 # encode_waves (log-mel + encoder per octave of length and row count), embed and insert shapes; 31 in all (24 with
 # three decode groups of 8 programs each, 30 before issue 24). See RESULTS.md "Compile". A change shows here.
 CLI_JOB_PROGRAMS = 31
-_PROBE = ("import sys, json, jax; from qasr_jax.cli import main; from qasr_jax.compiles import count_compilations\n"
+_PROBE = ("import sys, json, jax; from qasr_jax.cli.core import main; from qasr_jax.decoding.compiles import count_compilations\n"
           "with count_compilations() as c:\n    code = main(sys.argv[1:])\n"
           "print('PROGRAMS', json.dumps({'count': c.count, 'compiled': c.compiled, 'names': c.names}), file=sys.stderr)\n"
           "sys.exit(code)")

@@ -16,12 +16,12 @@ import torch
 from safetensors.torch import save_file
 
 import qasr_jax
-from qasr_jax.config import ConfigError, config_from_hf_dict, load_config
+from qasr_jax.modeling.config import ConfigError, config_from_hf_dict, load_config
 from qasr_jax.convert.checkpoint import (
     CheckpointError, expected_tensors, load_hf_params, params_to_hf, read_safetensors, tree_to_numpy,
 )
 from qasr_jax.convert.orbax_io import restore_orbax, save_orbax
-from qasr_jax.model import param_shapes
+from qasr_jax.modeling.model import param_shapes
 from qasr_jax.testing.reference import official_config, save_hf, save_official
 
 

@@ -12,24 +12,26 @@ import numpy as np
 import pytest
 
 import qasr_jax
-from qasr_jax import sharding
-from qasr_jax.pipeline import token_budget
-from qasr_jax.transcribe import Transcriber
-from qasr_jax.units import unit_spans
+from qasr_jax.decoding.pipeline import token_budget
+from qasr_jax.io.units import unit_spans
+from qasr_jax.modeling import sharding
 from qasr_jax.testing import speech, synthetic
 from qasr_jax.testing.tokenizer_files import with_tokenizer
+from qasr_jax.transcribe import Transcriber
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE_DIRS = ("qasr_jax", "convert", "kernels")
 
 
 def _sources():
+    """(path from the checkout's root, parsed module) of every library module, subpackages included."""
     for d in PACKAGE_DIRS:
-        for f in sorted(os.listdir(os.path.join(ROOT, d))):
-            if f.endswith(".py"):
-                path = os.path.join(ROOT, d, f)
-                with open(path, encoding="utf-8") as fh:
-                    yield f"{d}/{f}", ast.parse(fh.read())
+        for folder, _, files in sorted(os.walk(os.path.join(ROOT, d))):
+            for f in sorted(files):
+                if f.endswith(".py"):
+                    path = os.path.join(folder, f)
+                    with open(path, encoding="utf-8") as fh:
+                        yield os.path.relpath(path, ROOT).replace(os.sep, "/"), ast.parse(fh.read())
 
 
 def test_only_the_engine_applies_the_model():
@@ -42,8 +44,8 @@ def test_only_the_engine_applies_the_model():
                 appliers.append(name)
             if isinstance(node, ast.Name) and node.id == "Qwen3ASRModule":
                 builders.append(name)
-    assert set(appliers) == {"qasr_jax/engine.py"}, appliers
-    assert set(builders) <= {"qasr_jax/engine.py", "qasr_jax/model.py"}, builders
+    assert set(appliers) == {"qasr_jax/decoding/engine.py"}, appliers
+    assert set(builders) <= {"qasr_jax/decoding/engine.py", "qasr_jax/modeling/model.py"}, builders
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +103,7 @@ def test_unit_spans_find_words_in_the_transcript():
 
 def test_words_carry_the_mean_logprob_of_their_tokens(asr):
     """Each aligned word's logprob is the mean of the log-probabilities of the tokens that spell it."""
-    from qasr_jax.longform import Piece
+    from qasr_jax.decoding.longform import Piece
     from qasr_jax.transcribe import _Part, word_logprobs
 
     tok = asr.tokenizer

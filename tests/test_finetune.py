@@ -20,11 +20,11 @@ import pytest
 import soundfile as sf
 from safetensors.numpy import load_file
 
-from qasr_jax.cli import main
-from qasr_jax.data import Loader, ManifestError, epoch_groups, examples_from_records, read_manifest
-from qasr_jax.evaluation import Scored, normalize, score
+from qasr_jax.cli.core import main
 from qasr_jax.testing import DATA, synthetic
 from qasr_jax.testing.tokenizer_files import with_tokenizer
+from qasr_jax.training.data import Loader, ManifestError, epoch_groups, examples_from_records, read_manifest
+from qasr_jax.training.evaluation import Scored, normalize, score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW_WORDS = os.path.join(DATA, "newwords", "newwords.jsonl")
@@ -88,8 +88,8 @@ def test_empty_manifest(tmp_path):
 
 @pytest.mark.parametrize("option", [{"save_every": 0}, {"keep": 0}, {"eval_every": -1}])
 def test_bad_schedule_options_are_refused_before_anything_runs(tmp_path, option):
-    from qasr_jax.finetune import finetune
-    from qasr_jax.training import TrainConfig
+    from qasr_jax.training.finetune import finetune
+    from qasr_jax.training.trainer import TrainConfig
 
     with pytest.raises(ValueError, match=f"got .*{list(option.values())[0]}"):
         finetune(None, None, [], str(tmp_path / "run"), TrainConfig(), **option)
@@ -131,7 +131,7 @@ def test_epoch_order_is_seeded_and_length_sorted():
 
 
 def test_loader_host_shares_and_saved_position(tok):
-    from qasr_jax.config import preset
+    from qasr_jax.modeling.config import preset
 
     cfg = preset("tiny")
     records = [{"audio": synthetic(0.6 + 0.1 * i, i), "text": f"language English<asr_text>clip {i}"}

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from qasr_jax.formats import FORMATS, format_timestamp, render, to_json, to_srt, to_tsv, to_txt, to_vtt
+from qasr_jax.io.formats import FORMATS, format_timestamp, render, to_json, to_srt, to_tsv, to_txt, to_vtt
 
 
 @dataclasses.dataclass
@@ -110,9 +110,9 @@ def test_render_dispatch_and_errors():
 # ----------------------------------------------------------------------------------------------------------------
 
 from qasr_jax.aligner import Word  # noqa: E402
-from qasr_jax.formats import CueLimits, build_cues, result_cues  # noqa: E402
-from qasr_jax.results import Result, Segment  # noqa: E402
-from qasr_jax.units import is_cjk_char, split_units  # noqa: E402
+from qasr_jax.io.formats import CueLimits, build_cues, result_cues  # noqa: E402
+from qasr_jax.io.results import Result, Segment  # noqa: E402
+from qasr_jax.io.units import is_cjk_char, split_units  # noqa: E402
 
 ENDS = ".!?。！？"
 

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qasr_jax import hotwords as hw
-from qasr_jax import search as S
-from qasr_jax.compiles import count_compilations
-from qasr_jax.transcribe import Transcriber
+from qasr_jax.decoding import hotwords as hw
+from qasr_jax.decoding import search as S
+from qasr_jax.decoding.compiles import count_compilations
 from qasr_jax.testing import speech
+from qasr_jax.transcribe import Transcriber
 from test_search import CHAIN_AXES, EOS, FIRST, PAD, A, B, C, D, E, _chain_state, _chain_step, path_logprob
 from qasr_jax.testing.tokenizer_files import with_tokenizer
 
@@ -151,12 +151,13 @@ def test_cli_hotwords_from_the_flag_and_a_file(asr, folder, tmp_path, capsys, mo
     import soundfile as sf
 
     from qasr_jax import cli
+    from qasr_jax.cli.options import read_hotwords
 
     words = tmp_path / "words.txt"
     words.write_text("Pallas  # the library\n\nQwen\nPallas\n", encoding="utf-8")
-    assert cli.read_hotwords("JAX, Qwen,,", str(words)) == ["JAX", "Qwen", "Pallas"]
+    assert read_hotwords("JAX, Qwen,,", str(words)) == ["JAX", "Qwen", "Pallas"]
     with pytest.raises(ValueError, match="--hotwords-file .*missing.txt"):
-        cli.read_hotwords(None, str(tmp_path / "missing.txt"))
+        read_hotwords(None, str(tmp_path / "missing.txt"))
     monkeypatch.setenv("QASR_JAX_COMPILATION_CACHE", "off")
     wav = str(tmp_path / "clip.wav")
     sf.write(wav, speech("hello_en.wav"), 16000)

@@ -14,10 +14,10 @@ import torch
 
 import qasr_jax
 from qasr_jax import cli
-from qasr_jax import language as L
-from qasr_jax.audio import load_audio
-from qasr_jax.config import audio_token_count
-from qasr_jax.prompts import LANGUAGES, build_prompt_ids
+from qasr_jax.decoding import language as L
+from qasr_jax.io.audio import load_audio
+from qasr_jax.io.prompts import LANGUAGES, build_prompt_ids
+from qasr_jax.modeling.config import audio_token_count
 from qasr_jax.testing import DATA, synthetic
 from test_parity import reference_inputs
 

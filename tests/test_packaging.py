@@ -42,3 +42,49 @@ def test_benchmark_process_from_the_root_imports_the_reference():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "usage" in proc.stdout
+
+
+def test_the_library_is_layered_into_documented_subpackages():
+    """At most 14 modules at the top of qasr_jax, the rest in at least five subpackages, each saying in its
+    docstring what it owns and naming each of its modules."""
+    package = os.path.join(ROOT, "qasr_jax")
+    top = [f for f in os.listdir(package) if f.endswith(".py")]
+    subpackages = sorted(d for d in os.listdir(package) if os.path.isfile(os.path.join(package, d, "__init__.py")))
+    assert len(top) <= 14, sorted(top)
+    assert {"cli", "decoding", "io", "modeling", "server", "streaming", "training", "vad"} <= set(subpackages)
+    for name in subpackages:
+        sub = importlib.import_module(f"qasr_jax.{name}")
+        modules = [f[:-3] for f in os.listdir(os.path.join(package, name))
+                   if f.endswith(".py") and not f.startswith("_")]
+        missing = [m for m in modules if f"``{m}``" not in (sub.__doc__ or "")]
+        assert not missing, f"qasr_jax.{name}'s docstring does not say what {missing} own"
+
+
+def test_old_module_paths_are_the_moved_modules_and_warn_once(tmp_path):
+    """Research code importing a module by its pre-0.2.0 path gets the very module at its new path, with one
+    DeprecationWarning naming the new path; every new path in the table exists."""
+    from qasr_jax._moved import MOVED
+
+    for new in MOVED.values():
+        assert importlib.import_module(f"qasr_jax.{new}").__name__ == f"qasr_jax.{new}"
+    code = "\n".join([
+        "import warnings",
+        "warnings.simplefilter('always')",
+        "with warnings.catch_warnings(record=True) as caught:",
+        "    import qasr_jax.engine as old",
+        "    from qasr_jax import engine as again",
+        "    import qasr_jax.data as data",
+        "import qasr_jax.decoding.engine as new, qasr_jax.training.data as new_data",
+        "assert old is new is again and data is new_data, (old, new, again, data)",
+        "assert new.__spec__.name == 'qasr_jax.decoding.engine'",
+        "for w in caught:",
+        "    print(w.category.__name__, w.message)",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "DeprecationWarning qasr_jax.engine moved to qasr_jax.decoding.engine in qasr-jax 0.2.0; the old path goes "
+        "away in 0.3.0",
+        "DeprecationWarning qasr_jax.data moved to qasr_jax.training.data in qasr-jax 0.2.0; the old path goes away in "
+        "0.3.0",
+    ]

@@ -13,9 +13,9 @@ import torch
 from transformers.models.qwen3_asr import Qwen3ASRFeatureExtractor
 
 import qasr_jax
-from qasr_jax.audio import log_mel_batch
-from qasr_jax.config import audio_token_count
-from qasr_jax.encoder import _conv_stack
+from qasr_jax.io.audio import log_mel_batch
+from qasr_jax.modeling.config import audio_token_count
+from qasr_jax.modeling.encoder import _conv_stack
 from qasr_jax.testing import speech, synthetic
 
 TOL = 1e-4

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 
 import qasr_jax
-from qasr_jax import quant
-from qasr_jax.compiles import count_compilations
-from qasr_jax.config import audio_token_count
-from qasr_jax.model import _scatter
-from qasr_jax.prompts import build_prompt_ids
-from qasr_jax.transcribe import Transcriber
+from qasr_jax.decoding.compiles import count_compilations
+from qasr_jax.io.prompts import build_prompt_ids
+from qasr_jax.modeling import quant
+from qasr_jax.modeling.config import audio_token_count
+from qasr_jax.modeling.model import _scatter
 from qasr_jax.testing import DATA, speech, synthetic
+from qasr_jax.transcribe import Transcriber
 from test_parity import prompt, rel
 from qasr_jax.testing.tokenizer_files import with_tokenizer
 
@@ -207,7 +207,7 @@ def test_new_lengths_inside_a_bucket_compile_nothing(transcribers, mode):
 def test_cli_quantize_flag_gives_the_int8_transcript(transcribers, asr_dir, capsys):
     """qasr-jax transcribe --quantize int8 prints what Transcriber(quantize="int8") gives, which is not float32's
     text token for token (the flag reaches the model)."""
-    from qasr_jax.cli import main
+    from qasr_jax.cli.core import main
 
     path = os.path.join(DATA, "long_en.wav")
     want = transcribers("int8").transcribe(path, max_new_tokens=NEW)[0]

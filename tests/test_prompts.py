@@ -5,7 +5,7 @@ import random
 import pytest
 from transformers.models.qwen3_asr import processing_qwen3_asr as reference
 
-from qasr_jax.prompts import (
+from qasr_jax.io.prompts import (
     ALIGNER_LANGUAGES,
     LANGUAGE_CODES,
     LANGUAGES,

@@ -30,9 +30,9 @@ import pytest
 import torch
 from transformers import Qwen3ASRConfig, Qwen3ASRForConditionalGeneration, Qwen3ASRForTokenClassification
 
-from qasr_jax.compiles import jit_with_encoder
-from qasr_jax.config import audio_token_count, config_from_hf_dict, load_config, preset
-from qasr_jax.model import KVCache, Qwen3ASRModule, param_shapes
+from qasr_jax.decoding.compiles import jit_with_encoder
+from qasr_jax.modeling.config import audio_token_count, config_from_hf_dict, load_config, preset
+from qasr_jax.modeling.model import KVCache, Qwen3ASRModule, param_shapes
 from qasr_jax.testing.reference import hf_config
 
 RELEASED = ["asr-0.6b", "asr-1.7b", "aligner-0.6b"]
@@ -258,7 +258,7 @@ def _encode_twenty_minutes() -> None:
     params = jax.device_put(params)
     rss_params_mb = _rss_mb()
     # Real speech features, tiled: the 10 s clip's log-mel repeated to 20 minutes.
-    from qasr_jax.audio import log_mel
+    from qasr_jax.io.audio import log_mel
 
     clip = np.asarray(log_mel(speech("long_en.wav")))
     reps = -(-TWENTY_MINUTES_FRAMES // clip.shape[1])

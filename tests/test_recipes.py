@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import qasr_jax
-from qasr_jax.data import Augment, collate, examples_from_records, read_manifest
-from qasr_jax.finetune import NonFiniteError, finetune
 from qasr_jax.testing import DATA, speech, synthetic
-from qasr_jax.training import CTC_HEAD, TrainConfig, Trainer, ctc_loss, schedule
+from qasr_jax.training.data import Augment, collate, examples_from_records, read_manifest
+from qasr_jax.training.finetune import NonFiniteError, finetune
+from qasr_jax.training.trainer import CTC_HEAD, TrainConfig, Trainer, ctc_loss, schedule
 
 NEW_WORDS = os.path.join(DATA, "newwords", "newwords.jsonl")
 TEXTS = ["language English<asr_text>the violin and the rocket", "language English<asr_text>a b c d e f g",
@@ -92,7 +92,7 @@ def test_cosine_schedule_warms_up_then_ends_at_its_floor():
 
 
 def test_ctc_head_trains_the_encoder_and_is_never_exported(asr_dir, tok):
-    from qasr_jax.data import stack
+    from qasr_jax.training.data import stack
 
     encoder = {}
     for weight in (0.0, 0.5):

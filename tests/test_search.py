@@ -19,12 +19,12 @@ from transformers import LogitsProcessorList
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 import qasr_jax
-from qasr_jax import search as S
-from qasr_jax.audio import log_mel_batch
-from qasr_jax.buckets import cache_length
-from qasr_jax.compiles import count_compilations
-from qasr_jax.engine import CACHE_AXES
-from qasr_jax.model import KVCache
+from qasr_jax.decoding import search as S
+from qasr_jax.decoding.buckets import cache_length
+from qasr_jax.decoding.compiles import count_compilations
+from qasr_jax.decoding.engine import CACHE_AXES
+from qasr_jax.io.audio import log_mel_batch
+from qasr_jax.modeling.model import KVCache
 from qasr_jax.testing import speech, synthetic
 from qasr_jax.testing.reference import save_hf
 from test_parity import PREFIX, SUFFIX, reference_inputs
@@ -392,7 +392,7 @@ def test_loop_guard_defaults_never_fire_on_prose(tok, name):
     tokenized with the real vocabulary, and stops the loop of QwenLM/Qwen3-ASR#129 ("I think" over and over)."""
     import os
 
-    from qasr_jax import processors as P
+    from qasr_jax.decoding import processors as P
     from qasr_jax.testing import DATA
 
     with open(os.path.join(DATA, name), encoding="utf-8") as f:
@@ -439,7 +439,7 @@ def test_transcribe_stop_loops_and_fallback(tiny_asr, tiny_dir, capsys, monkeypa
     import zlib
 
     from qasr_jax import cli
-    from qasr_jax.audio import load_audio
+    from qasr_jax.io.audio import load_audio
     from qasr_jax.testing import DATA
     from qasr_jax.transcribe import Fallback
 

@@ -26,13 +26,15 @@ import pytest
 import soundfile as sf
 import soxr
 
-from qasr_jax import cli, formats
+from qasr_jax import cli
 from qasr_jax.aligner import Aligner
-from qasr_jax.config import MAX_CONTEXT_TOKENS
-from qasr_jax.server import command, realtime
-from qasr_jax.transcribe import Transcriber
+from qasr_jax.cli import serve as command
+from qasr_jax.io import formats
+from qasr_jax.modeling.config import MAX_CONTEXT_TOKENS
+from qasr_jax.server import realtime
 from qasr_jax.testing import DATA, synthetic
 from qasr_jax.testing.serving import SERVER_KEY, Served, error_of, multipart, post
+from qasr_jax.transcribe import Transcriber
 from test_docs import readme_blocks
 from qasr_jax.testing.tokenizer_files import write_tokenizer
 

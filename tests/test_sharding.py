@@ -20,10 +20,10 @@ import jax
 import pytest
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
-from qasr_jax import sharding
-from qasr_jax.cli_options import expand_inputs
-from qasr_jax.config import load_config, preset
-from qasr_jax.model import param_shapes
+from qasr_jax.cli.options import expand_inputs
+from qasr_jax.modeling import sharding
+from qasr_jax.modeling.config import load_config, preset
+from qasr_jax.modeling.model import param_shapes
 from qasr_jax.testing import DATA, tiny_variant
 from qasr_jax.testing.tokenizer_files import write_tokenizer
 

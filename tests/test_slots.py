@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import qasr_jax
-from qasr_jax import search as S
-from qasr_jax.audio import log_mel_batch
-from qasr_jax.buckets import cache_length, prompt_width
-from qasr_jax.compiles import count_compilations
-from qasr_jax.pipeline import DecodeOptions, Pipeline, Work
-from qasr_jax.slots import Prompts, Request, SlotBatcher
+from qasr_jax.decoding import search as S
+from qasr_jax.decoding.buckets import cache_length, prompt_width
+from qasr_jax.decoding.compiles import count_compilations
+from qasr_jax.decoding.pipeline import DecodeOptions, Pipeline, Work
+from qasr_jax.decoding.slots import Prompts, Request, SlotBatcher
+from qasr_jax.io.audio import log_mel_batch
 from qasr_jax.testing import speech, synthetic
 from qasr_jax.testing.reference import save_hf
 from qasr_jax.testing.tokenizer_files import with_tokenizer

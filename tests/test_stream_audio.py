@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import qasr_jax
-from qasr_jax.audio import log_mel_batch
-from qasr_jax.stream_audio import StreamAudio, refresh
+from qasr_jax.io.audio import log_mel_batch
+from qasr_jax.streaming.audio import StreamAudio, refresh
 from qasr_jax.testing import speech, synthetic
 
 SR = 16000

@@ -17,15 +17,16 @@ import pytest
 import soundfile as sf
 import torch
 
-from qasr_jax import cli, cli_stream
-from qasr_jax import search as S
-from qasr_jax.audio import AudioError, load_audio
-from qasr_jax.compiles import count_compilations
-from qasr_jax.prompts import parse_output
-from qasr_jax.stream_prompts import segment_context, unfixed_chunks_for
-from qasr_jax.transcribe import Transcriber
+from qasr_jax import cli
+from qasr_jax.cli import stream as cli_stream
+from qasr_jax.decoding import search as S
+from qasr_jax.decoding.compiles import count_compilations
+from qasr_jax.io.audio import AudioError, load_audio
+from qasr_jax.io.prompts import parse_output
+from qasr_jax.streaming.prompts import segment_context, unfixed_chunks_for
 from qasr_jax.testing import speech, synthetic
 from qasr_jax.testing.reference import save_official
+from qasr_jax.transcribe import Transcriber
 from test_stream_audio import offline
 from qasr_jax.testing.tokenizer_files import write_tokenizer
 
@@ -384,7 +385,7 @@ def test_silence_gives_an_empty_transcript_in_every_path(asr, asr_dir, monkeypat
 
 
 def test_terminal_display_rewrites_the_live_line():
-    from qasr_jax.streaming import Partial
+    from qasr_jax.streaming.driver import Partial
 
     class Tty(io.StringIO):
         def isatty(self):

@@ -21,15 +21,15 @@ import torch
 from transformers import Qwen3ASRForConditionalGeneration
 
 import qasr_jax
-from qasr_jax.audio import load_audio
-from qasr_jax.cli import main
-from qasr_jax.config import load_config
-from qasr_jax.data import read_manifest
-from qasr_jax.evaluation import Scored, normalize, score
-from qasr_jax.hub import bundled_model
-from qasr_jax.tokenizer import Tokenizer
-from qasr_jax.transcribe import Transcriber
+from qasr_jax.cli.core import main
+from qasr_jax.io.audio import load_audio
+from qasr_jax.io.hub import bundled_model
+from qasr_jax.io.tokenizer import Tokenizer
+from qasr_jax.modeling.config import load_config
 from qasr_jax.testing import DATA
+from qasr_jax.training.data import read_manifest
+from qasr_jax.training.evaluation import Scored, normalize, score
+from qasr_jax.transcribe import Transcriber
 from test_parity import reference_inputs
 from test_transcribe import reference_ids
 
@@ -100,7 +100,7 @@ def test_guards_never_fire_and_language_probabilities_agree_on_heldout_clips(asr
     """The repetition stop and Whisper's fallback on every held-out clip: neither fires (no loop, every greedy
     output's compression ratio <= 2.4 and mean log-probability >= -1.0), so the text and WER are unchanged; and the
     most probable language is the one the decoder writes, with its probability reported."""
-    from qasr_jax.results import compression_ratio
+    from qasr_jax.io.results import compression_ratio
     from qasr_jax.transcribe import Fallback
 
     guard = Fallback()
@@ -150,7 +150,7 @@ def test_hotwords_recover_missed_words_and_leave_right_clips_alone(asr, waves, h
 
 
 def test_streaming_final_text_is_offline_text(asr, waves, heldout, greedy):
-    from qasr_jax.streaming import StreamDriver
+    from qasr_jax.streaming.driver import StreamDriver
 
     refs = [ex.transcript for ex in heldout]
     offline = wer(refs, texts(greedy))
@@ -180,9 +180,9 @@ def hf_logits(folder: str, wave: np.ndarray, ids: list[int]) -> np.ndarray:
 
 
 def prompt_for(model, folder: str, wave: np.ndarray, text: str) -> list[int]:
-    from qasr_jax.config import audio_token_count
-    from qasr_jax.data import target_ids
-    from qasr_jax.prompts import build_prompt_ids
+    from qasr_jax.modeling.config import audio_token_count
+    from qasr_jax.training.data import target_ids
+    from qasr_jax.io.prompts import build_prompt_ids
 
     tok = Tokenizer.from_dir(folder)
     n = audio_token_count(model.log_mel(wave).shape[1], model.config.audio)

@@ -8,7 +8,7 @@ import pytest
 from qasr_jax.testing.tokenizer_files import ASR_ADDED_TOKENS, build_hf_tokenizer_json, qwen_bpe_dir, write_tokenizer
 from tokenizers import Tokenizer as HFTokenizers
 
-from qasr_jax.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
+from qasr_jax.io.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
 
 # NFC text in many scripts; several characters here span two or more BPE tokens.
 TEXTS = [

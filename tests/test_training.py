@@ -21,13 +21,13 @@ from transformers import AutoTokenizer
 from transformers.models.qwen3_asr import Qwen3ASRFeatureExtractor
 
 import qasr_jax
-from qasr_jax.config import audio_token_count
-from qasr_jax.data import examples_from_records, step_batch
-from qasr_jax.encoder import _conv_stack
-from qasr_jax.prompts import build_prompt_ids
-from qasr_jax.training import TrainConfig, Trainer, loss_and_grads, merge_trees
+from qasr_jax.io.prompts import build_prompt_ids
+from qasr_jax.modeling.config import audio_token_count
+from qasr_jax.modeling.encoder import _conv_stack
 from qasr_jax.testing import speech, synthetic
 from qasr_jax.testing.tokenizer_files import with_tokenizer
+from qasr_jax.training.data import examples_from_records, step_batch
+from qasr_jax.training.trainer import TrainConfig, Trainer, loss_and_grads, merge_trees
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
@@ -76,7 +76,7 @@ def reference(ck, folder: str, batch: list[dict]) -> tuple[float, dict[str, np.n
     for i, (r, a) in enumerate(zip(batch, alone)):
         n = a["input_features"].shape[2]
         feats[i, :, :n], feat_mask[i, :n] = a["input_features"][0], a["attention_mask"][0]
-        from qasr_jax.tokenizer import Tokenizer
+        from qasr_jax.io.tokenizer import Tokenizer
 
         prefix = build_prompt_ids(Tokenizer.from_dir(folder), audio_token_count(int(a["attention_mask"].sum()),
                                                                                  ck.cfg.audio), r["prompt"])
@@ -165,7 +165,7 @@ def test_grouped_conv_stack_gradient_equals_one_pass(model):
 
 
 def one_step_batch(folder, model):
-    from qasr_jax.tokenizer import Tokenizer
+    from qasr_jax.io.tokenizer import Tokenizer
 
     return step_batch(examples_from_records(rows("mixed-prompts")), Tokenizer.from_dir(folder), model.config, 4, 1)
 
@@ -204,7 +204,7 @@ def test_lora_starts_as_base_and_merges_exactly(folder, model):
 
 
 def _flat(tree):
-    from qasr_jax.sharding import param_path
+    from qasr_jax.modeling.sharding import param_path
 
     return [(param_path(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
@@ -213,7 +213,7 @@ def _flat(tree):
 def test_frozen_parts_stay_fixed(folder, freeze):
     """Frozen parameters come out bit for bit as loaded, the rest moves; gradient accumulation over two
     micro-batches, remat and bf16 compute on the way. The trained weights move into the state (donated)."""
-    from qasr_jax.tokenizer import Tokenizer
+    from qasr_jax.io.tokenizer import Tokenizer
 
     model = qasr_jax.load(folder)  # its trained weights are donated to the state: not the shared fixture
     loaded = {name: np.array(x) for name, x in _flat(model.params)}  # copies: a view would pin the buffers

@@ -14,12 +14,12 @@ import soundfile as sf
 import torch
 from transformers.models.qwen3_asr import Qwen3ASRProcessor
 
-from qasr_jax.audio import load_audio
-from qasr_jax.compiles import count_compilations
-from qasr_jax.config import audio_token_count
-from qasr_jax.prompts import build_prompt_ids
-from qasr_jax.transcribe import Transcriber
+from qasr_jax.decoding.compiles import count_compilations
+from qasr_jax.io.audio import load_audio
+from qasr_jax.io.prompts import build_prompt_ids
+from qasr_jax.modeling.config import audio_token_count
 from qasr_jax.testing import DATA, synthetic
+from qasr_jax.transcribe import Transcriber
 from test_parity import reference_inputs
 from qasr_jax.testing.tokenizer_files import with_tokenizer
 
@@ -132,8 +132,8 @@ def test_bad_inputs_get_named_errors(asr, tmp_path):
 def test_a_context_over_the_limit_is_refused_before_any_work(asr, tmp_path):
     """A context (with its hotwords) over MAX_CONTEXT_TOKENS is refused, naming it and the limit, before the audio
     is read (the missing file is not the error) or the model runs; the limit itself is accepted by the check."""
-    from qasr_jax.config import MAX_CONTEXT_TOKENS
-    from qasr_jax.prompts import context_problem
+    from qasr_jax.modeling.config import MAX_CONTEXT_TOKENS
+    from qasr_jax.io.prompts import context_problem
 
     tok = asr.tokenizer
     words = ["name"] * (MAX_CONTEXT_TOKENS + 1)  # one token each, as the tokenizer counts them
@@ -161,7 +161,7 @@ def test_samples_channels_arrays_as_soundfile_reads_them(asr, tmp_path):
 
 
 def test_log_probabilities_never_print_negative_zero():
-    from qasr_jax.results import Result
+    from qasr_jax.io.results import Result
 
     r = Result("x", token_ids=[1, 2], token_logprobs=[-1e-9, -0.25])
     d = r.to_dict()
@@ -171,7 +171,7 @@ def test_log_probabilities_never_print_negative_zero():
 
 # Runs the command, then reports the compilation cache folder JAX was given (whether JAX writes a program there
 # depends on how long it took to compile, which varies with the machine).
-_PROBE = ("import sys, jax; from qasr_jax.cli import main; code = main(sys.argv[1:]); "
+_PROBE = ("import sys, jax; from qasr_jax.cli.core import main; code = main(sys.argv[1:]); "
           "print('compilation cache:', jax.config.jax_compilation_cache_dir, file=sys.stderr); sys.exit(code)")
 
 
@@ -231,7 +231,7 @@ def _seconds(stamp: str) -> float:
 
 
 def parse_cues(text: str, fmt: str) -> list[tuple[float, float, str]]:
-    """SRT / VTT / TSV back to (start, end, text) cues, written independently of qasr_jax.formats."""
+    """SRT / VTT / TSV back to (start, end, text) cues, written independently of qasr_jax.io.formats."""
     if fmt == "tsv":
         rows = [line.split("\t") for line in text.strip().splitlines()[1:]]
         return [(int(a) / 1000, int(b) / 1000, t) for a, b, t in rows]

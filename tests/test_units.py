@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from transformers.models.qwen3_asr import processing_qwen3_asr as ref
 
-from qasr_jax import units
-from qasr_jax.units import UnsupportedLanguageError, fix_timestamps, split_units
+from qasr_jax.io import units
+from qasr_jax.io.units import UnsupportedLanguageError, fix_timestamps, split_units
 
 ELEVEN = ["Chinese", "English", "Cantonese", "French", "German", "Italian", "Japanese", "Korean", "Portuguese",
           "Russian", "Spanish"]

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from qasr_jax.config import audio_token_count, load_config
-from qasr_jax.prompts import build_prompt_ids
+from qasr_jax.io.prompts import build_prompt_ids
+from qasr_jax.io.tokenizer import Tokenizer
+from qasr_jax.modeling.config import audio_token_count, load_config
 from qasr_jax.testing import speech, synthetic, tiny_variant
 from qasr_jax.testing.reference import build_reference, save_hf, save_official
 from qasr_jax.testing.tokenizer_files import write_small_tokenizer
-from qasr_jax.tokenizer import Tokenizer
 from qasr_jax.transcribe import Transcriber
 from test_parity import reference_inputs
 
@@ -119,7 +119,7 @@ def test_loss_and_gradients_equal_transformers(small):
     from types import SimpleNamespace
 
     import qasr_jax
-    from qasr_jax.training import loss_and_grads
+    from qasr_jax.training.trainer import loss_and_grads
     from test_training import assert_grads_close, reference
 
     tok, ref, hf, _ = small

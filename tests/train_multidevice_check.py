@@ -22,11 +22,11 @@ import numpy as np  # noqa: E402
 
 
 import qasr_jax  # noqa: E402
-from qasr_jax.data import examples_from_records, step_batch  # noqa: E402
-from qasr_jax.sharding import param_path  # noqa: E402
-from qasr_jax.tokenizer import Tokenizer  # noqa: E402
-from qasr_jax.training import TrainConfig, Trainer  # noqa: E402
+from qasr_jax.io.tokenizer import Tokenizer  # noqa: E402
+from qasr_jax.modeling.sharding import param_path  # noqa: E402
 from qasr_jax.testing import speech, synthetic  # noqa: E402
+from qasr_jax.training.data import examples_from_records, step_batch  # noqa: E402
+from qasr_jax.training.trainer import TrainConfig, Trainer  # noqa: E402
 
 TEXTS = ["Hello world.", "The quick brown fox.", "Jumps over the lazy dog.", "Qwen speaks JAX.",
          "One two three.", "A mesh of eight devices.", "Speech recognition.", "Fine-tuning on a pod."]

@@ -22,8 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from qasr_jax.compiles import count_compilations
-from qasr_jax.pipeline import token_limit
+from qasr_jax.decoding.compiles import count_compilations
+from qasr_jax.decoding.pipeline import token_limit
 from qasr_jax.server import realtime
 from qasr_jax.server.metrics import Metrics
 from qasr_jax.server.openai_format import APIError

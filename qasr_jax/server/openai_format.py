@@ -7,8 +7,8 @@ import functools
 import itertools
 import json
 
-from qasr_jax import formats
-from qasr_jax.results import compression_ratio
+from qasr_jax.io import formats
+from qasr_jax.io.results import compression_ratio
 from qasr_jax.transcribe import Result
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")

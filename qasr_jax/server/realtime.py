@@ -3,14 +3,14 @@
 A client configures the session (``transcription_session.update``: ``input_audio_transcription.language`` and
 ``.prompt``; audio is ``pcm16``, 24 kHz mono), sends audio as it is captured (``input_audio_buffer.append``,
 base64), and ends each utterance with ``input_audio_buffer.commit`` (``input_audio_buffer.clear`` drops it).
-Audio is resampled to 16 kHz as it arrives and fed to a ``qasr_jax.streaming`` stream; the engine thread
+Audio is resampled to 16 kHz as it arrives and fed to a ``qasr_jax.streaming.driver`` stream; the engine thread
 advances every session's stream in one step. Back come ``conversation.item.input_audio_transcription.delta``
 events as the stream commits text no later audio can change (``Partial.fixed_text``: a segment ends at a pause
 after ``segment_seconds``), the rest in one delta after the utterance's commit, then ``.completed`` with its final
 transcript. Deltas only ever append: their concatenation, as OpenAI's clients build it, is the transcript. Errors
 (malformed events, bad settings) come as ``error`` events and the session goes on. ``turn_detection`` is off
 unless the client asks for ``{"type": "server_vad", "threshold", "prefix_padding_ms", "silence_duration_ms"}``
-(defaults 0.5, 300, 500): then Silero VAD (``qasr_jax.vad_rules.TurnDetector``) finds each utterance, the session
+(defaults 0.5, 300, 500): then Silero VAD (``qasr_jax.vad.rules.TurnDetector``) finds each utterance, the session
 sends ``input_audio_buffer.speech_started`` / ``.speech_stopped`` and commits the turn itself.
 """
 
@@ -29,9 +29,9 @@ import numpy as np
 import soxr
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from qasr_jax.audio import SAMPLE_RATE
-from qasr_jax.prompts import context_problem, normalize_language
-from qasr_jax.vad import FRAME_SAMPLES
+from qasr_jax.io.audio import SAMPLE_RATE
+from qasr_jax.io.prompts import context_problem, normalize_language
+from qasr_jax.vad.network import FRAME_SAMPLES
 
 INPUT_RATE = 24000  # OpenAI's realtime pcm16 rate
 _counter = itertools.count()
@@ -62,7 +62,7 @@ class Item:
     context: str
     deliver: Callable[[tuple[str, Any, Any]], None]
     id: str = dataclasses.field(default_factory=lambda: _id("item"))
-    stream: Any = None  # the engine thread's qasr_jax.streaming.Stream
+    stream: Any = None  # the engine thread's qasr_jax.streaming.driver.Stream
 
 
 class RealtimeError(Exception):
@@ -94,7 +94,7 @@ class Session:
         self.loop = asyncio.get_running_loop()
         self.engine_events: asyncio.Queue = asyncio.Queue()
         self.turn_detection: dict | None = None  # the server_vad settings, None when the client commits
-        self.turns = None  # a qasr_jax.vad_rules.TurnDetector with server_vad
+        self.turns = None  # a qasr_jax.vad.rules.TurnDetector with server_vad
         self.heard = np.zeros(0, np.float32)  # recent 16 kHz audio, for the prefix of the next turn
         self.heard_from = 0  # the stream sample where ``heard`` begins
         self.fed_to = 0  # the stream sample up to which the open turn's item has its audio
@@ -171,7 +171,7 @@ class Session:
 
     def set_turn_detection(self, settings: Any) -> None:
         """``None`` (the client commits) or OpenAI's server_vad settings (Silero VAD ends each turn)."""
-        from qasr_jax.vad_rules import TurnDetector
+        from qasr_jax.vad.rules import TurnDetector
 
         if settings is None:
             self.turn_detection, self.turns = None, None

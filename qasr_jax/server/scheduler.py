@@ -2,7 +2,7 @@
 
 HTTP handlers run on the event loop; they hand a :class:`Job` (a request's audio pieces and options) to the
 :class:`Scheduler` and wait for its events. One background thread owns the model: it feeds new pieces into a
-:class:`qasr_jax.pipeline.Pipeline` (``side_by_side=True``: groups of different cache shapes decode side by side,
+:class:`qasr_jax.decoding.pipeline.Pipeline` (``side_by_side=True``: groups of different cache shapes decode side by side,
 so a long request never holds up short ones), encodes whatever arrived together in one batch, and steps every
 live slot a few tokens at a time, so that new requests join within about ``STEP_SECONDS`` (the steps per look
 follow the measured time per step) and streamed requests get their tokens as they are generated. A job that is
@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from qasr_jax.audio import SAMPLE_RATE
-from qasr_jax.compiles import CompileCount
-from qasr_jax.longform import Piece
-from qasr_jax.pipeline import DEFAULT_KV_BYTES, DecodeOptions, Pipeline, Work, token_budget, token_limit
+from qasr_jax.decoding.compiles import CompileCount
+from qasr_jax.decoding.longform import Piece
+from qasr_jax.decoding.pipeline import DEFAULT_KV_BYTES, DecodeOptions, Pipeline, Work, token_budget, token_limit
+from qasr_jax.io.audio import SAMPLE_RATE
 
 log = logging.getLogger("qasr_jax.server")
 

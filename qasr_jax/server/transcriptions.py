@@ -25,18 +25,18 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from qasr_jax import formats
-from qasr_jax import hotwords as hw
-from qasr_jax import language as lang_probs
-from qasr_jax.audio import SAMPLE_RATE, AudioError, load_audio
-from qasr_jax.longform import split_long_audio
-from qasr_jax.pipeline import token_budget
-from qasr_jax.prompts import context_problem, normalize_language
-from qasr_jax.results import join_texts, majority_language
+from qasr_jax.decoding import hotwords as hw
+from qasr_jax.decoding import language as lang_probs
+from qasr_jax.decoding.longform import split_long_audio
+from qasr_jax.decoding.pipeline import token_budget
+from qasr_jax.io import formats
+from qasr_jax.io.audio import SAMPLE_RATE, AudioError, load_audio
+from qasr_jax.io.prompts import context_problem, normalize_language
+from qasr_jax.io.results import join_texts, majority_language
 from qasr_jax.server.openai_format import RESPONSE_FORMATS, APIError, logprobs, render, sse, stable_text
 from qasr_jax.server.scheduler import Event, Job
 from qasr_jax.transcribe import ALIGN_PIECE_SECONDS, Result
-from qasr_jax.vad_rules import speech_pieces
+from qasr_jax.vad.rules import speech_pieces
 
 VAD_PIECE_SECONDS = 30.0  # with vad=true, as transcribe's default vad_max_seconds
 MAX_BEAM = 8
@@ -170,7 +170,7 @@ def _flag(form, name: str) -> bool:
 
 
 def _check_context(server, context: str, param: str, name: str) -> None:
-    """A 400 naming ``param`` when the context the model reads is over ``qasr_jax.config.MAX_CONTEXT_TOKENS``."""
+    """A 400 naming ``param`` when the context the model reads is over ``qasr_jax.modeling.config.MAX_CONTEXT_TOKENS``."""
     problem = context_problem(server.asr.tokenizer, context, name)
     if problem:
         raise APIError(400, problem, param, "context_too_long")

@@ -2,9 +2,11 @@
 
 Installed with the package so that every process reaches it by its import name, never through the repository root on
 ``sys.path`` (the root's ``kernels/`` and ``convert/`` folders would shadow registry packages of those names, and
-transformers >= 5.25 imports the registry's ``kernels``). ``reference`` needs the ``test`` extra (torch,
-transformers); ``serving`` the ``serve`` extra; the rest only the core dependencies. ``DATA`` is the checkout's
-``tests/data`` folder: the clips are not shipped in the wheel.
+transformers >= 5.25 imports the registry's ``kernels``). ``reference`` (the PyTorch reference model and
+checkpoints saved like the released ones) and ``silero`` (Silero's own VAD) need the ``test`` extra; ``serving``
+(a server in a subprocess, and requests to it) the ``serve`` extra; ``tokenizer_files`` (the real Qwen vocabulary
+with the ASR tokens) and ``notebook_run`` (a notebook's cells) only the core dependencies. ``DATA`` is the
+checkout's ``tests/data`` folder: the clips are not shipped in the wheel.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import numpy as np
 import soundfile as sf
 
-from qasr_jax.config import QWEN_TIMESTAMP, ModelConfig, preset
+from qasr_jax.modeling.config import QWEN_TIMESTAMP, ModelConfig, preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout (editable install)
 DATA = os.path.join(ROOT, "tests", "data")

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import Qwen3ASRConfig, Qwen3ASRForConditionalGeneration, Qwen3ASRForTokenClassification
 
-from qasr_jax.config import ModelConfig
+from qasr_jax.modeling.config import ModelConfig
 
 # -hf name prefix -> official name prefix (the inverse of convert/checkpoint.py's table, written out on its own
 # so that a mistake in one is not repeated in the other).

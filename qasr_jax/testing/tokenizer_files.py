@@ -166,7 +166,7 @@ def write_small_tokenizer(dst_dir: str | os.PathLike, layout: str = "official", 
         return dst
     if layout != "hf":
         raise ValueError(f"layout must be 'official' or 'hf', got {layout!r}")
-    from qasr_jax.tokenizer import Tokenizer
+    from qasr_jax.io.tokenizer import Tokenizer
 
     Tokenizer.from_dir(official).save_json(dst / "tokenizer.json")
     _write_json({k: v for k, v in cfg.items() if k != "added_tokens_decoder"}, dst / "tokenizer_config.json")
