@@ -1,7 +1,7 @@
 """Fine-tuning runs end to end, on the tiny random-weight checkpoint (tests/reference.py) with Qwen's tokenizer:
 manifests checked before training, the Grain pipeline's order and shares, WER and CER, a killed run resumed to the
-same weights bit for bit, and the README's commands and the notebook run as written. (What fine-tuning teaches a
-trained model, and its export read by transformers: tests/test_tiny_model.py.)"""
+same weights bit for bit, and docs/finetuning.md's commands and the notebook run as written. (What fine-tuning
+teaches a trained model, and its export read by transformers: tests/test_tiny_model.py.)"""
 
 from __future__ import annotations
 
@@ -229,12 +229,12 @@ def new_words_folder(tmp_path) -> None:
 
 
 def test_readme_finetuning_commands_run(tiny, tmp_path, monkeypatch, capsys):
-    """The README's fine-tuning commands, with the tiny random-weight checkpoint for the hub id and the new-words
+    """docs/finetuning.md's commands, with the tiny random-weight checkpoint for the hub id and the new-words
     clips as data."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        section = f.read().split("\n## Fine-tuning\n", 1)[1].split("\n## ", 1)[0]
+    with open(os.path.join(ROOT, "docs", "finetuning.md"), encoding="utf-8") as f:
+        page = f.read()
     commands = [shlex.split(line.strip()[2:].replace("Qwen/Qwen3-ASR-0.6B", tiny))
-                for block in re.findall(r"```console\n(.*?)```", section, flags=re.S)
+                for block in re.findall(r"```console\n(.*?)```", page, flags=re.S)
                 for line in block.splitlines() if line.startswith("$ qasr-jax")]
     assert [c[1] for c in commands] == ["finetune", "finetune", "evaluate"]
     new_words_folder(tmp_path)

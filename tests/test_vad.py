@@ -361,3 +361,26 @@ def test_realtime_server_vad_commits_two_turns(server):
     assert starts[0] < ends[0] <= starts[1] < second_ms + 300 < ends[1]
     done = [e for e in events if e["type"].endswith(".completed")]
     assert [e["item_id"] for e in done] == items and all(e["transcript"] for e in done)
+
+
+def test_docs_turn_detection_event_is_taken(server):
+    """docs/vad.md's ``transcription_session.update`` event, sent as written: the session takes its settings."""
+    import asyncio
+    import json
+
+    import websockets
+
+    from test_docs import page_blocks
+
+    (block,) = page_blocks("docs/vad.md", "json")
+
+    async def run():
+        async with websockets.connect(server.url.replace("http", "ws") + "/v1/realtime?intent=transcription",
+                                      additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+            assert json.loads(await ws.recv())["type"] == "transcription_session.created"
+            await ws.send(block)
+            return json.loads(await ws.recv())
+
+    updated = asyncio.run(run())
+    assert updated["type"] == "transcription_session.updated", updated
+    assert updated["session"]["turn_detection"] == json.loads(block)["session"]["turn_detection"]
