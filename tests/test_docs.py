@@ -1,7 +1,12 @@
-"""Every example in README.md and every notebook runs, on tiny local checkpoints.
+"""Every code block in README.md and docs/*.md, and every notebook, runs, on tiny local checkpoints.
 
 Hub ids in the examples are replaced by tiny random-weight checkpoint folders (with the real Qwen tokenizer),
-and the example audio names exist in the working directory; nothing else in the text is changed.
+commands that name no model get ``--model`` with one (their default is a hub id), and the example audio names
+exist in the working directory; nothing else in the text is changed. ``RUNS`` says which test runs each page's
+blocks of each language; a block tagged ``text`` is a listing or needs hardware the tests do not have (its page
+says so), and is not run. In command blocks, the ``pip install`` commands are not run (CI installs from the
+checkout, and ``test_nothing_installs_qasr_jax_from_pypi`` checks what they install), nor is the README's test
+command, which is what CI runs.
 """
 
 from __future__ import annotations
@@ -21,9 +26,34 @@ from qasr_jax import cli
 from qasr_jax.testing import DATA
 from qasr_jax.testing.notebook_run import run_code_cells
 from qasr_jax.testing.tokenizer_files import with_tokenizer, write_tokenizer
-from qasr_jax.training.data import read_manifest
+from qasr_jax.training.trainer.data import read_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGES = ("README.md", *sorted(f"docs/{n}" for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md")))
+TEST_COMMAND = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q'
+
+# (page, block language) -> the test that runs those blocks, every one of them.
+RUNS = {
+    ("README.md", "bash"): "tests/test_docs.py::test_readme_commands_run",
+    ("README.md", "python"): "tests/test_docs.py::test_readme_python_examples_run",
+    ("docs/cli.md", "bash"): "tests/test_docs.py::test_readme_commands_run",
+    ("docs/python_api.md", "python"): "tests/test_docs.py::test_readme_python_examples_run",
+    ("docs/serving.md", "bash"): "tests/test_server.py::test_readme_serving_examples_run",
+    ("docs/serving.md", "python"): "tests/test_server.py::test_readme_serving_examples_run",
+    ("docs/finetuning.md", "console"): "tests/test_finetune.py::test_readme_finetuning_commands_run",
+    ("docs/finetuning.md", "python"): "tests/test_docs_pages.py::test_finetuning_page_python_runs",
+    ("docs/outputs.md", "console"): "tests/test_docs_pages.py::test_outputs_page_runs",
+    ("docs/outputs.md", "python"): "tests/test_docs_pages.py::test_outputs_page_runs",
+    ("docs/vad.md", "bash"): "tests/test_docs_pages.py::test_vad_page_runs",
+    ("docs/vad.md", "python"): "tests/test_docs_pages.py::test_vad_page_runs",
+    ("docs/vad.md", "json"): "tests/test_vad.py::test_docs_turn_detection_event_is_taken",
+    ("docs/tiny_model.md", "bash"): "tests/test_docs_pages.py::test_tiny_model_page_runs",
+    ("docs/tiny_model.md", "python"): "tests/test_docs_pages.py::test_tiny_model_page_runs",
+    ("docs/streaming.md", "console"): "tests/test_docs_pages.py::test_streaming_page_runs",
+    ("docs/streaming.md", "python"): "tests/test_docs_pages.py::test_streaming_page_runs",
+    ("docs/multi_device.md", "console"): "tests/test_docs_pages.py::test_multi_device_page_runs_on_eight_devices",
+    ("docs/multi_device.md", "python"): "tests/test_docs_pages.py::test_multi_device_page_runs_on_eight_devices",
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +66,25 @@ def workdir(checkpoints, tmp_path_factory):
         shutil.copytree(checkpoints(kind).official, folder)
         write_tokenizer(folder, "official")
         models[name] = folder
+    models["Qwen/Qwen3-ASR-1.7B"] = models["Qwen/Qwen3-ASR-0.6B"]
     models["path/to/Qwen3-ASR-0.6B"] = models["Qwen/Qwen3-ASR-0.6B"]
     models["tests/data/"] = DATA + os.sep  # the bundled model's clips, named from the checkout's root
     shutil.copy(os.path.join(DATA, "hello_en.wav"), root / "speech.wav")
     shutil.copy(os.path.join(DATA, "zh.wav"), root / "a.wav")
     wave, rate = sf.read(os.path.join(DATA, "long_en.wav"))
     sf.write(root / "b.flac", wave, rate)
+    speech, _ = sf.read(os.path.join(DATA, "hello_en.wav"), dtype="float32")
+    sf.write(root / "b.wav", speech[: rate // 2], rate)
+    sf.write(root / "talk.wav", wave[: 4 * rate], rate)
+    sf.write(root / "talk.mp3", wave[: 4 * rate], rate)
+    quiet = 0.003 * np.random.default_rng(0).standard_normal(3 * rate // 2).astype(np.float32)
+    sf.write(root / "meeting.wav", np.concatenate([quiet, speech, quiet, wave[: 3 * rate], quiet]), rate)
+    (root / "transcript.txt").write_text("hello world\n", encoding="utf-8")
+    for folder, clips in (("recordings", ("day1/one.wav", "two.flac")), ("calls", ("a.wav", "b.wav"))):
+        for clip in clips:
+            os.makedirs(os.path.dirname(root / folder / clip), exist_ok=True)
+            sf.write(root / folder / clip, speech, rate)
+    (root / "corpus.txt").write_text("a.wav\nb.flac\n", encoding="utf-8")  # a manifest: one path a line
     return root, models
 
 
@@ -51,51 +94,161 @@ def substitute(text: str, models: dict[str, str]) -> str:
     return text
 
 
-def readme_blocks(lang: str, serving: bool = False) -> list[str]:
-    """The README's ``lang`` code blocks: those of the "Serving" section (which need a running server;
-    tests/test_server.py runs them against one) or, by default, all the others."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        sections = re.split(r"(?m)^## ", f.read())
-    text = "".join(s for s in sections if s.startswith("Serving\n") == serving)
-    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
+def read_page(page: str) -> str:
+    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+        return f.read()
+
+
+def fenced_blocks(page: str) -> list[tuple[str, str]]:
+    """(language tag, text) of every fenced code block of ``page`` (README.md or docs/NAME.md), in order."""
+    return re.findall(r"(?ms)^```(.*?)\n(.*?)^```$", read_page(page))
+
+
+def page_blocks(page: str, lang: str) -> list[str]:
+    """The ``lang`` code blocks of ``page``."""
+    return [text for tag, text in fenced_blocks(page) if tag == lang]
+
+
+def shell_commands(block: str, console: bool = False) -> list[str]:
+    """The commands of a ``bash`` block (every line) or a ``console`` block (the lines after ``$ ``; the others are
+    output), each split at ``&&``; a line ending in a backslash goes on in the next, and ``  # ...`` is a comment."""
+    commands, line_so_far = [], None
+    for line in block.splitlines():
+        if line_so_far is not None:
+            line = line_so_far + " " + line.strip()
+        elif console:
+            if not line.startswith("$ "):
+                continue
+            line = line[2:]
+        if line.endswith("\\"):
+            line_so_far = line[:-1].rstrip()
+            continue
+        line_so_far = None
+        commands += [part.strip() for part in line.split("  #")[0].split("&&") if part.strip()]
+    return commands
+
+
+def is_install(command: str) -> bool:
+    return command.startswith("pip install ")
+
+
+def with_model(argv: list[str], models: dict[str, str]) -> list[str]:
+    """``qasr-jax`` argv with ``--model`` added where it names none (the default model is a hub id)."""
+    if "--model" not in argv:
+        if argv[1] in ("transcribe", "detect-language", "stream"):
+            return argv + ["--model", models["Qwen/Qwen3-ASR-0.6B"]]
+        if argv[1] == "align":
+            return argv + ["--model", models["Qwen/Qwen3-ForcedAligner-0.6B"]]
+    return argv
+
+
+def run_python_blocks(page: str, models: dict[str, str]) -> tuple[dict, int]:
+    """Every python block of ``page`` in order, in one namespace -> (the namespace, how many blocks ran)."""
+    namespace: dict = {}
+    blocks = page_blocks(page, "python")
+    for block in blocks:
+        exec(compile(substitute(block, models), page, "exec"), namespace)
+    return namespace, len(blocks)
 
 
 def test_readme_python_examples_run(workdir, monkeypatch):
+    """README.md's Python example, then docs/python_api.md's blocks in order (each page in its own namespace)."""
     root, models = workdir
     monkeypatch.chdir(root)
-    blocks = readme_blocks("python")
-    assert len(blocks) >= 3
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(substitute(block, models), "README.md", "exec"), namespace)
+    readme, ran = run_python_blocks("README.md", models)
+    assert ran >= 1
+    namespace, ran = run_python_blocks("docs/python_api.md", models)
+    assert ran >= 3
     # The blocks did real work: results, words and logits exist and have the documented shapes.
-    assert namespace["results"][0].token_ids and namespace["results"][0].source == "a.wav"
+    for ns in (readme, namespace):
+        assert ns["results"][0].token_ids and ns["results"][0].source == "a.wav"
+    assert readme["words"] and all(w.end >= w.start for w in readme["words"])
     assert all(w.end >= w.start for w in namespace["r"].words)
     assert namespace["logits"].shape[0] == len(namespace["input_ids"])
     assert namespace["input_ids"].count(namespace["tok"].audio_pad_id) == namespace["audio"].shape[0] > 0
 
 
 def test_readme_commands_run(workdir, monkeypatch, capsys):
+    """README.md's commands and docs/cli.md's: every ``qasr-jax`` command runs and exits 0; the others are the
+    install and the test command."""
     root, models = workdir
     monkeypatch.chdir(root)
     # cli.main runs in this process: keep JAX's global config (and ~/.cache) free of the on-disk compilation cache.
     monkeypatch.setenv("QASR_JAX_COMPILATION_CACHE", "off")
     commands = []
-    for block in readme_blocks("bash"):
-        for line in block.splitlines():
-            line = line.split("  #")[0].strip()
-            for part in line.split("&&"):
-                if part.strip().startswith("qasr-jax"):
+    for page in ("README.md", "docs/cli.md"):
+        for block in page_blocks(page, "bash"):
+            for part in shell_commands(block):
+                if part.startswith("qasr-jax"):
                     commands.append(shlex.split(substitute(part, models))[1:])
+                else:
+                    assert is_install(part) or part == "python -m pytest -q", part
     assert {c[0] for c in commands} == {"transcribe", "align", "convert"}
     for argv in commands:
-        if argv[0] == "transcribe" and "--model" not in argv:
-            argv += ["--model", models["Qwen/Qwen3-ASR-0.6B"]]  # the default model is a hub id
-        if argv[0] == "align" and "--model" not in argv:
-            argv += ["--model", models["Qwen/Qwen3-ForcedAligner-0.6B"]]
+        argv = with_model(["qasr-jax", *argv], models)[1:]
         assert cli.main(argv) == 0, (argv, capsys.readouterr().err)
     assert sorted(os.listdir(root / "subs")) == ["a.srt", "b.srt"]
     assert os.path.isdir(root / "qwen3-asr-0.6b-jax")
+
+
+def test_readme_keeps_the_test_command_ci_runs():
+    """.ci/run runs the test command written in README.md's "Set up and run", so it stays there word for word."""
+    section = read_page("README.md").split("\n## Set up and run\n", 1)[1].split("\n## ", 1)[0]
+    assert f"```bash\n{TEST_COMMAND}\n```" in section
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+        ci = f.read()
+    assert ci.rstrip().endswith("\npython -m pytest -q")
+    assert ci.index("pip install -q torch==2.13.0") < ci.index('pip install -q -e ".[test]"')
+
+
+def test_readme_fits_in_12_kb():
+    """The README stays short: other pages hold the prose, the README a line or a table row per subject."""
+    assert os.path.getsize(os.path.join(ROOT, "README.md")) < 12 * 1024
+
+
+def heading_anchors(page: str) -> set[str]:
+    """GitHub's anchors for the headings of ``page``: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"(?ms)^```.*?^```$", "", read_page(page))
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"(?m)^#+ (.*)$", text)}
+
+
+def test_every_link_in_the_readme_and_docs_resolves():
+    """Each relative link of README.md and docs/*.md names a file of the checkout (and a heading of it, with
+    ``#anchor``), and the README links every docs/ page."""
+    linked = set()
+    for page in PAGES:
+        prose = re.sub(r"(?ms)^```.*?^```$", "", read_page(page))
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if re.match(r"\w+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            full = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), path)) if path else os.path.join(
+                ROOT, page)
+            assert os.path.exists(full), (page, target)
+            rel = os.path.relpath(full, ROOT).replace(os.sep, "/")
+            if anchor:
+                assert anchor in heading_anchors(rel), (page, target)
+            if page == "README.md":
+                linked.add(rel)
+    assert {p for p in PAGES if p.startswith("docs/")} <= linked
+
+
+def test_every_code_block_runs_in_a_test():
+    """Every block of README.md and docs/*.md has a language tag; each page's blocks of each language but ``text``
+    are run by the test ``RUNS`` names (which exists), and ``RUNS`` names no blocks that are gone."""
+    found = set()
+    for page in PAGES:
+        for tag, _ in fenced_blocks(page):
+            assert tag in ("python", "bash", "console", "json", "text"), (page, tag)
+            if tag != "text":
+                assert (page, tag) in RUNS, f"no test runs {page}'s {tag} blocks: add one to RUNS"
+                found.add((page, tag))
+    assert found == set(RUNS)
+    for test in set(RUNS.values()):
+        path, name = test.split("::")
+        with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+            assert f"\ndef {name}(" in f.read(), test
 
 
 def notebook_cells(name: str) -> list[tuple[list[str], str]]:
@@ -211,20 +364,21 @@ def registry_installs(text: str) -> list[str]:
 
 
 def test_nothing_installs_qasr_jax_from_pypi():
-    """No README command or notebook line runs ``pip install qasr-jax``, nor installs a variable that may hold that
-    name (finetune.ipynb's old ``%pip install "{SOURCE}[train]"`` with SOURCE falling back to "qasr-jax")."""
+    """No command of README.md or docs/ and no notebook line runs ``pip install qasr-jax``, nor installs a variable
+    that may hold that name (finetune.ipynb's old ``%pip install "{SOURCE}[train]"`` with SOURCE falling back to
+    "qasr-jax")."""
     for bad in ('%pip install -q "{SOURCE}[train]"', "pip install qasr-jax", "pip install 'qasr-jax[serve]>=0.1'",
                 "pip install -q $SOURCE", "cd x && pip install -U qasr-jax[train]"):
         assert registry_installs(bad), bad
     assert not registry_installs("pip install -q 'jax[tpu]' '$QASR_JAX_SOURCE' && pip install \".[train]\"")
-    texts = {"README.md": open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()}
+    texts = {page: read_page(page) for page in PAGES}
     texts.update({name: "\n".join(src for _, src in notebook_cells(name)) for name in NOTEBOOKS})
     for name, text in texts.items():
         assert not registry_installs(text), name
 
 
 def test_readme_layout_lists_every_notebook():
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        layout = f.read().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    """The Layout section (docs/internals.md) names every notebook."""
+    layout = read_page("docs/internals.md").split("## Layout", 1)[1].split("\n## ", 1)[0]
     assert sorted(os.listdir(os.path.join(ROOT, "notebooks"))) == list(NOTEBOOKS)
     assert all(name in layout for name in NOTEBOOKS)

@@ -28,14 +28,14 @@ import soxr
 
 from qasr_jax import cli
 from qasr_jax.aligner import Aligner
-from qasr_jax.cli import serve as command
+from qasr_jax.cli.core import serve as command
 from qasr_jax.io import formats
-from qasr_jax.modeling.config import MAX_CONTEXT_TOKENS
+from qasr_jax.io.prompts import MAX_CONTEXT_TOKENS
 from qasr_jax.server import realtime
 from qasr_jax.testing import DATA, synthetic
 from qasr_jax.testing.serving import SERVER_KEY, Served, error_of, multipart, post
 from qasr_jax.transcribe import Transcriber
-from test_docs import readme_blocks
+from test_docs import page_blocks
 from qasr_jax.testing.tokenizer_files import write_tokenizer
 
 KEY = "test-key-7f3a"
@@ -359,10 +359,10 @@ def _accepts(port: int) -> bool:
 
 
 def test_readme_serving_examples_run(server, asr, tmp_path, monkeypatch, capsys):
-    """The README's Serving section against this server (its address, key and model name swapped in): the serve
+    """docs/serving.md's examples against this server (its address, key and model name swapped in): the serve
     command parses; the curl command, the openai client and the realtime example give the offline (and the
     streaming) transcript."""
-    blocks = readme_blocks("bash", serving=True)
+    blocks = page_blocks("docs/serving.md", "bash")
     commands = [part.strip() for block in blocks for line in block.splitlines() for part in line.split("&&")]
     (serve,) = [c for c in commands if c.startswith("qasr-jax serve")]
     args = cli.build_parser().parse_args(shlex.split(serve)[1:])
@@ -379,12 +379,12 @@ def test_readme_serving_examples_run(server, asr, tmp_path, monkeypatch, capsys)
     out = subprocess.run(shlex.split(swap(curl)), capture_output=True, text=True, check=True).stdout
     offline = asr.transcribe("speech.wav")[0]
     assert json.loads(out)["text"] == offline.text and json.loads(out)["duration"] == round(offline.duration, 3)
-    client_block, realtime_block = readme_blocks("python", serving=True)
+    client_block, realtime_block = page_blocks("docs/serving.md", "python")
     namespace: dict = {}
-    exec(compile(swap(client_block), "README.md", "exec"), namespace)
+    exec(compile(swap(client_block), "docs/serving.md", "exec"), namespace)
     assert namespace["text"] == asr.transcribe("speech.wav", language="en")[0].text + "\n"
     assert capsys.readouterr().out.splitlines()[-1].startswith("transcript.text.done")
-    exec(compile(swap(realtime_block), "README.md", "exec"), namespace)
+    exec(compile(swap(realtime_block), "docs/serving.md", "exec"), namespace)
     wave = sf.read("speech.wav", dtype="float32")[0]
     pcm = (soxr.resample(wave, 16000, 24000) * 32767).astype("<i2").tobytes()
     stream = asr.stream(language="en")
