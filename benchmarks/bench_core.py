@@ -7,11 +7,11 @@ its start to 11.3 s, as log-mel features padded to whole 1 s chunks (1200 frames
 Stages (each: warm-up calls, then ``--repeats`` timed calls with the reference and ours alternating call by call,
 so both see the same machine; median and minimum reported; our compile time on its own, as our first call minus
 our median):
-- encoder: log-mel -> projector output. Reference ``model.model.get_audio_features``; ours ``Model.encode_batch``.
+- encoder: log-mel -> projector output. Reference ``model.model.get_audio_features``; ours ``Engine.encode``.
 - prefill: prompt embeddings -> next-token logits + KV cache (decoder only). Reference
   ``model(inputs_embeds=..., use_cache=True, logits_to_keep=1)``; ours ``Model.embed`` + ``Model.prefill``.
 - prompt: both together from log-mel and ids. Reference ``model(input_ids, input_features, input_features_mask,
-  use_cache=True, logits_to_keep=1)`` (what ``generate`` runs first); ours encode_batch + embed + prefill.
+  use_cache=True, logits_to_keep=1)`` (what ``generate`` runs first); ours encode + embed + extend.
 - decode step: one token with the cache. Reference ``model(input_ids=tok, cache=cache, use_cache=True)`` with the
   cache cropped back after each call (every call sees the prompt as context); ours ``Model.step``.
 The reference runs under ``torch.inference_mode()`` with torch's default thread count; ours is block_until_ready.
@@ -253,22 +253,22 @@ def our_stages(model, feats, n_frames, ids):
     """Our stage callables {stage: fn} (each blocks until ready) and outputs, same stages as the reference's."""
     feats, n_frames = jnp.asarray(feats), jnp.asarray(n_frames)
     ids_j = jnp.asarray([ids], jnp.int32)
-    mask = jnp.ones(ids_j.shape, bool)
-    empty = model.init_cache(1, len(ids) + DECODE_HEADROOM)
+    lengths = np.array([len(ids)], np.int32)
+    empty = model.engine.init_cache(1, len(ids) + DECODE_HEADROOM)
     outs, state = {}, {}
 
     def encoder():
-        return jax.block_until_ready(model.encode_batch(feats, n_frames))
+        return jax.block_until_ready(model.engine.encode(feats, n_frames))
 
     def prefill():
-        return jax.block_until_ready(model.prefill(model.embed(ids_j, state["audio"]), mask, empty))
+        return jax.block_until_ready(model.engine.extend(empty, model.engine.embed(ids_j, state["audio"]), lengths))
 
     def prompt():
-        audio, _ = model.encode_batch(feats, n_frames)
-        return jax.block_until_ready(model.prefill(model.embed(ids_j, audio), mask, empty))
+        audio, _ = model.engine.encode(feats, n_frames)
+        return jax.block_until_ready(model.engine.extend(empty, model.engine.embed(ids_j, audio), lengths))
 
     def step():
-        out, state["cache"] = model.step(state["tok"], state["cache"])  # the old cache is donated
+        out, state["cache"] = model.engine.step(state["cache"], state["tok"])  # the old cache is donated
         return jax.block_until_ready(out)
 
     def first_outputs() -> dict[str, float]:

@@ -296,16 +296,6 @@ def load_hf_params(folder: str, cfg: ModelConfig, dtype: str = "float32",
     return params
 
 
-def hf_to_params(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, dtype: str = "float32", source: str = "") -> dict:
-    """Map a {name: tensor} dict (either layout) onto the parameter tree, checking every name and shape."""
-    on_disk = _check({k: tuple(v.shape) for k, v in tensors.items()}, cfg, source or "<tensors>")
-    target = np.dtype(jax.numpy.dtype(dtype))
-    params: dict = {}
-    for rule in rules(cfg):
-        _set(params, rule.path, _host_leaf(rule.to_param(*(tensors[on_disk[n]] for n in rule.names)), target))
-    return params
-
-
 def tree_to_numpy(params) -> dict:
     """Device arrays -> numpy (for saving or comparing)."""
     return jax.tree_util.tree_map(np.asarray, params)

@@ -11,7 +11,6 @@ from qasr_jax.decoding.buckets import frame_bucket, round_up
 from qasr_jax.decoding.engine import Engine
 from qasr_jax.io.hub import resolve_model_path
 from qasr_jax.modeling.config import ModelConfig, audio_token_count, load_config
-from qasr_jax.modeling.model import KVCache
 from qasr_jax.modeling.quant import cast_params, quantize_params
 
 DTYPES = ("float32", "bfloat16")
@@ -149,26 +148,6 @@ class Model:
         """Log-mel (128, n_frames) -> projector output (n_audio_tokens, text_hidden) as float32 numpy."""
         out, n_tokens = self.engine.encode(*self._pad_feats(feats))
         return np.asarray(out[0, : int(n_tokens[0])], np.float32)
-
-    def encode_batch(self, feats, n_frames) -> tuple[jax.Array, jax.Array]:
-        """Padded batch (batch, 128, frames), n_frames (batch,) -> (audio embeds (batch, seq, hidden), n_tokens)."""
-        return self.engine.encode(feats, n_frames)
-
-    def embed(self, input_ids, audio_embeds) -> jax.Array:
-        """Prompt ids (batch, seq) + audio embeds (batch, audio_seq, hidden) -> decoder input embeds."""
-        return self.engine.embed(input_ids, audio_embeds)
-
-    def init_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty KV cache of ``max_len`` positions for ``batch`` rows, in the model's dtype."""
-        return self.engine.init_cache(batch, max_len)
-
-    def prefill(self, embeds, token_mask, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Right-padded prompt embeds into an empty cache -> (float32 next-token logits (batch, vocab), cache)."""
-        return self.engine.extend(cache, embeds, np.asarray(token_mask).sum(1))
-
-    def step(self, tokens, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Append one token per row (batch,) -> (float32 logits (batch, vocab), cache); the old cache is donated."""
-        return self.engine.step(cache, tokens)
 
     def logits(self, input_ids, feats) -> np.ndarray:
         """Prompt ids (holding the right number of ``<|audio_pad|>``) + log-mel -> float32 logits (len, vocab|classes)."""

@@ -180,13 +180,14 @@ def prompt_numerics(asr, waves) -> tuple[np.ndarray, np.ndarray]:
 
     model = asr.model
     feats, n_frames = log_mel_batch(waves, pad_to=800)
-    audio, n_tok = model.encode_batch(np.asarray(feats), n_frames)
+    audio, n_tok = model.engine.encode(np.asarray(feats), n_frames)
     prompts = [build_prompt_ids(asr.tokenizer, int(n)) for n in np.asarray(n_tok)]
     ids = np.zeros((len(waves), 160), np.int32)
     mask = np.zeros(ids.shape, bool)
     for r, p in enumerate(prompts):
         ids[r, : len(p)], mask[r, : len(p)] = p, True
-    logits, _ = model.prefill(model.embed(ids, audio), mask, model.init_cache(len(waves), 224))
+    logits, _ = model.engine.extend(model.engine.init_cache(len(waves), 224), model.engine.embed(ids, audio),
+                                   np.asarray(mask).sum(1))
     return np.asarray(audio), np.asarray(logits)
 
 
@@ -205,14 +206,14 @@ def one_input_logits(model) -> np.ndarray:
 
 
 def cache_report(model) -> dict:
-    """Shardings of the KV cache and logits through the Model's explicitly sharded programs (batch of 8)."""
-    cache = model.init_cache(8, 96)
+    """Shardings of the KV cache and logits through the engine's explicitly sharded programs (batch of 8)."""
+    cache = model.engine.init_cache(8, 96)
     embeds = np.zeros((8, 32, model.config.text.hidden_size), np.float32)
     mask = np.ones((8, 32), bool)
-    logits, cache = model.prefill(embeds, mask, cache)
-    step_logits, cache = model.step(np.zeros(8, np.int32), cache)
+    logits, cache = model.engine.extend(cache, embeds, mask.sum(1))
+    step_logits, cache = model.engine.step(cache, np.zeros(8, np.int32))
     try:
-        model.encode_batch(np.zeros((3, 128, 800), np.float32), np.full(3, 800, np.int32))
+        model.engine.encode(np.zeros((3, 128, 800), np.float32), np.full(3, 800, np.int32))
         ragged = "no error"
     except ValueError as e:
         ragged = str(e)
@@ -276,8 +277,8 @@ def main(model_dir: str, orbax_dir: str, work_dir: str, report_path: str) -> Non
     feats, n_frames = log_mel_batch(data["divides"], pad_to=800)
     pallas = Model(cfg, load_hf_params(model_dir, cfg), attention_impl="pallas", interpret=True,
                    mesh="data=4,model=2", sharding="tensor")
-    got, _ = pallas.encode_batch(np.asarray(feats), n_frames)
-    want, _ = single.model.encode_batch(feats, n_frames)
+    got, _ = pallas.engine.encode(np.asarray(feats), n_frames)
+    want, _ = single.model.engine.encode(feats, n_frames)
     report["pallas_max_rel_err"] = float(np.abs(np.asarray(got) - np.asarray(want)).max() / np.abs(want).max())
 
     # The TPU notebook, run on this machine's 8 CPU devices with the tiny model.

@@ -101,8 +101,8 @@ def test_encoder_with_pallas_kernel_equals_xla(checkpoints, models):
     pallas = qasr_jax.Model(ck.cfg, xla.params, attention_impl="pallas", interpret=True)
     waves = [INPUTS["synthetic-0.7s"](), INPUTS["speech-10.07s"]()]
     feats, n_frames = log_mel_batch(waves)
-    a, n_a = xla.encode_batch(jnp.asarray(feats), jnp.asarray(n_frames))
-    b, n_b = pallas.encode_batch(jnp.asarray(feats), jnp.asarray(n_frames))
+    a, n_a = xla.engine.encode(jnp.asarray(feats), jnp.asarray(n_frames))
+    b, n_b = pallas.engine.encode(jnp.asarray(feats), jnp.asarray(n_frames))
     for i in range(len(waves)):
         n = int(n_a[i])
         assert rel(np.asarray(b[i, :n]), np.asarray(a[i, :n])) <= 1e-5
@@ -126,7 +126,7 @@ def test_batched_encode_matches_reference_and_single(checkpoints, models):
     ref_model = checkpoints("asr").torch_model
     waves = [INPUTS[n]() for n in INPUTS]
     feats, n_frames = log_mel_batch(waves)
-    out, n_tok = model.encode_batch(jnp.asarray(feats), jnp.asarray(n_frames))
+    out, n_tok = model.engine.encode(jnp.asarray(feats), jnp.asarray(n_frames))
     for i, w in enumerate(waves):
         with torch.no_grad():
             ref = ref_model.model.get_audio_features(*reference_inputs(w)).pooler_output.numpy()
@@ -161,15 +161,15 @@ def test_cached_decoding_equals_full_forward(models):
     model = models("asr", "hf")
     waves = [synthetic(0.7, 5), speech("long_en.wav"), synthetic(2.5, 6)]
     feats, n_frames = log_mel_batch(waves)
-    audio, n_tok = model.encode_batch(jnp.asarray(feats), jnp.asarray(n_frames))
+    audio, n_tok = model.engine.encode(jnp.asarray(feats), jnp.asarray(n_frames))
     prompts = [prompt(int(n)) for n in n_tok]
     seq = max(map(len, prompts))
     ids = np.zeros((len(waves), seq), np.int32)
     mask = np.zeros((len(waves), seq), bool)
     for i, p in enumerate(prompts):
         ids[i, : len(p)], mask[i, : len(p)] = p, True
-    cache = model.init_cache(len(waves), seq + 8)
-    logits, cache = model.prefill(model.embed(jnp.asarray(ids), audio), jnp.asarray(mask), cache)
+    cache = model.engine.init_cache(len(waves), seq + 8)
+    logits, cache = model.engine.extend(cache, model.engine.embed(jnp.asarray(ids), audio), mask.sum(1))
     generated = [[] for _ in waves]
     for _ in range(5):
         step_logits = np.asarray(logits)
@@ -179,7 +179,7 @@ def test_cached_decoding_equals_full_forward(models):
         tokens = step_logits.argmax(-1).astype(np.int32)
         for i in range(len(waves)):
             generated[i].append(int(tokens[i]))
-        logits, cache = model.step(jnp.asarray(tokens), cache)
+        logits, cache = model.engine.step(cache, jnp.asarray(tokens))
 
 
 def test_bfloat16_logits_close_to_reference(checkpoints):

@@ -214,13 +214,13 @@ def tiny(checkpoints, tok, tmp_path_factory):
     model = qasr_jax.load(save_hf(ref, str(tmp_path_factory.mktemp("flat-asr"))))
     waves = [speech("hello_en.wav"), synthetic(0.7, 1), speech("zh.wav")]
     feats, n_frames = log_mel_batch(waves)
-    audio, n_tok = model.encode_batch(jnp.asarray(feats), jnp.asarray(n_frames))
+    audio, n_tok = model.engine.encode(jnp.asarray(feats), jnp.asarray(n_frames))
     prompts = [PREFIX + [151676] * int(n) + SUFFIX for n in n_tok]
     ids = np.full((len(waves), WIDTH), tok.endoftext_id, np.int32)
     mask = np.zeros((len(waves), WIDTH), bool)
     for i, p in enumerate(prompts):
         ids[i, : len(p)], mask[i, : len(p)] = p, True
-    embeds = model.embed(jnp.asarray(ids), audio)
+    embeds = model.engine.embed(jnp.asarray(ids), audio)
     return SimpleNamespace(ref=ref, model=model, waves=waves, prompts=prompts, ids=ids, mask=mask, embeds=embeds,
                            eos=tok.eos_ids, pad=tok.endoftext_id)
 

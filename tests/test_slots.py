@@ -41,14 +41,14 @@ def tiny(checkpoints, tmp_path_factory):
     waves = [synthetic(s, i) for i, s in enumerate(SECONDS)]
     waves[1], waves[6] = speech("hello_en.wav"), speech("zh.wav")
     feats, n_frames = log_mel_batch(waves)
-    audio, n_tok = model.encode_batch(feats, n_frames)
+    audio, n_tok = model.engine.encode(feats, n_frames)
     prompts = [PREFIX + [151676] * int(n) + SUFFIX for n in np.asarray(n_tok)]
     width = prompt_width(max(map(len, prompts)))
     ids = np.zeros((len(waves), width), np.int32)
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = p
     lengths = np.array([len(p) for p in prompts], np.int32)
-    batch = Prompts(model.embed(ids, audio), lengths, jax.numpy.asarray(ids))
+    batch = Prompts(model.engine.embed(ids, audio), lengths, jax.numpy.asarray(ids))
     return model, ref, waves, prompts, batch
 
 
