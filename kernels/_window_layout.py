@@ -51,6 +51,21 @@ def from_window_major(x: jax.Array, seq: int, window: int, head_dim: int) -> jax
     return x.reshape(batch, n_windows * window, heads, head_dim)[:, :seq]
 
 
+def window_major_attention(attend, q, k, v, lengths, window: int, blocks, interpret: bool, clamp,
+                           head_dim_padded: int) -> jax.Array:
+    """The kernels' shared entry: q, k, v (batch, seq, heads, head_dim) into the window-major layout (each window
+    padded to a multiple of every block size of ``blocks``, clamped by ``clamp(block, window)``), ``attend`` there
+    (the kernel's custom-VJP function) and back to the input's layout."""
+    seq, head_dim = q.shape[1], q.shape[3]
+    if seq == 0:
+        return jnp.zeros_like(q)
+    sizes = (blocks.block_q, blocks.block_k, blocks.block_q_bwd, blocks.block_k_bwd)
+    padded_window = padded_window_len(window, *(clamp(b, window) for b in sizes))
+    qw, kw, vw = (to_window_major(x, window, padded_window, head_dim_padded) for x in (q, k, v))
+    out = attend(qw, kw, vw, lengths.astype(jnp.int32), window, blocks, interpret, head_dim**-0.5)
+    return from_window_major(out, seq, window, head_dim)
+
+
 def window_valid_len(length: jax.Array, window_index: jax.Array, window: int) -> jax.Array:
     """Tokens of window ``window_index`` that lie before ``length`` (0 for a window wholly past the end)."""
     return jnp.minimum(jnp.maximum(length - window_index * window, 0), window)

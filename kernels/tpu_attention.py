@@ -34,10 +34,8 @@ from jax.experimental.pallas import tpu as pltpu
 from qasr_jax.kernels._window_layout import (
     MASK_VALUE,
     attention_cost,
-    from_window_major,
-    padded_window_len,
     round_up,
-    to_window_major,
+    window_major_attention,
     window_valid_len,
 )
 
@@ -255,29 +253,12 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("window", "block_sizes", "interpret"))
-def windowed_attention_tpu(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    lengths: jax.Array,
-    window: int,
-    *,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
+def windowed_attention_tpu(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, window: int, *,
+                           block_sizes: BlockSizes | None = None, interpret: bool = False) -> jax.Array:
     """Pallas/Mosaic windowed attention: q, k, v (batch, seq, heads, head_dim), lengths (batch,) -> like q.
 
     Same semantics as ``windowed_attention_reference``; differentiable (Pallas backward). ``interpret=True`` runs
     the kernel in the TPU interpreter (``pltpu.InterpretParams``) on any backend, for tests.
     """
-    blocks = block_sizes or BlockSizes.get_default()
-    batch, seq, heads, head_dim = q.shape
-    if seq == 0:
-        return jnp.zeros_like(q)
-    padded_window = padded_window_len(
-        window, *(_clamp_block(b, window) for b in (blocks.block_q, blocks.block_k, blocks.block_q_bwd,
-                                                    blocks.block_k_bwd))
-    )
-    qw, kw, vw = (to_window_major(x, window, padded_window, head_dim) for x in (q, k, v))
-    out = _attend(qw, kw, vw, lengths.astype(jnp.int32), window, blocks, interpret, head_dim**-0.5)
-    return from_window_major(out, seq, window, head_dim)
+    return window_major_attention(_attend, q, k, v, lengths, window, block_sizes or BlockSizes.get_default(),
+                                  interpret, _clamp_block, q.shape[3])

@@ -7,6 +7,7 @@ puts the root first on sys.path (conftest.py takes it off), and benchmarks run a
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import os
@@ -88,3 +89,57 @@ def test_old_module_paths_are_the_moved_modules_and_warn_once(tmp_path):
         "DeprecationWarning qasr_jax.data moved to qasr_jax.training.data in qasr-jax 0.2.0; the old path goes away in "
         "0.3.0",
     ]
+
+
+def test_no_block_of_six_lines_repeats_across_the_library(tmp_path):
+    """pylint's duplicate-code check over the library's sources (imports, docstrings and comments ignored): logic
+    that repeats is written once and called."""
+    folders = [os.path.join(ROOT, d) for d in ("qasr_jax", "convert", "kernels")]
+    out = subprocess.run(
+        [sys.executable, "-m", "pylint", "--disable=all", "--enable=duplicate-code", "--min-similarity-lines=6",
+         "--ignore-imports=yes", "--ignore-docstrings=yes", "--ignore-comments=yes", "--score=no", *folders],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# Each part of the library and the rank of its layer: a module may import its own part and parts of lower rank.
+LAYERS = {
+    "io": 0, "kernels": 1, "modeling": 1, "convert": 2, "decoding": 2, "vad": 3, "streaming": 3, "loading": 3,
+    "aligner": 4, "transcribe": 5, "training": 6, "server": 6, "cli": 7, "testing": 8,
+}
+
+
+def _part(module: str) -> str | None:
+    """The part of the library a dotted module name under qasr_jax belongs to (None: the package itself)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "qasr_jax" else None
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    """command line -> server, streaming, training -> transcription -> decoding -> model -> text and audio edges:
+    every import in the library (function-level ones too) goes down or stays in its part."""
+    upward = []
+    for folder, part_of in (("qasr_jax", None), ("convert", "convert"), ("kernels", "kernels")):
+        for path, _, files in os.walk(os.path.join(ROOT, folder)):
+            for f in files:
+                if not f.endswith(".py") or f in ("__init__.py", "_moved.py") and path.endswith(folder):
+                    continue
+                rel = os.path.relpath(os.path.join(path, f), os.path.join(ROOT, folder)).replace(os.sep, "/")
+                own = part_of or rel.split("/")[0].removesuffix(".py")
+                with open(os.path.join(path, f), encoding="utf-8") as fh:
+                    tree = ast.parse(fh.read())
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("qasr_jax"):
+                        names = ([f"{node.module}.{a.name}" for a in node.names] if node.module == "qasr_jax"
+                                 else [node.module])
+                    elif isinstance(node, ast.Import):
+                        names = [a.name for a in node.names if a.name.startswith("qasr_jax")]
+                    else:
+                        continue
+                    for name in names:
+                        part = _part(name)
+                        if part in LAYERS and part != own and LAYERS[part] > LAYERS[own]:
+                            upward.append(f"{folder}/{rel}:{node.lineno} ({own}) imports {name} ({part})")
+    assert set(LAYERS) >= {d for d in os.listdir(os.path.join(ROOT, "qasr_jax"))
+                           if os.path.isfile(os.path.join(ROOT, "qasr_jax", d, "__init__.py"))}
+    assert not upward, "\n".join(upward)
