@@ -30,11 +30,11 @@ from qasr_jax.io.hub import resolve_model_path
 from qasr_jax.io.tokenizer import Tokenizer
 from qasr_jax.io.units import aligner_language, fix_timestamps, split_units
 from qasr_jax.loading import Model, load
-from qasr_jax.modeling.config import audio_token_count
+from qasr_jax.modeling.config import DEFAULT_ALIGNER, audio_token_count
 
 __all__ = ["Aligner", "Word", "resolve_model_path", "DEFAULT_MODEL"]
 
-DEFAULT_MODEL = "Qwen/Qwen3-ForcedAligner-0.6B"
+DEFAULT_MODEL = DEFAULT_ALIGNER  # the name this module has exported since 0.1.0
 MAX_SECONDS = 300.0  # one forward pass covers at most 5 min (the 5000 classes x 80 ms reach 400 s)
 SPLIT_GUARD_SECONDS = 2.0  # with split=True, units ending this close to a window's end are re-aligned in the next
 

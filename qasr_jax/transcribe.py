@@ -20,15 +20,17 @@ import numpy as np
 from qasr_jax.decoding import hotwords as hw
 from qasr_jax.decoding import language as lang_probs
 from qasr_jax.decoding.longform import Piece, split_long_audio
+from qasr_jax.decoding.request import prepare
 from qasr_jax.decoding.pipeline import DecodeOptions, Pipeline, Work, token_budget, token_limit
 from qasr_jax.io.audio import SAMPLE_RATE, AudioError, load_audio
 from qasr_jax.io.hub import resolve_model_path
 from qasr_jax.io.progress import audio_progress
-from qasr_jax.io.prompts import context_problem, normalize_language, parse_output, supported_languages
+from qasr_jax.io.prompts import parse_output, supported_languages
 from qasr_jax.io.results import Result, Segment, compression_ratio, join_texts, majority_language, rounded_logprob
 from qasr_jax.io.tokenizer import IncrementalDecoder, Tokenizer
 from qasr_jax.io.units import unit_spans
 from qasr_jax.loading import Model, load
+from qasr_jax.modeling.config import DEFAULT_MODEL, MAX_AUDIO_SECONDS
 from qasr_jax.vad.rules import speech_pieces
 
 ALIGN_PIECE_SECONDS = 180.0  # piece length when word timestamps are asked for (the official toolkit's choice)
@@ -214,7 +216,7 @@ class Transcriber:
     def transcribe_iter(self, audio, language=None, context="", beam_size: int = 1, max_new_tokens=None,
                         batch_size: int = 8, *, return_timestamps: bool = False, length_penalty: float = 1.0,
                         repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-                        max_audio_seconds: float = 1200.0, errors: str = "raise",
+                        max_audio_seconds: float = MAX_AUDIO_SECONDS, errors: str = "raise",
                         progress: bool = False, suppress_eos: bool = False, hotwords=None,
                         hotword_boost: float = hw.DEFAULT_BOOST,
                         hotwords_in_context: bool = False, vad: bool = False, vad_max_seconds: float = 30.0,
@@ -242,17 +244,11 @@ class Transcriber:
                                  "lower it, or cut the audio shorter with max_audio_seconds")
         if return_timestamps and self.aligner is None:
             raise ValueError("return_timestamps=True needs a forced aligner: Transcriber.from_pretrained(..., aligner=...)")
-        langs = [None if l is None else normalize_language(l, self.languages) for l in _as_list(language, n, "language")]
-        contexts = [c or "" for c in _as_list(context, n, "context")]
-        words = _hotword_lists(hotwords, n)
-        if hotwords_in_context:
-            contexts = [hw.with_context(c, w) for c, w in zip(contexts, words)]
-        for i, c in enumerate(contexts):  # before any audio is read or the model runs
-            problem = context_problem(self.tokenizer, c, "context" + (f" of input #{i}" if n > 1 else "")
-                                      + (" with its hotwords" if hotwords_in_context and words[i] else ""))
-            if problem:
-                raise ValueError(problem)
-        tries = [hw.request(w, self.tokenizer.encode, hotword_boost) for w in words]
+        asked = zip(_as_list(language, n, "language"), _as_list(context, n, "context"), _hotword_lists(hotwords, n))
+        requests = [prepare(self.tokenizer, self.languages, lang, ctx, words, hotword_boost, hotwords_in_context,
+                            "context" + (f" of input #{i}" if n > 1 else ""))  # before any audio is read
+                    for i, (lang, ctx, words) in enumerate(asked)]
+        langs, contexts = [r.language for r in requests], [r.context for r in requests]
         if return_timestamps:  # the aligner takes pieces of at most ALIGN_PIECE_SECONDS, as the official toolkit
             max_audio_seconds = min(max_audio_seconds, ALIGN_PIECE_SECONDS)
 
@@ -281,7 +277,7 @@ class Transcriber:
             for p, piece in enumerate(cut):
                 pieces[i][p] = piece
                 budget = budgets[i] or token_budget(piece.duration, limit)
-                pipes[0].submit(Work((i, p), piece.samples, langs[i], contexts[i], budget, tries[i]))
+                pipes[0].submit(Work((i, p), piece.samples, langs[i], contexts[i], budget, requests[i].hotwords))
         detect = [i for i in pieces if langs[i] is None] if language_probabilities else []
         found, _ = lang_probs.language_distributions(self.model, self.tokenizer, [pieces[i][0].samples for i in detect],
                                                      [contexts[i] for i in detect], batch_size)
@@ -348,7 +344,7 @@ class Transcriber:
                                                  logprob=score) for w, score in zip(words, scores)]
 
 
-def detect_language(audio, model: Any = "Qwen/Qwen3-ASR-0.6B", context: str = "", batch_size: int = 8,
+def detect_language(audio, model: Any = DEFAULT_MODEL, context: str = "", batch_size: int = 8,
                     max_seconds: float = lang_probs.MAX_SECONDS) -> dict[str, float] | list[dict[str, float]]:
     """Language probabilities of one input (or a list): name -> probability over the model's languages, most
     probable first; ``model`` is a ``Transcriber``, a local folder or a hub id."""

@@ -26,7 +26,7 @@ from qasr_jax import cli
 from qasr_jax.testing import DATA
 from qasr_jax.testing.notebook_run import run_code_cells
 from qasr_jax.testing.tokenizer_files import with_tokenizer, write_tokenizer
-from qasr_jax.training.trainer.data import read_manifest
+from qasr_jax.training.data import read_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ("README.md", *sorted(f"docs/{n}" for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md")))

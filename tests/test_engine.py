@@ -36,16 +36,47 @@ def _sources():
 
 def test_only_the_engine_applies_the_model():
     """No package module but the engine calls ``.apply`` (the only way to run a Flax module, jitted or not), and
-    none but the model and the engine names the model's module class, so no other module can build or compile it."""
-    appliers, builders = [], []
+    none but the model and the engine names the model's module class, so no other module can build or compile it.
+    The one exception the engine's docstring names: training jits its loss around ``Engine.forward``."""
+    appliers, builders, forwarders = [], [], []
     for name, tree in _sources():
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "apply":
                 appliers.append(name)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "forward":
+                forwarders.append(name)
             if isinstance(node, ast.Name) and node.id == "Qwen3ASRModule":
                 builders.append(name)
     assert set(appliers) == {"qasr_jax/decoding/engine.py"}, appliers
     assert set(builders) <= {"qasr_jax/decoding/engine.py", "qasr_jax/modeling/model.py"}, builders
+    assert set(forwarders) == {"qasr_jax/training/trainer.py"}, forwarders
+    assert "training jits its loss" in qasr_jax.decoding.engine.__doc__
+
+
+def _docstrings(tree) -> set[int]:
+    """ids of the docstring nodes of a module and its classes and functions."""
+    owners = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    return {id(o.body[0].value) for o in owners
+            if o.body and isinstance(o.body[0], ast.Expr) and isinstance(o.body[0].value, ast.Constant)}
+
+
+def test_ids_and_limits_are_named_in_the_config_module_only():
+    """No special-token id of the released vocabulary (151643 and up), no default hub id and no 1200 s piece limit
+    is written as a literal in the library outside ``qasr_jax.modeling.config`` (test support aside): a model with
+    another vocabulary takes its ids from its own config and tokenizer."""
+    found = []
+    for name, tree in _sources():
+        if name in ("qasr_jax/modeling/config.py",) or name.startswith("qasr_jax/testing/"):
+            continue
+        docs = _docstrings(tree)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Constant) or id(node) in docs:
+                continue
+            v = node.value
+            if (isinstance(v, (int, float)) and not isinstance(v, bool) and (v == 1200 or 151643 <= v <= 151705)) \
+                    or (isinstance(v, str) and v.startswith("Qwen/Qwen3-")):
+                found.append(f"{name}:{node.lineno}: {v!r}")
+    assert not found, found
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +148,34 @@ def test_words_carry_the_mean_logprob_of_their_tokens(asr):
     got = word_logprobs(tok, part, ["Hello", "world"])
     assert got[0] == pytest.approx(np.mean(logprobs[start : start + hello[0] + 1]), abs=1e-6)
     assert got[1] == pytest.approx(np.mean(logprobs[start + hello[0] + 1 :]), abs=1e-6)
+
+
+def test_transcription_streams_and_the_server_prepare_requests_with_one_function(asr, monkeypatch):
+    """Offline transcription, a live stream and the server's form parsing each check language, context and
+    hotwords through ``qasr_jax.decoding.request.prepare``, and get the same answer from it."""
+    from starlette.datastructures import FormData
+
+    from qasr_jax.decoding import request
+    from qasr_jax.server import transcriptions
+    from qasr_jax.server.app import Server, ServerConfig
+    from qasr_jax.streaming import driver
+
+    calls = []
+    for module in (qasr_jax.transcribe, driver, transcriptions):
+        assert module.prepare is request.prepare
+
+        def spy(*args, _name=module.__name__, **kwargs):
+            calls.append(_name)
+            return request.prepare(*args, **kwargs)
+
+        monkeypatch.setattr(module, "prepare", spy)
+    (offline,) = asr.transcribe(speech("hello_en.wav"), language="en", max_new_tokens=2, hotwords=["Qwen"])
+    stream = asr.stream(language="en", hotwords=["Qwen"])
+    stream.close()
+    form = FormData([("language", "en"), ("prompt", "JAX"), ("hotwords", "Qwen")])
+    options = transcriptions.parse_options(form, Server(asr, ServerConfig("tiny")))
+    assert calls == ["qasr_jax.transcribe", "qasr_jax.streaming.driver", "qasr_jax.server.transcriptions"]
+    assert offline.language == options.language == "English" and options.request.hotwords is not None
+    with pytest.raises(request.RequestError, match="unsupported language 'xx'") as bad:
+        asr.transcribe(speech("hello_en.wav"), language="xx")
+    assert bad.value.field == "language" and calls[-1] == "qasr_jax.transcribe"

@@ -20,11 +20,11 @@ import pytest
 import soundfile as sf
 from safetensors.numpy import load_file
 
-from qasr_jax.cli.core.core import main
+from qasr_jax.cli.core import main
 from qasr_jax.testing import DATA, synthetic
 from qasr_jax.testing.tokenizer_files import with_tokenizer
-from qasr_jax.training.trainer.data import Loader, ManifestError, epoch_groups, examples_from_records, read_manifest
-from qasr_jax.training.trainer.evaluation import Scored, normalize, score
+from qasr_jax.training.data import Loader, ManifestError, epoch_groups, examples_from_records, read_manifest
+from qasr_jax.training.evaluation import Scored, normalize, score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW_WORDS = os.path.join(DATA, "newwords", "newwords.jsonl")
@@ -88,8 +88,8 @@ def test_empty_manifest(tmp_path):
 
 @pytest.mark.parametrize("option", [{"save_every": 0}, {"keep": 0}, {"eval_every": -1}])
 def test_bad_schedule_options_are_refused_before_anything_runs(tmp_path, option):
-    from qasr_jax.training.trainer.finetune import finetune
-    from qasr_jax.training.trainer.trainer import TrainConfig
+    from qasr_jax.training.finetune import finetune
+    from qasr_jax.training.trainer import TrainConfig
 
     with pytest.raises(ValueError, match=f"got .*{list(option.values())[0]}"):
         finetune(None, None, [], str(tmp_path / "run"), TrainConfig(), **option)
@@ -194,7 +194,7 @@ def test_killed_run_resumes_bit_for_bit(tiny, tmp_path):
     assert main(finetune_args(tiny, str(whole))) == 0
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": ROOT, "QASR_JAX_COMPILATION_CACHE": "off"}
-    proc = subprocess.Popen([sys.executable, "-m", "qasr_jax.cli.core", *finetune_args(tiny, str(killed))], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "qasr_jax.cli", *finetune_args(tiny, str(killed))], env=env,
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 600
     while not (killed / "checkpoints" / "3").is_dir():

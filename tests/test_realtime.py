@@ -16,7 +16,7 @@ import soundfile as sf
 import soxr
 import websockets
 
-from qasr_jax.modeling.config import MAX_CONTEXT_TOKENS
+from qasr_jax.io.prompts import MAX_CONTEXT_TOKENS
 from qasr_jax.server import realtime
 from qasr_jax.testing import DATA, speech
 from test_server import KEY, asr, dirs, server  # noqa: F401  (module fixtures: this module starts its own server)

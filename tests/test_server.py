@@ -28,7 +28,7 @@ import soxr
 
 from qasr_jax import cli
 from qasr_jax.aligner import Aligner
-from qasr_jax.cli.core import serve as command
+from qasr_jax.cli import serve as command
 from qasr_jax.io import formats
 from qasr_jax.io.prompts import MAX_CONTEXT_TOKENS
 from qasr_jax.server import realtime

@@ -132,7 +132,7 @@ def test_bad_inputs_get_named_errors(asr, tmp_path):
 def test_a_context_over_the_limit_is_refused_before_any_work(asr, tmp_path):
     """A context (with its hotwords) over MAX_CONTEXT_TOKENS is refused, naming it and the limit, before the audio
     is read (the missing file is not the error) or the model runs; the limit itself is accepted by the check."""
-    from qasr_jax.modeling.config import MAX_CONTEXT_TOKENS
+    from qasr_jax.io.prompts import MAX_CONTEXT_TOKENS
     from qasr_jax.io.prompts import context_problem
 
     tok = asr.tokenizer

@@ -11,9 +11,9 @@ from silero_vad import get_speech_timestamps_from_probs
 from qasr_jax.decoding.compiles import count_compilations
 from qasr_jax.testing import speech
 from qasr_jax.testing.silero import reference_probabilities, reference_segments, v6_weights
-from qasr_jax.vad.network.network import (FRAME_SAMPLES, WEIGHTS_FILE, data_path, initial_state, speech_probabilities,
+from qasr_jax.vad.network import (FRAME_SAMPLES, WEIGHTS_FILE, data_path, initial_state, speech_probabilities,
                           stream_probabilities)
-from qasr_jax.vad.network.rules import TurnDetector, segments_from_probabilities, speech_pieces, speech_segments
+from qasr_jax.vad.rules import TurnDetector, segments_from_probabilities, speech_pieces, speech_segments
 
 SR = 16000
 PHRASES = ["hello_en.wav", "newwords/newwords_0000.wav", "newwords/newwords_0005.wav", "newwords/newwords_0003.wav"]
@@ -214,7 +214,7 @@ def _cli(*args):
     import sys
 
     env = {**os.environ, "QASR_JAX_COMPILATION_CACHE": "off"}
-    return subprocess.run([sys.executable, "-m", "qasr_jax.cli.core", *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "qasr_jax.cli", *args], capture_output=True, text=True, env=env)
 
 
 def test_cli_vad_gives_the_api_segments(asr_dir, asr, rec, tmp_path):
@@ -244,7 +244,7 @@ def test_wheel_ships_the_weights_and_license(tmp_path):
     import zipfile
 
     from qasr_jax.testing import ROOT
-    from qasr_jax.vad.network.network import LICENSE_FILE
+    from qasr_jax.vad.network import LICENSE_FILE
 
     import importlib.util
 
@@ -260,7 +260,7 @@ def test_wheel_ships_the_weights_and_license(tmp_path):
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
                               str(wheel)], capture_output=True, text=True)
     assert install.returncode == 0, install.stderr[-3000:]
-    probe = ("import qasr_jax.vad.network.network as v; print(v.__file__); print(v.data_path(v.LICENSE_FILE)); "
+    probe = ("import qasr_jax.vad.network as v; print(v.__file__); print(v.data_path(v.LICENSE_FILE)); "
              "print(sorted(v.vad_params()))")
     env = {**os.environ, "PYTHONPATH": str(target)}
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path)

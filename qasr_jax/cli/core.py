@@ -12,15 +12,14 @@ import uuid
 
 from qasr_jax import __version__
 from qasr_jax.aligner import Aligner
-from qasr_jax.aligner import DEFAULT_MODEL as DEFAULT_ALIGNER
 from qasr_jax.aligner import MAX_SECONDS as ALIGN_MAX_SECONDS
-from qasr_jax.io import formats
-from qasr_jax.io import progress
 from qasr_jax.cli.options import (add_hotword_flags, add_layers_flag, add_quantize_flag, check_model_args,
                                   expand_inputs, hotword_problems, mesh_arg, read_hotwords)
 from qasr_jax.cli.options import add_guard_flags, add_subtitle_flags, guard_options, subtitle_options, subtitle_problems
 from qasr_jax.cli.serve import add_command as add_serve
+from qasr_jax.io import formats, progress
 from qasr_jax.loading import DTYPES
+from qasr_jax.modeling.config import DEFAULT_ALIGNER, DEFAULT_MODEL, MAX_AUDIO_SECONDS
 
 FORMATS = tuple(formats.FORMATS)
 
@@ -274,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("transcribe", help="transcribe audio files (wav, flac, ogg, mp3; others through ffmpeg)")
     tr.add_argument("files", nargs="+", help="audio files, folders of them, or manifests (.txt/.lst, a path a line)")
-    tr.add_argument("--model", default="Qwen/Qwen3-ASR-0.6B",
+    tr.add_argument("--model", default=DEFAULT_MODEL,
                     help="checkpoint folder, hub id, or tiny-en (the bundled model)")
     tr.add_argument("--language", default=None, help="force a language (name or ISO code); default: detect")
     tr.add_argument("--context", default="", help="context text: names, hotwords, domain terms")
@@ -286,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_layers_flag(tr)
     tr.add_argument("--max-new-tokens", type=int, default=None,
                     help="cap on each piece's output tokens (default: 32 + 10 per second of audio)")
-    tr.add_argument("--max-audio-seconds", type=float, default=1200.0, help="longer audio is cut into pieces")
+    tr.add_argument("--max-audio-seconds", type=float, default=MAX_AUDIO_SECONDS,
+                    help="longer audio is cut into pieces")
     tr.add_argument("--vad", action="store_true", help="decode only speech (Silero VAD): skips silence and noise, "
                     "one segment per speech piece; for long recordings with pauses (docs/vad.md)")
     tr.add_argument("--vad-max-seconds", type=float, default=30.0, help="with --vad: longest piece of merged speech")

@@ -8,6 +8,7 @@ import sys
 
 from qasr_jax.decoding.language import MAX_SECONDS, TOP, UNCERTAIN
 from qasr_jax.loading import DTYPES
+from qasr_jax.modeling.config import DEFAULT_MODEL
 
 
 def _detect(args: argparse.Namespace) -> int:
@@ -48,7 +49,7 @@ def add_command(sub) -> None:
                         f"{TOP - 1} languages, tab-separated, one line a file; a top probability under {UNCERTAIN} "
                         "means the model hesitates (code-switched speech, a clip too short, or no speech).")
     dl.add_argument("files", nargs="+", help="audio files, folders of them, or manifests (.txt/.lst, a path a line)")
-    dl.add_argument("--model", default="Qwen/Qwen3-ASR-0.6B",
+    dl.add_argument("--model", default=DEFAULT_MODEL,
                     help="checkpoint folder, hub id, or tiny-en (the bundled model)")
     dl.add_argument("--context", default="", help="context text, as for transcribe")
     dl.add_argument("--max-seconds", type=float, default=MAX_SECONDS,

@@ -38,7 +38,7 @@ def add_quantize_flag(parser: argparse.ArgumentParser) -> None:
     """--quantize: int8 decoder weights (``qasr_jax.modeling.quant``)."""
     parser.add_argument("--quantize", default=None, choices=QUANTIZE_MODES,
                         help="int8: the decoder's weights and LM head as int8 (a quarter of float32's bytes, a "
-                             "faster decode step on CPU; one device only; see the README's Precision section)")
+                             "faster decode step on CPU; one device only; see docs/precision.md)")
 
 
 def read_hotwords(inline: str | None, path: str | None) -> list[str]:

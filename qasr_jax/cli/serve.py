@@ -9,12 +9,13 @@ import signal
 import sys
 
 from qasr_jax.loading import DTYPES
+from qasr_jax.modeling.config import DEFAULT_MODEL, MAX_AUDIO_SECONDS
 
 
 def add_command(subparsers) -> None:
     """Add ``serve`` to the ``qasr-jax`` command's subparsers."""
     sv = subparsers.add_parser("serve", help="serve the OpenAI transcription API (pip install '.[serve]')")
-    sv.add_argument("--model", default="Qwen/Qwen3-ASR-0.6B",
+    sv.add_argument("--model", default=DEFAULT_MODEL,
                     help="checkpoint folder, hub id, or tiny-en (the bundled model)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     sv.add_argument("--port", type=int, default=8000)
@@ -30,7 +31,8 @@ def add_command(subparsers) -> None:
     sv.add_argument("--max-slots", type=int, default=32, help="requests decoded at once (continuous batching)")
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     sv.add_argument("--max-upload-mb", type=float, default=25.0, help="larger uploads get a 413")
-    sv.add_argument("--max-audio-seconds", type=float, default=1200.0, help="longer audio gets a 400")
+    sv.add_argument("--max-audio-seconds", type=float, default=MAX_AUDIO_SECONDS,
+                    help="longer audio gets a 400")
     sv.add_argument("--piece-seconds", type=float, default=30.0, help="longer uploads decode as pieces of at most "
                     "this length, cut at quiet points (Transcriber.transcribe's max_audio_seconds); memory grows "
                     "with it")

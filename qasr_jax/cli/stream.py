@@ -21,8 +21,7 @@ import soxr
 
 from qasr_jax.io.audio import SAMPLE_RATE
 from qasr_jax.loading import DTYPES
-
-DEFAULT_MODEL = "Qwen/Qwen3-ASR-0.6B"
+from qasr_jax.modeling.config import DEFAULT_MODEL
 
 
 def add_command(sub) -> None:

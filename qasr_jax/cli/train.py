@@ -7,6 +7,7 @@ import json
 import sys
 
 from qasr_jax.cli.options import check_model_args, require_extra
+from qasr_jax.modeling.config import DEFAULT_MODEL
 from qasr_jax.training.trainer import FREEZABLE, LORA_MODULES
 
 
@@ -85,7 +86,7 @@ def add_commands(sub) -> None:
                         "...\", \"prompt\": \"optional context\"}; audio paths are relative to the manifest.")
     ft.add_argument("--train", required=True, help="training manifest (JSONL)")
     ft.add_argument("--eval", default=None, help="evaluation manifest (JSONL): WER every --eval-every steps")
-    ft.add_argument("--model", default="Qwen/Qwen3-ASR-0.6B",
+    ft.add_argument("--model", default=DEFAULT_MODEL,
                     help="checkpoint folder, hub id, or tiny-en (the bundled model) to start from")
     ft.add_argument("--output", required=True, help="run folder: checkpoints, metrics.jsonl, model-hf/, model/")
     length = ft.add_mutually_exclusive_group()
@@ -121,7 +122,7 @@ def add_commands(sub) -> None:
 
     ev = sub.add_parser("evaluate", help="WER (and CER for zh/ja/ko/yue) of a model on a JSONL manifest")
     ev.add_argument("manifest", help="JSONL manifest: audio paths relative to it, text 'language X<asr_text>...'")
-    ev.add_argument("--model", default="Qwen/Qwen3-ASR-0.6B",
+    ev.add_argument("--model", default=DEFAULT_MODEL,
                     help="checkpoint folder, hub id, or tiny-en (the bundled model)")
     ev.add_argument("--output-format", default="txt", choices=["txt", "json"],
                     help="json: one object with wer, cer, n, per_language (fractions)")

@@ -12,7 +12,7 @@ from qasr_jax.loading import DTYPES
 def add_command(sub) -> None:
     """Add the ``warmup`` subcommand to the CLI's subparsers."""
     from qasr_jax.cli.options import add_layers_flag, add_quantize_flag
-    from qasr_jax.cli.stream import DEFAULT_MODEL
+    from qasr_jax.modeling.config import DEFAULT_MODEL
 
     wu = sub.add_parser("warmup", help="compile the programs transcription needs into the compilation cache")
     wu.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder, hub id, or tiny-en (the bundled model)")

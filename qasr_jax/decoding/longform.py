@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 
 from qasr_jax.io.audio import SAMPLE_RATE
+from qasr_jax.modeling.config import MAX_AUDIO_SECONDS
 
 FRAME = 1600  # 100 ms energy frames
 
@@ -23,7 +24,7 @@ class Piece:
         return self.samples.shape[0] / SAMPLE_RATE
 
 
-def split_long_audio(wave: np.ndarray, max_seconds: float = 1200.0, search_seconds: float = 10.0) -> list[Piece]:
+def split_long_audio(wave: np.ndarray, max_seconds: float = MAX_AUDIO_SECONDS, search_seconds: float = 10.0) -> list[Piece]:
     """Cut ``wave`` into pieces of at most ``max_seconds``, each cut at the quietest 100 ms in the last
     ``search_seconds`` before the limit; audio within the limit comes back as one piece."""
     if max_seconds <= 0:

@@ -16,7 +16,10 @@ import re
 from collections.abc import Iterable, Sequence
 
 from qasr_jax.io.tokenizer import Tokenizer
-from qasr_jax.modeling.config import MAX_CONTEXT_TOKENS
+
+# The longest context (system prompt text: --context, prompt=, hotwords joined to it) accepted, in tokens: the
+# official maintainers budget hotword context at up to 10,000 tokens; longer ones are refused before the model runs.
+MAX_CONTEXT_TOKENS = 10_000
 
 # Language names the model was trained with (the spelling in "language {Name}"), keyed by ISO 639 code.
 # The 30 of transformers' Qwen3-ASR processor plus Uyghur, which the official qwen-asr package also accepts.
@@ -99,7 +102,7 @@ def context_problem(tok: Tokenizer, context: str, name: str = "context") -> str 
     n = len(tok.encode(context)) if context else 0
     if n <= MAX_CONTEXT_TOKENS:
         return None
-    return (f"{name} is {n:,} tokens, over the limit of {MAX_CONTEXT_TOKENS:,} (qasr_jax.modeling.config.MAX_CONTEXT_TOKENS); "
+    return (f"{name} is {n:,} tokens, over the limit of {MAX_CONTEXT_TOKENS:,} (qasr_jax.io.prompts.MAX_CONTEXT_TOKENS); "
             "shorten it to the names and terms the audio may hold")
 
 

@@ -11,9 +11,13 @@ import json
 import os
 from typing import Any
 
-# The longest context (system prompt text: --context, prompt=, hotwords joined to it) accepted, in tokens: the
-# official maintainers budget hotword context at up to 10,000 tokens; longer ones are refused before the model runs.
-MAX_CONTEXT_TOKENS = 10_000
+# What a command or function loads when no model is named: hub ids, downloaded once and cached.
+DEFAULT_MODEL = "Qwen/Qwen3-ASR-0.6B"
+DEFAULT_ALIGNER = "Qwen/Qwen3-ForcedAligner-0.6B"
+
+# The longest audio decoded as one piece, in seconds (the official toolkit's limit): longer audio is cut at quiet
+# points into pieces of at most this length; the server refuses longer uploads unless told otherwise.
+MAX_AUDIO_SECONDS = 1200.0
 
 
 class ConfigError(ValueError):

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 
 from qasr_jax.decoding.compiles import count_compilations
 from qasr_jax.decoding.pipeline import token_limit
+from qasr_jax.modeling.config import MAX_AUDIO_SECONDS
 from qasr_jax.server import realtime
 from qasr_jax.server.metrics import Metrics
 from qasr_jax.server.openai_format import APIError
@@ -41,7 +42,7 @@ class ServerConfig:
     max_slots: int = 32
     api_key: str | None = None
     max_upload_mb: float = 25.0
-    max_audio_seconds: float = 1200.0
+    max_audio_seconds: float = MAX_AUDIO_SECONDS
     max_queue: int = 256
     realtime_slots: int = 8
     piece_seconds: float = 30.0

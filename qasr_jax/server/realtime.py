@@ -29,10 +29,13 @@ import numpy as np
 import soxr
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from qasr_jax.decoding.request import RequestError, prepare
 from qasr_jax.io.audio import SAMPLE_RATE
-from qasr_jax.io.prompts import context_problem, normalize_language
 from qasr_jax.vad.network import FRAME_SAMPLES
 
+# The error code and session field of each field of a request that decoding.request.prepare refuses.
+REALTIME_ERRORS = {"language": ("unsupported_language", "language"), "context": ("context_too_long", "prompt"),
+                   "hotwords": ("invalid_value", "hotwords")}
 INPUT_RATE = 24000  # OpenAI's realtime pcm16 rate
 _counter = itertools.count()
 
@@ -154,16 +157,14 @@ class Session:
             raise RealtimeError("input_audio_transcription must be an object", "invalid_event",
                                 "session.input_audio_transcription")
         language = settings.get("language", self.language)
-        if language:
-            try:
-                language = normalize_language(str(language), self.server.asr.languages)
-            except ValueError as e:
-                raise RealtimeError(str(e), "unsupported_language",
-                                    "session.input_audio_transcription.language") from None
-        context = str(settings.get("prompt", self.context) or "")
-        problem = context_problem(self.server.asr.tokenizer, context, "the prompt")
-        if problem:
-            raise RealtimeError(problem, "context_too_long", "session.input_audio_transcription.prompt")
+        try:
+            asked = prepare(self.server.asr.tokenizer, self.server.asr.languages,
+                            str(language) if language else None, str(settings.get("prompt", self.context) or ""),
+                            name="the prompt")
+        except RequestError as e:
+            code, field = REALTIME_ERRORS[e.field]
+            raise RealtimeError(str(e), code, "session.input_audio_transcription." + field) from None
+        language, context = asked.language, asked.context
         if "turn_detection" in session:
             self.set_turn_detection(session["turn_detection"])
         self.language, self.context = language or None, context

@@ -29,9 +29,9 @@ from qasr_jax.decoding import hotwords as hw
 from qasr_jax.decoding import language as lang_probs
 from qasr_jax.decoding.longform import split_long_audio
 from qasr_jax.decoding.pipeline import token_budget
+from qasr_jax.decoding.request import Prepared, RequestError, prepare
 from qasr_jax.io import formats
 from qasr_jax.io.audio import SAMPLE_RATE, AudioError, load_audio
-from qasr_jax.io.prompts import context_problem, normalize_language
 from qasr_jax.io.results import join_texts, majority_language
 from qasr_jax.server.openai_format import RESPONSE_FORMATS, APIError, logprobs, render, sse, stable_text
 from qasr_jax.server.scheduler import Event, Job
@@ -41,6 +41,9 @@ from qasr_jax.vad.rules import speech_pieces
 VAD_PIECE_SECONDS = 30.0  # with vad=true, as transcribe's default vad_max_seconds
 MAX_BEAM = 8
 MAX_HOTWORDS = 1000
+# The form field and error code of each field of a request that decoding.request.prepare refuses.
+REQUEST_ERRORS = {"language": ("language", "unsupported_language"), "context": ("prompt", "context_too_long"),
+                  "hotwords": ("hotwords", "invalid_value")}
 CLIENT_CLOSED = 499  # the status recorded for a request whose client went away (nginx's convention)
 
 
@@ -60,6 +63,7 @@ class Options:
     hotword_boost: float = hw.DEFAULT_BOOST
     vad: bool = False
     cues: dict = dataclasses.field(default_factory=dict)  # subtitle limits (formats.CueLimits) for srt and vtt
+    request: Prepared | None = None  # language, context and hotwords as decoding takes them (decoding.request)
 
 
 def _values(form, name: str) -> list[str]:
@@ -91,12 +95,7 @@ def parse_options(form, server) -> Options:
     if o.response_format not in RESPONSE_FORMATS:
         raise APIError(400, f"response_format {o.response_format!r} is not supported; use one of "
                             f"{', '.join(RESPONSE_FORMATS)}", "response_format", "unsupported_response_format")
-    if form.get("language"):
-        try:
-            o.language = normalize_language(str(form.get("language")), server.asr.languages)
-        except ValueError as e:
-            raise APIError(400, str(e), "language", "unsupported_language") from None
-    o.context = str(form.get("prompt") or "")
+    language, o.context = form.get("language"), str(form.get("prompt") or "")
     raw = form.get("temperature")
     try:
         temperature = float(str(raw)) if raw not in (None, "") else 0.0
@@ -146,7 +145,13 @@ def parse_options(form, server) -> Options:
             raise APIError(400, f"hotword_boost must be a non-negative number, got {raw!r}", "hotword_boost",
                            "invalid_value")
     o.vad = _flag(form, "vad")
-    _check_context(server, o.context, "prompt", "prompt")
+    try:
+        o.request = prepare(server.asr.tokenizer, server.asr.languages, str(language) if language else None,
+                            o.context, o.hotwords, o.hotword_boost, name="prompt")
+    except RequestError as e:
+        param, code = REQUEST_ERRORS[e.field]
+        raise APIError(400, str(e), param, code) from None
+    o.language = o.request.language
     for name in ("max_line_width", "max_line_count", "max_words_per_line"):
         if (value := _int(form, name, 1, 10_000)) is not None:
             o.cues[name] = value
@@ -167,13 +172,6 @@ def _flag(form, name: str) -> bool:
     if raw not in ("true", "false", "1", "0"):
         raise APIError(400, f"{name} must be true or false, got {raw!r}", name, "invalid_value")
     return raw in ("true", "1")
-
-
-def _check_context(server, context: str, param: str, name: str) -> None:
-    """A 400 naming ``param`` when the context the model reads is over ``qasr_jax.modeling.config.MAX_CONTEXT_TOKENS``."""
-    problem = context_problem(server.asr.tokenizer, context, name)
-    if problem:
-        raise APIError(400, problem, param, "context_too_long")
 
 
 def read_upload(upload: UploadFile, name: str) -> np.ndarray:
@@ -230,7 +228,7 @@ async def transcribe(request: Request, server) -> Response:
     budgets = [o.max_new_tokens or token_budget(p.duration, server.token_limit) for p in pieces]
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     job = Job(pieces, o.language, o.context, budgets, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-              o.beam_size, o.stream, hw.request(o.hotwords, server.asr.tokenizer.encode, o.hotword_boost))
+              o.beam_size, o.stream, o.request.hotwords)
     server.admit(job)
     if o.stream:
         return StreamingResponse(_stream(server, job, events, result, o), media_type="text/event-stream",

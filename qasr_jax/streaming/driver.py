@@ -40,9 +40,10 @@ import numpy as np
 from qasr_jax.decoding import hotwords as hw
 from qasr_jax.decoding import search as S
 from qasr_jax.decoding.buckets import output_buffer, pow2_rows, slot_count, stream_cache_length, stream_prompt_width
+from qasr_jax.decoding.request import prepare
 from qasr_jax.decoding.slots import Prompts, Request, SlotBatcher
 from qasr_jax.io.audio import SAMPLE_RATE, AudioError, n_frames
-from qasr_jax.io.prompts import normalize_language, parse_output
+from qasr_jax.io.prompts import parse_output
 from qasr_jax.io.results import Result, Segment, join_texts, majority_language
 from qasr_jax.modeling.config import audio_token_count
 from qasr_jax.streaming.audio import StreamAudio, refresh
@@ -235,19 +236,15 @@ class StreamDriver:
         if not 1 <= max_new_tokens <= self.out_len:
             raise ValueError(f"max_new_tokens={max_new_tokens} is outside 1..{self.out_len}, this driver's output "
                              f"buffer; make a driver with more: asr.stream_driver(max_new_tokens={max_new_tokens})")
-        if language is not None and str(language).strip():
-            language = normalize_language(language, self.transcriber.languages)
-        else:
-            language = None
-        bias = hw.request(hotwords, self.tokenizer.encode, hotword_boost)
-        if hw.edges_of(bias) > self.hotword_edges:
-            raise ValueError(f"these hotwords make a trie of {hw.edges_of(bias)} edges and this driver has room for "
-                             f"{self.hotword_edges}; make a driver with more: "
-                             f"asr.stream_driver(hotword_edges={hw.edges_of(bias)})")
-        context = hw.with_context(context or "", hotwords) if hotwords_in_context else context or ""
-        opts = _Options(language, context, max(1, round(chunk_seconds * SAMPLE_RATE)), int(unfixed_chunks),
-                        int(unfixed_tokens), int(max_new_tokens), bias)
-        head, after = prompt_parts(self.tokenizer, opts.context, language, "")
+        asked = prepare(self.tokenizer, self.transcriber.languages, language, context, hotwords, hotword_boost,
+                        hotwords_in_context)
+        if asked.hotword_edges > self.hotword_edges:
+            raise ValueError(f"these hotwords make a trie of {asked.hotword_edges} edges and this driver has room "
+                             f"for {self.hotword_edges}; make a driver with more: "
+                             f"asr.stream_driver(hotword_edges={asked.hotword_edges})")
+        opts = _Options(asked.language, asked.context, max(1, round(chunk_seconds * SAMPLE_RATE)),
+                        int(unfixed_chunks), int(unfixed_tokens), int(max_new_tokens), asked.hotwords)
+        head, after = prompt_parts(self.tokenizer, opts.context, opts.language, "")
         # The largest first chunk of a segment: the context, the carried text, one chunk of audio, the template.
         need = len(head) + CARRY_TOKENS + 4 + audio_token_count(n_frames(opts.chunk_samples), self.config.audio)
         if need + len(after) > self.max_len - self.out_len:
