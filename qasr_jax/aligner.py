@@ -10,8 +10,8 @@ logits at every position; the argmax at the two ``<timestamp>`` after a unit, ti
 Times that go backwards are repaired (``qasr_jax.io.units.fix_timestamps``), then clamped to the audio's end.
 
 Batches run in one jitted call with bucketed shapes (batch to a power of two, audio to 8 s, tokens and timestamp
-slots to 8 steps per power of two), so new lengths inside a bucket compile nothing. One call takes audio up to ``max_seconds``
-(5 minutes); ``split=True`` aligns longer audio window by window (see ``Aligner.align``).
+slots to 8 steps per power of two), so new lengths inside a bucket compile nothing. One call takes audio up to
+``max_seconds`` (5 minutes); ``split=True`` aligns longer audio window by window (see ``Aligner.align``).
 """
 
 from __future__ import annotations

@@ -53,11 +53,12 @@ class Model:
     """A loaded Qwen3-ASR or ForcedAligner: config, params and its ``engine`` (every compiled program).
 
     The parameter tree is the same on one device and on a mesh (see ``qasr_jax.modeling.model``). With a ``mesh`` (a
-    ``jax.sharding.Mesh``, "data=4,model=2" or a ``qasr_jax.modeling.axes.Layout``) the params are placed shard by shard as
-    ``sharding`` says (a preset of ``qasr_jax.modeling.sharding.PRESETS`` or rules; None: "tensor" when the model axis is
-    larger than 1, else "data"), and batches take a row count that divides by the data axis (``data_size``).
-    ``quantize="int8"`` stores the decoder's matmul weights and LM head as int8 (``qasr_jax.modeling.quant``); the rest of
-    the model stays in ``dtype``. ``layers`` ("auto", "scan", "unrolled") is how the decoder's layers run (see
+    ``jax.sharding.Mesh``, "data=4,model=2" or a ``qasr_jax.modeling.axes.Layout``) the params are placed shard by
+    shard as ``sharding`` says (a preset of ``qasr_jax.modeling.sharding.PRESETS`` or rules; None: "tensor" when the
+    model axis is larger than 1, else "data"), and batches take a row count that divides by the data axis
+    (``data_size``).
+    ``quantize="int8"`` stores the decoder's matmul weights and LM head as int8 (``qasr_jax.modeling.quant``); the
+    rest of the model stays in ``dtype``. ``layers`` ("auto", "scan", "unrolled") is how the decoder's layers run (see
     :func:`default_layers`); ``params`` is the one per-layer tree either way.
     """
 

@@ -1,10 +1,10 @@
 """Transcription: audio in, language and text out, for one file or ten thousand.
 
 Inputs are read and checked first (a bad one is reported without losing the others; silence is valid and gives
-an empty transcript), long ones are cut into pieces, and the pieces go through a ``qasr_jax.decoding.pipeline.Pipeline``:
-encoded in batches, decoded in the engine's slots, each slot refilled as soon as its piece ends. Feature frames,
-prompt width, output buffer and slots are padded to buckets, so a new input length compiles nothing. Each result
-carries its tokens' log-probabilities and says when a piece stopped at ``max_new_tokens``.
+an empty transcript), long ones are cut into pieces, and the pieces go through a
+``qasr_jax.decoding.pipeline.Pipeline``: encoded in batches, decoded in the engine's slots, each slot refilled as soon
+as its piece ends. Feature frames, prompt width, output buffer and slots are padded to buckets, so a new input length
+compiles nothing. Each result carries its tokens' log-probabilities and says when a piece stopped at ``max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -167,8 +167,8 @@ class Transcriber:
                              hotwords, hotword_boost, hotwords_in_context)
 
     def stream_driver(self, slots: int = 8, **options):
-        """A ``qasr_jax.streaming.driver.StreamDriver``: up to ``slots`` streams advanced in one step (``driver.stream()``,
-        ``driver.feed({stream: samples, ...})``); options: ``segment_seconds``, ``max_new_tokens``,
+        """A ``qasr_jax.streaming.driver.StreamDriver``: up to ``slots`` streams advanced in one step
+        (``driver.stream()``, ``driver.feed({stream: samples, ...})``); options: ``segment_seconds``, ``max_new_tokens``,
         ``context_tokens``, ``hotword_edges`` (room for the streams' hotword tries, see ``hotwords.edge_bucket``)."""
         from qasr_jax.streaming.driver import StreamDriver
 
@@ -181,11 +181,11 @@ class Transcriber:
         ``language`` (None = detect; a name or ISO code, or one per input) forces the output language; ``context``
         (text or one per input) biases towards names and terms. ``max_new_tokens`` (one for all, or one per input)
         caps each piece's output; None: a budget that grows with the piece's duration
-        (``qasr_jax.decoding.pipeline.token_budget``). ``batch_size`` is the number of decode slots: a piece that finishes
-        frees its slot for the next at once. ``hotwords`` (a list of words and names for every input, or one list
-        per input) biases the search towards them by ``hotword_boost`` per matched token (see
-        ``qasr_jax.decoding.hotwords``); ``hotwords_in_context=True`` also adds them to the context the model reads (off by
-        default: on the trained tiny-en model it raised the WER of clips it had right from 0 to 20%).
+        (``qasr_jax.decoding.pipeline.token_budget``). ``batch_size`` is the number of decode slots: a piece that
+        finishes frees its slot for the next at once. ``hotwords`` (a list of words and names for every input, or one
+        list per input) biases the search towards them by ``hotword_boost`` per matched token (see
+        ``qasr_jax.decoding.hotwords``); ``hotwords_in_context=True`` also adds them to the context the model reads
+        (off by default: on the trained tiny-en model it raised the WER of clips it had right from 0 to 20%).
         ``language_probabilities=True`` also fills ``Result.language_probability`` and ``language_probabilities``
         for detected languages (``qasr_jax.decoding.language``). ``stop_loops=True`` stops a greedy piece whose output
         ends in a pattern repeated 20 times (``Result.repetition_stopped``); ``fallback=Fallback()`` decodes a
@@ -307,8 +307,8 @@ class Transcriber:
         bar.close()
 
     def decoded(self, piece: Piece, out, language: str | None) -> _Part:
-        """A piece's decoder ``Output`` (``qasr_jax.decoding.slots.Output``) read as language and text; ``language`` is the
-        forced one (canonical name) or None."""
+        """A piece's decoder ``Output`` (``qasr_jax.decoding.slots.Output``) read as language and text; ``language``
+        is the forced one (canonical name) or None."""
         lang, text = parse_output(out.token_ids, self.tokenizer, language=language, supported=self.languages)
         return _Part(piece, lang or language, text, out.token_ids, out.token_logprobs,
                      not out.finished and not out.looped, out.looped)

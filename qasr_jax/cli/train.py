@@ -1,4 +1,5 @@
-"""``qasr-jax finetune`` and ``qasr-jax evaluate``: their arguments and handlers (registered by ``qasr_jax.cli.core``)."""
+"""``qasr-jax finetune`` and ``qasr-jax evaluate``: their arguments and handlers (registered by
+``qasr_jax.cli.core``)."""
 
 from __future__ import annotations
 

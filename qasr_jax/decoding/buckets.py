@@ -87,7 +87,7 @@ def slot_count(n: int, beam_size: int = 1, data_size: int = 1) -> int:
     return round_up(n * beam_size, data_size * beam_size)
 
 
-# -- streams (qasr_jax.streaming.driver) -----------------------------------------------------------------------------------
+# -- streams (qasr_jax.streaming.driver) ------------------------------------------------------------------------------
 
 STREAM_TEXT_PER_SECOND = 8  # transcript tokens a stream's cache holds room for per second of audio (2x fast speech)
 

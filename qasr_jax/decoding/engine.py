@@ -3,8 +3,8 @@
 Transcription, alignment, streaming, serving and the benchmarks all run these programs, and no other module
 applies the model. The one other module that jits a forward pass is training: training jits its loss and gradients
 around :meth:`Engine.forward` (the engine's pure forward function), so the gradients flow through the same code
-that decodes (tests/test_engine.py holds both rules). One device and a mesh are the same code: with a ``layout`` the programs pin their parameters, batch
-rows and KV cache to the mesh; without one they are plain jits.
+that decodes (tests/test_engine.py holds both rules). One device and a mesh are the same code: with a ``layout`` the
+programs pin their parameters, batch rows and KV cache to the mesh; without one they are plain jits.
 
 Decoding runs in *slots* (JetStream's engine is the model): a :class:`DecodeState` holds a KV cache of a fixed
 number of rows and the search state of one request per slot (``beam_size`` rows per request for beam search).
@@ -69,7 +69,8 @@ class Engine:
         self.module = Qwen3ASRModule(config, self.dtype, attention_impl, interpret, layout, remat)
         # The compiled programs run this one: the same module, or its scanned twin over stack_layers' tree.
         self.runner = self.module if layers == "unrolled" else self.module.clone(layers=layers)
-        if module_transform is not None:  # e.g. qwix's LoRA (qasr_jax.training.trainer): the programs run the wrapped module
+        # e.g. qwix's LoRA (qasr_jax.training.trainer): the programs run the wrapped module
+        if module_transform is not None:
             self.module, self.runner = module_transform(self.module), module_transform(self.runner)
         self.params = params
         vocab = config.num_labels if config.is_aligner else config.text.vocab_size

@@ -24,7 +24,8 @@ class Piece:
         return self.samples.shape[0] / SAMPLE_RATE
 
 
-def split_long_audio(wave: np.ndarray, max_seconds: float = MAX_AUDIO_SECONDS, search_seconds: float = 10.0) -> list[Piece]:
+def split_long_audio(wave: np.ndarray, max_seconds: float = MAX_AUDIO_SECONDS,
+                     search_seconds: float = 10.0) -> list[Piece]:
     """Cut ``wave`` into pieces of at most ``max_seconds``, each cut at the quietest 100 ms in the last
     ``search_seconds`` before the limit; audio within the limit comes back as one piece."""
     if max_seconds <= 0:

@@ -315,7 +315,8 @@ def pad_waves(waves: Sequence[np.ndarray], pad_to: int | None = None) -> tuple[n
 
 
 def log_mel_batch(waves: Sequence[np.ndarray], pad_to: int | None = None) -> tuple[jax.Array, np.ndarray]:
-    """Log-mel of 16 kHz mono waveforms of any lengths: ``(feats (batch, 128, T_pad) jax.Array, n_frames (batch,) int32)``.
+    """Log-mel of 16 kHz mono waveforms of any lengths: ``(feats (batch, 128, T_pad) jax.Array, n_frames (batch,)
+    int32)``.
 
     T_pad is the longest item's frame count (or `pad_to`, if larger) rounded up to a multiple of 100 frames (1 s),
     so differing lengths reuse one compiled function. Frames at and past each item's n_frames are 0.0; each

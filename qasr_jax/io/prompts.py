@@ -102,7 +102,8 @@ def context_problem(tok: Tokenizer, context: str, name: str = "context") -> str 
     n = len(tok.encode(context)) if context else 0
     if n <= MAX_CONTEXT_TOKENS:
         return None
-    return (f"{name} is {n:,} tokens, over the limit of {MAX_CONTEXT_TOKENS:,} (qasr_jax.io.prompts.MAX_CONTEXT_TOKENS); "
+    return (f"{name} is {n:,} tokens, over the limit of {MAX_CONTEXT_TOKENS:,} "
+            "(qasr_jax.io.prompts.MAX_CONTEXT_TOKENS); "
             "shorten it to the names and terms the audio may hold")
 
 

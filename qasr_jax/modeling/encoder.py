@@ -1,6 +1,7 @@
 """The AuT audio encoder (per-1-s-chunk conv stack, windowed pre-LN layers) and the projector, as Flax modules.
 
-See ``qasr_jax.modeling.model`` for the whole model; the parameter tree is ``audio_tower/...`` and ``projector/...`` there.
+See ``qasr_jax.modeling.model`` for the whole model; the parameter tree is ``audio_tower/...`` and ``projector/...``
+there.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ groups + 2, head_dim), the queries of a kv head next to that head's key and valu
 ``gate_up`` kernel (hidden, 2, intermediate): fewer, wider matmuls stream the weights faster in the memory-bound
 decode step, and a split over kv heads or the MLP width keeps q, k, v (or gate, up) together.
 
-A ``layout`` (``qasr_jax.modeling.axes.Layout``) passed to the module pins the main activations to a mesh; without one the
-annotations are no-ops. Norms, softmax, RoPE tables and logits are computed in float32 whatever the parameter and
+A ``layout`` (``qasr_jax.modeling.axes.Layout``) passed to the module pins the main activations to a mesh; without one
+the annotations are no-ops. Norms, softmax, RoPE tables and logits are computed in float32 whatever the parameter and
 activation dtype.
 """
 

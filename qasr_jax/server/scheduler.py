@@ -2,8 +2,8 @@
 
 HTTP handlers run on the event loop; they hand a :class:`Job` (a request's audio pieces and options) to the
 :class:`Scheduler` and wait for its events. One background thread owns the model: it feeds new pieces into a
-:class:`qasr_jax.decoding.pipeline.Pipeline` (``side_by_side=True``: groups of different cache shapes decode side by side,
-so a long request never holds up short ones), encodes whatever arrived together in one batch, and steps every
+:class:`qasr_jax.decoding.pipeline.Pipeline` (``side_by_side=True``: groups of different cache shapes decode side by
+side, so a long request never holds up short ones), encodes whatever arrived together in one batch, and steps every
 live slot a few tokens at a time, so that new requests join within about ``STEP_SECONDS`` (the steps per look
 follow the measured time per step) and streamed requests get their tokens as they are generated. A job that is
 cancelled (its client went away) frees its slots at the next step.

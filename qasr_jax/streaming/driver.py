@@ -21,8 +21,8 @@ loudest 0.1 s (a pause); its text is committed (``Partial.fixed_text``) and a fr
 context carries the committed text's last 32 tokens. A segment also ends, pause or not, when its next chunk would
 not fit the slot's cache. Within a segment the output is the official algorithm's, token for token.
 
-A :class:`StreamDriver` owns the slots (one ``qasr_jax.decoding.slots.SlotBatcher``) and advances every stream that has a
-complete chunk in one step: one log-mel call, one encoder call, one prefill and one decode loop for all of them.
+A :class:`StreamDriver` owns the slots (one ``qasr_jax.decoding.slots.SlotBatcher``) and advances every stream that
+has a complete chunk in one step: one log-mel call, one encoder call, one prefill and one decode loop for all of them.
 Streams join and leave without compiling anything.
 """
 
@@ -225,8 +225,9 @@ class StreamDriver:
                hotword_boost: float = hw.DEFAULT_BOOST, hotwords_in_context: bool = False) -> Stream:
         """A new stream in a free slot (the official algorithm's parameters and defaults, ``unfixed_chunks`` by default
         at least 4 s of audio; see the module doc). ``hotwords`` (words and names) bias its decoding by
-        ``hotword_boost`` per matched token and, with ``hotwords_in_context=True``, join its context, as in ``Transcriber.transcribe``; the driver must have
-        been made with room for their trie (``hotword_edges``; ``Transcriber.stream`` sizes it itself)."""
+        ``hotword_boost`` per matched token and, with ``hotwords_in_context=True``, join its context, as in
+        ``Transcriber.transcribe``; the driver must have been made with room for their trie (``hotword_edges``;
+        ``Transcriber.stream`` sizes it itself)."""
         if not chunk_seconds > 0:
             raise ValueError(f"chunk_seconds must be > 0, got {chunk_seconds}")
         unfixed_chunks = unfixed_chunks_for(chunk_seconds) if unfixed_chunks is None else unfixed_chunks

@@ -1,4 +1,5 @@
-"""Silero's own VAD as the reference for ``qasr_jax.vad.network`` (needs the ``test`` extra: silero-vad, onnxruntime, torch).
+"""Silero's own VAD as the reference for ``qasr_jax.vad.network`` (needs the ``test`` extra: silero-vad, onnxruntime,
+torch).
 
 ``silero_vad_16k.safetensors`` inside the silero-vad 6.2.3 wheel holds other weights than the v6 model its ONNX and
 TorchScript files run (every tensor but the STFT basis differs), so ours are written from the TorchScript model's
