@@ -2,7 +2,7 @@
 # The GPU checks behind the GPU rows of RESULTS.md, in one go (under 10 minutes by default): the attention table
 # with queued calls, then throughput at batch 1/8/32/128/256 against transformers on the same GPU, bf16, for the
 # 0.6B and the 1.7B (issue 15; int8 is not offered on GPU, docs/tpu.md). Named steps only: also the compiled
-# Pallas kernels against the reference (tests/test_kernels.py, no interpreter) and end-to-end transcription at
+# Pallas kernels against the reference (tests/modeling/test_kernels.py, no interpreter) and end-to-end transcription at
 # batch 1 and 8, and compile seconds per new batch bucket (1, 32, 256) of the 0.6B bf16 with the decoder's layers
 # scanned and unrolled, plus their decode step at batch 1 and 8 (issue 24; about 4 minutes). Logs go to $1 (default:
 # gpu_logs/). Each step has its own time limit, so a slow step leaves the others' results in place.
@@ -54,7 +54,7 @@ step() {  # step NAME SECONDS COMMAND...
   tail -n 40 "$logs/$name.txt"
 }
 
-step kernels 140 $py -m pytest -q -rf --durations=5 -p no:cacheprovider tests/test_kernels.py -k "not tpu"
+step kernels 140 $py -m pytest -q -rf --durations=5 -p no:cacheprovider tests/modeling/test_kernels.py -k "not tpu"
 step attention 90 $py benchmarks/bench_attention.py --repeats 5
 step transcribe 240 $py benchmarks/bench_transcribe.py --dtype bfloat16
 step throughput-0.6b 250 $py benchmarks/bench_throughput.py --preset asr-0.6b --dtype bfloat16

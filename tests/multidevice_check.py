@@ -1,4 +1,4 @@
-"""Facts about sharded runs on 8 forced CPU devices, written as one JSON report for tests/test_sharding.py.
+"""Facts about sharded runs on 8 forced CPU devices, written as one JSON report for tests/modeling/test_sharding.py.
 
 The device count must be forced (``XLA_FLAGS=--xla_force_host_platform_device_count=8``) before jax is imported,
 and the pytest process has already imported jax with one device, so the tests run this file in a subprocess:

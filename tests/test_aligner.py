@@ -28,7 +28,7 @@ from qasr_jax.io.tokenizer import Tokenizer
 from qasr_jax.io.units import UnsupportedLanguageError
 from qasr_jax.testing import speech, synthetic
 from qasr_jax.testing.reference import save_official
-from test_formats import parse_srt, parse_vtt
+from qasr_jax.testing.subtitles import parse_srt, parse_vtt
 from qasr_jax.testing.tokenizer_files import write_tokenizer
 
 TOL = 1e-4

@@ -30,8 +30,8 @@ from qasr_jax.testing import DATA
 from qasr_jax.training.data import read_manifest
 from qasr_jax.training.evaluation import Scored, normalize, score
 from qasr_jax.transcribe import Transcriber
-from test_parity import reference_inputs
-from test_transcribe import reference_ids
+from qasr_jax.testing.parity import reference_inputs
+from qasr_jax.testing.parity import reference_ids
 
 CLIPS = os.path.join(DATA, "tiny_en")
 MODEL = bundled_model("tiny-en")

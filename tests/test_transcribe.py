@@ -20,23 +20,11 @@ from qasr_jax.io.prompts import build_prompt_ids
 from qasr_jax.modeling.config import audio_token_count
 from qasr_jax.testing import DATA, synthetic
 from qasr_jax.transcribe import Transcriber
-from test_parity import reference_inputs
+from qasr_jax.testing.parity import reference_ids, reference_inputs
 from qasr_jax.testing.tokenizer_files import with_tokenizer
 
 NEW = 10  # new tokens per input: random weights rarely stop, so every row runs to the limit
 
-
-def reference_ids(ck, tok, wave, language=None, context="", new=NEW) -> list[int]:
-    """transformers' greedy generate on one input alone, from the same prompt ids."""
-    torch_model = ck.torch_model
-    feats, mask = reference_inputs(wave)
-    n_audio = audio_token_count(int(mask.sum()), ck.cfg.audio)
-    ids = torch.tensor([build_prompt_ids(tok, n_audio, context, language)])
-    with torch.no_grad():
-        out = torch_model.generate(input_ids=ids, input_features=feats, input_features_mask=mask,
-                                   max_new_tokens=new, do_sample=False, eos_token_id=list(tok.eos_ids))
-    gen = out[0, ids.shape[1]:].tolist()
-    return gen[: next((i for i, t in enumerate(gen) if t in tok.eos_ids), len(gen))]
 
 
 FILES = ["hello_en.wav", "zh.wav", "long_en.wav"]
@@ -207,7 +195,7 @@ def test_cli_every_format_parses_back(asr_dir, asr, tmp_path):
                     assert [norm(c[2]) for c in cues] == [norm(s.text) for s in r.segments]
                     assert [c[0] for c in cues] == pytest.approx([s.start for s in r.segments], abs=1e-3)
                     assert [c[1] for c in cues] == pytest.approx([s.end for s in r.segments], abs=1e-3)
-                else:  # subtitles: each segment cut into cues inside its time (tests/test_formats.py: the rules)
+                else:  # subtitles: each segment cut into cues inside its time (tests/io/test_formats.py: the rules)
                     assert bare([c[2] for c in cues]) == bare([s.text for s in r.segments])
                     assert cues[0][0] == pytest.approx(r.segments[0].start, abs=1e-3)
                     assert cues[-1][1] == pytest.approx(r.segments[-1].end, abs=1e-3)

@@ -23,7 +23,7 @@ from qasr_jax.testing import speech, synthetic, tiny_variant
 from qasr_jax.testing.reference import build_reference, save_hf, save_official
 from qasr_jax.testing.tokenizer_files import write_small_tokenizer
 from qasr_jax.transcribe import Transcriber
-from test_parity import reference_inputs
+from qasr_jax.testing.parity import reference_inputs
 
 VOCAB = 4160  # the small tokenizer's 4,159 ids, padded
 NEW = 12
@@ -120,12 +120,12 @@ def test_loss_and_gradients_equal_transformers(small):
 
     import qasr_jax
     from qasr_jax.training.trainer import loss_and_grads
-    from test_training import assert_grads_close, reference
+    from qasr_jax.testing.parity import assert_grads_close, reference_loss_and_grads
 
     tok, ref, hf, _ = small
     batch = [{"audio": speech("hello_en.wav"), "text": "language English<asr_text>hello world", "prompt": ""},
              {"audio": synthetic(2.7, 1), "text": "language English<asr_text>a longer line of text", "prompt": "x"}]
     loss, grads = loss_and_grads(qasr_jax.load(hf), batch)
-    want, ref_grads = reference(SimpleNamespace(torch_model=ref, cfg=load_config(hf)), hf, batch)
+    want, ref_grads = reference_loss_and_grads(SimpleNamespace(torch_model=ref, cfg=load_config(hf)), hf, batch)
     assert np.isfinite(loss) and abs(loss - want) <= 1e-5 * abs(want)
     assert_grads_close(grads, ref_grads, 1e-4)

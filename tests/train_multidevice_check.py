@@ -1,5 +1,5 @@
 """One train step on 8 forced CPU devices (FSDP, ``data=4,model=2``) next to the same step on one device, written as a
-JSON report for tests/test_training.py (the device count must be forced before jax is imported, so the test runs
+JSON report for tests/training/test_training.py (the device count must be forced before jax is imported, so the test runs
 this file in a subprocess):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train_multidevice_check.py MODEL_DIR REPORT.json

@@ -3,7 +3,7 @@
 Transcription, alignment, streaming, serving and the benchmarks all run these programs, and no other module
 applies the model. The one other module that jits a forward pass is training: training jits its loss and gradients
 around :meth:`Engine.forward` (the engine's pure forward function), so the gradients flow through the same code
-that decodes (tests/test_engine.py holds both rules). One device and a mesh are the same code: with a ``layout`` the
+that decodes (tests/decoding/test_engine.py holds both rules). One device and a mesh are the same code: with a ``layout`` the
 programs pin their parameters, batch rows and KV cache to the mesh; without one they are plain jits.
 
 Decoding runs in *slots* (JetStream's engine is the model): a :class:`DecodeState` holds a KV cache of a fixed

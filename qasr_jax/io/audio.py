@@ -191,7 +191,7 @@ def _mel_to_hz(mels: np.ndarray) -> np.ndarray:
 def mel_filters() -> np.ndarray:
     """The (201, 128) float32 Slaney mel filter bank over 0-8 kHz, frequency bins x mel bins (read-only)."""
     # The triangles and Slaney area normalisation of transformers' mel_filter_bank (and librosa.filters.mel), in
-    # float64; tests/test_audio.py checks that they agree to the last float32 bit.
+    # float64; tests/io/test_audio.py checks that they agree to the last float32 bit.
     bins = np.fft.rfftfreq(N_FFT, d=1.0 / SAMPLE_RATE)  # (201,) Hz
     edges = _mel_to_hz(np.linspace(_hz_to_mel(np.float64(0.0)), _hz_to_mel(np.float64(SAMPLE_RATE / 2)), N_MELS + 2))
     widths = np.diff(edges)  # (129,)

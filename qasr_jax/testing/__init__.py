@@ -3,7 +3,9 @@
 Installed with the package so that every process reaches it by its import name, never through the repository root on
 ``sys.path`` (the root's ``kernels/`` and ``convert/`` folders would shadow registry packages of those names, and
 transformers >= 5.25 imports the registry's ``kernels``). ``reference`` (the PyTorch reference model and
-checkpoints saved like the released ones) and ``silero`` (Silero's own VAD) need the ``test`` extra; ``serving``
+checkpoints saved like the released ones), ``parity`` (the reference's side of a parity check: its features,
+logits, greedy ids, loss and gradients) and ``silero`` (Silero's own VAD) need the ``test`` extra; ``docs`` (the
+README's and docs/ pages' code blocks) and ``subtitles`` (SRT and WebVTT read back) need nothing more; ``serving``
 (a server in a subprocess, and requests to it) the ``serve`` extra; ``tokenizer_files`` (the real Qwen vocabulary
 with the ASR tokens) and ``notebook_run`` (a notebook's cells) only the core dependencies. ``DATA`` is the
 checkout's ``tests/data`` folder: the clips are not shipped in the wheel.

@@ -3,7 +3,7 @@ torch).
 
 ``silero_vad_16k.safetensors`` inside the silero-vad 6.2.3 wheel holds other weights than the v6 model its ONNX and
 TorchScript files run (every tensor but the STFT basis differs), so ours are written from the TorchScript model's
-16 kHz branch by ``export_weights`` under Silero's own safetensors names; ``tests/test_vad.py`` checks the shipped
+16 kHz branch by ``export_weights`` under Silero's own safetensors names; ``tests/vad/test_vad.py`` checks the shipped
 file against it.
 """
 

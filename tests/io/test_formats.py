@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 
 import pytest
 
@@ -26,37 +25,6 @@ SEGMENTS = [
     Seg("two\n\nlines", 3725.125, 3725.125),  # a blank line inside the text must not end the cue
 ]
 
-
-def parse_time(stamp: str, marker: str) -> float:
-    m = re.fullmatch(r"(\d{2,}):(\d{2}):(\d{2})" + re.escape(marker) + r"(\d{3})", stamp)
-    assert m, stamp
-    h, mi, s, ms = map(int, m.groups())
-    assert mi < 60 and s < 60
-    return h * 3600 + mi * 60 + s + ms / 1000
-
-
-def parse_srt(text: str) -> list[tuple[float, float, str]]:
-    out = []
-    for n, block in enumerate(text.strip("\n").split("\n\n"), start=1):
-        lines = block.split("\n")
-        assert lines[0] == str(n)
-        start, end = lines[1].split(" --> ")
-        out.append((parse_time(start, ","), parse_time(end, ","), "\n".join(lines[2:])))
-    return out
-
-
-def parse_vtt(text: str) -> list[tuple[float, float, str]]:
-    blocks = text.strip("\n").split("\n\n")
-    assert blocks[0] == "WEBVTT"
-    out = []
-    for block in blocks[1:]:
-        lines = block.split("\n")
-        start, end = lines[0].split(" --> ")
-        body = "\n".join(lines[1:])
-        assert "<" not in body and "-->" not in body
-        body = body.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
-        out.append((parse_time(start, "."), parse_time(end, "."), body))
-    return out
 
 
 def expected():
@@ -113,6 +81,7 @@ from qasr_jax.aligner import Word  # noqa: E402
 from qasr_jax.io.formats import CueLimits, build_cues, result_cues  # noqa: E402
 from qasr_jax.io.results import Result, Segment  # noqa: E402
 from qasr_jax.io.units import is_cjk_char, split_units  # noqa: E402
+from qasr_jax.testing.subtitles import parse_srt, parse_vtt
 
 ENDS = ".!?。！？"
 

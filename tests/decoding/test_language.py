@@ -19,7 +19,7 @@ from qasr_jax.io.audio import load_audio
 from qasr_jax.io.prompts import LANGUAGES, build_prompt_ids
 from qasr_jax.modeling.config import audio_token_count
 from qasr_jax.testing import DATA, synthetic
-from test_parity import reference_inputs
+from qasr_jax.testing.parity import reference_inputs
 
 FILES = ["hello_en.wav", "zh.wav", "long_en.wav"]
 

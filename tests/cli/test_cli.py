@@ -26,11 +26,10 @@ from qasr_jax import cli
 from qasr_jax.cli import core as cli_main
 from qasr_jax.io import progress
 from qasr_jax.io.tokenizer import Tokenizer
-from qasr_jax.testing import DATA, synthetic
+from qasr_jax.testing import DATA, ROOT, synthetic
 from qasr_jax.testing.tokenizer_files import with_tokenizer
 from qasr_jax.transcribe import Result
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW = 8  # new tokens per input
 
 

@@ -370,7 +370,7 @@ def test_docs_turn_detection_event_is_taken(server):
 
     import websockets
 
-    from test_docs import page_blocks
+    from qasr_jax.testing.docs import page_blocks
 
     (block,) = page_blocks("docs/vad.md", "json")
 

@@ -25,7 +25,7 @@ from qasr_jax.modeling.config import audio_token_count
 from qasr_jax.modeling.model import _scatter
 from qasr_jax.testing import DATA, speech, synthetic
 from qasr_jax.transcribe import Transcriber
-from test_parity import prompt, rel
+from qasr_jax.testing.parity import prompt, rel
 from qasr_jax.testing.tokenizer_files import with_tokenizer
 
 MODES = {"bfloat16": ("bfloat16", None), "int8": ("float32", "int8"), "bfloat16+int8": ("bfloat16", "int8")}

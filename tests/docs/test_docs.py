@@ -23,36 +23,37 @@ import pytest
 import soundfile as sf
 
 from qasr_jax import cli
-from qasr_jax.testing import DATA
+from qasr_jax.testing import DATA, ROOT
 from qasr_jax.testing.notebook_run import run_code_cells
 from qasr_jax.testing.tokenizer_files import with_tokenizer, write_tokenizer
 from qasr_jax.training.data import read_manifest
+from qasr_jax.testing.docs import (fenced_blocks, is_install, page_blocks, read_page, run_python_blocks, shell_commands,
+                                   substitute, with_model)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ("README.md", *sorted(f"docs/{n}" for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md")))
 TEST_COMMAND = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q'
 
 # (page, block language) -> the test that runs those blocks, every one of them.
 RUNS = {
-    ("README.md", "bash"): "tests/test_docs.py::test_readme_commands_run",
-    ("README.md", "python"): "tests/test_docs.py::test_readme_python_examples_run",
-    ("docs/cli.md", "bash"): "tests/test_docs.py::test_readme_commands_run",
-    ("docs/python_api.md", "python"): "tests/test_docs.py::test_readme_python_examples_run",
-    ("docs/serving.md", "bash"): "tests/test_server.py::test_readme_serving_examples_run",
-    ("docs/serving.md", "python"): "tests/test_server.py::test_readme_serving_examples_run",
-    ("docs/finetuning.md", "console"): "tests/test_finetune.py::test_readme_finetuning_commands_run",
-    ("docs/finetuning.md", "python"): "tests/test_docs_pages.py::test_finetuning_page_python_runs",
-    ("docs/outputs.md", "console"): "tests/test_docs_pages.py::test_outputs_page_runs",
-    ("docs/outputs.md", "python"): "tests/test_docs_pages.py::test_outputs_page_runs",
-    ("docs/vad.md", "bash"): "tests/test_docs_pages.py::test_vad_page_runs",
-    ("docs/vad.md", "python"): "tests/test_docs_pages.py::test_vad_page_runs",
-    ("docs/vad.md", "json"): "tests/test_vad.py::test_docs_turn_detection_event_is_taken",
-    ("docs/tiny_model.md", "bash"): "tests/test_docs_pages.py::test_tiny_model_page_runs",
-    ("docs/tiny_model.md", "python"): "tests/test_docs_pages.py::test_tiny_model_page_runs",
-    ("docs/streaming.md", "console"): "tests/test_docs_pages.py::test_streaming_page_runs",
-    ("docs/streaming.md", "python"): "tests/test_docs_pages.py::test_streaming_page_runs",
-    ("docs/multi_device.md", "console"): "tests/test_docs_pages.py::test_multi_device_page_runs_on_eight_devices",
-    ("docs/multi_device.md", "python"): "tests/test_docs_pages.py::test_multi_device_page_runs_on_eight_devices",
+    ("README.md", "bash"): "tests/docs/test_docs.py::test_readme_commands_run",
+    ("README.md", "python"): "tests/docs/test_docs.py::test_readme_python_examples_run",
+    ("docs/cli.md", "bash"): "tests/docs/test_docs.py::test_readme_commands_run",
+    ("docs/python_api.md", "python"): "tests/docs/test_docs.py::test_readme_python_examples_run",
+    ("docs/serving.md", "bash"): "tests/server/test_server.py::test_readme_serving_examples_run",
+    ("docs/serving.md", "python"): "tests/server/test_server.py::test_readme_serving_examples_run",
+    ("docs/finetuning.md", "console"): "tests/training/test_finetune.py::test_readme_finetuning_commands_run",
+    ("docs/finetuning.md", "python"): "tests/docs/test_docs_pages.py::test_finetuning_page_python_runs",
+    ("docs/outputs.md", "console"): "tests/docs/test_docs_pages.py::test_outputs_page_runs",
+    ("docs/outputs.md", "python"): "tests/docs/test_docs_pages.py::test_outputs_page_runs",
+    ("docs/vad.md", "bash"): "tests/docs/test_docs_pages.py::test_vad_page_runs",
+    ("docs/vad.md", "python"): "tests/docs/test_docs_pages.py::test_vad_page_runs",
+    ("docs/vad.md", "json"): "tests/vad/test_vad.py::test_docs_turn_detection_event_is_taken",
+    ("docs/tiny_model.md", "bash"): "tests/docs/test_docs_pages.py::test_tiny_model_page_runs",
+    ("docs/tiny_model.md", "python"): "tests/docs/test_docs_pages.py::test_tiny_model_page_runs",
+    ("docs/streaming.md", "console"): "tests/docs/test_docs_pages.py::test_streaming_page_runs",
+    ("docs/streaming.md", "python"): "tests/docs/test_docs_pages.py::test_streaming_page_runs",
+    ("docs/multi_device.md", "console"): "tests/docs/test_docs_pages.py::test_multi_device_page_runs_on_eight_devices",
+    ("docs/multi_device.md", "python"): "tests/docs/test_docs_pages.py::test_multi_device_page_runs_on_eight_devices",
 }
 
 
@@ -87,68 +88,6 @@ def workdir(checkpoints, tmp_path_factory):
     (root / "corpus.txt").write_text("a.wav\nb.flac\n", encoding="utf-8")  # a manifest: one path a line
     return root, models
 
-
-def substitute(text: str, models: dict[str, str]) -> str:
-    for name in sorted(models, key=len, reverse=True):
-        text = text.replace(name, models[name])
-    return text
-
-
-def read_page(page: str) -> str:
-    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
-        return f.read()
-
-
-def fenced_blocks(page: str) -> list[tuple[str, str]]:
-    """(language tag, text) of every fenced code block of ``page`` (README.md or docs/NAME.md), in order."""
-    return re.findall(r"(?ms)^```(.*?)\n(.*?)^```$", read_page(page))
-
-
-def page_blocks(page: str, lang: str) -> list[str]:
-    """The ``lang`` code blocks of ``page``."""
-    return [text for tag, text in fenced_blocks(page) if tag == lang]
-
-
-def shell_commands(block: str, console: bool = False) -> list[str]:
-    """The commands of a ``bash`` block (every line) or a ``console`` block (the lines after ``$ ``; the others are
-    output), each split at ``&&``; a line ending in a backslash goes on in the next, and ``  # ...`` is a comment."""
-    commands, line_so_far = [], None
-    for line in block.splitlines():
-        if line_so_far is not None:
-            line = line_so_far + " " + line.strip()
-        elif console:
-            if not line.startswith("$ "):
-                continue
-            line = line[2:]
-        if line.endswith("\\"):
-            line_so_far = line[:-1].rstrip()
-            continue
-        line_so_far = None
-        commands += [part.strip() for part in line.split("  #")[0].split("&&") if part.strip()]
-    return commands
-
-
-def is_install(command: str) -> bool:
-    return command.startswith("pip install ")
-
-
-def with_model(argv: list[str], models: dict[str, str]) -> list[str]:
-    """``qasr-jax`` argv with ``--model`` added where it names none (the default model is a hub id)."""
-    if "--model" not in argv:
-        if argv[1] in ("transcribe", "detect-language", "stream"):
-            return argv + ["--model", models["Qwen/Qwen3-ASR-0.6B"]]
-        if argv[1] == "align":
-            return argv + ["--model", models["Qwen/Qwen3-ForcedAligner-0.6B"]]
-    return argv
-
-
-def run_python_blocks(page: str, models: dict[str, str]) -> tuple[dict, int]:
-    """Every python block of ``page`` in order, in one namespace -> (the namespace, how many blocks ran)."""
-    namespace: dict = {}
-    blocks = page_blocks(page, "python")
-    for block in blocks:
-        exec(compile(substitute(block, models), page, "exec"), namespace)
-    return namespace, len(blocks)
 
 
 def test_readme_python_examples_run(workdir, monkeypatch):
@@ -263,7 +202,7 @@ NOTEBOOK_PARAMETERS = {  # set after each notebook's own parameters cell, as pap
     "quickstart.ipynb": {"AUDIO": "speech.wav", "DTYPE": "float32"},
     # made.wav is not there: the notebook makes it
     "tpu.ipynb": {"AUDIO": ["speech.wav", "made.wav"], "DTYPE": "float32", "BATCH_SIZE": 4, "MAX_NEW_TOKENS": 8},
-}  # finetune.ipynb runs in test_finetune_notebook_makes_its_own_data_and_runs (and tests/test_finetune.py)
+}  # finetune.ipynb runs in test_finetune_notebook_makes_its_own_data_and_runs (and tests/training/test_finetune.py)
 
 
 @pytest.mark.parametrize("name", sorted(NOTEBOOK_PARAMETERS))
@@ -298,7 +237,7 @@ def test_notebook_runs_from_its_install_cell(name, workdir, monkeypatch, capsys)
 def test_finetune_notebook_makes_its_own_data_and_runs(checkpoints, tmp_path_factory, tmp_path, monkeypatch):
     """finetune.ipynb in an empty folder: its install cell finds this checkout, it writes a small manifest of its
     own clips where none was uploaded (beside the manifest's path), trains LoRA adapters on it, folds them in,
-    exports both layouts and evaluates. (Training every weight: the CLI tests of tests/test_finetune.py.)"""
+    exports both layouts and evaluates. (Training every weight: the CLI tests of tests/training/test_finetune.py.)"""
     model = with_tokenizer(checkpoints("asr").hf, tmp_path_factory, "official")
     monkeypatch.setenv("QASR_JAX_COMPILATION_CACHE", "off")
     monkeypatch.chdir(tmp_path)

@@ -21,12 +21,11 @@ import soundfile as sf
 from safetensors.numpy import load_file
 
 from qasr_jax.cli.core import main
-from qasr_jax.testing import DATA, synthetic
+from qasr_jax.testing import DATA, ROOT, synthetic
 from qasr_jax.testing.tokenizer_files import with_tokenizer
 from qasr_jax.training.data import Loader, ManifestError, epoch_groups, examples_from_records, read_manifest
 from qasr_jax.training.evaluation import Scored, normalize, score
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW_WORDS = os.path.join(DATA, "newwords", "newwords.jsonl")
 
 

@@ -27,7 +27,7 @@ from qasr_jax.io.audio import log_mel_batch
 from qasr_jax.modeling.model import KVCache
 from qasr_jax.testing import speech, synthetic
 from qasr_jax.testing.reference import save_hf
-from test_parity import PREFIX, SUFFIX, reference_inputs
+from qasr_jax.testing.parity import PREFIX, SUFFIX, reference_inputs
 
 # ----------------------------------------------------------------------------------------------------------------
 # A scripted decoder: a Markov chain over 6 tokens whose log-probs are worked out by hand below.

@@ -35,7 +35,7 @@ from qasr_jax.server import realtime
 from qasr_jax.testing import DATA, synthetic
 from qasr_jax.testing.serving import SERVER_KEY, Served, error_of, multipart, post
 from qasr_jax.transcribe import Transcriber
-from test_docs import page_blocks
+from qasr_jax.testing.docs import page_blocks
 from qasr_jax.testing.tokenizer_files import write_tokenizer
 
 KEY = "test-key-7f3a"
@@ -103,7 +103,7 @@ def test_every_response_format_equals_offline(client, asr):
         assert b"".join(bytes(map(int, lp.bytes)) for lp in r.logprobs).decode() == asr.tokenizer.decode(
             offline.token_ids, skip_special_tokens=False)
         assert create(response_format="text") == offline.text + "\n"
-        for fmt in ("srt", "vtt"):  # the segments cut into cues (tests/test_formats.py checks the cutting)
+        for fmt in ("srt", "vtt"):  # the segments cut into cues (tests/io/test_formats.py checks the cutting)
             assert create(response_format=fmt) == formats.render(offline, fmt)
             narrow = client.audio.transcriptions.create(
                 file=open(path, "rb"), model="qwen3-asr-tiny", response_format=fmt,

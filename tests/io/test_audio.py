@@ -17,9 +17,8 @@ from transformers.models.qwen3_asr import Qwen3ASRFeatureExtractor
 
 from qasr_jax.decoding.compiles import count_compilations
 from qasr_jax.io import audio
+from qasr_jax.testing import DATA, ROOT
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # max |jax - reference| on log-mel features; a float32 STFT on both sides lands near 6e-5
 
 # Lengths in samples: under 0.5 s (min padding), under 1 s, exactly 1 s and 3 s (whole chunks), a partial chunk

@@ -180,7 +180,7 @@ def test_parity_at_real_asr_0_6b_size(tmp_path):
     import qasr_jax
     from qasr_jax.testing import speech
     from qasr_jax.testing.reference import build_reference, save_hf
-    from test_parity import prompt, reference_inputs, rel
+    from qasr_jax.testing.parity import prompt, reference_inputs, rel
 
     cfg = preset("asr-0.6b")
     wave = speech("long_en.wav")

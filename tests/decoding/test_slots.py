@@ -22,7 +22,7 @@ from qasr_jax.testing import speech, synthetic
 from qasr_jax.testing.reference import save_hf
 from qasr_jax.testing.tokenizer_files import with_tokenizer
 from qasr_jax.transcribe import Transcriber
-from test_parity import PREFIX, SUFFIX, reference_inputs
+from qasr_jax.testing.parity import PREFIX, SUFFIX, reference_inputs
 
 EOS_IDS, PAD = (151645, 151643), 151643  # the tiny checkpoint's (Qwen) <|im_end|>, <|endoftext|>
 MAX_NEW = [4, 96, 9, 33, 70, 5, 12, 50, 7, 88, 16, 24]  # per request: 12 requests, 3x the 4 request slots

@@ -10,18 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers.models.qwen3_asr import Qwen3ASRFeatureExtractor
 
 import qasr_jax
 from qasr_jax.io.audio import log_mel_batch
-from qasr_jax.modeling.config import audio_token_count
 from qasr_jax.modeling.encoder import _conv_stack
 from qasr_jax.testing import speech, synthetic
+from qasr_jax.testing.parity import prompt, reference_inputs, reference_prompt_logits, rel
 
 TOL = 1e-4
-PREFIX = [151644, 8948, 198, 151645, 198, 151644, 872, 198, 151669]  # system turn, user turn, <|audio_start|>
-SUFFIX = [151670, 151645, 198, 151644, 77091, 198]  # <|audio_end|><|im_end|>\n<|im_start|>assistant\n
-TEXT = [11528, 6364, 151704, 9707, 1879, 13]  # "language English<asr_text>Hello world."
 
 # 0.3 s (under the 0.5 s minimum), 0.7 s, exactly 1 s, a partial chunk, two windows; synthetic and speech.
 INPUTS = {
@@ -35,29 +31,6 @@ INPUTS = {
 }
 SHORT = ["synthetic-0.3s", "synthetic-1.0s", "speech-2.24s", "speech-10.07s"]
 
-
-def rel(a, b) -> float:
-    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
-
-
-def reference_inputs(wave):
-    """The reference feature extractor on one waveform: (features (1, 128, T), mask (1, T)) as torch tensors."""
-    fe = Qwen3ASRFeatureExtractor()
-    out = fe(wave, sampling_rate=16000, padding="longest", return_tensors="pt", return_attention_mask=True)
-    return out["input_features"], out["attention_mask"]
-
-
-def prompt(n_audio: int) -> list[int]:
-    return PREFIX + [151676] * n_audio + SUFFIX + TEXT
-
-
-def reference_prompt_logits(ck, wave) -> tuple[list[int], np.ndarray]:
-    """The prompt ids for ``wave`` and the reference model's float32 logits over them: (ids, (len, V))."""
-    feats, mask = reference_inputs(wave)
-    ids = prompt(audio_token_count(int(mask.sum()), ck.cfg.audio))
-    with torch.no_grad():
-        ref = ck.torch_model(input_ids=torch.tensor([ids]), input_features=feats, input_features_mask=mask).logits
-    return ids, ref[0].numpy()
 
 
 @pytest.fixture(scope="module")

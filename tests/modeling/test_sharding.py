@@ -24,10 +24,9 @@ from qasr_jax.cli.options import expand_inputs
 from qasr_jax.modeling import sharding
 from qasr_jax.modeling.config import load_config, preset
 from qasr_jax.modeling.model import param_shapes
-from qasr_jax.testing import DATA, tiny_variant
+from qasr_jax.testing import DATA, ROOT, tiny_variant
 from qasr_jax.testing.tokenizer_files import write_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 

@@ -2,7 +2,7 @@
 position within each row, built here from transformers' own tokenizer), the left-padding trap, one step on an
 8-device mesh equal to one device, LoRA through qwix, frozen parts, and the grouped conv stack's gradient.
 
-Runs, resume and export are in tests/test_finetune.py.
+Runs, resume and export are in tests/training/test_finetune.py.
 """
 
 from __future__ import annotations
@@ -16,24 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from transformers import AutoTokenizer
-from transformers.models.qwen3_asr import Qwen3ASRFeatureExtractor
 
 import qasr_jax
-from qasr_jax.io.prompts import build_prompt_ids
-from qasr_jax.modeling.config import audio_token_count
 from qasr_jax.modeling.encoder import _conv_stack
-from qasr_jax.testing import speech, synthetic
+from qasr_jax.testing import ROOT, speech, synthetic
 from qasr_jax.testing.tokenizer_files import with_tokenizer
 from qasr_jax.training.data import examples_from_records, step_batch
 from qasr_jax.training.trainer import TrainConfig, Trainer, loss_and_grads, merge_trees
+from qasr_jax.testing.parity import assert_grads_close, reference_loss_and_grads
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
 # The encoder's key biases shift every score of a query by the same amount, which softmax ignores: their exact
 # gradient is zero, and both sides return float32 rounding noise (~1e-8 of the other gradients) for them.
-ZERO_GRADIENT = ("self_attn.k_proj.bias",)
 
 TEXTS = ["Hello world.", "The quick brown fox jumps over the lazy dog.", "Qwen.", "Speech recognition in JAX."]
 PROMPTS = ["", "fox, dog", "A much longer context: names like Qwen, JAX and Flax, and some terms.", "JAX"]
@@ -62,59 +57,12 @@ def rows(case: str) -> list[dict]:
             for w, t, p in zip(waves, TEXTS, prompts)]
 
 
-def reference(ck, folder: str, batch: list[dict]) -> tuple[float, dict[str, np.ndarray]]:
-    """transformers' loss and gradients: each row is the chat prompt then the target tokenized by transformers'
-    own tokenizer with <|im_end|>; labels are -100 except at the target tokens, right-padded batch."""
-    tok = AutoTokenizer.from_pretrained(folder)
-    fe = Qwen3ASRFeatureExtractor()
-    alone = [fe([r["audio"]], sampling_rate=16000, padding="longest", return_tensors="pt",
-                return_attention_mask=True) for r in batch]  # each clip as if alone
-    frames = max(a["input_features"].shape[2] for a in alone)
-    feats = torch.zeros(len(batch), 128, frames)
-    feat_mask = torch.zeros(len(batch), frames, dtype=torch.long)
-    ids, labels = [], []
-    for i, (r, a) in enumerate(zip(batch, alone)):
-        n = a["input_features"].shape[2]
-        feats[i, :, :n], feat_mask[i, :n] = a["input_features"][0], a["attention_mask"][0]
-        from qasr_jax.io.tokenizer import Tokenizer
-
-        prefix = build_prompt_ids(Tokenizer.from_dir(folder), audio_token_count(int(a["attention_mask"].sum()),
-                                                                                 ck.cfg.audio), r["prompt"])
-        target = tok(r["text"] + "<|im_end|>", add_special_tokens=False).input_ids
-        ids.append(prefix + target)
-        labels.append([-100] * len(prefix) + target)
-    width = max(map(len, ids))
-    pad = lambda x, v: x + [v] * (width - len(x))  # noqa: E731
-    input_ids = torch.tensor([pad(x, tok.pad_token_id) for x in ids])  # <|endoftext|> of this checkpoint
-    mask = torch.tensor([pad([1] * len(x), 0) for x in ids])
-    model = ck.torch_model
-    model.zero_grad()
-    out = model(input_ids=input_ids, attention_mask=mask, input_features=feats, input_features_mask=feat_mask,
-                labels=torch.tensor([pad(x, -100) for x in labels]))
-    out.loss.backward()
-    grads = {name: p.grad.detach().numpy().copy() for name, p in model.named_parameters()}
-    model.zero_grad()
-    return float(out.loss), grads
-
-
-def assert_grads_close(ours: dict, ref: dict, tol: float) -> None:
-    assert set(ours) == set(ref)
-    overall = max(np.abs(g).max() for g in ref.values())
-    for name, want in ref.items():
-        got = ours[name]
-        assert got.shape == want.shape, name
-        if name.endswith(ZERO_GRADIENT):
-            assert np.abs(got).max() <= 1e-6 * overall and np.abs(want).max() <= 1e-6 * overall, name
-            continue
-        err = np.abs(got - want).max() / np.abs(want).max()
-        assert err <= tol, (name, err)
-
 
 @pytest.mark.parametrize("case", ["same-audio", "same-audio-prompts", "mixed", "mixed-prompts"])
 def test_loss_and_grads_match_reference(checkpoints, folder, model, case):
     """Loss and all 69 gradient tensors (checkpoint names and shapes) equal transformers' within 1e-4."""
     batch = rows(case)
-    ref_loss, ref_grads = reference(checkpoints("asr"), folder, batch)
+    ref_loss, ref_grads = reference_loss_and_grads(checkpoints("asr"), folder, batch)
     loss, grads = loss_and_grads(model, batch)
     assert abs(loss - ref_loss) / abs(ref_loss) <= TOL
     assert_grads_close(grads, ref_grads, TOL)
@@ -254,7 +202,7 @@ def test_step_on_mesh_equals_one_device(folder, tmp_path):
         r = report[kind]
         assert r["loss_rel"] <= 1e-5 and r["grad_norm_rel"] <= 1e-5, kind
         for name, err in r["grad_rel"].items():
-            if "/k/bias" in name:  # exactly zero in exact arithmetic (see ZERO_GRADIENT)
+            if "/k/bias" in name:  # exactly zero in exact arithmetic (see qasr_jax.testing.parity.ZERO_GRADIENT)
                 assert r["grad_max"][name] <= 1e-6 * max(r["grad_max"].values()), name
             else:
                 assert err <= 1e-5, (kind, name, err)

@@ -25,7 +25,7 @@ from qasr_jax.modeling.model import KVCache, param_shapes
 from qasr_jax.testing import speech, synthetic
 from qasr_jax.testing.tokenizer_files import with_tokenizer
 from qasr_jax.transcribe import Transcriber
-from test_parity import reference_prompt_logits, rel
+from qasr_jax.testing.parity import reference_prompt_logits, rel
 
 TOL = 1e-4
 

@@ -1,11 +1,11 @@
-"""The code blocks of docs/*.md pages run, on tiny local checkpoints (tests/test_docs.py's ``RUNS`` lists which
+"""The code blocks of docs/*.md pages run, on tiny local checkpoints (tests/docs/test_docs.py's ``RUNS`` lists which
 test runs which page; the substitutions are test_docs.py's).
 
 ``qasr-jax`` commands run in this process through ``cli.main``, except pipelines, which run in bash as written
 with two stand-ins first on ``PATH``: ``ffmpeg`` and ``arecord`` (there is no microphone here, and no ffmpeg need
 be installed) write the named or the example audio as the 16 kHz s16le their arguments ask for, after checking
 those arguments. docs/multi_device.md runs in a process that sees 8 CPU devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count=8``, as tests/test_sharding.py does).
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``, as tests/modeling/test_sharding.py does).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from safetensors.numpy import load_file
 
 from qasr_jax import cli
 from qasr_jax.vad.network import WEIGHTS_FILE, data_path
-from test_docs import is_install, page_blocks, run_python_blocks, shell_commands, substitute, with_model
+from qasr_jax.testing.docs import is_install, page_blocks, run_python_blocks, shell_commands, substitute, with_model
 from test_docs import workdir  # noqa: F401  (the fixture: example audio and tiny checkpoints)
 
 FAKE_FFMPEG = """

@@ -15,11 +15,10 @@ import qasr_jax
 from qasr_jax.decoding.pipeline import token_budget
 from qasr_jax.io.units import unit_spans
 from qasr_jax.modeling import sharding
-from qasr_jax.testing import speech, synthetic
+from qasr_jax.testing import ROOT, speech, synthetic
 from qasr_jax.testing.tokenizer_files import with_tokenizer
 from qasr_jax.transcribe import Transcriber
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE_DIRS = ("qasr_jax", "convert", "kernels")
 
 
