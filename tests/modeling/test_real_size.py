@@ -212,9 +212,9 @@ def test_parity_at_real_asr_0_6b_size(tmp_path):
     )
     audio = model.encode(ref_feats)
     logits = model.logits(ids, ref_feats)
-    cache = model.init_cache(1, len(ids) + 8)
-    embeds = model.embed(jnp.asarray([ids], jnp.int32), jnp.asarray(audio)[None])
-    next_logits, _ = model.prefill(embeds, jnp.ones((1, len(ids)), bool), cache)
+    cache = model.engine.init_cache(1, len(ids) + 8)
+    embeds = model.engine.embed(jnp.asarray([ids], jnp.int32), jnp.asarray(audio)[None])
+    next_logits, _ = model.engine.extend(cache, embeds, np.array([len(ids)], np.int32))
     figures = {
         "encoder (ln_post)": rel(np.asarray(hidden[0, : int(n_tok[0])]), ref_hidden),
         "projector output": rel(audio, ref_audio),

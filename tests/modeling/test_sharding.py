@@ -258,7 +258,7 @@ def test_one_compilation_per_bucket_per_mesh(report):
 
 
 def test_kv_cache_and_logits_are_sharded(report):
-    """Model.init_cache / prefill / step (explicit in/out shardings) on data=4 x model=2: the cache has rows on data
+    """Engine.init_cache / extend / step (explicit in/out shardings) on data=4 x model=2: the cache has rows on data
     and its 2 KV heads on model; logits have rows on data and the vocabulary on model; a batch of 3 rows is
     refused with a message that says to pad."""
     cache = next(m["cache"] for m in report["meshes"] if "cache" in m)
