@@ -70,7 +70,7 @@ def greedy(asr, ids: list[int], audio: np.ndarray, max_new: int) -> list[int]:
     padded[0, : len(ids)] = ids
     audio_rows = np.zeros((1, width, audio.shape[1]), np.float32)
     audio_rows[0, : audio.shape[0]] = audio
-    res = model.engine.generate(model.embed(padded, audio_rows), [len(ids)], [max_new],
+    res = model.engine.generate(model.engine.embed(padded, audio_rows), [len(ids)], [max_new],
                                 S.SearchSettings.make(tok.eos_ids), S.SearchConfig(tok.endoftext_id), max_len=width + 64)
     res = jax.device_get(res)
     return res.tokens[0, : res.lengths[0]].tolist()
