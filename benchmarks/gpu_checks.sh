@@ -54,7 +54,7 @@ step() {  # step NAME SECONDS COMMAND...
   tail -n 40 "$logs/$name.txt"
 }
 
-step kernels 140 $py -m pytest -q -rf --durations=5 -p no:cacheprovider tests/modeling/test_kernels.py -k "not tpu"
+step kernels 140 $py -m pytest -o addopts="" -q -rf --durations=5 -p no:cacheprovider tests/modeling/test_kernels.py -k "not tpu"
 step attention 90 $py benchmarks/bench_attention.py --repeats 5
 step transcribe 240 $py benchmarks/bench_transcribe.py --dtype bfloat16
 step throughput-0.6b 250 $py benchmarks/bench_throughput.py --preset asr-0.6b --dtype bfloat16
