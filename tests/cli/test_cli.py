@@ -247,7 +247,19 @@ def test_a_missing_train_extra_is_named_with_its_install_line_first(command, mod
     assert "no-model-here" not in err and "jsonl" not in err  # checked before the manifest or the model
 
 
-def test_env_prints_what_a_bug_report_needs(capsys, monkeypatch, tmp_path):
+@pytest.fixture
+def no_jax_cache_setting():
+    """JAX's own cache setting unset for the test: an earlier test in this process (a worker runs several files)
+    may have turned it on, and it wins over $QASR_JAX_COMPILATION_CACHE."""
+    import jax
+
+    previous = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    yield
+    jax.config.update("jax_compilation_cache_dir", previous)
+
+
+def test_env_prints_what_a_bug_report_needs(capsys, monkeypatch, tmp_path, no_jax_cache_setting):
     import jax
 
     cache = tmp_path / "xla"
