@@ -85,7 +85,7 @@ def slots(asr, waves, budgets, batch) -> tuple[list[list[int]], int]:
     options = DecodeOptions.for_tokenizer(asr.tokenizer, suppress_eos=True)
     pipe = Pipeline(asr.model, asr.tokenizer, options, batch)
     for i, (wave, budget) in enumerate(zip(waves, budgets)):
-        pipe.submit(Work(i, wave, None, "", budget))
+        pipe.submit(Work(i, wave, budget))
     out: dict[int, list[int]] = {}
     while pipe.busy:
         out.update((work.key, o.token_ids) for work, o in pipe.step())

@@ -88,7 +88,7 @@ def run_stages(asr, paths: list[str], new_tokens: int, programs) -> tuple[dict[s
     feats = t("log-mel", mel, samples, lengths, frames=frames)
     hidden, n_tok = t("encoder", tower, engine.params, feats, frames_of(lengths))
     audio = t("projector", proj, engine.params, hidden)
-    works = [Work(i, w, None, "", new_tokens) for i, w in enumerate(waves)]
+    works = [Work(i, w, new_tokens) for i, w in enumerate(waves)]
 
     def prompt_ids():
         prompts = [pipe.prompt_ids(w, int(n)) for w, n in zip(works, np.asarray(n_tok))]

@@ -83,7 +83,8 @@ def word_logprobs(tok: Tokenizer, part: _Part, words: list[str]) -> list[float |
 
 
 def _hotword_lists(hotwords, n: int) -> list[list[str]]:
-    """One list of hotwords per input from None, a list of words (for all) or a list of lists (one per input)."""
+    """One list of hotwords per input from None, a list of words (for all) or a list of lists (one per input); blank
+    words are dropped by ``prepare``."""
     if hotwords is None:
         return [[] for _ in range(n)]
     if isinstance(hotwords, str):
@@ -93,8 +94,8 @@ def _hotword_lists(hotwords, n: int) -> list[list[str]]:
     if items and all(isinstance(x, (list, tuple)) for x in items):
         if len(items) != n:
             raise ValueError(f"hotwords has {len(items)} lists for {n} inputs; pass one list per input or one list")
-        return [[str(w) for w in x if str(w).strip()] for x in items]
-    return [[str(w) for w in items if str(w).strip()]] * n
+        return [list(x) for x in items]
+    return [items] * n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,10 +162,10 @@ class Transcriber:
         ``transcribe`` (one list of words). For many streams stepped together use ``stream_driver``."""
         from qasr_jax.streaming.driver import shared_driver
 
-        edges = hw.edges_of(hw.request(hotwords, self.tokenizer.encode, hotword_boost))
-        driver = shared_driver(self, max_new_tokens, edges)
-        return driver.stream(language, context, chunk_seconds, unfixed_chunks, unfixed_tokens, max_new_tokens,
-                             hotwords, hotword_boost, hotwords_in_context)
+        request = prepare(self.tokenizer, self.languages, language, context, hotwords, hotword_boost,
+                          hotwords_in_context)
+        driver = shared_driver(self, max_new_tokens, request.hotword_edges)
+        return driver.open(request, chunk_seconds, unfixed_chunks, unfixed_tokens, max_new_tokens)
 
     def stream_driver(self, slots: int = 8, **options):
         """A ``qasr_jax.streaming.driver.StreamDriver``: up to ``slots`` streams advanced in one step
@@ -172,7 +173,7 @@ class Transcriber:
         ``context_tokens``, ``hotword_edges`` (room for the streams' hotword tries, see ``hotwords.edge_bucket``)."""
         from qasr_jax.streaming.driver import StreamDriver
 
-        return StreamDriver(self, slots, **options)
+        return StreamDriver(self.model, self.tokenizer, slots, **options)
 
     def transcribe(self, audio, language=None, context="", beam_size: int = 1, max_new_tokens=None,
                    batch_size: int = 8, **kwargs) -> list[Result]:
@@ -277,7 +278,7 @@ class Transcriber:
             for p, piece in enumerate(cut):
                 pieces[i][p] = piece
                 budget = budgets[i] or token_budget(piece.duration, limit)
-                pipes[0].submit(Work((i, p), piece.samples, langs[i], contexts[i], budget, requests[i].hotwords))
+                pipes[0].submit(Work((i, p), piece.samples, budget, requests[i]))
         detect = [i for i in pieces if langs[i] is None] if language_probabilities else []
         found, _ = lang_probs.language_distributions(self.model, self.tokenizer, [pieces[i][0].samples for i in detect],
                                                      [contexts[i] for i in detect], batch_size)

@@ -154,7 +154,7 @@ def test_streaming_final_text_is_offline_text(asr, waves, heldout, greedy):
 
     refs = [ex.transcript for ex in heldout]
     offline = wer(refs, texts(greedy))
-    driver = StreamDriver(asr, slots=32, max_new_tokens=64)
+    driver = StreamDriver(asr.model, asr.tokenizer, slots=32, max_new_tokens=64)
     for seconds in (1.0, 2.0):
         finals = []
         for start in range(0, len(waves), 32):

@@ -194,8 +194,9 @@ class LineDisplay:
 def run(args: argparse.Namespace) -> int:
     """The ``stream`` command."""
     check_args(args)
-    from qasr_jax.decoding import hotwords as hw
     from qasr_jax.cli.options import check_model_args, read_hotwords
+    from qasr_jax.decoding import hotwords as hw
+    from qasr_jax.decoding.request import prepare
     from qasr_jax.transcribe import Transcriber
 
     words = read_hotwords(args.hotwords, args.hotwords_file)
@@ -203,10 +204,10 @@ def run(args: argparse.Namespace) -> int:
     path = check_model_args(args.model, args.language, args.context)
     asr = Transcriber.from_pretrained(path, dtype=args.dtype, quantize=args.quantize, layers=args.layers)
     options = {} if args.segment_seconds is None else {"segment_seconds": args.segment_seconds}
-    edges = hw.edges_of(hw.request(words, asr.tokenizer.encode, boost))
-    driver = asr.stream_driver(slots=1, max_new_tokens=max(32, args.max_new_tokens), hotword_edges=edges, **options)
-    stream = driver.stream(args.language, args.context, args.chunk_seconds, args.unfixed_chunks,
-                           args.unfixed_tokens, args.max_new_tokens, words, boost)
+    request = prepare(asr.tokenizer, asr.languages, args.language, args.context, words, boost)
+    driver = asr.stream_driver(slots=1, max_new_tokens=max(32, args.max_new_tokens),
+                               hotword_edges=request.hotword_edges, **options)
+    stream = driver.open(request, args.chunk_seconds, args.unfixed_chunks, args.unfixed_tokens, args.max_new_tokens)
     block = max(1, round(args.chunk_seconds * SAMPLE_RATE))
     blocks = _stdin_blocks(block) if args.source == "-" else _file_blocks(args.source, block, args.realtime)
     display = LineDisplay(sys.stdout)

@@ -125,7 +125,7 @@ def warm_up(asr, seconds, batch_sizes=(1,), beam_size: int = 1, stream_seconds: 
             pipe = Pipeline(asr.model, asr.tokenizer, options, slots or rows)
             for s in seconds:
                 with count_compilations() as c:
-                    works = [Work(("warm-up", i), noise(s), None, "", token_budget(s, limit)) for i in range(rows)]
+                    works = [Work(("warm-up", i), noise(s), token_budget(s, limit)) for i in range(rows)]
                     for w in works:
                         pipe.submit(w)
                     pipe.step(max_steps=1)

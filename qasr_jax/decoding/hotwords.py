@@ -91,10 +91,9 @@ def build_trie(words: Sequence[str], encode: Callable[[str], list[int]]) -> tupl
     return parent, token, np.asarray(depth, np.int32), term
 
 
-def request(words: Sequence[str] | None, encode: Callable[[str], list[int]],
-            boost: float = DEFAULT_BOOST) -> tuple | None:
-    """One request's hotwords as the search takes them: (host trie, boost), or None without hotwords."""
-    words = [w for w in (words or []) if w.strip()]
+def for_search(words: Sequence[str], encode: Callable[[str], list[int]], boost: float = DEFAULT_BOOST) -> tuple | None:
+    """One request's hotwords (no blank ones: ``decoding.request.prepare`` drops them) as the search takes them:
+    (host trie, boost), or None without hotwords."""
     if not words:
         return None
     if not (np.isfinite(boost) and boost >= 0):
@@ -102,14 +101,14 @@ def request(words: Sequence[str] | None, encode: Callable[[str], list[int]],
     return build_trie(words, encode), float(boost)
 
 
-def edges_of(request: tuple | None) -> int:
-    """The edges of a ``request``'s trie (0 without hotwords): the room a driver or batcher needs for it."""
-    return 0 if request is None else len(request[0][0])
+def edges_of(hotwords: tuple | None) -> int:
+    """The edges of a request's trie (``for_search``; 0 without hotwords): the room a driver or batcher needs."""
+    return 0 if hotwords is None else len(hotwords[0][0])
 
 
-def with_context(context: str, words: Sequence[str] | None) -> str:
+def with_context(context: str, words: Sequence[str]) -> str:
     """The context text with the hotwords after it (the model was trained to read names and terms there)."""
-    return " ".join(filter(None, [context, ", ".join(w for w in (words or []) if w.strip())]))
+    return " ".join(filter(None, [context, ", ".join(words)]))
 
 
 def pack(tries: Sequence[tuple[np.ndarray, ...]], boosts: Sequence[float], edges: int) -> Trie:

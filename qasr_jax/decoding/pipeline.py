@@ -25,7 +25,8 @@ from qasr_jax.decoding import hotwords as hw
 from qasr_jax.decoding import processors as P
 from qasr_jax.decoding import search as S
 from qasr_jax.decoding.buckets import batch_rows, frame_bucket, next_pow2, output_buffer, prompt_width, round_up
-from qasr_jax.decoding.slots import Output, Prompts, Request, SlotBatcher
+from qasr_jax.decoding.request import Request
+from qasr_jax.decoding.slots import Output, Prompts, Row, SlotBatcher
 from qasr_jax.io.audio import n_frames, pad_waves
 from qasr_jax.io.prompts import build_prompt_ids
 from qasr_jax.modeling.config import audio_token_count
@@ -64,15 +65,13 @@ def kv_budget() -> int:
 
 @dataclasses.dataclass
 class Work:
-    """One piece to transcribe: samples (16 kHz), forced language (canonical name) or None, context, budget, and
-    its hotwords as (host trie from ``hotwords.build_trie``, boost) or None."""
+    """One audio piece (16 kHz ``samples``) of a ``request`` to decode in at most ``max_new`` tokens; ``key`` is
+    the caller's (it names the piece in what :meth:`Pipeline.step` returns)."""
 
     key: Any
     samples: np.ndarray
-    language: str | None
-    context: str
     max_new: int
-    hotwords: tuple | None = None
+    request: Request = Request()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,9 +135,9 @@ class Pipeline:
     def prompt_ids(self, work: Work, n_audio: int) -> list[int]:
         """The prompt ids of a piece with ``n_audio`` audio tokens."""
         # The text around the audio pads is tokenized once per (context, language), not once per piece.
-        key = (work.context, work.language)
+        key = (work.request.context, work.request.language)
         if key not in self._prompt_parts:
-            ids = build_prompt_ids(self.tokenizer, 0, work.context, work.language)
+            ids = build_prompt_ids(self.tokenizer, 0, work.request.context, work.request.language)
             at = ids.index(self.tokenizer.audio_start_id) + 1
             self._prompt_parts[key] = (ids[:at], ids[at:])
         head, tail = self._prompt_parts[key]
@@ -147,7 +146,7 @@ class Pipeline:
     def _group_of(self, work: Work) -> tuple[int, int, int]:
         frames = frame_bucket(n_frames(work.samples.shape[0]), self.model.config.audio)
         width = len(self.prompt_ids(work, audio_token_count(frames, self.model.config.audio)))
-        edges = hw.edge_bucket(hw.edges_of(work.hotwords)) if work.hotwords else 0
+        edges = hw.edge_bucket(work.request.hotword_edges) if work.request.hotwords else 0
         return next_pow2(prompt_width(width), 256), next_pow2(output_buffer(work.max_new), 64), edges
 
     def _slots(self, width: int, out_len: int) -> int:
@@ -203,7 +202,7 @@ class Pipeline:
         for part in self._encoder_batches(take, batcher.requests):
             batch = self.encode_batch(part, batcher.requests)
             for r, work in enumerate(part):
-                batcher.submit(Request(batch, r, work.max_new, tag=work, hotwords=work.hotwords))
+                batcher.submit(Row(batch, r, work.max_new, tag=work, hotwords=work.request.hotwords))
 
     def _encoder_batches(self, take: list[Work], cap: int) -> list[list[Work]]:
         """Pieces (longest first) as one encoder batch, or one per octave of audio length where one batch would pad
@@ -272,7 +271,7 @@ class Pipeline:
                 group.pending = collections.deque(sorted(group.pending, key=lambda w: -w.samples.shape[0]))
                 self._encode(group)
             before = group.batcher.steps
-            done += [(out.request.tag, out) for out in group.batcher.run(max_steps)]
+            done += [(out.row.tag, out) for out in group.batcher.run(max_steps)]
             self.steps += group.batcher.steps - before
             if group.idle:  # its cache is freed (a server would otherwise keep one per shape it has seen);
                 group.batcher = None  # a later piece makes a new one, which compiles nothing

@@ -1,10 +1,12 @@
-"""One way to prepare a request: what a user asks for (language, context, hotwords) checked and turned into what
-the decoding layer runs: a canonical language name or None, the system prompt's context text, and the hotword trie
-the search boosts.
+"""One request type and one way to prepare it: what a user asks for (language, context, hotwords) checked and
+turned into the :class:`Request` the decoding layer runs: a canonical language name or None, the system prompt's
+context text, and the hotword trie the search boosts.
 
-Offline transcription (``Transcriber.transcribe_iter``), the server's ``/v1/audio/transcriptions`` and live streams
-(``StreamDriver.stream``) all call :func:`prepare`, so a request means the same everywhere and is refused for the
-same reasons, before any audio is read or the model runs.
+Offline transcription (``Transcriber.transcribe_iter``), the server's ``/v1/audio/transcriptions``, its realtime
+sessions and live streams (``StreamDriver.stream``) all call :func:`prepare`, so a request means the same everywhere
+and is refused for the same reasons, before any audio is read or the model runs. The Request then goes down
+unchanged: each audio piece of it is a ``pipeline.Work`` (``work.request``), the server's scheduler takes it as it is
+(``Scheduler.submit``), and a stream keeps it (``StreamDriver.open``).
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ class RequestError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Prepared:
+class Request:
     """A checked request: ``language`` (canonical name, or None to let the model say it), ``context`` (the text
     the system prompt carries, the hotwords after it when asked) and ``hotwords`` (the search's trie and boost,
-    ``hotwords.request``; None without hotwords)."""
+    ``hotwords.for_search``; None without hotwords). ``Request()`` asks for nothing: detect the language, no context."""
 
-    language: str | None
-    context: str
-    hotwords: tuple | None
+    language: str | None = None
+    context: str = ""
+    hotwords: tuple | None = None
 
     @property
     def hotword_edges(self) -> int:
@@ -43,7 +45,7 @@ class Prepared:
 
 def prepare(tokenizer: Tokenizer, languages: Iterable[str] | None, language: str | None = None, context: str = "",
             hotwords: Sequence[str] | None = None, hotword_boost: float = hw.DEFAULT_BOOST,
-            hotwords_in_context: bool = False, name: str = "context") -> Prepared:
+            hotwords_in_context: bool = False, name: str = "context") -> Request:
     """Check one request and build what decoding needs; ``RequestError`` (a ValueError) names what is wrong.
 
     ``languages``: the model's supported language names (a config's ``support_languages``); ``language`` a name
@@ -64,7 +66,7 @@ def prepare(tokenizer: Tokenizer, languages: Iterable[str] | None, language: str
     if problem:
         raise RequestError(problem, "context")
     try:
-        trie = hw.request(words, tokenizer.encode, hotword_boost)
+        trie = hw.for_search(words, tokenizer.encode, hotword_boost)
     except ValueError as e:
         raise RequestError(str(e), "hotwords") from None
-    return Prepared(language, context, trie)
+    return Request(language, context, trie)

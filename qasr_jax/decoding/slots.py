@@ -1,11 +1,11 @@
-"""Continuous batching over the engine's slots: a queue of decode requests, slots refilled as requests finish.
+"""Continuous batching over the engine's slots: a queue of prompt rows to decode, slots refilled as rows finish.
 
 A :class:`SlotBatcher` owns one :class:`qasr_jax.decoding.engine.DecodeState`. Callers embed prompts in batches
-(:class:`Prompts`, a row per request) and submit one :class:`Request` per row; each :meth:`SlotBatcher.run`
-call inserts queued requests into free slots (one engine call for all the rows of one prompt batch), steps every
-live slot until one of them finishes, and returns the finished ones. A request may pin a slot it holds
-(:meth:`reserve`): a stream keeps its prompt's KV there between chunks and extends it (:meth:`truncate` keeps a
-prefix). Shapes are fixed per batcher, so requests join and leave without compiling.
+(:class:`Prompts`) and submit one :class:`Row` per prompt row (a piece of a ``decoding.request.Request``, or a
+stream's chunk); each :meth:`SlotBatcher.run` call inserts queued rows into free slots (one engine call for all the
+rows of one prompt batch), steps every live slot until one of them finishes, and returns the finished ones. A row may
+pin a slot its caller holds (:meth:`reserve`): a stream keeps its prompt's KV there between chunks and extends it
+(:meth:`truncate` keeps a prefix). Shapes are fixed per batcher, so rows join and leave without compiling.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ class Prompts:
 
 
 @dataclasses.dataclass
-class Request:
-    """Decode row ``row`` of ``prompts`` for at most ``max_new`` tokens; ``slot`` is a slot the caller holds
+class Row:
+    """Decode row ``index`` of ``prompts`` for at most ``max_new`` tokens; ``slot`` is a slot the caller holds
     (``SlotBatcher.reserve``; its prompt goes on top of what the slot keeps) or None for any free one."""
 
     prompts: Prompts
-    row: int
+    index: int
     max_new: int
     slot: int | None = None
     tag: Any = None  # the caller's
@@ -47,10 +47,10 @@ class Request:
 
 @dataclasses.dataclass
 class Output:
-    """A finished request: generated ids (EOS excluded), each one's log-probability, whether it ended with an
+    """A finished row: generated ids (EOS excluded), each one's log-probability, whether it ended with an
     EOS (False: it stopped at max_new), and the steps it took."""
 
-    request: Request
+    row: Row
     token_ids: list[int]
     token_logprobs: list[float]
     finished: bool
@@ -59,24 +59,24 @@ class Output:
 
 
 class SlotBatcher:
-    """A queue of requests decoded in ``slots`` slots of ``max_len`` cache positions (see the module doc)."""
+    """A queue of rows decoded in ``slots`` slots of ``max_len`` cache positions (see the module doc)."""
 
     def __init__(self, engine, slots: int, max_len: int, out_len: int, cfg: S.SearchConfig,
                  settings: S.SearchSettings, history_len: int = 0, refill: int = 1):
         self.engine, self.cfg, self.settings = engine, cfg, settings
         self.refill = refill  # free slots inserted into only once this many are free (or nothing else decodes)
         self.max_len, self.out_len = max_len, out_len
-        self.requests = slots // cfg.beam_size  # request slots; each holds beam_size cache rows
+        self.requests = slots // cfg.beam_size  # slots for rows; each holds beam_size cache rows
         self.state = engine.new_state(slots, max_len, cfg, out_len, history_len)
         self.free = list(range(self.requests))
         self.held: set[int] = set()
-        self.live: dict[int, Request] = {}
-        self.queue: collections.deque[Request] = collections.deque()
+        self.live: dict[int, Row] = {}
+        self.queue: collections.deque[Row] = collections.deque()
         self.steps = 0  # decode steps run so far
 
     # -- slots the caller holds -----------------------------------------------------------------------------------
     def reserve(self) -> int:
-        """Take a free slot for the caller's own use (a stream); it is never given to other requests."""
+        """Take a free slot for the caller's own use (a stream); it is never given to other rows."""
         if not self.free:
             raise RuntimeError(f"all {self.requests} slots are taken; release one or make a batcher with more")
         slot = self.free.pop(0)
@@ -84,7 +84,7 @@ class SlotBatcher:
         return slot
 
     def truncate(self, slot: int, keep: int) -> None:
-        """Keep only the first ``keep`` tokens of a held slot's cache (the next request extends them)."""
+        """Keep only the first ``keep`` tokens of a held slot's cache (the next row extends them)."""
         self.state = self.engine.release(self.state, [slot], self.cfg, keep=[keep])
 
     def give_back(self, slot: int) -> None:
@@ -96,12 +96,12 @@ class SlotBatcher:
         self.free.append(slot)
 
     # -- the queue ------------------------------------------------------------------------------------------------
-    def cancel(self, request: Request) -> None:
-        """Drop a queued or decoding request (a client that went away): its slot is emptied, and freed unless held."""
-        if any(r is request for r in self.queue):  # by identity: requests hold device arrays
-            self.queue = collections.deque(r for r in self.queue if r is not request)
+    def cancel(self, row: Row) -> None:
+        """Drop a queued or decoding row (a client that went away): its slot is emptied, and freed unless held."""
+        if any(r is row for r in self.queue):  # by identity: rows hold device arrays
+            self.queue = collections.deque(r for r in self.queue if r is not row)
             return
-        slot = next((s for s, r in self.live.items() if r is request), None)
+        slot = next((s for s, r in self.live.items() if r is row), None)
         if slot is None:
             return  # finished already
         del self.live[slot]
@@ -109,8 +109,8 @@ class SlotBatcher:
         if slot not in self.held:
             self.free.append(slot)
 
-    def partial(self) -> list[tuple[Request, list[int], list[float]]]:
-        """Every decoding request's tokens so far and their log-probabilities (a beam request: its best beam, which
+    def partial(self) -> list[tuple[Row, list[int], list[float]]]:
+        """Every decoding row's tokens so far and their log-probabilities (a beam row: its best beam, which
         can still change), for callers that stream tokens as they are generated."""
         if not self.live:
             return []
@@ -118,15 +118,15 @@ class SlotBatcher:
         return [(req, res.tokens[slot, : int(res.lengths[slot])].tolist(),
                  res.token_logprobs[slot, : int(res.lengths[slot])].tolist()) for slot, req in self.live.items()]
 
-    def submit(self, request: Request) -> None:
-        """Queue a request (checked here: its prompt and tokens must fit the cache)."""
-        width = request.prompts.embeds.shape[1]
-        if request.max_new > self.out_len or width + request.max_new > self.max_len:
-            raise ValueError(f"a request of a {width}-wide prompt and {request.max_new} new tokens does not fit "
+    def submit(self, row: Row) -> None:
+        """Queue a row (checked here: its prompt and tokens must fit the cache)."""
+        width = row.prompts.embeds.shape[1]
+        if row.max_new > self.out_len or width + row.max_new > self.max_len:
+            raise ValueError(f"a row of a {width}-wide prompt and {row.max_new} new tokens does not fit "
                              f"this batcher ({self.max_len} cache positions, {self.out_len} new tokens at most)")
-        if request.slot is not None and request.slot not in self.held:
-            raise ValueError(f"slot {request.slot} is not held by the caller; reserve() it first")
-        self.queue.append(request)
+        if row.slot is not None and row.slot not in self.held:
+            raise ValueError(f"slot {row.slot} is not held by the caller; reserve() it first")
+        self.queue.append(row)
 
     @property
     def idle(self) -> bool:
@@ -134,17 +134,17 @@ class SlotBatcher:
         return not self.queue and not self.live
 
     def _fill(self) -> None:
-        """Insert queued requests into slots: one engine call per run of requests sharing a prompt batch."""
-        waiting: collections.deque[Request] = collections.deque()
+        """Insert queued rows into slots: one engine call per run of rows sharing a prompt batch."""
+        waiting: collections.deque[Row] = collections.deque()
         unpinned = sum(r.slot is None for r in self.queue)
         wave = not self.live or len(self.free) >= min(self.refill, unpinned)  # else free slots wait for more
         while self.queue:
             first = self.queue[0]
-            group: list[tuple[Request, int]] = []
+            group: list[tuple[Row, int]] = []
             while self.queue and self.queue[0].prompts is first.prompts:
                 req = self.queue[0]
                 if req.slot is not None:
-                    if req.slot in self.live:  # the held slot is still busy with its previous request
+                    if req.slot in self.live:  # the held slot is still busy with its previous row
                         waiting.append(self.queue.popleft())
                         continue
                     slot = req.slot
@@ -158,10 +158,10 @@ class SlotBatcher:
             self._insert(first.prompts, group)
         self.queue.extendleft(reversed(waiting))
 
-    def _insert(self, prompts: Prompts, group: list[tuple[Request, int]]) -> None:
-        k = next_pow2(len(group))  # row buckets; padding repeats the last request (the same writes again)
+    def _insert(self, prompts: Prompts, group: list[tuple[Row, int]]) -> None:
+        k = next_pow2(len(group))  # row buckets; padding repeats the last row (the same writes again)
         padded = group + [group[-1]] * (k - len(group))
-        rows = np.array([r.row for r, _ in padded], np.int32)
+        rows = np.array([r.index for r, _ in padded], np.int32)
         ids = np.array([s for _, s in padded], np.int32)
         max_new = np.array([r.max_new for r, _ in padded], np.int32)
         tries = None
@@ -174,7 +174,7 @@ class SlotBatcher:
             self.live[slot] = req
 
     def run(self, max_steps: int | None = None) -> list[Output]:
-        """Fill free slots, then step until a request finishes (or ``max_steps``) -> the requests that finished."""
+        """Fill free slots, then step until a row finishes (or ``max_steps``) -> the rows that finished."""
         self._fill()
         if not self.live:
             return []
@@ -201,7 +201,7 @@ class SlotBatcher:
         return out
 
     def drain(self) -> list[Output]:
-        """Run until nothing is queued or decoding -> every finished request, in finishing order."""
+        """Run until nothing is queued or decoding -> every finished row, in finishing order."""
         out = []
         while not self.idle:
             out += self.run()

@@ -16,19 +16,23 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 
-from fastapi import FastAPI, Request, WebSocket
+from fastapi import FastAPI, WebSocket
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from qasr_jax.decoding.compiles import count_compilations
+from qasr_jax.decoding.longform import Piece
 from qasr_jax.decoding.pipeline import token_limit
+from qasr_jax.decoding.request import Request
 from qasr_jax.modeling.config import MAX_AUDIO_SECONDS
 from qasr_jax.server import realtime
 from qasr_jax.server.metrics import Metrics
 from qasr_jax.server.openai_format import APIError
-from qasr_jax.server.scheduler import STEP_SECONDS, Job, Scheduler
+from qasr_jax.server.scheduler import STEP_SECONDS, Event, Job, Scheduler
 from qasr_jax.server.transcriptions import CLIENT_CLOSED, transcribe
 
 log = logging.getLogger("qasr_jax.server")
@@ -60,8 +64,8 @@ class Server:
         self.token_limit = token_limit(asr.model.config)
         self._compiles = contextlib.ExitStack()
         self.compiles = self._compiles.enter_context(count_compilations())
-        self.scheduler = Scheduler(asr, self.compiles, config.max_slots, config.realtime_slots, config.step_seconds,
-                                   int(config.kv_cache_gb * 2**30))
+        self.scheduler = Scheduler(asr.model, asr.tokenizer, self.compiles, config.max_slots, config.realtime_slots,
+                                   config.step_seconds, int(config.kv_cache_gb * 2**30))
         self.metrics = Metrics(self.scheduler, self.compiles)
         self.ready = threading.Event()
         self.failed: str | None = None  # why the engine thread stopped, if it did
@@ -98,15 +102,17 @@ class Server:
             raise APIError(503, "the server is warming up (compiling its programs); retry shortly", code="not_ready",
                            type="server_error", headers={"Retry-After": "5"})
 
-    def admit(self, job: Job) -> None:
-        """Take a job on, or refuse it with a 503 when ``max_queue`` requests are in flight already."""
+    def admit(self, request: Request, pieces: list[Piece], budgets: list[int], deliver: Callable[[Event], None],
+              beam_size: int = 1, stream: bool = False) -> Job:
+        """Take a prepared request on (``Scheduler.submit``) -> its Job, or refuse it with a 503 when
+        ``max_queue`` requests are in flight already."""
         if len(self.in_flight) >= self.config.max_queue:
             raise APIError(503, f"the server is busy: {len(self.in_flight)} requests in flight (--max-queue "
                                 f"{self.config.max_queue}); retry later", code="server_busy", type="server_error",
                            headers={"Retry-After": "1"})
+        job = self.scheduler.submit(request, pieces, budgets, deliver, beam_size, stream)
         self.in_flight.add(job.id)
-        if job.pieces:
-            self.scheduler.submit(job)
+        return job
 
     def release(self, job: Job) -> None:
         """A job is answered (or abandoned): it no longer counts against ``max_queue``."""
@@ -187,7 +193,7 @@ def build_app(server: Server) -> FastAPI:
     async def invalid(request, e: RequestValidationError):
         return _error(APIError(400, f"invalid request: {e.errors()}", code="invalid_request"))
 
-    def auth(request: Request) -> None:
+    def auth(request: HTTPRequest) -> None:
         server.check_auth(request.headers.get("authorization"))
 
     @app.get("/health")
@@ -206,21 +212,21 @@ def build_app(server: Server) -> FastAPI:
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
-    async def models(request: Request):
+    async def models(request: HTTPRequest):
         """The served model, as OpenAI lists models."""
         auth(request)
         return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": 0,
                                             "owned_by": "qasr-jax"}]}
 
     @app.post("/v1/audio/transcriptions")
-    async def transcriptions(request: Request):
+    async def transcriptions(request: HTTPRequest):
         """OpenAI's transcription endpoint (see qasr_jax.server.transcriptions)."""
         auth(request)
         server.require_ready()
         return await transcribe(request, server)
 
     @app.post("/v1/audio/translations")
-    async def translations(request: Request):
+    async def translations(request: HTTPRequest):
         """Not served: the model transcribes in the spoken language; it does not translate."""
         auth(request)
         raise APIError(404, "translation is not supported: Qwen3-ASR transcribes speech in the language spoken "

@@ -29,7 +29,7 @@ import numpy as np
 import soxr
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from qasr_jax.decoding.request import RequestError, prepare
+from qasr_jax.decoding.request import Request, RequestError, prepare
 from qasr_jax.io.audio import SAMPLE_RATE
 from qasr_jax.vad.network import FRAME_SAMPLES
 
@@ -61,8 +61,7 @@ class Item:
     """One utterance of a session: a stream on the engine thread. ``deliver`` is called there with
     ``("partial", item, Partial)``, ``("completed", item, Result)`` or ``("failed", item, message)``."""
 
-    language: str | None
-    context: str
+    request: Request  # the session's language and prompt, prepared (decoding.request)
     deliver: Callable[[tuple[str, Any, Any]], None]
     id: str = dataclasses.field(default_factory=lambda: _id("item"))
     stream: Any = None  # the engine thread's qasr_jax.streaming.driver.Stream
@@ -88,8 +87,7 @@ class Session:
     def __init__(self, ws: WebSocket, server):
         self.ws, self.server = ws, server
         self.id = _id("sess")
-        self.language: str | None = None
-        self.context = ""
+        self.request = Request()  # the session's language and prompt (transcription_session.update)
         self.item: Item | None = None  # the utterance being captured
         self.previous: str | None = None  # the last committed item's id
         self.resampler = Pcm16Resampler()
@@ -105,8 +103,8 @@ class Session:
     def describe(self) -> dict:
         """The session as OpenAI describes a transcription session."""
         return {"id": self.id, "object": "realtime.transcription_session", "input_audio_format": "pcm16",
-                "input_audio_transcription": {"model": self.server.model_id, "language": self.language,
-                                              "prompt": self.context},
+                "input_audio_transcription": {"model": self.server.model_id, "language": self.request.language,
+                                              "prompt": self.request.context},
                 "turn_detection": self.turn_detection, "modalities": ["text"]}
 
     async def send(self, event: dict) -> None:
@@ -156,18 +154,17 @@ class Session:
         if not isinstance(settings, dict):
             raise RealtimeError("input_audio_transcription must be an object", "invalid_event",
                                 "session.input_audio_transcription")
-        language = settings.get("language", self.language)
+        language = settings.get("language", self.request.language)
         try:
+            prompt = str(settings.get("prompt", self.request.context) or "")
             asked = prepare(self.server.asr.tokenizer, self.server.asr.languages,
-                            str(language) if language else None, str(settings.get("prompt", self.context) or ""),
-                            name="the prompt")
+                            str(language) if language else None, prompt, name="the prompt")
         except RequestError as e:
             code, field = REALTIME_ERRORS[e.field]
             raise RealtimeError(str(e), code, "session.input_audio_transcription." + field) from None
-        language, context = asked.language, asked.context
         if "turn_detection" in session:
             self.set_turn_detection(session["turn_detection"])
-        self.language, self.context = language or None, context
+        self.request = asked
         await self.send({"type": "transcription_session.updated", "session": self.describe()})
 
     def set_turn_detection(self, settings: Any) -> None:
@@ -208,7 +205,7 @@ class Session:
         self.server.scheduler.realtime("feed", self.item, self.resampler.push(pcm))
 
     def open(self) -> None:
-        self.item = Item(self.language, self.context, self._deliver)
+        self.item = Item(self.request, self._deliver)
         self.server.scheduler.realtime("open", self.item)
 
     async def detect(self, samples: np.ndarray) -> None:

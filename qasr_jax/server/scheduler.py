@@ -1,12 +1,13 @@
 """The engine thread: every request's pieces decode in shared steps over the engine's slots.
 
-HTTP handlers run on the event loop; they hand a :class:`Job` (a request's audio pieces and options) to the
-:class:`Scheduler` and wait for its events. One background thread owns the model: it feeds new pieces into a
-:class:`qasr_jax.decoding.pipeline.Pipeline` (``side_by_side=True``: groups of different cache shapes decode side by
-side, so a long request never holds up short ones), encodes whatever arrived together in one batch, and steps every
-live slot a few tokens at a time, so that new requests join within about ``STEP_SECONDS`` (the steps per look
-follow the measured time per step) and streamed requests get their tokens as they are generated. A job that is
-cancelled (its client went away) frees its slots at the next step.
+HTTP handlers run on the event loop; they hand a prepared ``decoding.request.Request`` with its audio pieces to the
+:class:`Scheduler` (``submit`` returns the :class:`Job` that tracks it) and wait for its events. One background
+thread owns the model: it feeds new pieces into a :class:`qasr_jax.decoding.pipeline.Pipeline`
+(``side_by_side=True``: groups of different cache shapes decode side by side, so a long request never holds up short
+ones), encodes whatever arrived together in one batch, and steps every live slot a few tokens at a time, so that new
+requests join within about ``STEP_SECONDS`` (the steps per look follow the measured time per step) and streamed
+requests get their tokens as they are generated. A job that is cancelled (its client went away) frees its slots at
+the next step.
 
 The warm-up compiles only what a first short request needs; every other shape (a longer piece, a burst of rows,
 beam search, hotwords, the realtime streams) compiles when first used, and a log line says what compiled for what.
@@ -27,7 +28,9 @@ import numpy as np
 from qasr_jax.decoding.compiles import CompileCount
 from qasr_jax.decoding.longform import Piece
 from qasr_jax.decoding.pipeline import DEFAULT_KV_BYTES, DecodeOptions, Pipeline, Work, token_budget, token_limit
+from qasr_jax.decoding.request import Request
 from qasr_jax.io.audio import SAMPLE_RATE
+from qasr_jax.streaming.driver import StreamDriver
 
 log = logging.getLogger("qasr_jax.server")
 
@@ -53,24 +56,23 @@ class Event:
 
 @dataclasses.dataclass(eq=False)
 class Job:
-    """One request: its audio pieces, forced language (canonical name) or None, context, each piece's token
-    budget and the beam size; ``deliver`` is called on the engine thread with each :class:`Event`."""
+    """A request in the scheduler's hands: the prepared ``request``, its audio pieces, each piece's token budget
+    and the beam size; ``deliver`` is called on the engine thread with each :class:`Event`."""
 
+    request: Request
     pieces: list[Piece]
-    language: str | None
-    context: str
     budgets: list[int]
     deliver: Callable[[Event], None]
     beam_size: int = 1
     stream: bool = False  # deliver ``tokens`` events (greedy only: a beam's best hypothesis can still change)
-    hotwords: tuple | None = None  # (host trie, boost) from hotwords.request
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
 
 
 def _what(new: list[Job], realtime: list[tuple]) -> str:
     """What an engine loop turn worked on, for the log line of what it compiled."""
     parts = [f"a request of {len(j.pieces)} piece(s) of up to {max(p.duration for p in j.pieces):.1f} s"
-             f"{f', beam {j.beam_size}' if j.beam_size > 1 else ''}{', hotwords' if j.hotwords else ''}" for j in new]
+             f"{f', beam {j.beam_size}' if j.beam_size > 1 else ''}{', hotwords' if j.request.hotwords else ''}"
+             for j in new]
     if realtime:
         parts.append("realtime streams")
     return "; ".join(parts) or "the requests decoding (a new cache shape or row count)"
@@ -79,9 +81,11 @@ def _what(new: list[Job], realtime: list[tuple]) -> str:
 class Scheduler:
     """Drives one Pipeline per beam size from one thread (see the module doc); thread-safe ``submit``/``cancel``."""
 
-    def __init__(self, asr, compiles: CompileCount, max_slots: int, realtime_slots: int = 8,
+    def __init__(self, model, tokenizer, compiles: CompileCount, max_slots: int, realtime_slots: int = 8,
                  step_seconds: float = STEP_SECONDS, kv_bytes: int = DEFAULT_KV_BYTES):
-        self.asr, self.compiles, self.max_slots, self.step_seconds = asr, compiles, max_slots, step_seconds
+        """``model`` (a loaded model) and ``tokenizer``: what every Pipeline and the streams' driver are made of."""
+        self.model, self.tokenizer = model, tokenizer
+        self.compiles, self.max_slots, self.step_seconds = compiles, max_slots, step_seconds
         self.kv_bytes = kv_bytes  # KV cache memory each group of one Pipeline may hold
         self.seconds_per_step = 0.0  # measured: decode steps run for about step_seconds between looks
         self.pipes: dict[int, Pipeline] = {}
@@ -97,8 +101,16 @@ class Scheduler:
         self.live = 0  # pieces decoding
 
     # -- any thread -----------------------------------------------------------------------------------------------
-    def submit(self, job: Job) -> None:
-        """Queue a job's pieces; events come back through ``job.deliver``."""
+    def submit(self, request: Request, pieces: list[Piece], budgets: list[int], deliver: Callable[[Event], None],
+               beam_size: int = 1, stream: bool = False) -> Job:
+        """Queue the pieces of a prepared ``request`` (each with its token budget) -> the Job that tracks them
+        (``cancel`` takes it); events come back through ``deliver``, ``tokens`` events too when ``stream``."""
+        job = Job(request, pieces, budgets, deliver, beam_size, stream)
+        if pieces:
+            self._queue(job)
+        return job
+
+    def _queue(self, job: Job) -> None:
         with self._cond:
             self._new.append(job)
             self.waiting += len(job.pieces)
@@ -126,8 +138,8 @@ class Scheduler:
     # -- the engine thread ------------------------------------------------------------------------------------------
     def _pipe(self, beam_size: int) -> Pipeline:
         if beam_size not in self.pipes:
-            options = DecodeOptions.for_tokenizer(self.asr.tokenizer, beam_size=beam_size)
-            self.pipes[beam_size] = Pipeline(self.asr.model, self.asr.tokenizer, options, self.max_slots,
+            options = DecodeOptions.for_tokenizer(self.tokenizer, beam_size=beam_size)
+            self.pipes[beam_size] = Pipeline(self.model, self.tokenizer, options, self.max_slots,
                                              self.kv_bytes, side_by_side=True)
         return self.pipes[beam_size]
 
@@ -136,8 +148,7 @@ class Scheduler:
         a slot, one step, read, release. Everything else compiles when first used (see ``run``)."""
         pipe = self._pipe(1)
         noise = 0.05 * np.random.default_rng(0).standard_normal(int(WARMUP_SECONDS * SAMPLE_RATE))
-        work = Work("warm-up", noise.astype(np.float32), None, "",
-                    token_budget(WARMUP_SECONDS, token_limit(self.asr.model.config)))
+        work = Work("warm-up", noise.astype(np.float32), token_budget(WARMUP_SECONDS, token_limit(self.model.config)))
         pipe.submit(work)
         pipe.step(max_steps=1)
         pipe.partial()
@@ -181,9 +192,9 @@ class Scheduler:
         for op, item, samples in ops:
             if op == "open":
                 if self.driver is None:  # its KV cache is allocated now, for every realtime slot
-                    self.driver = self.asr.stream_driver(slots=self.realtime_slots)
+                    self.driver = StreamDriver(self.model, self.tokenizer, slots=self.realtime_slots)
                 try:
-                    item.stream = self.driver.stream(item.language, item.context)
+                    item.stream = self.driver.open(item.request)
                 except (RuntimeError, ValueError) as e:  # every stream slot taken, or a context too long
                     item.deliver(("failed", item, str(e)))
             elif item.stream is None:
@@ -216,7 +227,7 @@ class Scheduler:
         pipe = self._pipe(job.beam_size)
         self.jobs[job.id] = (job, set(range(len(job.pieces))))
         for p, (piece, budget) in enumerate(zip(job.pieces, job.budgets)):
-            pipe.submit(Work((job.id, p), piece.samples, job.language, job.context, budget, job.hotwords))
+            pipe.submit(Work((job.id, p), piece.samples, budget, job.request))
 
     def _drop(self, job: Job) -> None:
         if self.jobs.pop(job.id, None) is None:

@@ -22,14 +22,14 @@ import tempfile
 
 import numpy as np
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response, StreamingResponse
 
 from qasr_jax.decoding import hotwords as hw
 from qasr_jax.decoding import language as lang_probs
 from qasr_jax.decoding.longform import split_long_audio
 from qasr_jax.decoding.pipeline import token_budget
-from qasr_jax.decoding.request import Prepared, RequestError, prepare
+from qasr_jax.decoding.request import Request, RequestError, prepare
 from qasr_jax.io import formats
 from qasr_jax.io.audio import SAMPLE_RATE, AudioError, load_audio
 from qasr_jax.io.results import join_texts, majority_language
@@ -52,8 +52,6 @@ class Options:
     """A transcription request's settings, checked."""
 
     response_format: str = "json"
-    language: str | None = None
-    context: str = ""
     stream: bool = False
     logprobs: bool = False
     words: bool = False
@@ -63,7 +61,7 @@ class Options:
     hotword_boost: float = hw.DEFAULT_BOOST
     vad: bool = False
     cues: dict = dataclasses.field(default_factory=dict)  # subtitle limits (formats.CueLimits) for srt and vtt
-    request: Prepared | None = None  # language, context and hotwords as decoding takes them (decoding.request)
+    request: Request = Request()  # language, context and hotwords as decoding takes them (decoding.request)
 
 
 def _values(form, name: str) -> list[str]:
@@ -95,7 +93,7 @@ def parse_options(form, server) -> Options:
     if o.response_format not in RESPONSE_FORMATS:
         raise APIError(400, f"response_format {o.response_format!r} is not supported; use one of "
                             f"{', '.join(RESPONSE_FORMATS)}", "response_format", "unsupported_response_format")
-    language, o.context = form.get("language"), str(form.get("prompt") or "")
+    language, context = form.get("language"), str(form.get("prompt") or "")
     raw = form.get("temperature")
     try:
         temperature = float(str(raw)) if raw not in (None, "") else 0.0
@@ -147,11 +145,10 @@ def parse_options(form, server) -> Options:
     o.vad = _flag(form, "vad")
     try:
         o.request = prepare(server.asr.tokenizer, server.asr.languages, str(language) if language else None,
-                            o.context, o.hotwords, o.hotword_boost, name="prompt")
+                            context, o.hotwords, o.hotword_boost, name="prompt")
     except RequestError as e:
         param, code = REQUEST_ERRORS[e.field]
         raise APIError(400, str(e), param, code) from None
-    o.language = o.request.language
     for name in ("max_line_width", "max_line_count", "max_words_per_line"):
         if (value := _int(form, name, 1, 10_000)) is not None:
             o.cues[name] = value
@@ -187,12 +184,12 @@ def read_upload(upload: UploadFile, name: str) -> np.ndarray:
             raise AudioError(str(e).replace(f.name, name)) from None
 
 
-async def _until_disconnected(request: Request) -> None:
+async def _until_disconnected(request: HTTPRequest) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
 
-async def transcribe(request: Request, server) -> Response:
+async def transcribe(request: HTTPRequest, server) -> Response:
     """The endpoint: check the request, queue its pieces, answer when they are done (or stream their text)."""
     limit = server.config.max_upload_mb * 2**20
     length = request.headers.get("content-length")
@@ -227,9 +224,8 @@ async def transcribe(request: Request, server) -> Response:
         pieces = (await asyncio.to_thread(speech_pieces, [wave], VAD_PIECE_SECONDS))[0]
     budgets = [o.max_new_tokens or token_budget(p.duration, server.token_limit) for p in pieces]
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
-    job = Job(pieces, o.language, o.context, budgets, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-              o.beam_size, o.stream, o.request.hotwords)
-    server.admit(job)
+    job = server.admit(o.request, pieces, budgets, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+                       o.beam_size, o.stream)
     if o.stream:
         return StreamingResponse(_stream(server, job, events, result, o), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -247,8 +243,8 @@ async def transcribe(request: Request, server) -> Response:
         parts = collect.result()
         if parts:
             await asyncio.to_thread(server.asr.finish, result, parts, o.words)
-            if o.response_format == "verbose_json" and o.language is None:  # language_probability, as peers
-                found = await asyncio.to_thread(server.asr.detect_language, pieces[0].samples, o.context)
+            if o.response_format == "verbose_json" and o.request.language is None:  # language_probability, as peers
+                found = await asyncio.to_thread(server.asr.detect_language, pieces[0].samples, o.request.context)
                 lang_probs.attach(result, found)
     finally:
         server.release(job)
@@ -263,7 +259,7 @@ async def _collect(server, job: Job, events: asyncio.Queue) -> dict:
         if ev.kind == "failed":
             raise APIError(500, ev.message, type="server_error", code="engine_error")
         if ev.kind == "piece":
-            parts[ev.piece] = server.asr.decoded(job.pieces[ev.piece], ev.output, job.language)
+            parts[ev.piece] = server.asr.decoded(job.pieces[ev.piece], ev.output, job.request.language)
     return parts
 
 
@@ -291,14 +287,14 @@ async def _stream(server, job: Job, events: asyncio.Queue, result: Result, o: Op
             if ev.kind == "piece":
                 if ev.piece == _leading(parts):  # the streamed piece is done: the next one streams
                     live = ((), ())
-                parts[ev.piece] = server.asr.decoded(job.pieces[ev.piece], ev.output, job.language)
+                parts[ev.piece] = server.asr.decoded(job.pieces[ev.piece], ev.output, job.request.language)
             elif ev.piece == _leading(parts):  # the piece being streamed: its tokens so far
                 live = (ev.token_ids, ev.token_logprobs)
             else:
                 continue
             done = [parts[k] for k in range(_leading(parts))]
-            language = job.language or majority_language([p.language for p in done])
-            text = join_texts([p.text for p in done] + [stable_text(tok, live[0], job.language)], language)
+            language = job.request.language or majority_language([p.language for p in done])
+            text = join_texts([p.text for p in done] + [stable_text(tok, live[0], job.request.language)], language)
             if len(text) > len(sent) and text.startswith(sent):
                 ids = [t for p in done for t in p.token_ids] + list(live[0])
                 lps = [x for p in done for x in p.token_logprobs] + list(live[1])

@@ -29,7 +29,6 @@ Streams join and leave without compiling anything.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import threading
 import weakref
 from collections.abc import Iterable, Mapping
@@ -40,107 +39,19 @@ import numpy as np
 from qasr_jax.decoding import hotwords as hw
 from qasr_jax.decoding import search as S
 from qasr_jax.decoding.buckets import output_buffer, pow2_rows, slot_count, stream_cache_length, stream_prompt_width
-from qasr_jax.decoding.request import prepare
-from qasr_jax.decoding.slots import Prompts, Request, SlotBatcher
-from qasr_jax.io.audio import SAMPLE_RATE, AudioError, n_frames
-from qasr_jax.io.prompts import parse_output
+from qasr_jax.decoding.request import Request, prepare
+from qasr_jax.decoding.slots import Prompts, Row, SlotBatcher
+from qasr_jax.io.audio import SAMPLE_RATE, n_frames
+from qasr_jax.io.prompts import parse_output, supported_languages
 from qasr_jax.io.results import Result, Segment, join_texts, majority_language
 from qasr_jax.modeling.config import audio_token_count
-from qasr_jax.streaming.audio import StreamAudio, refresh
+from qasr_jax.streaming.audio import refresh
 from qasr_jax.streaming.prompts import (CARRY_TOKENS, generated_text, prompt_parts, rollback_prefix, segment_context,
                                      unfixed_chunks_for)
+from qasr_jax.streaming.state import Committed, Options, Partial, SegmentState, StreamState, checked_samples
 
 DEFAULT_SEGMENT_SECONDS = 20.0
-QUIET_SECONDS = 0.3  # a pause: the segment's last 0.3 s ...
-QUIET_DB = 20.0  # ... at least 20 dB below its loudest 0.1 s block
-LOUDNESS_BLOCK = SAMPLE_RATE // 10
 CONTEXT_TOKENS = 256  # default room for the system prompt (context and carried text) in a slot's cache
-
-
-@dataclasses.dataclass
-class Partial:
-    """A stream's transcript so far: ``text`` is all of it, ``fixed_text`` the part no later chunk can change
-    (the committed segments; within a segment the algorithm may still rewrite any of its text)."""
-
-    language: str | None
-    text: str
-    fixed_text: str
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Per-stream state
-
-
-@dataclasses.dataclass(frozen=True)
-class _Options:
-    language: str | None
-    context: str
-    chunk_samples: int
-    unfixed_chunks: int
-    unfixed_tokens: int
-    max_new: int
-    hotwords: tuple | None = None  # (host trie, boost): hotwords.request
-
-
-class _Segment:
-    """One run of the official algorithm: its audio, context, chunk count and last raw output."""
-
-    def __init__(self, audio_cfg, context: str, start: int, tok, language: str | None):
-        self.audio = StreamAudio(audio_cfg)
-        self.context, self.start = context, start  # start: samples into the stream
-        self.header, _ = prompt_parts(tok, context, language, "")
-        self.chunks = 0
-        self.raw = ""
-        self.language: str | None = language
-        self.text = ""
-        self.truncated = False  # the last decode stopped at max_new_tokens
-        self.inserted = False  # the slot holds this segment's last prompt
-        self.loudest = 0.0  # mean square of the loudest 0.1 s block so far
-        self.heard = False  # any non-zero sample yet (digital silence is not decoded: its text is "")
-
-    def hear(self, chunk: np.ndarray) -> None:
-        self.heard = self.heard or bool(np.any(chunk))
-        n = chunk.shape[0] // LOUDNESS_BLOCK * LOUDNESS_BLOCK
-        blocks = chunk[:n].reshape(-1, LOUDNESS_BLOCK) if n else chunk[None]
-        self.loudest = max(self.loudest, float(np.max(np.mean(np.square(blocks, dtype=np.float64), axis=1))))
-
-    def quiet(self) -> bool:
-        tail = self.audio.recent(int(QUIET_SECONDS * SAMPLE_RATE))
-        return float(np.mean(np.square(tail, dtype=np.float64))) <= self.loudest * 10 ** (-QUIET_DB / 10)
-
-
-@dataclasses.dataclass
-class _Committed:
-    """A segment that ended: its span and text, language, raw output, and whether its last decode was cut short."""
-
-    span: Segment
-    language: str | None
-    raw: str
-    truncated: bool
-
-
-class _State:
-    """A stream inside its driver: options, slot, buffered samples, committed segments and the open one."""
-
-    def __init__(self, name: str, opts: _Options, slot: int):
-        self.name, self.opts, self.slot = name, opts, slot
-        self.buffer = np.zeros(0, np.float32)
-        self.fed = 0  # samples fed in all
-        self.committed: list[_Committed] = []
-        self.generated: list[int] = []  # ids of the last decode (EOS excluded)
-        self.segment: _Segment | None = None
-        self.done = False
-
-    def texts(self) -> list[str]:
-        return [c.span.text for c in self.committed]
-
-    def language(self) -> str | None:
-        langs = [c.language for c in self.committed] + [self.segment.language]
-        return next((lang for lang in reversed(langs) if lang), None)
-
-    def partial(self) -> Partial:
-        lang = self.language()
-        return Partial(lang, join_texts(self.texts() + [self.segment.text], lang), join_texts(self.texts(), lang))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,7 +62,7 @@ class Stream:
     """One live audio stream: :meth:`feed` 16 kHz samples as they come, :meth:`finish` for the Result. Dropping a
     stream without finishing it frees its slot."""
 
-    def __init__(self, driver: "StreamDriver", state: _State):
+    def __init__(self, driver: "StreamDriver", state: StreamState):
         self.driver = driver
         self._state = state
         self._finalizer = weakref.finalize(self, driver._abandon, state)
@@ -186,17 +97,17 @@ class StreamDriver:
     """Up to ``slots`` streams over one model, advanced together: every stream with a complete chunk goes
     through one log-mel, encoder, prefill and decode step (see the module doc)."""
 
-    def __init__(self, transcriber, slots: int = 8, segment_seconds: float = DEFAULT_SEGMENT_SECONDS,
+    def __init__(self, model, tokenizer, slots: int = 8, segment_seconds: float = DEFAULT_SEGMENT_SECONDS,
                  max_new_tokens: int = 32, context_tokens: int = CONTEXT_TOKENS, hotword_edges: int = 0):
+        """``model``: a loaded model (``qasr_jax.load``), ``tokenizer`` its tokenizer, as a Pipeline takes them."""
         if slots < 1 or max_new_tokens < 1 or context_tokens < 1:
             raise ValueError(f"slots, max_new_tokens and context_tokens must be >= 1, got {slots}, "
                              f"{max_new_tokens} and {context_tokens}")
         if not segment_seconds > 0:
             raise ValueError(f"segment_seconds must be > 0, got {segment_seconds}")
-        self.transcriber = transcriber
-        tok = self.tokenizer = transcriber.tokenizer
-        self.engine = transcriber.model.engine
-        self.config = transcriber.model.config
+        tok = self.tokenizer = tokenizer
+        self.engine, self.config = model.engine, model.config
+        self.languages = supported_languages(self.config.support_languages)
         self.segment_seconds = float(segment_seconds)
         self.out_len = output_buffer(max_new_tokens)
         self.max_len = stream_cache_length(segment_seconds, context_tokens, self.out_len, self.config.audio)
@@ -206,7 +117,7 @@ class StreamDriver:
         self.batcher = SlotBatcher(self.engine, slot_count(slots, 1, self.engine.data_size), self.max_len,
                                    self.out_len, cfg, S.SearchSettings.make(tok.eos_ids))
         self._lock = threading.RLock()
-        self._abandoned: collections.deque[_State] = collections.deque()
+        self._abandoned: collections.deque[StreamState] = collections.deque()
         self._made = 0
 
     def __repr__(self) -> str:
@@ -227,7 +138,14 @@ class StreamDriver:
         at least 4 s of audio; see the module doc). ``hotwords`` (words and names) bias its decoding by
         ``hotword_boost`` per matched token and, with ``hotwords_in_context=True``, join its context, as in
         ``Transcriber.transcribe``; the driver must have been made with room for their trie (``hotword_edges``;
-        ``Transcriber.stream`` sizes it itself)."""
+        ``Transcriber.stream`` sizes it itself). The request is checked by ``decoding.request.prepare``."""
+        request = prepare(self.tokenizer, self.languages, language, context, hotwords, hotword_boost,
+                          hotwords_in_context)
+        return self.open(request, chunk_seconds, unfixed_chunks, unfixed_tokens, max_new_tokens)
+
+    def open(self, request: Request, chunk_seconds: float = 2.0, unfixed_chunks: int | None = None,
+             unfixed_tokens: int = 5, max_new_tokens: int = 32) -> Stream:
+        """A new stream of a prepared ``request`` (``decoding.request.prepare``), as :meth:`stream`."""
         if not chunk_seconds > 0:
             raise ValueError(f"chunk_seconds must be > 0, got {chunk_seconds}")
         unfixed_chunks = unfixed_chunks_for(chunk_seconds) if unfixed_chunks is None else unfixed_chunks
@@ -237,15 +155,13 @@ class StreamDriver:
         if not 1 <= max_new_tokens <= self.out_len:
             raise ValueError(f"max_new_tokens={max_new_tokens} is outside 1..{self.out_len}, this driver's output "
                              f"buffer; make a driver with more: asr.stream_driver(max_new_tokens={max_new_tokens})")
-        asked = prepare(self.tokenizer, self.transcriber.languages, language, context, hotwords, hotword_boost,
-                        hotwords_in_context)
-        if asked.hotword_edges > self.hotword_edges:
-            raise ValueError(f"these hotwords make a trie of {asked.hotword_edges} edges and this driver has room "
+        if request.hotword_edges > self.hotword_edges:
+            raise ValueError(f"these hotwords make a trie of {request.hotword_edges} edges and this driver has room "
                              f"for {self.hotword_edges}; make a driver with more: "
-                             f"asr.stream_driver(hotword_edges={asked.hotword_edges})")
-        opts = _Options(asked.language, asked.context, max(1, round(chunk_seconds * SAMPLE_RATE)),
-                        int(unfixed_chunks), int(unfixed_tokens), int(max_new_tokens), asked.hotwords)
-        head, after = prompt_parts(self.tokenizer, opts.context, opts.language, "")
+                             f"asr.stream_driver(hotword_edges={request.hotword_edges})")
+        opts = Options(request, max(1, round(chunk_seconds * SAMPLE_RATE)), int(unfixed_chunks), int(unfixed_tokens),
+                       int(max_new_tokens))
+        head, after = prompt_parts(self.tokenizer, request.context, request.language, "")
         # The largest first chunk of a segment: the context, the carried text, one chunk of audio, the template.
         need = len(head) + CARRY_TOKENS + 4 + audio_token_count(n_frames(opts.chunk_samples), self.config.audio)
         if need + len(after) > self.max_len - self.out_len:
@@ -259,11 +175,11 @@ class StreamDriver:
                 raise RuntimeError(f"all {self.batcher.requests} stream slots of this driver are in use; finish or "
                                    "close a stream, or make a driver with more: asr.stream_driver(slots=...)")
             self._made += 1
-            state = _State(f"#{self._made}", opts, self.batcher.reserve())
-            state.segment = _Segment(self.config.audio, opts.context, 0, self.tokenizer, language)
+            state = StreamState(f"#{self._made}", opts, self.batcher.reserve())
+            state.segment = SegmentState(self.config.audio, request.context, 0, self.tokenizer, request.language)
             return Stream(self, state)
 
-    def _abandon(self, state: _State) -> None:
+    def _abandon(self, state: StreamState) -> None:
         # Runs when a Stream is garbage collected, possibly in the middle of another call: only note it here.
         if not state.done:
             self._abandoned.append(state)
@@ -272,12 +188,12 @@ class StreamDriver:
         while self._abandoned:
             self._release(self._abandoned.popleft())
 
-    def _release(self, state: _State) -> None:
+    def _release(self, state: StreamState) -> None:
         if not state.done:
             state.done = True
             self.batcher.give_back(state.slot)
 
-    def _own(self, stream: Stream) -> _State:
+    def _own(self, stream: Stream) -> StreamState:
         if not isinstance(stream, Stream) or stream.driver is not self:
             raise ValueError(f"{stream!r} is not a stream of this driver; make streams with driver.stream()")
         if stream._state.done:
@@ -300,7 +216,7 @@ class StreamDriver:
         chunk -> each stream's Partial. Every input is checked before any is used."""
         with self._lock:
             self._reclaim()
-            checked = [(stream, self._own(stream), _samples(x, f"stream {stream._state.name}"))
+            checked = [(stream, self._own(stream), checked_samples(x, f"stream {stream._state.name}"))
                        for stream, x in inputs.items()]
             for _, state, x in checked:
                 state.buffer = np.concatenate([state.buffer, x])
@@ -335,13 +251,13 @@ class StreamDriver:
             return results
 
     # -- one step for many streams ----------------------------------------------------------------------------------
-    def _prefix(self, state: _State, final: bool) -> str:
+    def _prefix(self, state: StreamState, final: bool) -> str:
         seg = state.segment
         if seg.chunks < state.opts.unfixed_chunks:
             return ""
         return rollback_prefix(self.tokenizer, seg.raw, state.opts.unfixed_tokens, final)
 
-    def _advance(self, states: list[_State], chunks: list[np.ndarray], final: bool) -> None:
+    def _advance(self, states: list[StreamState], chunks: list[np.ndarray], final: bool) -> None:
         """One chunk (or, ``final``, the tail) for each of ``states``: encode, prefill, decode, all together."""
         tok, wt = self.tokenizer, self.config.audio.window_tokens
         room = self.max_len - self.out_len
@@ -349,12 +265,12 @@ class StreamDriver:
         for state, chunk in zip(states, chunks):
             seg = state.segment
             prefix = self._prefix(state, final)
-            _, after = prompt_parts(tok, seg.context, state.opts.language, prefix)
+            _, after = prompt_parts(tok, seg.context, state.opts.request.language, prefix)
             n_audio = audio_token_count(n_frames(seg.audio.samples + chunk.shape[0]), self.config.audio)
             if seg.chunks and len(seg.header) + n_audio + len(after) > room:  # the cache is full: a new segment
                 self._commit(state, fresh=True)
                 seg, prefix = state.segment, self._prefix(state, final)
-                _, after = prompt_parts(tok, seg.context, state.opts.language, prefix)
+                _, after = prompt_parts(tok, seg.context, state.opts.request.language, prefix)
             seg.audio.append(chunk)
             seg.hear(chunk)
             if seg.heard:
@@ -389,60 +305,43 @@ class StreamDriver:
         lengths[: len(rows)] = [len(ids) for ids, _ in rows]
         prompts = Prompts(self.engine.embed(ids_batch, audio_batch), lengths)
         for r, (state, _, prefix, _) in enumerate(jobs):
-            self.batcher.submit(Request(prompts, r, state.opts.max_new, slot=state.slot, tag=(state, prefix),
-                                        hotwords=state.opts.hotwords))
+            self.batcher.submit(Row(prompts, r, state.opts.max_new, slot=state.slot, tag=(state, prefix),
+                                    hotwords=state.opts.request.hotwords))
 
         for out in self.batcher.drain():
-            state, prefix = out.request.tag
+            state, prefix = out.row.tag
             seg = state.segment
             seg.inserted = True
             state.generated = out.token_ids
             seg.raw = prefix + generated_text(tok, out.token_ids)
-            lang, seg.text = parse_output(tok.encode(seg.raw, parse_special=True), tok, state.opts.language,
-                                          supported=self.transcriber.languages)
-            seg.language = lang or state.opts.language
+            lang, seg.text = parse_output(tok.encode(seg.raw, parse_special=True), tok, state.opts.request.language,
+                                          supported=self.languages)
+            seg.language = lang or state.opts.request.language
             seg.truncated = not out.finished
             seg.chunks += 1
             if not final and seg.audio.samples >= self.segment_seconds * SAMPLE_RATE and seg.quiet():
                 self._commit(state, fresh=True)
 
-    def _commit(self, state: _State, fresh: bool) -> None:
+    def _commit(self, state: StreamState, fresh: bool) -> None:
         """End the open segment: its text joins the committed ones; ``fresh`` starts the next segment."""
         seg = state.segment
         if seg.chunks:
             end = seg.start + seg.audio.samples
             span = Segment(round(seg.start / SAMPLE_RATE, 3), round(end / SAMPLE_RATE, 3), seg.text)
-            state.committed.append(_Committed(span, seg.language, seg.raw, seg.truncated))
+            state.committed.append(Committed(span, seg.language, seg.raw, seg.truncated))
         if fresh:
-            context = segment_context(self.tokenizer, state.opts.context, join_texts(state.texts(), state.language()))
-            state.segment = _Segment(self.config.audio, context, seg.start + seg.audio.samples, self.tokenizer,
-                                     state.opts.language)
+            asked = state.opts.request
+            context = segment_context(self.tokenizer, asked.context, join_texts(state.texts(), state.language()))
+            state.segment = SegmentState(self.config.audio, context, seg.start + seg.audio.samples, self.tokenizer,
+                                         asked.language)
 
-    def _result(self, state: _State) -> Result:
+    def _result(self, state: StreamState) -> Result:
         language = majority_language([c.language for c in state.committed])
         ids = [i for c in state.committed for i in self.tokenizer.encode(c.raw, parse_special=True)]
         return Result(source=f"stream {state.name}", language=language, text=join_texts(state.texts(), language),
                       token_ids=ids, duration=state.fed / SAMPLE_RATE,
                       segments=[c.span for c in state.committed if c.span.text],
                       truncated=any(c.truncated for c in state.committed))
-
-
-def _samples(x, label: str) -> np.ndarray:
-    """Fed samples as float32, after checking them (1-D, float or int16, finite)."""
-    arr = np.asarray(x)
-    if arr.dtype == np.int16:
-        arr = arr.astype(np.float32) / 32768.0
-    elif arr.dtype.kind == "f":
-        arr = arr.astype(np.float32, copy=False)
-    else:
-        raise AudioError(f"{label}: feed takes 16 kHz mono float32 or int16 samples, got dtype {arr.dtype}; convert "
-                         "first (e.g. samples.astype(np.float32) scaled to [-1, 1])")
-    if arr.ndim != 1:
-        raise AudioError(f"{label}: feed takes 1-D mono samples, got shape {arr.shape}; pass one channel (for "
-                         "(channels, samples): samples.mean(axis=0))")
-    if not np.all(np.isfinite(arr)):
-        raise AudioError(f"{label}: samples contain NaN or Inf; clean the audio before feeding it")
-    return arr
 
 
 def shared_driver(transcriber, max_new_tokens: int, hotword_edges: int = 0) -> StreamDriver:
@@ -454,6 +353,7 @@ def shared_driver(transcriber, max_new_tokens: int, hotword_edges: int = 0) -> S
     for driver in drivers:
         if driver.out_len >= max_new_tokens and driver.hotword_edges == edges and driver.free:
             return driver
-    driver = StreamDriver(transcriber, slots=1, max_new_tokens=max(32, max_new_tokens), hotword_edges=edges)
+    driver = StreamDriver(transcriber.model, transcriber.tokenizer, slots=1, max_new_tokens=max(32, max_new_tokens),
+                          hotword_edges=edges)
     drivers.append(driver)
     return driver

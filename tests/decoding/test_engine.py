@@ -150,31 +150,42 @@ def test_words_carry_the_mean_logprob_of_their_tokens(asr):
 
 
 def test_transcription_streams_and_the_server_prepare_requests_with_one_function(asr, monkeypatch):
-    """Offline transcription, a live stream and the server's form parsing each check language, context and
-    hotwords through ``qasr_jax.decoding.request.prepare``, and get the same answer from it."""
+    """Offline transcription, live streams, the server's form parsing and its realtime sessions each check language,
+    context and hotwords through ``qasr_jax.decoding.request.prepare`` and get the same answer from it; the Request
+    it returns is the very object the decoding layer runs (each piece's ``Work.request``, a stream's options)."""
     from starlette.datastructures import FormData
 
     from qasr_jax.decoding import request
-    from qasr_jax.server import transcriptions
+    from qasr_jax.decoding.pipeline import Pipeline
+    from qasr_jax.server import realtime, transcriptions
     from qasr_jax.server.app import Server, ServerConfig
     from qasr_jax.streaming import driver
 
-    calls = []
+    calls, prepared, submitted = [], [], []
+    assert realtime.prepare is request.prepare
     for module in (qasr_jax.transcribe, driver, transcriptions):
         assert module.prepare is request.prepare
 
         def spy(*args, _name=module.__name__, **kwargs):
             calls.append(_name)
-            return request.prepare(*args, **kwargs)
+            prepared.append(request.prepare(*args, **kwargs))
+            return prepared[-1]
 
         monkeypatch.setattr(module, "prepare", spy)
+    submit = Pipeline.submit
+    monkeypatch.setattr(Pipeline, "submit", lambda self, work: submitted.append(work.request) or submit(self, work))
     (offline,) = asr.transcribe(speech("hello_en.wav"), language="en", max_new_tokens=2, hotwords=["Qwen"])
+    assert submitted and all(r is prepared[0] for r in submitted)
     stream = asr.stream(language="en", hotwords=["Qwen"])
+    assert stream._state.opts.request is prepared[1]
     stream.close()
+    stream.driver.stream(language="en", hotwords=["Qwen"]).close()
     form = FormData([("language", "en"), ("prompt", "JAX"), ("hotwords", "Qwen")])
     options = transcriptions.parse_options(form, Server(asr, ServerConfig("tiny")))
-    assert calls == ["qasr_jax.transcribe", "qasr_jax.streaming.driver", "qasr_jax.server.transcriptions"]
-    assert offline.language == options.language == "English" and options.request.hotwords is not None
+    assert calls == ["qasr_jax.transcribe", "qasr_jax.transcribe", "qasr_jax.streaming.driver",
+                     "qasr_jax.server.transcriptions"]
+    assert offline.language == options.request.language == "English" and options.request.hotwords is not None
+    assert options.request is prepared[-1] and prepared[0].hotwords is not None
     with pytest.raises(request.RequestError, match="unsupported language 'xx'") as bad:
         asr.transcribe(speech("hello_en.wav"), language="xx")
     assert bad.value.field == "language" and calls[-1] == "qasr_jax.transcribe"

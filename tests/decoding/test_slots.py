@@ -16,7 +16,7 @@ from qasr_jax.decoding import search as S
 from qasr_jax.decoding.buckets import cache_length, prompt_width
 from qasr_jax.decoding.compiles import count_compilations
 from qasr_jax.decoding.pipeline import DecodeOptions, Pipeline, Work
-from qasr_jax.decoding.slots import Prompts, Request, SlotBatcher
+from qasr_jax.decoding.slots import Prompts, Row, SlotBatcher
 from qasr_jax.io.audio import log_mel_batch
 from qasr_jax.testing import speech, synthetic
 from qasr_jax.testing.reference import save_hf
@@ -53,7 +53,7 @@ def tiny(checkpoints, tmp_path_factory):
 
 
 def alone(model, batch: Prompts, row: int, max_new: int, cfg, z) -> S.SearchResult:
-    """Request ``row`` decoded by itself with the one-call program."""
+    """Row ``row`` decoded by itself with the one-call program."""
     out_len = max(MAX_NEW)
     res = model.engine.generate(batch.embeds[row : row + 1], batch.lengths[row : row + 1], [max_new], z, cfg,
                                 max_len=cache_length(batch.embeds.shape[1], out_len),
@@ -66,9 +66,9 @@ def run_slots(model, batch: Prompts, cfg, z, request_slots: int = 4, order=None)
     slots = SlotBatcher(model.engine, request_slots * cfg.beam_size, cache_length(batch.embeds.shape[1], out_len),
                         out_len, cfg, z, history_len=batch.embeds.shape[1] + out_len)
     for row in order or range(len(MAX_NEW)):
-        slots.submit(Request(batch, row, MAX_NEW[row], tag=row))
+        slots.submit(Row(batch, row, MAX_NEW[row], tag=row))
     outs = slots.drain()
-    return {o.request.tag: o for o in outs}, slots.steps
+    return {o.row.tag: o for o in outs}, slots.steps
 
 
 @pytest.mark.parametrize("beams,guard", [(1, 0), (2, 0), (1, 2)])
@@ -118,13 +118,13 @@ def test_held_slot_extends_its_kept_prefix(tiny):
     slots = SlotBatcher(model.engine, 2, cache_length(width, out_len), out_len, cfg, z)
     mine = slots.reserve()
     head = Prompts(batch.embeds[row : row + 1], np.array([cut], np.int32))  # the first 20 tokens...
-    slots.submit(Request(head, 0, 3, slot=mine))
+    slots.submit(Row(head, 0, 3, slot=mine))
     slots.drain()
     slots.truncate(mine, cut)  # ...kept, the 3 generated ones dropped
     rest = np.zeros((1, width, batch.embeds.shape[2]), np.float32)
     n_rest = int(batch.lengths[row]) - cut
     rest[0, :n_rest] = np.asarray(batch.embeds[row, cut : cut + n_rest])
-    slots.submit(Request(Prompts(jax.numpy.asarray(rest), np.array([n_rest], np.int32)), 0, 10, slot=mine))
+    slots.submit(Row(Prompts(jax.numpy.asarray(rest), np.array([n_rest], np.int32)), 0, 10, slot=mine))
     (got,) = slots.drain()
     want = alone(model, batch, row, 10, cfg, z)
     assert got.token_ids == want.tokens[0, : want.lengths[0]].tolist()
@@ -160,7 +160,7 @@ def test_partial_tokens_grow_into_the_result_and_cancel_frees_the_slot(tiny):
     cfg, z = S.SearchConfig(PAD), S.SearchSettings.make(EOS_IDS)
     out_len = max(MAX_NEW)
     slots = SlotBatcher(model.engine, 2, cache_length(batch.embeds.shape[1], out_len), out_len, cfg, z)
-    reqs = {row: Request(batch, row, MAX_NEW[row], tag=row) for row in (1, 9, 3, 7)}  # 96, 88, 33, 50 tokens
+    reqs = {row: Row(batch, row, MAX_NEW[row], tag=row) for row in (1, 9, 3, 7)}  # 96, 88, 33, 50 tokens
     for req in reqs.values():
         slots.submit(req)
     assert slots.run(max_steps=5) == []
@@ -169,7 +169,7 @@ def test_partial_tokens_grow_into_the_result_and_cancel_frees_the_slot(tiny):
     slots.cancel(reqs[9])  # decoding: its slot goes to the next in the queue
     slots.cancel(reqs[3])  # queued: never starts
     assert [r.tag for r in slots.queue] == [7] and slots.free == [1]
-    outs = {o.request.tag: o for o in slots.drain()}
+    outs = {o.row.tag: o for o in slots.drain()}
     assert sorted(outs) == [1, 7]
     for row, o in outs.items():
         want = alone(model, batch, row, MAX_NEW[row], cfg, z)
@@ -187,17 +187,17 @@ def test_freed_slots_wait_for_a_wave_and_outputs_do_not_change(tiny):
     out_len = max(MAX_NEW)
     slots = SlotBatcher(model.engine, 4, cache_length(batch.embeds.shape[1], out_len), out_len, cfg, z, refill=2)
     for row in range(8):
-        slots.submit(Request(batch, row, MAX_NEW[row], tag=row))
+        slots.submit(Row(batch, row, MAX_NEW[row], tag=row))
     outs = slots.run()  # rows 0-3 decode; row 0 (4 tokens) ends first
-    assert [o.request.tag for o in outs] == [0] and len(slots.queue) == 4 and len(slots.live) == 3
+    assert [o.row.tag for o in outs] == [0] and len(slots.queue) == 4 and len(slots.live) == 3
     outs += slots.run()  # the one free slot waited: row 2 (9 tokens) ends next
-    assert [o.request.tag for o in outs] == [0, 2] and len(slots.queue) == 4 and len(slots.free) == 2
+    assert [o.row.tag for o in outs] == [0, 2] and len(slots.queue) == 4 and len(slots.free) == 2
     outs += slots.run()  # two free: rows 4 and 5 go in together (row 5, 5 tokens, then ends first)
-    assert len(slots.queue) == 2 and [o.request.tag for o in outs] == [0, 2, 5] and len(slots.live) == 3
+    assert len(slots.queue) == 2 and [o.row.tag for o in outs] == [0, 2, 5] and len(slots.live) == 3
     outs += slots.drain()
-    assert sorted(o.request.tag for o in outs) == list(range(8))
+    assert sorted(o.row.tag for o in outs) == list(range(8))
     for o in outs:
-        want = alone(model, batch, o.request.tag, MAX_NEW[o.request.tag], cfg, z)
+        want = alone(model, batch, o.row.tag, MAX_NEW[o.row.tag], cfg, z)
         assert o.token_ids == want.tokens[0, : want.lengths[0]].tolist()
 
 
@@ -210,7 +210,7 @@ def test_offline_pipeline_decodes_a_mixed_batch_as_one(checkpoints, tmp_path_fac
     budgets = [100, 10, 100, 10]
     options = DecodeOptions.for_tokenizer(asr.tokenizer, suppress_eos=True)
     pipe = Pipeline(asr.model, asr.tokenizer, options, batch_size=4)
-    works = [Work(i, w, None, "", b) for i, (w, b) in enumerate(zip(waves, budgets))]
+    works = [Work(i, w, b) for i, (w, b) in enumerate(zip(waves, budgets))]
     for work in works:
         pipe.submit(work)
     assert len(pipe.groups) == 2

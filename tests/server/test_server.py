@@ -208,14 +208,17 @@ def test_warm_up_compiled_what_a_short_request_needs(server, client):
 
 def test_64_clients_256_requests_each_get_their_own(server, client, asr):
     """Load: 64 concurrent clients send 256 requests of 1-20 s audio; every response arrives and equals offline
-    transcription of its own file (text, and token log-probabilities, which tell any two clips apart), and the
-    server counted exactly 256 answered requests: nothing lost or repeated."""
+    transcription of its own file (text, and token log-probabilities, which tell any two clips apart: each response is
+    nearer its own clip's than any other's), and the server counted exactly 256 answered requests: nothing lost or
+    repeated. A row's float32 log-probabilities move with what shares its batch (offline, batch 3 or 32 against 16:
+    up to 7.9e-6, 4.7e-6 of max |ref|; a served run: 1.2e-5), so they are held to the float32 parity standard,
+    1e-4 of max |ref|, while the clips lie at least 5e-4 apart."""
     rng = np.random.default_rng(5)
     waves = [as_sent(synthetic(float(s), 100 + i)) for i, s in enumerate(rng.uniform(1.0, 20.0, 256).round(2))]
     expected = asr.transcribe(waves, max_new_tokens=NEW, batch_size=16)
     lps = np.array([r.token_logprobs for r in expected])  # (256, NEW): random weights run to the limit
     apart = np.abs(lps[:, None] - lps[None]).sum(-1) + np.eye(len(waves))
-    assert apart.min() > 5e-4  # no two clips' log-probabilities are alike (served ones match to 12 x 1e-5)
+    assert apart.min() > 5e-4  # no two clips' log-probabilities are alike
     before = server.count(ENDPOINT, 200)
 
     def one(i: int):
@@ -226,9 +229,12 @@ def test_64_clients_256_requests_each_get_their_own(server, client, asr):
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
         got = list(pool.map(one, range(256)))
     assert [i for i, _ in got] == list(range(256))
+    tol = 1e-4 * np.abs(lps).max()
     for (i, r), want in zip(got, expected):
         assert r.text == want.text
-        assert [lp.logprob for lp in r.logprobs] == pytest.approx(want.token_logprobs, abs=1e-5), i
+        served = np.array([lp.logprob for lp in r.logprobs])
+        assert np.abs(served - lps[i]).max() <= tol, i
+        assert np.abs(served - lps).sum(-1).argmin() == i
     assert server.count(ENDPOINT, 200) - before == 256
     assert server.gauge("qasr_live_slots") == 0 and server.gauge("qasr_queue_depth") == 0
 
