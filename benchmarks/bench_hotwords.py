@@ -11,7 +11,6 @@ holds), so the tries have 1000-2000 edges.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
