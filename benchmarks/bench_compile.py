@@ -10,12 +10,15 @@ Sections (``--sections``, comma-separated):
   again with the cache it filled (subprocesses; the random checkpoint is saved to ``--checkpoint``).
 * ``programs``: the programs one CLI job of 20 mixed-length files compiles (tiny model unless ``--preset``), and
   one stream of 10 s in 2 s chunks, by name.
+* ``stream``: a new stream's open-to-first-partial time in a fresh process, cold and warm compilation cache,
+  against a steady chunk (random weights of ``--preset``, saved to ``--checkpoint``).
 * ``buckets``: compile seconds per new batch bucket (1, 32, 256 clips of 10 s, 32 new tokens) for ``--preset`` in
   ``--dtype``, scanned and unrolled (the GPU check in gpu_checks.sh).
 
     python benchmarks/bench_compile.py --sections layers --preset asr-0.6b
     python benchmarks/bench_compile.py --sections step,cli --preset asr-0.6b --checkpoint /tmp/asr06
     python benchmarks/bench_compile.py --sections programs
+    python benchmarks/bench_compile.py --sections stream --preset asr-0.6b --checkpoint /tmp/asr06
     python benchmarks/bench_compile.py --sections buckets,step --preset asr-0.6b --dtype bfloat16   # GPU
 """
 
@@ -182,6 +185,50 @@ def section_programs(args) -> None:
     print(f"one stream of 10 s (2 s chunks): {c.count} programs ({c.seconds:.1f} s): {by_name(c.names)}")
 
 
+_STREAM_PROBE = """
+import json, sys, time
+from qasr_jax.decoding.compiles import count_compilations, enable_compilation_cache
+enable_compilation_cache(sys.argv[2])
+from qasr_jax.testing import synthetic
+from qasr_jax.transcribe import Transcriber
+asr = Transcriber.from_pretrained(sys.argv[1], dtype=sys.argv[3])
+audio, chunk, out = synthetic(float(sys.argv[4]), 7), 32000, {"chunks": [], "programs": []}
+with count_compilations() as c:
+    start = time.perf_counter()
+    stream = asr.stream()
+    out["open"] = time.perf_counter() - start
+    for k in range(0, audio.shape[0], chunk):
+        before, t = c.count, time.perf_counter()
+        stream.feed(audio[k:k + chunk])
+        out["chunks"].append(time.perf_counter() - t)
+        out["programs"].append(c.count - before)
+    stream.finish()
+print("STREAM", json.dumps(out), file=sys.stderr)
+"""
+
+
+def section_stream(args) -> None:
+    """A new stream in a fresh process (2 s chunks of 20 s of audio, the default 32 new tokens): the time from
+    ``asr.stream()`` to its first partial, cold (empty compilation cache) and warm (the cache the cold run filled),
+    against a steady chunk (the median of chunks 6 on)."""
+    folder = checkpoint_folder(args)
+    cache = tempfile.mkdtemp(prefix="xla_")
+    print(f"\n### A new stream: {args.preset} {args.dtype}, 2 s chunks, open to first partial\n")
+    print("| cache | open s | first chunk s | open to first partial s | steady chunk s (median) | ratio | "
+          "programs in chunks 0-5 |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for run in ("cold (empty)", "warm (filled by the cold run)"):
+        proc = subprocess.run([sys.executable, "-c", _STREAM_PROBE, folder, cache, args.dtype, "20"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-3000:])
+        line = next(x for x in proc.stderr.splitlines() if x.startswith("STREAM "))
+        r = json.loads(line[len("STREAM "):])
+        first, steady = r["open"] + r["chunks"][0], float(np.median(r["chunks"][6:]))
+        print(f"| {run} | {r['open']:.1f} | {r['chunks'][0]:.1f} | {first:.1f} | {steady:.2f} | "
+              f"{first / steady:.1f}x | {r['programs'][:6]} |", flush=True)
+
+
 def section_buckets(args) -> None:
     from bench_throughput import clip_set
     from qasr_jax.testing.tokenizer_files import write_tokenizer
@@ -220,7 +267,7 @@ def main() -> None:
     for name in sections:
         args.preset = args.preset or ("tiny" if name == "programs" else "asr-0.6b")
         {"layers": section_layers, "step": section_step, "cli": section_cli, "programs": section_programs,
-         "buckets": section_buckets}[name](args)
+         "stream": section_stream, "buckets": section_buckets}[name](args)
 
 
 if __name__ == "__main__":

@@ -200,12 +200,15 @@ class Transcriber:
             results[i] = r
         return results  # type: ignore[return-value]
 
-    def detect_language(self, audio, context="", batch_size: int = 8, max_seconds: float = lang_probs.MAX_SECONDS):
+    def detect_language(self, audio, context="", batch_size: int = 8, max_seconds: float = lang_probs.MAX_SECONDS,
+                        kv_bytes: int = lang_probs.DEFAULT_KV_BYTES):
         """Language probabilities of one input (or a list; ``context`` one or one per input): name -> probability
-        over the model's languages, most probable first, from the first ``max_seconds``; no transcript is decoded."""
+        over the model's languages, most probable first, from the first ``max_seconds``; no transcript is decoded.
+        ``kv_bytes``: the KV cache the languages are scored in, at most (more scores more of them at once)."""
         waves, one = lang_probs.load_waves(audio)
         dists, _ = lang_probs.language_distributions(self.model, self.tokenizer, waves,
-                                                     _as_list(context, len(waves), "context"), batch_size, max_seconds)
+                                                     _as_list(context, len(waves), "context"), batch_size, max_seconds,
+                                                     kv_bytes)
         return dists[0] if one else dists
 
     @staticmethod

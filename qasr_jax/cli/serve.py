@@ -36,8 +36,8 @@ def add_command(subparsers) -> None:
     sv.add_argument("--piece-seconds", type=float, default=30.0, help="longer uploads decode as pieces of at most "
                     "this length, cut at quiet points (Transcriber.transcribe's max_audio_seconds); memory grows "
                     "with it")
-    sv.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache memory (GiB) one group of "
-                    "similar-length requests may hold; fewer than --max-slots slots fit when requests are long")
+    sv.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache memory (GiB) all the requests "
+                    "decoding at once share; fewer than --max-slots slots fit when requests are long")
     sv.add_argument("--max-queue", type=int, default=256, help="requests in flight at most; more get a 503 with "
                     "Retry-After")
     sv.add_argument("--realtime-slots", type=int, default=8, help="realtime utterances transcribed at once "

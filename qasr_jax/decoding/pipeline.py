@@ -111,6 +111,7 @@ class _Group:
         self.width, self.out_len, self.edges = width, out_len, edges
         self.pending: collections.deque[Work] = collections.deque()
         self.batcher: SlotBatcher | None = None
+        self.kv_bytes = 0  # the KV cache its batcher holds (0 without one)
 
     @property
     def idle(self) -> bool:
@@ -121,11 +122,15 @@ class Pipeline:
     """Pieces in (:meth:`submit`), finished ``(Work, Output)`` pairs out of each :meth:`step` (see module doc)."""
 
     def __init__(self, model, tokenizer, options: DecodeOptions, batch_size: int = 8,
-                 kv_bytes: int | None = None, side_by_side: bool = False):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+                 kv_bytes: int | None = None, side_by_side: bool = False, encode_rows: int | None = None):
+        """``encode_rows``: at most this many pieces per encoder (and so prefill) call, whatever the slots (None:
+        as many as a group has slots); a server on CPU sets it, since those calls' activations grow with their
+        rows while the decode steps they feed batch every slot anyway."""
+        if batch_size < 1 or (encode_rows is not None and encode_rows < 1):
+            raise ValueError(f"batch_size and encode_rows must be >= 1, got {batch_size} and {encode_rows}")
         self.model, self.tokenizer, self.options = model, tokenizer, options
         self.batch_size, self.kv_bytes, self.side_by_side = batch_size, kv_bytes, side_by_side
+        self.encode_rows = encode_rows
         self.cfg, self.settings = options.config(), options.settings()
         self.groups: dict[tuple[int, int, int], _Group] = {}
         self.steps = 0  # decode steps run by every batcher so far
@@ -149,11 +154,19 @@ class Pipeline:
         edges = hw.edge_bucket(work.request.hotword_edges) if work.request.hotwords else 0
         return next_pow2(prompt_width(width), 256), next_pow2(output_buffer(work.max_new), 64), edges
 
-    def _slots(self, width: int, out_len: int) -> int:
+    def _slot_bytes(self, width: int, out_len: int) -> int:
         t = self.model.config.text
-        per_slot = 2 * t.layers * t.kv_heads * t.head_dim * (width + out_len) * np.dtype(self.model.engine.dtype).itemsize
-        budget = kv_budget() if self.kv_bytes is None else self.kv_bytes  # asked as each group starts: side by side,
-        fits = max(1, int(budget // (per_slot * self.options.beam_size)))  # each takes half of what is left
+        return 2 * t.layers * t.kv_heads * t.head_dim * (width + out_len) * np.dtype(self.model.engine.dtype).itemsize
+
+    def _slots(self, width: int, out_len: int) -> int:
+        """Slots for a new group: as many as ``batch_size`` asks and the KV budget leaves. A given ``kv_bytes`` is
+        shared by the groups that decode side by side (what the live ones hold is taken off it; a new group gets
+        one slot at least); without it, each new group takes half the device memory then free (``kv_budget``)."""
+        if self.kv_bytes is None:
+            budget = kv_budget()
+        else:
+            budget = self.kv_bytes - sum(g.kv_bytes for g in self.groups.values())
+        fits = max(1, int(budget // (self._slot_bytes(width, out_len) * self.options.beam_size)))
         return round_up(min(self.batch_size, fits) * self.options.beam_size,
                         self.model.data_size * self.options.beam_size)
 
@@ -199,8 +212,9 @@ class Pipeline:
         """Encode the group's next pieces (as many as it has slots) and queue them in its batcher."""
         batcher = group.batcher
         take = [group.pending.popleft() for _ in range(min(batcher.requests, len(group.pending)))]
-        for part in self._encoder_batches(take, batcher.requests):
-            batch = self.encode_batch(part, batcher.requests)
+        cap = min(batcher.requests, self.encode_rows or batcher.requests)
+        for part in (p for i in range(0, len(take), cap) for p in self._encoder_batches(take[i : i + cap], cap)):
+            batch = self.encode_batch(part, cap)
             for r, work in enumerate(part):
                 batcher.submit(Row(batch, r, work.max_new, tag=work, hotwords=work.request.hotwords))
 
@@ -261,6 +275,7 @@ class Pipeline:
         for group in live:
             if group.batcher is None:
                 slots = self._slots(group.width, group.out_len)
+                group.kv_bytes = slots * self._slot_bytes(group.width, group.out_len)
                 cfg = dataclasses.replace(self.cfg, hotword_edges=group.edges)
                 group.batcher = SlotBatcher(self.model.engine, slots, group.width + group.out_len, group.out_len,
                                             cfg, self.settings, history_len=group.width + group.out_len,
@@ -274,5 +289,5 @@ class Pipeline:
             done += [(out.row.tag, out) for out in group.batcher.run(max_steps)]
             self.steps += group.batcher.steps - before
             if group.idle:  # its cache is freed (a server would otherwise keep one per shape it has seen);
-                group.batcher = None  # a later piece makes a new one, which compiles nothing
+                group.batcher, group.kv_bytes = None, 0  # a later piece makes a new one, which compiles nothing
         return done

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 
 from qasr_jax.decoding.compiles import CompileCount
@@ -38,6 +39,10 @@ STEP_SECONDS = 0.1  # decoding between looks at the queue: a new request waits a
 MAX_STEP_TOKENS = 256
 
 WARMUP_SECONDS = 1.0  # the warm-up's clip: the shapes of a short request
+# On CPU the server encodes and prefills at most this many pieces per call: at 0.6B each 30 s piece adds ~0.2 GiB
+# of activations to such a call (RESULTS "Server readiness and memory"), which is compute-bound on CPU, so more rows
+# per call gain nothing; the decode steps still batch every slot. Fewer row counts also mean fewer programs.
+CPU_ENCODE_ROWS = 4
 _ids = itertools.count()
 
 
@@ -86,7 +91,7 @@ class Scheduler:
         """``model`` (a loaded model) and ``tokenizer``: what every Pipeline and the streams' driver are made of."""
         self.model, self.tokenizer = model, tokenizer
         self.compiles, self.max_slots, self.step_seconds = compiles, max_slots, step_seconds
-        self.kv_bytes = kv_bytes  # KV cache memory each group of one Pipeline may hold
+        self.kv_bytes = kv_bytes  # KV cache memory the groups of one Pipeline share
         self.seconds_per_step = 0.0  # measured: decode steps run for about step_seconds between looks
         self.pipes: dict[int, Pipeline] = {}
         self.realtime_slots = realtime_slots
@@ -139,8 +144,9 @@ class Scheduler:
     def _pipe(self, beam_size: int) -> Pipeline:
         if beam_size not in self.pipes:
             options = DecodeOptions.for_tokenizer(self.tokenizer, beam_size=beam_size)
+            rows = CPU_ENCODE_ROWS if jax.default_backend() == "cpu" else None
             self.pipes[beam_size] = Pipeline(self.model, self.tokenizer, options, self.max_slots,
-                                             self.kv_bytes, side_by_side=True)
+                                             self.kv_bytes, side_by_side=True, encode_rows=rows)
         return self.pipes[beam_size]
 
     def warm_up(self) -> None:

@@ -41,6 +41,10 @@ from qasr_jax.vad.rules import speech_pieces
 VAD_PIECE_SECONDS = 30.0  # with vad=true, as transcribe's default vad_max_seconds
 MAX_BEAM = 8
 MAX_HOTWORDS = 1000
+# verbose_json's language probabilities score every language's header beside the requests decoding: in at most
+# this much KV cache (a few languages at a time), so that the server holds its memory bound (--kv-cache-gb).
+DETECT_KV_BYTES = 256 << 20
+
 # The form field and error code of each field of a request that decoding.request.prepare refuses.
 REQUEST_ERRORS = {"language": ("language", "unsupported_language"), "context": ("prompt", "context_too_long"),
                   "hotwords": ("hotwords", "invalid_value")}
@@ -244,7 +248,8 @@ async def transcribe(request: HTTPRequest, server) -> Response:
         if parts:
             await asyncio.to_thread(server.asr.finish, result, parts, o.words)
             if o.response_format == "verbose_json" and o.request.language is None:  # language_probability, as peers
-                found = await asyncio.to_thread(server.asr.detect_language, pieces[0].samples, o.request.context)
+                found = await asyncio.to_thread(server.asr.detect_language, pieces[0].samples, o.request.context,
+                                                kv_bytes=DETECT_KV_BYTES)
                 lang_probs.attach(result, found)
     finally:
         server.release(job)

@@ -223,3 +223,58 @@ def test_offline_pipeline_decodes_a_mixed_batch_as_one(checkpoints, tmp_path_fac
     assert pipe.steps == max(budgets) - 1  # the prefill picks each piece's first token
     for i, (w, b) in enumerate(zip(waves, budgets)):
         assert got[i] == asr.transcribe(w, max_new_tokens=b, batch_size=1, suppress_eos=True)[0].token_ids
+
+
+def test_encode_rows_caps_the_rows_of_each_encoder_call(checkpoints, tmp_path_factory, monkeypatch):
+    """``encode_rows=2`` (what a server on CPU sets to bound its activation memory): six pieces of one group, eight
+    slots, are encoded (and prefilled) two at a time, yet decode together in one batch (as many steps as the longest
+    piece), each with the ids it gets without the cap."""
+    asr = Transcriber.from_pretrained(with_tokenizer(checkpoints("asr").official, tmp_path_factory, "official"))
+    waves = [synthetic(s, i) for i, s in enumerate([3.0, 2.5, 3.5, 2.0, 3.2, 2.8])]
+    options = DecodeOptions.for_tokenizer(asr.tokenizer, suppress_eos=True)
+    rows = []
+    encode = asr.model.engine.encode_waves
+    monkeypatch.setattr(asr.model.engine, "encode_waves",
+                        lambda samples, *a, **k: rows.append(samples.shape[0]) or encode(samples, *a, **k))
+    got = {}
+    for cap in (None, 2):
+        pipe = Pipeline(asr.model, asr.tokenizer, options, batch_size=8, encode_rows=cap)
+        for i, w in enumerate(waves):
+            pipe.submit(Work(i, w, 6))
+        rows.clear()
+        outs = {}
+        while pipe.busy:
+            outs.update({work.key: out.token_ids for work, out in pipe.step()})
+        got[cap] = outs
+        assert pipe.steps == 5  # one batch: the prefill picks the first token, then five steps for all
+    assert rows == [2, 2, 2]  # the last run's encoder calls
+    assert got[2] == got[None] and len(got[2]) == 6
+    with pytest.raises(ValueError, match="encode_rows"):
+        Pipeline(asr.model, asr.tokenizer, options, encode_rows=0)
+
+
+def test_groups_side_by_side_share_the_kv_budget(checkpoints, tmp_path_factory):
+    """A server's pipeline (side by side) with ``kv_bytes`` for three slots of its first group: the first group
+    takes them, a second group decoding beside it gets the one slot left (at least one), not a budget of its own;
+    once a group is done its cache is freed, and both groups' pieces come out with the ids they get alone."""
+    asr = Transcriber.from_pretrained(with_tokenizer(checkpoints("asr").official, tmp_path_factory, "official"))
+    options = DecodeOptions.for_tokenizer(asr.tokenizer, suppress_eos=True)
+    waves = [synthetic(s, i) for i, s in enumerate([2.0, 2.2, 2.4, 1.0, 1.2])]
+    budgets = [100, 100, 100, 10, 10]  # two output buffers: two groups
+    probe = Pipeline(asr.model, asr.tokenizer, options)
+    works = [Work(i, w, b) for i, (w, b) in enumerate(zip(waves, budgets))]
+    keys = [probe._group_of(w) for w in works]
+    first, second = keys[0], keys[3]
+    assert first != second and first[:2] > second[:2]
+    kv = 3 * probe._slot_bytes(*first[:2]) + probe._slot_bytes(*second[:2]) // 2
+    pipe = Pipeline(asr.model, asr.tokenizer, options, batch_size=8, kv_bytes=kv, side_by_side=True)
+    for work in works:
+        pipe.submit(work)
+    got = {work.key: out.token_ids for work, out in pipe.step(max_steps=1)}
+    assert pipe.groups[first].batcher.requests == 3 and pipe.groups[second].batcher.requests == 1
+    assert sum(g.kv_bytes for g in pipe.groups.values()) <= kv + probe._slot_bytes(*second[:2])
+    while pipe.busy:
+        got.update({work.key: out.token_ids for work, out in pipe.step()})
+    assert all(g.batcher is None and g.kv_bytes == 0 for g in pipe.groups.values())
+    for i, (w, b) in enumerate(zip(waves, budgets)):
+        assert got[i] == asr.transcribe(w, max_new_tokens=b, batch_size=1, suppress_eos=True)[0].token_ids
