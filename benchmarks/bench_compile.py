@@ -118,17 +118,23 @@ _PROBE = ("import sys, json; from qasr_jax.cli.core import main; from qasr_jax.d
           "'names': c.names}), file=sys.stderr)\nsys.exit(code)")
 
 
+def run_probe(code: str, argv: list[str], tag: str, env: dict | None = None) -> tuple[float, dict]:
+    """Run ``code`` in a fresh Python process with ``argv`` -> (wall s, the JSON it printed to stderr after
+    ``tag``)."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    line = next(x for x in proc.stderr.splitlines() if x.startswith(tag + " "))
+    return wall, json.loads(line[len(tag) + 1:])
+
+
 def run_cli(cli_args: list[str], cache: str, layers: str = "auto") -> tuple[float, dict]:
     """``qasr-jax ARGS`` in a fresh process with the compilation cache in ``cache`` and $QASR_JAX_LAYERS set to
     ``layers`` -> (wall s, its programs)."""
     env = {**os.environ, "QASR_JAX_COMPILATION_CACHE": cache, "QASR_JAX_LAYERS": layers}
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _PROBE, *cli_args], capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
-    line = next(x for x in proc.stderr.splitlines() if x.startswith("PROGRAMS "))
-    return wall, json.loads(line[len("PROGRAMS "):])
+    return run_probe(_PROBE, cli_args, "PROGRAMS", env)
 
 
 def checkpoint_folder(args) -> str:
@@ -218,12 +224,7 @@ def section_stream(args) -> None:
           "programs in chunks 0-5 |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for run in ("cold (empty)", "warm (filled by the cold run)"):
-        proc = subprocess.run([sys.executable, "-c", _STREAM_PROBE, folder, cache, args.dtype, "20"],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-3000:])
-        line = next(x for x in proc.stderr.splitlines() if x.startswith("STREAM "))
-        r = json.loads(line[len("STREAM "):])
+        _, r = run_probe(_STREAM_PROBE, [folder, cache, args.dtype, "20"], "STREAM")
         first, steady = r["open"] + r["chunks"][0], float(np.median(r["chunks"][6:]))
         print(f"| {run} | {r['open']:.1f} | {r['chunks'][0]:.1f} | {first:.1f} | {steady:.2f} | "
               f"{first / steady:.1f}x | {r['programs'][:6]} |", flush=True)

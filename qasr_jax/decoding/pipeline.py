@@ -111,7 +111,6 @@ class _Group:
         self.width, self.out_len, self.edges = width, out_len, edges
         self.pending: collections.deque[Work] = collections.deque()
         self.batcher: SlotBatcher | None = None
-        self.kv_bytes = 0  # the KV cache its batcher holds (0 without one)
 
     @property
     def idle(self) -> bool:
@@ -165,10 +164,15 @@ class Pipeline:
         if self.kv_bytes is None:
             budget = kv_budget()
         else:
-            budget = self.kv_bytes - sum(g.kv_bytes for g in self.groups.values())
+            budget = self.kv_bytes - self.kv_held()
         fits = max(1, int(budget // (self._slot_bytes(width, out_len) * self.options.beam_size)))
         return round_up(min(self.batch_size, fits) * self.options.beam_size,
                         self.model.data_size * self.options.beam_size)
+
+    def kv_held(self) -> int:
+        """The KV cache bytes the groups' slots hold now (a group without a batcher holds none)."""
+        return sum(g.batcher.requests * self.options.beam_size * self._slot_bytes(g.width, g.out_len)
+                   for g in self.groups.values() if g.batcher is not None)
 
     # -- the queue ----------------------------------------------------------------------------------------------
     def submit(self, work: Work) -> None:
@@ -275,7 +279,6 @@ class Pipeline:
         for group in live:
             if group.batcher is None:
                 slots = self._slots(group.width, group.out_len)
-                group.kv_bytes = slots * self._slot_bytes(group.width, group.out_len)
                 cfg = dataclasses.replace(self.cfg, hotword_edges=group.edges)
                 group.batcher = SlotBatcher(self.model.engine, slots, group.width + group.out_len, group.out_len,
                                             cfg, self.settings, history_len=group.width + group.out_len,
@@ -289,5 +292,5 @@ class Pipeline:
             done += [(out.row.tag, out) for out in group.batcher.run(max_steps)]
             self.steps += group.batcher.steps - before
             if group.idle:  # its cache is freed (a server would otherwise keep one per shape it has seen);
-                group.batcher, group.kv_bytes = None, 0  # a later piece makes a new one, which compiles nothing
+                group.batcher = None  # a later piece makes a new one, which compiles nothing
         return done

@@ -272,9 +272,9 @@ def test_groups_side_by_side_share_the_kv_budget(checkpoints, tmp_path_factory):
         pipe.submit(work)
     got = {work.key: out.token_ids for work, out in pipe.step(max_steps=1)}
     assert pipe.groups[first].batcher.requests == 3 and pipe.groups[second].batcher.requests == 1
-    assert sum(g.kv_bytes for g in pipe.groups.values()) <= kv + probe._slot_bytes(*second[:2])
+    assert pipe.kv_held() <= kv + probe._slot_bytes(*second[:2])
     while pipe.busy:
         got.update({work.key: out.token_ids for work, out in pipe.step()})
-    assert all(g.batcher is None and g.kv_bytes == 0 for g in pipe.groups.values())
+    assert all(g.batcher is None for g in pipe.groups.values()) and pipe.kv_held() == 0
     for i, (w, b) in enumerate(zip(waves, budgets)):
         assert got[i] == asr.transcribe(w, max_new_tokens=b, batch_size=1, suppress_eos=True)[0].token_ids
