@@ -80,8 +80,10 @@ def serve(args: argparse.Namespace) -> int:
         raise ImportError(f"{e}; the server needs the serve extra: pip install '.[serve]' in a checkout of "
                           "qasr-jax") from None
     from qasr_jax.cli.options import mesh_arg
+    from qasr_jax.server import heap
     from qasr_jax.transcribe import Transcriber
 
+    heap.limit_arenas()  # before the model loads and the threads start (qasr_jax.server.heap)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     asr = Transcriber.from_pretrained(args.model, dtype=args.dtype, aligner=args.aligner, mesh=mesh_arg(args.mesh),
                                       quantize=args.quantize, layers=args.layers)

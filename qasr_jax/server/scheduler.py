@@ -31,6 +31,7 @@ from qasr_jax.decoding.longform import Piece
 from qasr_jax.decoding.pipeline import DEFAULT_KV_BYTES, DecodeOptions, Pipeline, Work, token_budget, token_limit
 from qasr_jax.decoding.request import Request
 from qasr_jax.io.audio import SAMPLE_RATE
+from qasr_jax.server import heap
 from qasr_jax.streaming.driver import StreamDriver
 
 log = logging.getLogger("qasr_jax.server")
@@ -159,6 +160,7 @@ class Scheduler:
         pipe.step(max_steps=1)
         pipe.partial()
         pipe.cancel(work.key)
+        heap.trim()
 
     def _busy(self) -> bool:
         return any(p.busy for p in self.pipes.values())
@@ -184,6 +186,7 @@ class Scheduler:
                 if pipe.busy:
                     self._step(beam, pipe)
             if self.compiles.count > compiled:
+                heap.trim()  # the compiler's working memory, back before the next compile (server.heap)
                 log.info("compiled %d programs (%.1f s) on first use of their shapes, for %s",
                          self.compiles.count - compiled, self.compiles.seconds - seconds, _what(new, rt))
             with self._cond:
