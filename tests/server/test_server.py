@@ -32,10 +32,11 @@ from qasr_jax.cli import serve as command
 from qasr_jax.io import formats
 from qasr_jax.io.prompts import MAX_CONTEXT_TOKENS
 from qasr_jax.server import realtime
-from qasr_jax.testing import DATA, synthetic
+from qasr_jax.testing import DATA, ROOT, synthetic
 from qasr_jax.testing.serving import SERVER_KEY, Served, error_of, multipart, post
+from qasr_jax.training.data import read_manifest
 from qasr_jax.transcribe import Transcriber
-from qasr_jax.testing.docs import page_blocks
+from qasr_jax.testing.docs import page_blocks, read_page, shell_commands
 from qasr_jax.testing.tokenizer_files import write_tokenizer
 
 KEY = "test-key-7f3a"
@@ -162,40 +163,73 @@ def test_bad_serve_flags_are_named_before_loading():
 READY_SECONDS = 180  # a readiness bound for the tiny model on a busy 2-core machine (it is ready in ~25 s)
 
 
-def test_default_flags_ready_soon_in_bounded_memory_and_any_model_name(dirs, asr, tmp_path):
-    """``qasr-jax serve --model DIR`` with no other flag: /health answers 200 within a generous bound, openai clients
-    sending model="qwen3-asr" or "whisper-1" get the served model's transcript, a 106 s upload decodes in pieces of
-    at most 30 s (as offline with max_audio_seconds=30; streamed, piece after piece), and the process's peak RSS
-    stays under 2 GiB (the warm-up used to compile every encoder bucket up to 1200 s, and was killed at 24 GB)."""
-    served = Served(dirs["asr"], cache="off", log=str(tmp_path / "server.log"))
-    try:
-        assert served.ready_seconds < READY_SECONDS, served.output()
-        client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=600)
-        assert [m.id for m in client.models.list().data] == [dirs["asr"]]
-        path = os.path.join(DATA, "hello_en.wav")
-        offline = asr.transcribe(path, max_new_tokens=NEW)[0].text
-        for model in ("qwen3-asr", "whisper-1"):
-            r = client.audio.transcriptions.create(file=open(path, "rb"), model=model,
-                                                   extra_body={"max_new_tokens": NEW})
-            assert r.text == offline
-        wave = as_sent(np.concatenate([synthetic(25.0 + i, 40 + i) for i in range(4)]))  # 106 s
-        v = client.audio.transcriptions.create(file=("long.wav", wav_bytes(wave)), model="whisper-1",
-                                               response_format="verbose_json", extra_body={"max_new_tokens": NEW})
-        pieces = asr.transcribe(wave, max_new_tokens=NEW, max_audio_seconds=30.0)[0]
-        assert v.text == pieces.text
-        assert [(s.start, s.end) for s in v.segments] == [(s.start, s.end) for s in pieces.segments]
-        assert len(v.segments) >= 4 and all(s.end - s.start <= 30.0 for s in v.segments)
-        # Streamed, each piece's text follows as it is done (not all at the end), and the deltas add up.
-        events = list(client.audio.transcriptions.create(file=("long.wav", wav_bytes(wave)), model="whisper-1",
-                                                         stream=True, language="en",
-                                                         extra_body={"max_new_tokens": NEW}))
-        deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
-        forced = asr.transcribe(wave, language="en", max_new_tokens=NEW, max_audio_seconds=30.0)[0]
-        assert "".join(deltas) == events[-1].text == forced.text
-        assert len(deltas) >= len(forced.segments)
-        assert served.peak_rss() < 2 * 2**30, f"peak RSS {served.peak_rss() / 2**30:.2f} GiB"
-    finally:
-        assert served.stop() == 0, served.output()
+def doc_commands(block: int) -> list[str]:
+    """The commands of docs/serving.md's ``block``-th bash block."""
+    return shell_commands(page_blocks("docs/serving.md", "bash")[block])
+
+
+@pytest.fixture(scope="module")
+def tiny_served(tmp_path_factory):
+    """``qasr-jax serve --model tiny-en`` exactly as docs/serving.md's second block starts it: the model shipped in
+    the package (not a test fixture), default flags, no compilation cache."""
+    (serve,) = [c for c in doc_commands(1) if c.startswith("qasr-jax serve")]
+    argv = shlex.split(serve)[1:]
+    assert argv == ["serve", "--model", "tiny-en"], "the page's try-it command uses default flags"
+    served = Served("tiny-en", cache="off", log=str(tmp_path_factory.mktemp("log") / "tiny-en.log"))
+    yield served
+    assert served.stop() == 0, served.output()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Transcriber.from_pretrained("tiny-en")
+
+
+def heldout(index: int) -> tuple[str, str]:
+    """tiny-en's held-out clip ``index`` -> (its path, its words)."""
+    entry = read_manifest(os.path.join(DATA, "tiny_en", "heldout.jsonl"))[index]
+    return entry.audio, entry.text.split("<asr_text>")[-1]
+
+
+def heldout_speech(seconds: float) -> np.ndarray:
+    """tiny-en's held-out clips one after another (0.4 s apart) until ``seconds`` are filled."""
+    parts = []
+    for entry in read_manifest(os.path.join(DATA, "tiny_en", "heldout.jsonl")):
+        parts += [sf.read(entry.audio, dtype="float32")[0], np.zeros(6400, np.float32)]
+        if sum(p.shape[0] for p in parts) >= seconds * 16000:
+            return np.concatenate(parts)
+    raise AssertionError(f"the held-out clips hold less than {seconds} s")
+
+
+def test_default_flags_ready_soon_in_bounded_memory_and_any_model_name(tiny_served, tiny):
+    """``qasr-jax serve --model tiny-en`` with no other flag: /health answers 200 within a generous bound, openai
+    clients sending model="qwen3-asr" or "whisper-1" get a held-out clip's words, a 106 s upload (held-out clips
+    in a row) decodes in pieces of at most 30 s (as offline with max_audio_seconds=30; streamed, piece after piece;
+    tiny-en, trained on clips of 3-8 words, does not read 30 s pieces well), and the process's peak RSS stays under 2 GiB (the warm-up used to compile every encoder bucket up
+    to 1200 s, and was killed at 24 GB)."""
+    served = tiny_served
+    assert served.ready_seconds < READY_SECONDS, served.output()
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=600)
+    assert [m.id for m in client.models.list().data] == ["tiny-en"]
+    path, words = heldout(1)
+    assert tiny.transcribe(path)[0].text == words
+    for model in ("qwen3-asr", "whisper-1"):
+        assert client.audio.transcriptions.create(file=open(path, "rb"), model=model).text == words
+    wave = as_sent(heldout_speech(106.0))
+    v = client.audio.transcriptions.create(file=("long.wav", wav_bytes(wave)), model="whisper-1",
+                                           response_format="verbose_json")
+    pieces = tiny.transcribe(wave, max_audio_seconds=30.0)[0]
+    assert v.text == pieces.text
+    assert [(s.start, s.end) for s in v.segments] == [(s.start, s.end) for s in pieces.segments]
+    assert len(v.segments) >= 4 and all(s.end - s.start <= 30.0 for s in v.segments)
+    # Streamed, each piece's text follows as it is done (not all at the end), and the deltas add up.
+    events = list(client.audio.transcriptions.create(file=("long.wav", wav_bytes(wave)), model="whisper-1",
+                                                     stream=True, language="en"))
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    forced = tiny.transcribe(wave, language="en", max_audio_seconds=30.0)[0]
+    assert "".join(deltas) == events[-1].text == forced.text
+    assert len(deltas) >= len(forced.segments)
+    assert served.peak_rss() < 2 * 2**30, f"peak RSS {served.peak_rss() / 2**30:.2f} GiB"
 
 
 def test_warm_up_compiled_what_a_short_request_needs(server, client):
@@ -364,12 +398,12 @@ def _accepts(port: int) -> bool:
         return False
 
 
-def test_readme_serving_examples_run(server, asr, tmp_path, monkeypatch, capsys):
+def test_readme_serving_examples_run(server, asr, tiny_served, tiny, tmp_path, monkeypatch, capsys):
     """docs/serving.md's examples against this server (its address, key and model name swapped in): the serve
     command parses; the curl command, the openai client and the realtime example give the offline (and the
-    streaming) transcript."""
-    blocks = page_blocks("docs/serving.md", "bash")
-    commands = [part.strip() for block in blocks for line in block.splitlines() for part in line.split("&&")]
+    streaming) transcript. The try-it block's curl, from a checkout's root, gets from ``qasr-jax serve --model
+    tiny-en`` the clip's words, as the page shows them."""
+    commands = [c for block in (0, 2) for c in doc_commands(block)]
     (serve,) = [c for c in commands if c.startswith("qasr-jax serve")]
     args = cli.build_parser().parse_args(shlex.split(serve)[1:])
     assert args.func is command.serve and (args.port, args.api_key) == (8000, "sk-local")
@@ -396,3 +430,10 @@ def test_readme_serving_examples_run(server, asr, tmp_path, monkeypatch, capsys)
     stream = asr.stream(language="en")
     stream.feed(realtime.Pcm16Resampler().push(pcm, last=True))
     assert namespace["transcript"] == stream.finish().text
+    (curl,) = [c for c in doc_commands(1) if c.startswith("curl ")]
+    out = subprocess.run(shlex.split(curl.replace("http://localhost:8000", tiny_served.url)), cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    text = json.loads(out)["text"]
+    clip, words = heldout(0)
+    assert clip.endswith("heldout_0000.ogg") and text == tiny.transcribe(clip)[0].text == words
+    assert f'`{{"text":"{text}"}}`' in read_page("docs/serving.md")
