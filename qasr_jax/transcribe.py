@@ -156,16 +156,17 @@ class Transcriber:
     # ------------------------------------------------------------------------------------------------------
     def stream(self, language=None, context="", chunk_seconds: float = 2.0, unfixed_chunks: int | None = None,
                unfixed_tokens: int = 5, max_new_tokens: int = 32, hotwords=None,
-               hotword_boost: float = hw.DEFAULT_BOOST, hotwords_in_context: bool = False):
+               hotword_boost: float = hw.DEFAULT_BOOST, hotwords_in_context: bool = False, vad: bool = False):
         """A live stream (``qasr_jax.streaming.driver.Stream``): ``feed()`` 16 kHz audio as it comes, read each Partial,
         ``finish()`` for the Result. ``hotwords``, ``hotword_boost`` and ``hotwords_in_context`` as in
-        ``transcribe`` (one list of words). For many streams stepped together use ``stream_driver``."""
+        ``transcribe`` (one list of words); ``vad=True`` ends segments at pauses Silero VAD finds instead of at a
+        quiet tail. For many streams stepped together use ``stream_driver``."""
         from qasr_jax.streaming.driver import shared_driver
 
         request = prepare(self.tokenizer, self.languages, language, context, hotwords, hotword_boost,
                           hotwords_in_context)
         driver = shared_driver(self, max_new_tokens, request.hotword_edges)
-        return driver.open(request, chunk_seconds, unfixed_chunks, unfixed_tokens, max_new_tokens)
+        return driver.open(request, chunk_seconds, unfixed_chunks, unfixed_tokens, max_new_tokens, vad)
 
     def stream_driver(self, slots: int = 8, **options):
         """A ``qasr_jax.streaming.driver.StreamDriver``: up to ``slots`` streams advanced in one step

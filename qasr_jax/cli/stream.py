@@ -39,6 +39,8 @@ def add_command(sub) -> None:
     st.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per chunk at most (default 32)")
     st.add_argument("--segment-seconds", type=float, default=None,
                     help="commit the text at the first pause after this much audio (default 20)")
+    st.add_argument("--vad", action="store_true",
+                    help="end segments at pauses Silero VAD finds (noise without speech too), not at a quiet tail")
     st.add_argument("--realtime", action="store_true", help="feed a file no faster than it plays")
     st.add_argument("--dtype", default="float32", choices=DTYPES)
     from qasr_jax.cli.options import add_hotword_flags, add_layers_flag, add_quantize_flag
@@ -207,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
     request = prepare(asr.tokenizer, asr.languages, args.language, args.context, words, boost)
     driver = asr.stream_driver(slots=1, max_new_tokens=max(32, args.max_new_tokens),
                                hotword_edges=request.hotword_edges, **options)
-    stream = driver.open(request, args.chunk_seconds, args.unfixed_chunks, args.unfixed_tokens, args.max_new_tokens)
+    stream = driver.open(request, args.chunk_seconds, args.unfixed_chunks, args.unfixed_tokens, args.max_new_tokens,
+                         args.vad)
     block = max(1, round(args.chunk_seconds * SAMPLE_RATE))
     blocks = _stdin_blocks(block) if args.source == "-" else _file_blocks(args.source, block, args.realtime)
     display = LineDisplay(sys.stdout)

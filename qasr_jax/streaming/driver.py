@@ -133,18 +133,20 @@ class StreamDriver:
     # -- streams join and leave -----------------------------------------------------------------------------------
     def stream(self, language=None, context: str = "", chunk_seconds: float = 2.0,
                unfixed_chunks: int | None = None, unfixed_tokens: int = 5, max_new_tokens: int = 32, hotwords=None,
-               hotword_boost: float = hw.DEFAULT_BOOST, hotwords_in_context: bool = False) -> Stream:
+               hotword_boost: float = hw.DEFAULT_BOOST, hotwords_in_context: bool = False, vad: bool = False) -> Stream:
         """A new stream in a free slot (the official algorithm's parameters and defaults, ``unfixed_chunks`` by default
         at least 4 s of audio; see the module doc). ``hotwords`` (words and names) bias its decoding by
         ``hotword_boost`` per matched token and, with ``hotwords_in_context=True``, join its context, as in
         ``Transcriber.transcribe``; the driver must have been made with room for their trie (``hotword_edges``;
-        ``Transcriber.stream`` sizes it itself). The request is checked by ``decoding.request.prepare``."""
+        ``Transcriber.stream`` sizes it itself). ``vad=True``: segments end at pauses Silero VAD finds
+        (``qasr_jax.vad``) instead of at a quiet tail, so noise without speech counts as a pause. The request is
+        checked by ``decoding.request.prepare``."""
         request = prepare(self.tokenizer, self.languages, language, context, hotwords, hotword_boost,
                           hotwords_in_context)
-        return self.open(request, chunk_seconds, unfixed_chunks, unfixed_tokens, max_new_tokens)
+        return self.open(request, chunk_seconds, unfixed_chunks, unfixed_tokens, max_new_tokens, vad)
 
     def open(self, request: Request, chunk_seconds: float = 2.0, unfixed_chunks: int | None = None,
-             unfixed_tokens: int = 5, max_new_tokens: int = 32) -> Stream:
+             unfixed_tokens: int = 5, max_new_tokens: int = 32, vad: bool = False) -> Stream:
         """A new stream of a prepared ``request`` (``decoding.request.prepare``), as :meth:`stream`."""
         if not chunk_seconds > 0:
             raise ValueError(f"chunk_seconds must be > 0, got {chunk_seconds}")
@@ -160,7 +162,7 @@ class StreamDriver:
                              f"for {self.hotword_edges}; make a driver with more: "
                              f"asr.stream_driver(hotword_edges={request.hotword_edges})")
         opts = Options(request, max(1, round(chunk_seconds * SAMPLE_RATE)), int(unfixed_chunks), int(unfixed_tokens),
-                       int(max_new_tokens))
+                       int(max_new_tokens), bool(vad))
         head, after = prompt_parts(self.tokenizer, request.context, request.language, "")
         # The largest first chunk of a segment: the context, the carried text, one chunk of audio, the template.
         need = len(head) + CARRY_TOKENS + 4 + audio_token_count(n_frames(opts.chunk_samples), self.config.audio)
@@ -273,6 +275,7 @@ class StreamDriver:
                 _, after = prompt_parts(tok, seg.context, state.opts.request.language, prefix)
             seg.audio.append(chunk)
             seg.hear(chunk)
+            state.listen(chunk)
             if seg.heard:
                 jobs.append((state, seg, prefix, after))
             else:  # nothing said yet, as transcribe() sees silence: the chunk counts, its output is empty
@@ -319,7 +322,7 @@ class StreamDriver:
             seg.language = lang or state.opts.request.language
             seg.truncated = not out.finished
             seg.chunks += 1
-            if not final and seg.audio.samples >= self.segment_seconds * SAMPLE_RATE and seg.quiet():
+            if not final and seg.audio.samples >= self.segment_seconds * SAMPLE_RATE and state.paused():
                 self._commit(state, fresh=True)
 
     def _commit(self, state: StreamState, fresh: bool) -> None:

@@ -15,6 +15,7 @@ from qasr_jax.io.audio import SAMPLE_RATE, AudioError
 from qasr_jax.io.results import Segment, join_texts
 from qasr_jax.streaming.audio import StreamAudio
 from qasr_jax.streaming.prompts import prompt_parts
+from qasr_jax.vad.rules import TurnDetector
 
 QUIET_SECONDS = 0.3  # a pause: the segment's last 0.3 s ...
 QUIET_DB = 20.0  # ... at least 20 dB below its loudest 0.1 s block
@@ -40,6 +41,7 @@ class Options:
     unfixed_chunks: int
     unfixed_tokens: int
     max_new: int
+    vad: bool = False  # pauses found by Silero VAD (qasr_jax.vad) end segments, instead of the energy rule
 
 
 class SegmentState:
@@ -90,6 +92,19 @@ class StreamState:
         self.generated: list[int] = []  # ids of the last decode (EOS excluded)
         self.segment: SegmentState | None = None
         self.done = False
+        # With opts.vad: speech ends after QUIET_SECONDS of frames below Silero's negative threshold.
+        self.turns = TurnDetector(prefix_padding_ms=0, silence_duration_ms=round(QUIET_SECONDS * 1000)) \
+            if opts.vad else None
+
+    def listen(self, chunk: np.ndarray) -> None:
+        """Pass a chunk of the stream's audio to its voice activity detector (with ``opts.vad``)."""
+        if self.turns is not None:
+            self.turns.feed(chunk)
+
+    def paused(self) -> bool:
+        """Whether the audio so far ends in a pause: with ``opts.vad``, Silero VAD hears no speech (none yet, or
+        none for QUIET_SECONDS); otherwise the open segment's last QUIET_SECONDS lie QUIET_DB below its loudest."""
+        return not self.turns.in_speech if self.turns is not None else self.segment.quiet()
 
     def texts(self) -> list[str]:
         return [c.span.text for c in self.committed]

@@ -237,6 +237,26 @@ def test_streams_fed_interleaved_equal_each_alone_and_join_and_leave_without_com
         assert alone.finish().to_dict() | {"file": ""} == results[i].to_dict() | {"file": ""}
 
 
+def test_vad_streams_end_segments_in_noise_the_energy_rule_hears_as_sound(asr):
+    """With ``vad=True`` a stream's segments end at pauses Silero VAD finds: in 3 s of noise 12 dB below the speech
+    around it (not quiet to the energy rule, which wants 20 dB) segments of 1 s end at every chunk, while the energy
+    rule's stream, fed the same chunks in the same step, runs on in one segment."""
+    rng = np.random.default_rng(5)
+    hello = speech("hello_en.wav")  # 1.25 s
+    wave = np.concatenate([hello, 0.05 * rng.standard_normal(48000).astype(np.float32), hello])
+    noise = (hello.shape[0] / 16000, hello.shape[0] / 16000 + 3.0)
+    driver = asr.stream_driver(slots=2, segment_seconds=1.0)
+    by_vad, by_energy = driver.stream(language="English", chunk_seconds=1.0, vad=True), driver.stream(
+        language="English", chunk_seconds=1.0)
+    for k in range(0, wave.shape[0], 16000):
+        driver.feed({by_vad: wave[k:k + 16000], by_energy: wave[k:k + 16000]})
+    vad_result, energy_result = driver.finish([by_vad, by_energy])
+    ends = [x.end for x in vad_result.segments[:-1]]
+    assert ends == [2.0, 3.0, 4.0] and all(noise[0] < e <= noise[1] for e in ends)  # chunk ends inside the noise
+    assert vad_result.segments[-1].end == energy_result.segments[-1].end == round(wave.shape[0] / 16000, 3)
+    assert len(energy_result.segments) == 1
+
+
 def test_abandoned_and_closed_streams_free_their_slots(asr):
     driver = asr.stream_driver(slots=4)
     wave = wave_12s()
