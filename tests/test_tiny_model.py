@@ -26,8 +26,7 @@ from qasr_jax.io.audio import load_audio
 from qasr_jax.io.hub import bundled_model
 from qasr_jax.io.tokenizer import Tokenizer
 from qasr_jax.modeling.config import load_config
-from qasr_jax.testing import DATA
-from qasr_jax.training.data import read_manifest
+from qasr_jax.testing import DATA, tiny_en_manifest
 from qasr_jax.training.evaluation import Scored, normalize, score
 from qasr_jax.transcribe import Transcriber
 from qasr_jax.testing.parity import reference_inputs
@@ -40,7 +39,7 @@ SHIPPED = os.path.dirname(MODEL)
 
 @pytest.fixture(scope="module")
 def heldout():
-    return read_manifest(os.path.join(CLIPS, "heldout.jsonl"))
+    return tiny_en_manifest()
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +207,7 @@ def test_finetuning_learns_eight_new_words_and_keeps_the_old(tmp_path, capsys):
 
     wave = load_audio(os.path.join(CLIPS, "clips", "novel_eval_0000.ogg"))
     exported = qasr_jax.load(str(out / "model-hf"))
-    text = read_manifest(novel)[0].text
+    text = tiny_en_manifest("novel_eval")[0].text
     ids = prompt_for(exported, MODEL, wave, text)
     ours = exported.logits(ids, exported.log_mel(wave))
     ref = hf_logits(str(out / "model-hf"), wave, ids)

@@ -8,7 +8,8 @@ logits, greedy ids, loss and gradients) and ``silero`` (Silero's own VAD) need t
 README's and docs/ pages' code blocks) and ``subtitles`` (SRT and WebVTT read back) need nothing more; ``serving``
 (a server in a subprocess, and requests to it) the ``serve`` extra; ``tokenizer_files`` (the real Qwen vocabulary
 with the ASR tokens) and ``notebook_run`` (a notebook's cells) only the core dependencies. ``DATA`` is the
-checkout's ``tests/data`` folder: the clips are not shipped in the wheel.
+checkout's ``tests/data`` folder: the clips are not shipped in the wheel; ``tiny_en_manifest`` reads the trained
+tiny-en model's clip lists there.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ from qasr_jax.modeling.config import QWEN_TIMESTAMP, ModelConfig, preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout (editable install)
 DATA = os.path.join(ROOT, "tests", "data")
+
+
+def tiny_en_manifest(name: str = "heldout") -> list:
+    """The clips of tests/data/tiny_en/``name``.jsonl (heldout, finetune, novel_eval, ...): ``training.data.Example``
+    rows, their ``audio`` paths resolved and ``transcript`` their words."""
+    from qasr_jax.training.data import read_manifest
+
+    return read_manifest(os.path.join(DATA, "tiny_en", f"{name}.jsonl"))
 
 
 def tiny_variant(kind: str) -> ModelConfig:

@@ -32,9 +32,8 @@ from qasr_jax.cli import serve as command
 from qasr_jax.io import formats
 from qasr_jax.io.prompts import MAX_CONTEXT_TOKENS
 from qasr_jax.server import realtime
-from qasr_jax.testing import DATA, ROOT, synthetic
+from qasr_jax.testing import DATA, ROOT, synthetic, tiny_en_manifest
 from qasr_jax.testing.serving import SERVER_KEY, Served, error_of, multipart, post
-from qasr_jax.training.data import read_manifest
 from qasr_jax.transcribe import Transcriber
 from qasr_jax.testing.docs import page_blocks, read_page, shell_commands
 from qasr_jax.testing.tokenizer_files import write_tokenizer
@@ -187,16 +186,17 @@ def tiny():
 
 def heldout(index: int) -> tuple[str, str]:
     """tiny-en's held-out clip ``index`` -> (its path, its words)."""
-    entry = read_manifest(os.path.join(DATA, "tiny_en", "heldout.jsonl"))[index]
-    return entry.audio, entry.text.split("<asr_text>")[-1]
+    entry = tiny_en_manifest()[index]
+    return entry.audio, entry.transcript
 
 
 def heldout_speech(seconds: float) -> np.ndarray:
     """tiny-en's held-out clips one after another (0.4 s apart) until ``seconds`` are filled."""
-    parts = []
-    for entry in read_manifest(os.path.join(DATA, "tiny_en", "heldout.jsonl")):
+    parts, filled = [], 0
+    for entry in tiny_en_manifest():
         parts += [sf.read(entry.audio, dtype="float32")[0], np.zeros(6400, np.float32)]
-        if sum(p.shape[0] for p in parts) >= seconds * 16000:
+        filled += parts[-2].shape[0] + 6400
+        if filled >= seconds * 16000:
             return np.concatenate(parts)
     raise AssertionError(f"the held-out clips hold less than {seconds} s")
 
@@ -205,8 +205,8 @@ def test_default_flags_ready_soon_in_bounded_memory_and_any_model_name(tiny_serv
     """``qasr-jax serve --model tiny-en`` with no other flag: /health answers 200 within a generous bound, openai
     clients sending model="qwen3-asr" or "whisper-1" get a held-out clip's words, a 106 s upload (held-out clips
     in a row) decodes in pieces of at most 30 s (as offline with max_audio_seconds=30; streamed, piece after piece;
-    tiny-en, trained on clips of 3-8 words, does not read 30 s pieces well), and the process's peak RSS stays under 2 GiB (the warm-up used to compile every encoder bucket up
-    to 1200 s, and was killed at 24 GB)."""
+    tiny-en, trained on clips of 3-8 words, does not read 30 s pieces well), and the process's peak RSS stays under
+    2 GiB (the warm-up used to compile every encoder bucket up to 1200 s, and was killed at 24 GB)."""
     served = tiny_served
     assert served.ready_seconds < READY_SECONDS, served.output()
     client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=600)
