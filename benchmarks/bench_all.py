@@ -3,7 +3,7 @@ bfloat16, core stages and end to end, in one run, each figure next to this machi
 printed and appended to benchmarks/RESULTS.md.
 
     python benchmarks/bench_all.py [--preset asr-0.6b] [--repeats 5] [--e2e-repeats 2] [--e2e-clips 8]
-                                   [--torch-threads N] [--no-append]
+                                   [--torch-threads N] [--phases "ours,torch bf16,torch f32"] [--no-append]
 
 Sides: ``torch f32`` and ``torch bf16`` (transformers, loaded from the same bf16 checkpoint, so both sides hold the
 same weight values), ``ours f32``, ``ours bf16`` (``qasr_jax.load(dtype="bfloat16")``) and ``ours int8``
@@ -214,6 +214,8 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, help="torch's thread count (default: torch's own; on a machine "
                     "shared with other jobs 1 keeps its OpenMP threads from stalling each other)")
     ap.add_argument("--e2e-clips", type=int, default=8, help="clips timed end to end (of bench_transcribe's 8)")
+    ap.add_argument("--phases", default=",".join(PHASES), help="the phases to run, comma-separated (default all: "
+                    + ", ".join(PHASES) + "); a target whose phase is left out is reported as not measured")
     ap.add_argument("--phase", choices=list(PHASES), help=argparse.SUPPRESS)  # a child process: one phase
     ap.add_argument("--floors", help=argparse.SUPPRESS)  # the parent's bandwidth and rates (JSON)
     ap.add_argument("--out", help=argparse.SUPPRESS)  # where the child writes its results (JSON)
@@ -248,7 +250,10 @@ def main() -> None:
     print(f"copy bandwidth {bandwidth:.1f} GB/s; matmul GFLOP/s by rows: {rates}", flush=True)
     results, failed = {"core": {}, "e2e": {}, "quality": {}, "floors": {}}, []
     argv = [a for a in sys.argv[1:] if a != "--no-append"]
-    for name in PHASES:
+    phases = [p.strip() for p in args.phases.split(",")]
+    if unknown := sorted(set(phases) - set(PHASES)):
+        ap.error(f"--phases: unknown {unknown}; choose from {list(PHASES)}")
+    for name in phases:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             child = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--checkpoint", folder,
                                     "--phase", name, "--out", out.name,

@@ -12,7 +12,10 @@ Runs alternate (fixed, slots, fixed, slots, ...) after one warm-up each; RTFx (a
 decode steps and the ratio are printed with the CPU model, and the token ids of both paths are checked equal.
 
     python benchmarks/bench_slots.py [--preset asr-0.6b] [--clips 48] [--seconds 2,8] [--batch 8] [--repeats 2]
-                                     [--checkpoint DIR]
+                                     [--checkpoint DIR] [--tokens N]
+
+With ``--clips 8 --seconds 3,22 --tokens 32`` it is issue 27's CPU workload (a batch of 8 mixed lengths, 32 tokens
+each): the slot pipeline against the fused loop on one batch.
 """
 
 from __future__ import annotations
@@ -121,9 +124,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--checkpoint", default=None, help="a saved random checkpoint folder (built if absent)")
+    parser.add_argument("--tokens", type=int, help="the same max_new_tokens for every clip (bench_all's workload: 32; "
+                        "default: 8-128 drawn per clip)")
     args = parser.parse_args()
     asr = random_transcriber(args.preset, args.checkpoint)
     waves, budgets = clips(args.clips, *(float(x) for x in args.seconds.split(",")))
+    if args.tokens:
+        budgets = [args.tokens] * len(waves)
     audio_s = sum(w.shape[0] for w in waves) / 16000
     print(f"{cpu_name()}; {args.preset}; {args.clips} clips, {audio_s:.1f} s of audio; batch {args.batch}; "
           f"max_new_tokens {min(budgets)}-{max(budgets)} (sum {sum(budgets)})", flush=True)
