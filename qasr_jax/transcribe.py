@@ -31,6 +31,7 @@ from qasr_jax.io.tokenizer import IncrementalDecoder, Tokenizer
 from qasr_jax.io.units import unit_spans
 from qasr_jax.loading import Model, load
 from qasr_jax.modeling.config import DEFAULT_MODEL, MAX_AUDIO_SECONDS
+from qasr_jax.vad.network import speech_probabilities
 from qasr_jax.vad.rules import speech_pieces
 
 ALIGN_PIECE_SECONDS = 180.0  # piece length when word timestamps are asked for (the official toolkit's choice)
@@ -103,10 +104,15 @@ class Fallback:
     """Whisper's rule for a piece whose output looks hallucinated (its text's compression ratio over
     ``compression_ratio_threshold``, its mean token log-probability under ``logprob_threshold``, or stopped in a
     loop): decode it again with ``repetition_penalty``, then with ``beam_size`` beams, and keep the first decode
-    that passes (a loop is often confident: the most probable is not the best), else the last."""
+    that passes (a loop is often confident: the most probable is not the best), else the last.
+
+    Whisper's no-speech test comes first: a decode under ``logprob_threshold`` of a piece whose no-speech
+    probability (1 - the highest Silero VAD speech probability of its 32 ms frames) is over
+    ``no_speech_threshold`` is silence: its text is dropped and it is not decoded again (None: no such test)."""
 
     compression_ratio_threshold: float = 2.4
     logprob_threshold: float = -1.0
+    no_speech_threshold: float | None = 0.6
     repetition_penalty: float = 1.2
     beam_size: int = 4
 
@@ -115,11 +121,19 @@ class Fallback:
         penalty = dataclasses.replace(options, repetition_penalty=self.repetition_penalty)
         return [options, penalty, dataclasses.replace(penalty, beam_size=self.beam_size)]
 
+    def unsure(self, part: _Part) -> bool:
+        """Whether a decoded piece's mean token log-probability is under ``logprob_threshold``."""
+        return bool(part.token_logprobs) and float(np.mean(part.token_logprobs)) < self.logprob_threshold
+
     def rejects(self, part: _Part) -> bool:
         """Whether a decoded piece looks hallucinated (see the class doc)."""
-        lps = part.token_logprobs
-        return (part.looped or compression_ratio(part.text) > self.compression_ratio_threshold
-                or (bool(lps) and float(np.mean(lps)) < self.logprob_threshold))
+        return part.looped or compression_ratio(part.text) > self.compression_ratio_threshold or self.unsure(part)
+
+    def silent(self, part: _Part) -> bool:
+        """Whisper's no-speech test (see the class doc); the VAD runs only on an unsure decode."""
+        if self.no_speech_threshold is None or not self.unsure(part):
+            return False
+        return 1.0 - float(np.max(speech_probabilities(part.piece.samples), initial=0.0)) > self.no_speech_threshold
 
 
 class Transcriber:
@@ -300,7 +314,10 @@ class Transcriber:
                 i, p = work.key
                 piece = pieces[i][p]
                 part = self.decoded(piece, out, langs[i])
-                if stage + 1 < len(pipes) and fallback.rejects(part):  # decode it again, with the next stage
+                if fallback is not None and fallback.silent(part):  # nothing was said: no text, no second try
+                    part = dataclasses.replace(part, text="", token_ids=[], token_logprobs=[], truncated=False,
+                                               looped=False)
+                elif stage + 1 < len(pipes) and fallback.rejects(part):  # decode it again, with the next stage
                     pipes[stage + 1].submit(work)
                     continue
                 parts[i][p] = part

@@ -15,7 +15,8 @@ from qasr_jax.aligner import Aligner
 from qasr_jax.aligner import MAX_SECONDS as ALIGN_MAX_SECONDS
 from qasr_jax.cli.options import (add_hotword_flags, add_layers_flag, add_quantize_flag, check_model_args,
                                   expand_inputs, hotword_problems, mesh_arg, read_hotwords)
-from qasr_jax.cli.options import add_guard_flags, add_subtitle_flags, guard_options, subtitle_options, subtitle_problems
+from qasr_jax.cli.options import (add_guard_flags, add_subtitle_flags, guard_options, guard_problems, subtitle_options,
+                                  subtitle_problems)
 from qasr_jax.cli.serve import add_command as add_serve
 from qasr_jax.io import formats, progress
 from qasr_jax.loading import DTYPES
@@ -94,7 +95,7 @@ def check_transcribe_args(args: argparse.Namespace) -> None:
         problems.append(f"--max-audio-seconds must be a positive number of seconds, got {args.max_audio_seconds:g}")
     if not (math.isfinite(args.vad_max_seconds) and args.vad_max_seconds >= 1):
         problems.append(f"--vad-max-seconds must be at least 1 second, got {args.vad_max_seconds:g}")
-    problems += hotword_problems(args) + subtitle_problems(args)
+    problems += hotword_problems(args) + subtitle_problems(args) + guard_problems(args)
     if args.timestamps and not args.aligner:
         problems.append(f"--timestamps needs a forced aligner: add --aligner {DEFAULT_ALIGNER} (or a local aligner "
                         "folder)")

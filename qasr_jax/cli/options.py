@@ -158,13 +158,25 @@ def add_guard_flags(parser: argparse.ArgumentParser) -> None:
                        help="with --fallback: a text compressing (zlib) more than this repeats itself (default 2.4)")
     group.add_argument("--logprob-threshold", type=float, default=-1.0,
                        help="with --fallback: a mean token log-probability under this is unsure (default -1.0)")
+    group.add_argument("--no-speech-threshold", type=float, default=0.6,
+                       help="with --fallback: an unsure piece whose no-speech probability (1 - Silero VAD's highest "
+                            "speech probability in it) is over this is silence, its text dropped (default 0.6; "
+                            "1 turns the test off)")
+
+
+def guard_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with the guard flags (see ``add_guard_flags``)."""
+    if not 0.0 <= args.no_speech_threshold <= 1.0:
+        return [f"--no-speech-threshold must be a probability in [0, 1], got {args.no_speech_threshold:g}"]
+    return []
 
 
 def guard_options(args: argparse.Namespace) -> dict:
     """The guard flags as keyword arguments of ``Transcriber.transcribe`` (``stop_loops``, ``fallback``)."""
     from qasr_jax.transcribe import Fallback
 
-    fallback = Fallback(args.compression_ratio_threshold, args.logprob_threshold) if args.fallback else None
+    fallback = Fallback(args.compression_ratio_threshold, args.logprob_threshold,
+                        args.no_speech_threshold if args.no_speech_threshold < 1.0 else None) if args.fallback else None
     return {"stop_loops": args.stop_loops, "fallback": fallback}
 
 

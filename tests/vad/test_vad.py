@@ -208,6 +208,25 @@ def test_transcribe_with_vad_decodes_only_speech_pieces(asr, rec):
         asr.transcribe(wave, vad=True, vad_max_seconds=0.5)
 
 
+def test_fallback_drops_unsure_text_where_vad_hears_no_speech(asr):
+    """Whisper's no-speech test in the fallback: the random model's unsure decode of noise alone is dropped (no text,
+    no second try), while speech goes through the fallback as it would without the test; with the test off
+    (``no_speech_threshold=None``) the noise keeps its text; the CLI names a bad threshold."""
+    from qasr_jax.transcribe import Fallback
+
+    voice, quiet = speech("hello_en.wav"), np.concatenate([SILENCE, NOISE])
+    plain = asr.transcribe([voice, quiet], max_new_tokens=NEW)
+    unsure = max(float(np.mean(r.token_logprobs)) for r in plain) + 0.01  # every decode under it
+    assert 1 - speech_probabilities(quiet).max() > 0.6 > 1 - speech_probabilities(voice).max()
+    spoken, silent = asr.transcribe([voice, quiet], max_new_tokens=NEW, fallback=Fallback(logprob_threshold=unsure))
+    assert silent.text == "" and silent.token_ids == [] and plain[1].token_ids
+    kept_voice, kept_noise = asr.transcribe([voice, quiet], max_new_tokens=NEW,
+                                            fallback=Fallback(logprob_threshold=unsure, no_speech_threshold=None))
+    assert spoken.token_ids == kept_voice.token_ids and spoken.token_ids and kept_noise.token_ids
+    bad = _cli("transcribe", "x.wav", "--fallback", "--no-speech-threshold", "2")
+    assert bad.returncode != 0 and "--no-speech-threshold must be a probability" in bad.stderr
+
+
 def _cli(*args):
     import os
     import subprocess
