@@ -112,6 +112,23 @@ def test_guards_never_fire_and_language_probabilities_agree_on_heldout_clips(asr
         assert top == r.language == "English" and r.language_probability == r.language_probabilities[top] > 0.5
 
 
+def test_fallback_repairs_noise_that_a_context_makes_repeat(asr):
+    """Noise with a context prompt of one word repeated (the model never heard a context) makes the trained model
+    write a syllable over and over; Whisper's fallback rejects that decode for its compression ratio and keeps a
+    later one that passes the thresholds."""
+    from qasr_jax.io.results import compression_ratio
+    from qasr_jax.transcribe import Fallback
+
+    noise = (0.02 * np.random.default_rng(0).standard_normal(6 * 16000)).astype(np.float32)
+    context = " ".join(["the"] * 8)
+    plain = asr.transcribe(noise, context=context, max_new_tokens=200)[0]
+    guard = Fallback()
+    assert compression_ratio(plain.text) > guard.compression_ratio_threshold  # it repeats
+    fixed = asr.transcribe(noise, context=context, max_new_tokens=200, fallback=guard)[0]
+    assert compression_ratio(fixed.text) <= guard.compression_ratio_threshold and fixed.token_ids != plain.token_ids
+    assert not fixed.token_logprobs or np.mean(fixed.token_logprobs) >= guard.logprob_threshold
+
+
 @pytest.mark.parametrize("kind", ["bfloat16", "int8"])
 def test_bfloat16_and_int8_within_a_point_of_float32(waves, heldout, greedy, kind):
     refs = [ex.transcript for ex in heldout]
