@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -129,11 +129,10 @@ class Fallback:
         """Whether a decoded piece looks hallucinated (see the class doc)."""
         return part.looped or compression_ratio(part.text) > self.compression_ratio_threshold or self.unsure(part)
 
-    def silent(self, part: _Part) -> bool:
-        """Whisper's no-speech test (see the class doc); the VAD runs only on an unsure decode."""
-        if self.no_speech_threshold is None or not self.unsure(part):
-            return False
-        return 1.0 - float(np.max(speech_probabilities(part.piece.samples), initial=0.0)) > self.no_speech_threshold
+    def silent(self, part: _Part, no_speech: Callable[[], float]) -> bool:
+        """Whisper's no-speech test (see the class doc); ``no_speech()``, the piece's no-speech probability, is
+        asked only after an unsure decode."""
+        return self.no_speech_threshold is not None and self.unsure(part) and no_speech() > self.no_speech_threshold
 
 
 class Transcriber:
@@ -306,6 +305,14 @@ class Transcriber:
                 yield i, results[i]
 
         parts: dict[int, dict[int, _Part]] = collections.defaultdict(dict)
+        heard: dict[tuple[int, int], float] = {}  # a piece's no-speech probability: one VAD pass, when first asked
+
+        def no_speech(key: tuple[int, int]) -> float:
+            if key not in heard:
+                i, p = key
+                heard[key] = 1.0 - float(np.max(speech_probabilities(pieces[i][p].samples), initial=0.0))
+            return heard[key]
+
         bar = audio_progress(sum(p.samples.shape[0] for ps in pieces.values() for p in ps.values()), SAMPLE_RATE,
                              progress)
         while any(q.busy for q in pipes):
@@ -314,9 +321,9 @@ class Transcriber:
                 i, p = work.key
                 piece = pieces[i][p]
                 part = self.decoded(piece, out, langs[i])
-                if fallback is not None and fallback.silent(part):  # nothing was said: no text, no second try
+                if fallback is not None and fallback.silent(part, lambda: no_speech(work.key)):  # nothing said:
                     part = dataclasses.replace(part, text="", token_ids=[], token_logprobs=[], truncated=False,
-                                               looped=False)
+                                               looped=False)  # no text, no second try
                 elif stage + 1 < len(pipes) and fallback.rejects(part):  # decode it again, with the next stage
                     pipes[stage + 1].submit(work)
                     continue

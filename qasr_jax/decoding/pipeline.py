@@ -3,8 +3,8 @@
 The :class:`Pipeline` is what offline transcription and the server share. Pieces (at most ``max_audio_seconds``
 each) are grouped by the KV cache they need (prompt width and output budget, rounded up to powers of two; offline
 the width to 4 steps per octave, see ``_group_of``), so a two-second clip never pays for the cache of a
-twenty-minute one. Each group has its own
-:class:`qasr_jax.decoding.slots.SlotBatcher`, with as many slots as ``batch_size`` allows within the KV memory budget;
+twenty-minute one. Each group has its own :class:`qasr_jax.decoding.slots.SlotBatcher`, with as many slots as
+``batch_size`` allows within the KV memory budget;
 pieces are encoded in batches as slots come free, and a finished piece's slot takes the next one at once, so
 outputs of mixed lengths keep the slots full. Offline the groups run one after another, longest first (one cache
 in memory at a time), the narrower groups' pieces filling the slots the widest would leave empty (a batch of mixed
