@@ -129,6 +129,28 @@ def test_fallback_repairs_noise_that_a_context_makes_repeat(asr):
     assert not fixed.token_logprobs or np.mean(fixed.token_logprobs) >= guard.logprob_threshold
 
 
+def test_the_cli_guards_by_default(asr, tmp_path, capsys):
+    """`qasr-jax transcribe` runs the loop stop and the fallback unless told not to: the looping noise clip of the
+    test above comes out repaired with the default flags, and as the plain decode with --no-fallback
+    --no-stop-loops."""
+    import soundfile as sf
+
+    from qasr_jax.io.results import compression_ratio
+    from qasr_jax.transcribe import Fallback
+
+    path = str(tmp_path / "noise.wav")
+    sf.write(path, (0.02 * np.random.default_rng(0).standard_normal(6 * 16000)).astype(np.float32), 16000)
+    argv = ["transcribe", path, "--model", MODEL, "--context", " ".join(["the"] * 8), "--max-new-tokens", "200",
+            "--output-format", "json"]
+    outputs = []
+    for extra in ([], ["--no-fallback", "--no-stop-loops"]):
+        assert main(argv + extra) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    guarded, plain = (out["text"] for out in outputs)
+    threshold = Fallback().compression_ratio_threshold
+    assert compression_ratio(guarded) <= threshold < compression_ratio(plain)
+
+
 @pytest.mark.parametrize("kind", ["bfloat16", "int8"])
 def test_bfloat16_and_int8_within_a_point_of_float32(waves, heldout, greedy, kind):
     refs = [ex.transcript for ex in heldout]

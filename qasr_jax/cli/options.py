@@ -146,14 +146,22 @@ def subtitle_problems(args: argparse.Namespace) -> list[str]:
     return []
 
 
+def add_guard_toggles(parser) -> None:
+    """--stop-loops / --no-stop-loops and --fallback / --no-fallback, both on by default (``transcribe`` and
+    ``warmup``, which compiles what they call)."""
+    parser.add_argument("--stop-loops", action=argparse.BooleanOptionalAction, default=True,
+                        help="stop greedy decoding of a piece whose output ends in a pattern of up to 20 tokens "
+                             "repeated 20 times (json: repetition_stopped; default: on)")
+    parser.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=True,
+                        help="decode a piece that looks hallucinated again, with a repetition penalty, then with 4 "
+                             "beams, keeping the first decode that passes the thresholds (default: on)")
+
+
 def add_guard_flags(parser: argparse.ArgumentParser) -> None:
-    """--stop-loops, --fallback / --no-fallback and its thresholds: guards against repeated and hallucinated text."""
+    """The guard toggles (``add_guard_toggles``) and the fallback's thresholds: guards against repeated and
+    hallucinated text."""
     group = parser.add_argument_group("repetition and hallucination guards")
-    group.add_argument("--stop-loops", action="store_true", help="stop greedy decoding of a piece whose output ends "
-                       "in a pattern of up to 20 tokens repeated 20 times (json: repetition_stopped)")
-    group.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=False,
-                       help="decode a piece that looks hallucinated again, with a repetition penalty, then with 4 "
-                            "beams, keeping the first decode that passes the thresholds (default: off)")
+    add_guard_toggles(group)
     group.add_argument("--compression-ratio-threshold", type=float, default=2.4,
                        help="with --fallback: a text compressing (zlib) more than this repeats itself (default 2.4)")
     group.add_argument("--logprob-threshold", type=float, default=-1.0,

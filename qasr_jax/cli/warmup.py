@@ -11,7 +11,7 @@ from qasr_jax.loading import DTYPES
 
 def add_command(sub) -> None:
     """Add the ``warmup`` subcommand to the CLI's subparsers."""
-    from qasr_jax.cli.options import add_layers_flag, add_quantize_flag
+    from qasr_jax.cli.options import add_guard_toggles, add_layers_flag, add_quantize_flag
     from qasr_jax.modeling.config import DEFAULT_MODEL
 
     wu = sub.add_parser("warmup", help="compile the programs transcription needs into the compilation cache")
@@ -26,6 +26,7 @@ def add_command(sub) -> None:
     wu.add_argument("--dtype", default="float32", choices=DTYPES)
     add_quantize_flag(wu)
     add_layers_flag(wu)
+    add_guard_toggles(wu)  # as transcribe's: the fallback's stages are programs of their own
     wu.set_defaults(func=run)
 
 
@@ -50,14 +51,15 @@ def run(args: argparse.Namespace) -> int:
 
     from qasr_jax.decoding.buckets import bucket_seconds
     from qasr_jax.decoding.compiles import warm_up
-    from qasr_jax.transcribe import Transcriber
+    from qasr_jax.transcribe import Fallback, Transcriber
 
     asr = Transcriber.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize, layers=args.layers)
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
     total = warm_up(asr, bucket_seconds(args.max_seconds, asr.model.config.audio), sizes,
-                    stream_seconds=args.stream_seconds, log=say)
+                    stream_seconds=args.stream_seconds, log=say, stop_loops=args.stop_loops,
+                    fallback=Fallback() if args.fallback else None)
     where = jax.config.jax_compilation_cache_dir or "nowhere (the compilation cache is off)"
     say(f"warm-up done: {total.count} programs, {total.compiled} compiled in {total.seconds:.1f} s, kept in {where}")
     return 0

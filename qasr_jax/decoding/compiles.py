@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 
 import jax
@@ -101,10 +102,12 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
 
 
 def warm_up(asr, seconds, batch_sizes=(1,), beam_size: int = 1, stream_seconds: float = 0.0, slots: int | None = None,
-            log=None) -> CompileCount:
+            log=None, stop_loops: bool = False, fallback=None) -> CompileCount:
     """Compile what transcribing clips of each length in ``seconds`` needs, ``b`` clips at once for each ``b`` of
     ``batch_sizes`` (in a pipeline of ``slots`` decode slots, default ``b``: what ``transcribe(batch_size=b)``
-    makes), and a lone stream over ``stream_seconds`` -> what it compiled (into the persistent cache when it is on).
+    makes, with its ``stop_loops`` and, for every stage of a ``fallback`` (``qasr_jax.transcribe.Fallback``), that
+    stage's search), and a lone stream over ``stream_seconds`` -> what it compiled (into the persistent cache when
+    it is on).
 
     Each shape is made by running it (noise in, one decode step, cancelled), so the programs are exactly the ones
     a job of those lengths calls; ``log`` (e.g. ``print``) gets one line per shape.
@@ -115,14 +118,15 @@ def warm_up(asr, seconds, batch_sizes=(1,), beam_size: int = 1, stream_seconds: 
 
     rng = np.random.default_rng(0)
     limit = token_limit(asr.model.config)
-    options = DecodeOptions.for_tokenizer(asr.tokenizer, beam_size=beam_size)
+    options = DecodeOptions.for_tokenizer(asr.tokenizer, beam_size=beam_size, stop_loops=stop_loops)
+    stages = [options] if fallback is None else fallback.stages(options)
 
     def noise(seconds: float) -> np.ndarray:
         return (0.05 * rng.standard_normal(max(1, int(seconds * 16000)))).astype(np.float32)
 
     with count_compilations() as total:
-        for rows in batch_sizes:
-            pipe = Pipeline(asr.model, asr.tokenizer, options, slots or rows)
+        for rows, (k, stage) in itertools.product(batch_sizes, enumerate(stages)):
+            pipe = Pipeline(asr.model, asr.tokenizer, stage, slots or rows)
             for s in seconds:
                 with count_compilations() as c:
                     works = [Work(("warm-up", i), noise(s), token_budget(s, limit)) for i in range(rows)]
@@ -134,7 +138,9 @@ def warm_up(asr, seconds, batch_sizes=(1,), beam_size: int = 1, stream_seconds: 
                         pipe.cancel(w.key)
                     pipe.step()  # frees the cancelled slots' group
                 if log:
-                    log(f"warm-up: {rows} x {s:g} s: {c.count} programs, {c.compiled} compiled ({c.seconds:.1f} s)")
+                    what = "" if len(stages) == 1 else f" (fallback stage {k})"
+                    log(f"warm-up: {rows} x {s:g} s{what}: {c.count} programs, {c.compiled} compiled "
+                        f"({c.seconds:.1f} s)")
         if stream_seconds > 0:
             with count_compilations() as c:
                 stream = asr.stream()

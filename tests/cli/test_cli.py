@@ -112,7 +112,7 @@ def test_bar_and_labelled_results_share_a_terminal_in_input_order(asr_dir, asr):
     files = [os.path.join(DATA, "hello_en.wav"), os.path.join(DATA, "long_en.wav")]
     expected = asr.transcribe(files, max_new_tokens=NEW)
     code, raw = run_in_terminal(command("transcribe", *files, "--model", asr_dir, "--max-new-tokens", str(NEW),
-                                        "--batch-size", "1"))
+                                        "--batch-size", "1", "--no-fallback"))  # random text: the fallback fires
     assert code == 0, raw
     shown = screen(raw)
     bars = [line for line in shown if line.startswith("transcribing:")]
@@ -151,7 +151,7 @@ def test_progress_bar_counts_samples_to_its_total():
 def test_json_to_stdout_is_one_object_a_line_in_input_order(asr_dir, asr):
     files = [os.path.join(DATA, f) for f in ("zh.wav", "long_en.wav", "hello_en.wav")]
     proc = subprocess.run(command("transcribe", *files, "--model", asr_dir, "--max-new-tokens", str(NEW),
-                                  "--batch-size", "1", "--output-format", "json"),
+                                  "--batch-size", "1", "--output-format", "json", "--no-fallback"),
                           capture_output=True, text=True, env=ENV)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -280,7 +280,7 @@ def test_env_prints_what_a_bug_report_needs(capsys, monkeypatch, tmp_path, no_ja
 
 def test_aligner_without_timestamps_warns_and_is_not_loaded(asr_dir, asr, capsys, no_disk_cache, tmp_path):
     wav = os.path.join(DATA, "hello_en.wav")
-    code, out, err = run_main(["transcribe", wav, "--model", asr_dir, "--max-new-tokens", str(NEW),
+    code, out, err = run_main(["transcribe", wav, "--model", asr_dir, "--max-new-tokens", str(NEW), "--no-fallback",
                                "--aligner", str(tmp_path / "no-aligner-here")], capsys)
     assert code == 0, err
     assert "qasr-jax transcribe: warning: --aligner is ignored without --timestamps; add --timestamps" in err

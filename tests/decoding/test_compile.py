@@ -116,6 +116,10 @@ def test_prefill_memory_grows_linearly_with_the_prompt():
 # decode group (new_state, advance, results once: narrower groups fill the widest group's slots), with more
 # encode_waves (log-mel + encoder per octave of length and row count), embed and insert shapes; 31 in all (24 with
 # three decode groups of 8 programs each, 30 before issue 24). See RESULTS.md "Compile". A change shows here.
+# Without the guards: random weights repeat one token, so the loop stop would end every piece after 20 tokens (fewer
+# groups), and they fail every fallback threshold, so the fallback would decode each piece three times, in groups
+# of other shapes. A trained model's held-out pieces pass both (tests/test_tiny_model.py); warm-up
+# compiles the fallback's programs too (test_warmup_fills_the_cache_for_a_later_job).
 CLI_JOB_PROGRAMS = 31
 _PROBE = ("import sys, json, jax; from qasr_jax.cli.core import main; from qasr_jax.decoding.compiles import count_compilations\n"
           "with count_compilations() as c:\n    code = main(sys.argv[1:])\n"
@@ -146,7 +150,8 @@ def job_files(tmp_path_factory):
 
 def test_cli_job_compiles_a_pinned_count_and_nothing_the_second_time(asr_dir, job_files, tmp_path):
     cache = tmp_path / "xla"
-    args = ["transcribe", *job_files, "--model", asr_dir, "--batch-size", "8", "--output-dir", str(tmp_path / "out")]
+    args = ["transcribe", *job_files, "--model", asr_dir, "--batch-size", "8", "--no-fallback", "--no-stop-loops",
+            "--output-dir", str(tmp_path / "out")]
     first, _ = _cli(args, cache)
     assert first["compiled"] == first["count"] == CLI_JOB_PROGRAMS, sorted(collections.Counter(first["names"]).items())
     assert len(os.listdir(cache)) > 0

@@ -162,7 +162,7 @@ def test_cli_hotwords_from_the_flag_and_a_file(asr, folder, tmp_path, capsys, mo
     wav = str(tmp_path / "clip.wav")
     sf.write(wav, speech("hello_en.wav"), 16000)
     code = cli.main(["transcribe", wav, "--model", folder, "--max-new-tokens", "8", "--hotwords-file", str(words),
-                     "--hotword-boost", "300", "--output-format", "json"])
+                     "--hotword-boost", "300", "--output-format", "json", "--no-fallback"])
     ids = json.loads(capsys.readouterr().out)["token_ids"]
     (want,) = asr.transcribe(wav, max_new_tokens=8, hotwords=["Pallas", "Qwen"], hotword_boost=300.0)
     assert code == 0 and ids == want.token_ids

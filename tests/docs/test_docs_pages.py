@@ -207,7 +207,9 @@ def test_multi_device_page_runs_on_eight_devices(workdir, tmp_path):
         for command in shell_commands(block, console=True):
             if not is_install(command):
                 assert command.startswith("qasr-jax transcribe "), command
-                commands.append(with_model(shlex.split(substitute(command, models)), models)[1:])
+                # Random weights' text fails the fallback's thresholds on every piece, which would compile and run
+                # two more searches (beam 4) on each mesh: 40 s -> 350 s. The fallback is tested on tiny-en.
+                commands.append(with_model(shlex.split(substitute(command, models)), models)[1:] + ["--no-fallback"])
     assert len(commands) == 3 and any("model=2" in " ".join(c) for c in commands)
     job = {"python": [substitute(b, models) for b in page_blocks("docs/multi_device.md", "python")],
            "commands": commands}

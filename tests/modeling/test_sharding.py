@@ -296,7 +296,7 @@ def test_distributed_cli_each_process_transcribes_its_share(report, model_dir):
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "qasr_jax.cli", "transcribe", *inputs, "--model", str(model_dir / "ckpt"),
-             "--max-new-tokens", "6", "--output-format", "json", "--distributed", "--coordinator",
+             "--max-new-tokens", "6", "--output-format", "json", "--no-fallback", "--distributed", "--coordinator",
              f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
             env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": ROOT},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
