@@ -112,6 +112,11 @@ def test_guards_never_fire_and_language_probabilities_agree_on_heldout_clips(asr
         assert top == r.language == "English" and r.language_probability == r.language_probabilities[top] > 0.5
 
 
+def looping_noise() -> tuple[np.ndarray, str]:
+    """6 s of noise and a context of one word repeated, under which tiny-en writes a syllable over and over."""
+    return (0.02 * np.random.default_rng(0).standard_normal(6 * 16000)).astype(np.float32), " ".join(["the"] * 8)
+
+
 def test_fallback_repairs_noise_that_a_context_makes_repeat(asr):
     """Noise with a context prompt of one word repeated (the model never heard a context) makes the trained model
     write a syllable over and over; Whisper's fallback rejects that decode for its compression ratio and keeps a
@@ -119,8 +124,7 @@ def test_fallback_repairs_noise_that_a_context_makes_repeat(asr):
     from qasr_jax.io.results import compression_ratio
     from qasr_jax.transcribe import Fallback
 
-    noise = (0.02 * np.random.default_rng(0).standard_normal(6 * 16000)).astype(np.float32)
-    context = " ".join(["the"] * 8)
+    noise, context = looping_noise()
     plain = asr.transcribe(noise, context=context, max_new_tokens=200)[0]
     guard = Fallback()
     assert compression_ratio(plain.text) > guard.compression_ratio_threshold  # it repeats
@@ -131,16 +135,17 @@ def test_fallback_repairs_noise_that_a_context_makes_repeat(asr):
 
 def test_the_cli_guards_by_default(asr, tmp_path, capsys):
     """`qasr-jax transcribe` runs the loop stop and the fallback unless told not to: the looping noise clip of the
-    test above comes out repaired with the default flags, and as the plain decode with --no-fallback
+    test above comes out repaired with the default flags, and still repeating with --no-fallback
     --no-stop-loops."""
     import soundfile as sf
 
     from qasr_jax.io.results import compression_ratio
     from qasr_jax.transcribe import Fallback
 
+    noise, context = looping_noise()
     path = str(tmp_path / "noise.wav")
-    sf.write(path, (0.02 * np.random.default_rng(0).standard_normal(6 * 16000)).astype(np.float32), 16000)
-    argv = ["transcribe", path, "--model", MODEL, "--context", " ".join(["the"] * 8), "--max-new-tokens", "200",
+    sf.write(path, noise, 16000)
+    argv = ["transcribe", path, "--model", MODEL, "--context", context, "--max-new-tokens", "200",
             "--output-format", "json"]
     outputs = []
     for extra in ([], ["--no-fallback", "--no-stop-loops"]):

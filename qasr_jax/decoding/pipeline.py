@@ -4,12 +4,12 @@ The :class:`Pipeline` is what offline transcription and the server share. Pieces
 each) are grouped by the KV cache they need (prompt width and output budget, rounded up to powers of two; offline
 the width to 4 steps per octave, see ``_group_of``), so a two-second clip never pays for the cache of a
 twenty-minute one. Each group has its own :class:`qasr_jax.decoding.slots.SlotBatcher`, with as many slots as
-``batch_size`` allows within the KV memory budget;
-pieces are encoded in batches as slots come free, and a finished piece's slot takes the next one at once, so
-outputs of mixed lengths keep the slots full. Offline the groups run one after another, longest first (one cache
-in memory at a time), the narrower groups' pieces filling the slots the widest would leave empty (a batch of mixed
-lengths decodes as one batch), and freed slots are refilled in waves (one prefill for many pieces); a server runs
-the groups side by side, so a long request never holds up short ones, and refills a slot at once.
+``batch_size`` allows within the KV memory budget; pieces are encoded in batches as slots come free, and a finished
+piece's slot takes the next one at once, so outputs of mixed lengths keep the slots full. Offline the groups run one
+after another, longest first (one cache in memory at a time), the narrower groups' pieces filling the slots the
+widest would leave empty (a batch of mixed lengths decodes as one batch), and freed slots are refilled in waves (one
+prefill for many pieces); a server runs the groups side by side, so a long request never holds up short ones, and
+refills a slot at once.
 """
 
 from __future__ import annotations
