@@ -217,7 +217,8 @@ def cache_report(model) -> dict:
         ragged = "no error"
     except ValueError as e:
         ragged = str(e)
-    return {"k": spec_list(cache.k.sharding.spec), "lengths": spec_list(cache.lengths.sharding.spec),
+    return {"kv": [spec_list(t.sharding.spec) for t in cache.k + cache.v],
+            "lengths": spec_list(cache.lengths.sharding.spec),
             "logits": spec_list(logits.sharding.spec), "step_logits": spec_list(step_logits.sharding.spec),
             "ragged_batch_error": ragged}
 

@@ -34,7 +34,7 @@ from qasr_jax.decoding.compiles import jit_with_encoder
 from qasr_jax.io.audio import frames_of, log_mel_padded
 from qasr_jax.modeling.model import LAYER_MODES, KVCache, Qwen3ASRModule, stack_layers, unstack_layers
 
-CACHE_AXES = KVCache(k=1, v=1, lengths=0)  # row axis of each KVCache leaf (search.gather_rows)
+CACHE_AXES = KVCache(k=0, v=0, lengths=0)  # row axis of each KVCache field's leaves (search.gather_rows)
 
 
 @flax.struct.dataclass
@@ -156,10 +156,8 @@ class Engine:
             beams = cfg.beam_size
             first = ids * beams  # each request's first decoder row
             logits, cache = prefill(params, embeds, n_new, state.cache, first)
-            for b in range(1, beams):  # the other beams start as copies of the first
-                cache = KVCache(k=cache.k.at[:, first + b].set(cache.k[:, first]),
-                                v=cache.v.at[:, first + b].set(cache.v[:, first]),
-                                lengths=cache.lengths.at[first + b].set(cache.lengths[first]))
+            for b in range(1, beams):  # the other beams start as copies of the first (rows: every leaf's axis 0)
+                cache = jax.tree_util.tree_map(lambda x, b=b: x.at[first + b].set(x[first]), cache)
             rows = S.start(state.rows, ids, max_new, cfg, prompt_ids, None if prompt_ids is None else n_new, tries)
             decoder_rows = (first[:, None] + jnp.arange(beams)).reshape(-1)
             full = jnp.zeros((cache.slots, logits.shape[-1]), logits.dtype).at[decoder_rows].set(

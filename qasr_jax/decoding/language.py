@@ -97,8 +97,7 @@ def normalise(logprobs: np.ndarray, languages: Sequence[str]) -> list[dict[str, 
 
 def _repeat_cache(cache: KVCache, k: int) -> KVCache:
     # Row r of the prefilled cache becomes rows r * k .. r * k + k - 1: one copy per language.
-    return KVCache(k=jnp.repeat(cache.k, k, axis=1), v=jnp.repeat(cache.v, k, axis=1),
-                   lengths=jnp.repeat(cache.lengths, k, axis=0))
+    return jax.tree_util.tree_map(lambda x: jnp.repeat(x, k, axis=0), cache)  # every leaf holds its rows first
 
 
 def language_distributions(model, tok, waves: Sequence[np.ndarray], contexts: Sequence[str] | None = None,

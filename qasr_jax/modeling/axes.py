@@ -25,8 +25,7 @@ AUDIO_MLP = ("batch", "length", "audio_mlp")
 ACT = ("batch", "length", "embed")
 MLP = ("batch", "length", "mlp")
 QUERY = ("batch", "length", "kv_heads", None, None)  # queries grouped by the kv head they share
-KV_SLICE = ("batch", "kv_heads", "length", None)  # one layer's keys or values: (batch, kv_heads, slots, head_dim)
-KV_CACHE = ("layers", "batch", "kv_heads", "length", None)
+KV = ("batch", "kv_heads", "length", None)  # a layer's keys or values, as cached: (batch, kv_heads, keys, head_dim)
 
 Rules = tuple[tuple[str, Any], ...]  # (logical name, mesh axis | tuple of mesh axes | None)
 

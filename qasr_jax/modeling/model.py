@@ -58,27 +58,31 @@ class KVCache:
     """Fixed-size decoder KV cache of ``slots`` rows: row r holds its tokens' keys and values at [0, lengths[r]).
 
     Each row has its own length (and so its own positions), so rows can be filled, extended and freed one by one
-    (the engine's slots) while one step advances all of them.
+    (the engine's slots) while one step advances all of them. Each layer has its own key and value buffers, so its
+    attention reads them where they lie: slicing a layer out of one stacked (layers, ...) array copied that layer's
+    whole cache, in every layer of every decode step. Every leaf holds the rows on its first axis.
     """
 
     # Cache positions next to head_dim: the layout attention's dots read without a transpose.
-    k: jax.Array  # (layers, slots, kv_heads, max_len, head_dim)
-    v: jax.Array  # (layers, slots, kv_heads, max_len, head_dim)
+    k: tuple[jax.Array, ...]  # one (slots, kv_heads, max_len, head_dim) buffer per layer
+    v: tuple[jax.Array, ...]  # one (slots, kv_heads, max_len, head_dim) buffer per layer
     lengths: jax.Array  # (slots,) int32: tokens held by each row
 
     @classmethod
     def init(cls, cfg: TextConfig, slots: int, max_len: int, dtype: Dtype = jnp.float32) -> "KVCache":
         """An empty cache of ``slots`` rows of ``max_len`` positions."""
-        shape = (cfg.layers, slots, cfg.kv_heads, max_len, cfg.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((slots,), jnp.int32))
+        shape = (slots, cfg.kv_heads, max_len, cfg.head_dim)
+        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.layers)),
+                   v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.layers)),
+                   lengths=jnp.zeros((slots,), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     @property
     def slots(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -109,7 +113,7 @@ class CacheWrite:
 
 def _scatter(cache: jax.Array, idx, new: jax.Array) -> jax.Array:
     """``cache.at[idx].set(new)``, positions past the end dropped. A 16-bit float cache is scattered as uint16:
-    XLA:CPU scatters bf16 by converting the whole stacked cache to float32 and back, in every layer."""
+    XLA:CPU scatters bf16 by converting the whole cache buffer to float32 and back, in every layer."""
     if cache.dtype.itemsize != 2:
         return cache.at[idx].set(new.astype(cache.dtype), mode="drop")
     bits = jax.lax.bitcast_convert_type(new.astype(cache.dtype), jnp.uint16)
@@ -125,12 +129,13 @@ class DecoderLayer(nn.Module):
     layout: Any = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv=None, write: CacheWrite | None = None, layer: int = 0):
+    def __call__(self, x, cos, sin, mask, kv=None, write: CacheWrite | None = None, layer=None):
         """x (batch, seq, hidden); mask (batch, seq, keys) bool.
 
-        Without ``kv`` the queries attend over their own keys (keys = seq). With ``kv``, the whole stacked
-        (k, v) cache pair, this layer's new keys and values are written as ``write`` says, and the queries attend
-        over their rows of the cache (keys = max_len); the updated pair is returned.
+        Without ``kv`` the queries attend over their own keys (keys = seq). With ``kv``, this layer's (k, v) cache
+        buffers (with ``layer``, the index of this layer in the scan's stacked pair of every layer's buffers), the
+        new keys and values are written as ``write`` says, and the queries attend over their rows of the cache
+        (keys = max_len); the updated pair is returned.
         """
         cfg, dt, lay = self.cfg, self.dtype, self.layout
         batch, seq, _ = x.shape
@@ -144,15 +149,16 @@ class DecoderLayer(nn.Module):
         k = apply_rope(RMSNorm(dt, cfg.rms_norm_eps, name="k_norm")(k), cos, sin)
         if kv is not None:
             rows = write.rows if write.rows is not None else jnp.arange(batch)
-            # Scatter (batch, seq, kv_heads, head_dim) into the stacked cache at (layer, row, :, position, :).
-            idx = (layer, rows[:, None], slice(None), write.positions, slice(None))
+            # Scatter (batch, seq, kv_heads, head_dim) into the cache at ([layer,] row, :, position, :).
+            idx = (rows[:, None], slice(None), write.positions, slice(None))
+            idx = idx if layer is None else (layer,) + idx
             kv = tuple(_scatter(c, idx, new) for c, new in zip(kv, (k, v)))
-            k, v = kv[0][layer], kv[1][layer]  # (slots, kv_heads, max_len, head_dim)
+            k, v = kv if layer is None else (kv[0][layer], kv[1][layer])  # (slots, kv_heads, max_len, head_dim)
             if write.rows is not None:
                 k, v = k[write.rows], v[write.rows]
-            k, v = (constrain(t, ax.KV_SLICE, lay).astype(dt) for t in (k, v))
+            k, v = (constrain(t, ax.KV, lay).astype(dt) for t in (k, v))
         else:
-            k, v = (constrain(t.transpose(0, 2, 1, 3), ax.KV_SLICE, lay) for t in (k, v))
+            k, v = (constrain(t.transpose(0, 2, 1, 3), ax.KV, lay) for t in (k, v))
         scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, k, preferred_element_type=jnp.float32)
         scores = jnp.where(mask[:, None, None], scores * cfg.head_dim**-0.5, MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
@@ -170,7 +176,8 @@ class DecoderLayer(nn.Module):
 
 
 class ScannedLayer(nn.Module):
-    """One decoder layer as a scan body: carry (x, kv), the layer's index as the scanned input."""
+    """One decoder layer as a scan body: carry (x, every layer's cache buffers stacked or None), the layer's index
+    as the scanned input."""
 
     cfg: TextConfig
     dtype: Dtype
@@ -206,20 +213,26 @@ class TextDecoder(nn.Module):
                            in_axes=(nn.broadcast,) * 4 + (0,), length=cfg.layers)
             self.stack = scan(cfg, self.dtype, self.layout, self.remat, name=SCANNED)
         else:
-            layer = nn.remat(DecoderLayer, static_argnums=(7,)) if self.remat else DecoderLayer
+            layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
             self.stack = [layer(cfg, self.dtype, self.layout, name=f"layers_{i}") for i in range(cfg.layers)]
         self.norm = RMSNorm(self.dtype, cfg.rms_norm_eps)
 
     def __call__(self, embeds, positions, mask, cache: KVCache | None = None, write: CacheWrite | None = None):
-        """embeds (batch, seq, hidden), positions (batch, seq) -> (hidden after the final norm, new (k, v) or None)."""
+        """embeds (batch, seq, hidden), positions (batch, seq) -> (hidden after the final norm, the new cache
+        buffers (k, v), each a tuple of one buffer per layer, or None)."""
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        kv = None if cache is None else (cache.k, cache.v)
         x = constrain(embeds.astype(self.dtype), ax.ACT, self.layout)
-        if self.layers == "scan":  # the cache rides in the carry: each layer scatters into it in place
+        if self.layers == "scan":
+            # The scan indexes the cache by its traced layer: the buffers ride in the carry stacked (layers first),
+            # each layer scattering into its own slice in place, and are split again after the last layer.
+            kv = None if cache is None else (jnp.stack(cache.k), jnp.stack(cache.v))
             (x, kv), _ = self.stack((x, kv), cos, sin, mask, write, jnp.arange(self.cfg.layers))
+            kv = None if kv is None else tuple(tuple(t[i] for i in range(self.cfg.layers)) for t in kv)
         else:
+            pairs = [None] * self.cfg.layers if cache is None else list(zip(cache.k, cache.v))
             for i, layer in enumerate(self.stack):
-                x, kv = layer(x, cos, sin, mask, kv, write, i)
+                x, pairs[i] = layer(x, cos, sin, mask, pairs[i], write)
+            kv = None if cache is None else tuple(zip(*pairs))
         return self.norm(x), kv
 
 
@@ -322,8 +335,8 @@ class Qwen3ASRModule(nn.Module):
 
 
 def _constrain_cache(cache: KVCache, layout) -> KVCache:
-    return KVCache(k=constrain(cache.k, ax.KV_CACHE, layout), v=constrain(cache.v, ax.KV_CACHE, layout),
-                   lengths=constrain(cache.lengths, ("batch",), layout))
+    k, v = (tuple(constrain(t, ax.KV, layout) for t in kv) for kv in (cache.k, cache.v))
+    return KVCache(k=k, v=v, lengths=constrain(cache.lengths, ("batch",), layout))
 
 
 def prompt_positions_and_mask(token_mask: jax.Array) -> tuple[jax.Array, jax.Array]:

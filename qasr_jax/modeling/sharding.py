@@ -63,9 +63,9 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 )
 _PARAM_AXES = tuple((re.compile(p), axes) for p, axes in PARAM_AXES)
 
-# Logical axes of the KV cache leaves (model.KVCache): (layers, slots, kv_heads, max_len, head_dim) and lengths.
-CACHE_AXES = {"k": ("layers", "batch", "kv_heads", "length", "head_dim"),
-              "v": ("layers", "batch", "kv_heads", "length", "head_dim"), "lengths": ("batch",)}
+# Logical axes of the KV cache leaves (model.KVCache): each layer's k and v buffers (slots, kv_heads, max_len,
+# head_dim), and lengths.
+CACHE_AXES = {"kv": ("batch", "kv_heads", "length", "head_dim"), "lengths": ("batch",)}
 
 
 _DATA: Rules = (("batch", "data"),)
@@ -213,7 +213,8 @@ def param_shardings(shapes, layout: Layout, cfg) -> Any:
 def cache_shardings(layout: Layout, cfg) -> KVCache:
     """The KVCache's shardings: slots over data, KV heads over model where they divide."""
     units = {"kv_heads": cfg.text.kv_heads}
-    return KVCache(**{name: layout.sharding(axes, None, units) for name, axes in CACHE_AXES.items()})
+    kv = (layout.sharding(CACHE_AXES["kv"], None, units),) * cfg.text.layers
+    return KVCache(k=kv, v=kv, lengths=layout.sharding(CACHE_AXES["lengths"], None, units))
 
 
 def _host_shard(host: np.ndarray, index, dtype) -> np.ndarray:

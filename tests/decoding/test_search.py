@@ -187,13 +187,14 @@ def test_scripted_suppress_eos_and_one_beam():
 def test_beam_helpers_on_kv_cache():
     cfg = qasr_jax.preset("tiny").text
     cache = KVCache.init(cfg, 2, 5)
-    cache = cache.replace(k=cache.k.at[:, 1].set(1.0), lengths=cache.lengths.at[1].set(3))
+    cache = cache.replace(k=tuple(t.at[1].set(1.0) for t in cache.k), lengths=cache.lengths.at[1].set(3))
     wide = S.add_beam_dim(cache, CACHE_AXES, 3)
-    assert wide.k.shape == (cfg.layers, 6, cfg.kv_heads, 5, cfg.head_dim) and wide.lengths.shape == (6,)
+    assert len(wide.k) == len(wide.v) == cfg.layers and wide.lengths.shape == (6,)
+    assert {t.shape for t in wide.k + wide.v} == {(6, cfg.kv_heads, 5, cfg.head_dim)}
     assert wide.lengths.tolist() == [0, 0, 0, 3, 3, 3]
-    assert float(wide.k[:, 3:].min()) == 1.0 and float(wide.k[:, :3].max()) == 0.0
+    assert all(float(t[3:].min()) == 1.0 and float(t[:3].max()) == 0.0 for t in wide.k)
     picked = S.gather_rows(wide, CACHE_AXES, jnp.asarray([5, 0]))
-    assert float(picked.k[:, 0].min()) == 1.0 and float(picked.k[:, 1].max()) == 0.0
+    assert all(float(t[0].min()) == 1.0 and float(t[1].max()) == 0.0 for t in picked.k)
     assert picked.lengths.tolist() == [3, 0]
 
 

@@ -78,10 +78,10 @@ def test_int8_matmul_is_the_per_token_quantized_product(rows):
 def test_bf16_cache_scatter_writes_the_same_bits():
     """The bf16 KV cache is scattered as uint16 (XLA:CPU converts a bf16 scatter's whole operand to float32): the
     same values land at the same places, positions past the end are dropped, everything else is untouched."""
-    cache = _bf16((2, 3, 2, 6, 4), 3)  # (layers, slots, kv_heads, max_len, head_dim)
+    cache = _bf16((3, 2, 6, 4), 3)  # one layer's buffer: (slots, kv_heads, max_len, head_dim)
     new = _bf16((2, 2, 2, 4), 4)  # (rows, seq, kv_heads, head_dim)
     rows, positions = jnp.array([2, 0]), jnp.array([[1, 2], [5, 6]])  # row 0's second token lands past the end
-    idx = (1, rows[:, None], slice(None), positions, slice(None))
+    idx = (rows[:, None], slice(None), positions, slice(None))
     out = _scatter(cache, idx, new)
     want = cache.astype(jnp.float32).at[idx].set(new.astype(jnp.float32), mode="drop")
     assert out.dtype == jnp.bfloat16

@@ -129,7 +129,8 @@ def test_forward_shapes_at_real_size_without_memory(name):
     max_len = seq + 32
     cache = jax.eval_shape(lambda: KVCache.init(cfg.text, 2, max_len))
     dec_layers, kv_heads, head_dim = cfg.text.layers, cfg.text.kv_heads, cfg.text.head_dim
-    assert cache.k.shape == cache.v.shape == (dec_layers, 2, kv_heads, max_len, head_dim)
+    assert len(cache.k) == len(cache.v) == dec_layers
+    assert {t.shape for t in cache.k + cache.v} == {(2, kv_heads, max_len, head_dim)}
     next_logits, cache = jax.eval_shape(
         lambda v, e, n, c: module.apply(v, e, n, c, method=Qwen3ASRModule.extend),
         variables, _abstract((2, seq, hidden)), _abstract((2,), jnp.int32), cache,
