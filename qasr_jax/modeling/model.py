@@ -112,8 +112,20 @@ class CacheWrite:
 
 
 def _scatter(cache: jax.Array, idx, new: jax.Array) -> jax.Array:
-    """``cache.at[idx].set(new)``, positions past the end dropped. A 16-bit float cache is scattered as uint16:
-    XLA:CPU scatters bf16 by converting the whole cache buffer to float32 and back, in every layer."""
+    """``cache.at[idx].set(new)``, positions past the end dropped: ``idx`` ends (..., rows (batch, 1), :,
+    positions (batch, seq), :) and ``new`` is (batch, seq, kv_heads, head_dim).
+
+    A 16-bit float cache is scattered as uint16: XLA:CPU scatters bf16 by converting the whole cache buffer to
+    float32 and back, in every layer.
+
+    A single token (batch 1, seq 1) is scattered one kv head at a time (the heads indexed too, kv_heads updates of
+    head_dim): XLA turns a one-update scatter into a dynamic-update-slice, which its CPU fusion duplicated into the
+    attention dot's operand (the dot reads the buffer without its unit batch axis), and the two in-place writes of
+    one buffer cost four whole-buffer copies of it, in every layer of a batch-1 decode step. The same values land
+    at the same places (the compiled batch-1 step's results are bit-for-bit those of the one-update form)."""
+    if new.shape[0] * new.shape[1] == 1:
+        heads = jnp.arange(cache.shape[-3])
+        idx = idx[:-4] + (idx[-4][..., None], heads, idx[-2][..., None], idx[-1])
     if cache.dtype.itemsize != 2:
         return cache.at[idx].set(new.astype(cache.dtype), mode="drop")
     bits = jax.lax.bitcast_convert_type(new.astype(cache.dtype), jnp.uint16)
