@@ -44,7 +44,7 @@ from qasr_jax.decoding.engine import Engine
 from qasr_jax.io.tokenizer import Tokenizer
 from qasr_jax.loading import Model
 from qasr_jax.modeling.config import preset
-from qasr_jax.modeling.model import KVCache, param_shapes
+from qasr_jax.modeling.model import param_shapes
 from qasr_jax.testing import synthetic
 from qasr_jax.transcribe import Transcriber
 
@@ -75,7 +75,7 @@ def section_layers(args) -> None:
         cfg = with_layers(base, depth)
         for mode in MODES:
             eng = Engine(cfg, param_shapes(cfg, args.dtype), args.dtype, layers=mode)
-            cache = jax.eval_shape(lambda: KVCache.init(cfg.text, 1, 512, jnp.dtype(args.dtype)))
+            cache = jax.eval_shape(lambda: eng.init_cache(1, 512))
             hidden = jax.ShapeDtypeStruct((1, 256, cfg.text.hidden_size), jnp.dtype(args.dtype))
             one = jax.ShapeDtypeStruct((1,), jnp.int32)
             programs = {"step": (eng._step, (eng._params, one, jax.ShapeDtypeStruct((1,), bool), cache)),

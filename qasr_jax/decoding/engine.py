@@ -34,8 +34,6 @@ from qasr_jax.decoding.compiles import jit_with_encoder
 from qasr_jax.io.audio import frames_of, log_mel_padded
 from qasr_jax.modeling.model import LAYER_MODES, KVCache, Qwen3ASRModule, stack_layers, unstack_layers
 
-CACHE_AXES = KVCache(k=0, v=0, lengths=0)  # row axis of each KVCache field's leaves (search.gather_rows)
-
 
 @flax.struct.dataclass
 class DecodeState:
@@ -43,6 +41,12 @@ class DecodeState:
 
     cache: KVCache
     rows: S.GreedyRows | S.BeamRows
+
+
+def _copy_rows(x: jax.Array, axis: int, src: jax.Array, dst: jax.Array) -> jax.Array:
+    """``x`` with its rows ``dst`` (on ``axis``) set to its rows ``src``."""
+    at = (slice(None),) * axis
+    return x.at[at + (dst,)].set(x[at + (src,)])
 
 
 def _device(x, dtype):
@@ -79,7 +83,7 @@ class Engine:
         # engine's parameters alive until the garbage collector runs.
 
         def new_cache(slots, max_len):
-            return KVCache.init(text, slots, max_len, dt)
+            return KVCache.init(text, slots, max_len, dt, stacked=layers == "scan")
 
         def apply(params, *args, method):
             return mod.apply({"params": params}, *args, method=method)
@@ -147,7 +151,7 @@ class Engine:
             batch, seq = embeds.shape[:2]
             cache = new_cache(batch, max_len)
             logits, cache = prefill(params, embeds, n_new, cache)
-            return S.search(step_fn(params), logits, cache, CACHE_AXES, settings, max_new, out_len=max_len - seq,
+            return S.search(step_fn(params), logits, cache, cache.row_axes(), settings, max_new, out_len=max_len - seq,
                             cfg=cfg, prompt_ids=prompt_ids, prompt_len=n_new, tries=tries)
 
         def insert(params, state, embeds, n_new, ids, max_new, settings, prompt_ids, rows, tries, *, cfg):
@@ -156,8 +160,9 @@ class Engine:
             beams = cfg.beam_size
             first = ids * beams  # each request's first decoder row
             logits, cache = prefill(params, embeds, n_new, state.cache, first)
-            for b in range(1, beams):  # the other beams start as copies of the first (rows: every leaf's axis 0)
-                cache = jax.tree_util.tree_map(lambda x, b=b: x.at[first + b].set(x[first]), cache)
+            for b in range(1, beams):  # the other beams start as copies of the first
+                cache = jax.tree_util.tree_map(lambda axis, x, b=b: _copy_rows(x, axis, first, first + b),
+                                               cache.row_axes(), cache)
             rows = S.start(state.rows, ids, max_new, cfg, prompt_ids, None if prompt_ids is None else n_new, tries)
             decoder_rows = (first[:, None] + jnp.arange(beams)).reshape(-1)
             full = jnp.zeros((cache.slots, logits.shape[-1]), logits.dtype).at[decoder_rows].set(
@@ -167,7 +172,7 @@ class Engine:
             return DecodeState(cache, rows)
 
         def advance(params, state, settings, max_steps, *, cfg, until_any_done):
-            rows, cache, steps = S.run(step_fn(params), state.rows, state.cache, CACHE_AXES, cfg, settings,
+            rows, cache, steps = S.run(step_fn(params), state.rows, state.cache, state.cache.row_axes(), cfg, settings,
                                        max_steps, until_any_done)
             return DecodeState(cache, rows), steps
 
@@ -222,7 +227,7 @@ class Engine:
             return None
         from qasr_jax.modeling.sharding import cache_shardings
 
-        return cache_shardings(self.layout, self.config)
+        return cache_shardings(self.layout, self.config, self.layers == "scan")
 
     def _state_shardings(self):
         if self.layout is None:
@@ -309,7 +314,8 @@ class Engine:
 
     # -- the decoder over a cache -------------------------------------------------------------------------------
     def init_cache(self, slots: int, max_len: int) -> KVCache:
-        """An empty KV cache of ``slots`` rows of ``max_len`` positions (sharded with a mesh)."""
+        """An empty KV cache of ``slots`` rows of ``max_len`` positions (stacked with ``layers="scan"``; sharded
+        with a mesh)."""
         return self._init_cache(slots, max_len)
 
     def extend(self, cache: KVCache, embeds, n_new, rows=None) -> tuple[jax.Array, KVCache]:

@@ -97,7 +97,7 @@ def normalise(logprobs: np.ndarray, languages: Sequence[str]) -> list[dict[str, 
 
 def _repeat_cache(cache: KVCache, k: int) -> KVCache:
     # Row r of the prefilled cache becomes rows r * k .. r * k + k - 1: one copy per language.
-    return jax.tree_util.tree_map(lambda x: jnp.repeat(x, k, axis=0), cache)  # every leaf holds its rows first
+    return jax.tree_util.tree_map(lambda axis, x: jnp.repeat(x, k, axis=axis), cache.row_axes(), cache)
 
 
 def language_distributions(model, tok, waves: Sequence[np.ndarray], contexts: Sequence[str] | None = None,

@@ -47,10 +47,9 @@ StepFn = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
 def _map_rows(fn: Callable[[jax.Array, int], jax.Array], state, batch_axes):
-    def rows(axis, subtree):  # an axis given for a subtree is the row axis of every leaf under it
-        return subtree if axis is None else jax.tree_util.tree_map(lambda x: fn(x, axis), subtree)
-
-    return jax.tree_util.tree_map(rows, batch_axes, state, is_leaf=lambda a: a is None)
+    return jax.tree_util.tree_map(
+        lambda axis, x: x if axis is None else fn(x, axis), batch_axes, state, is_leaf=lambda a: a is None
+    )
 
 
 def add_beam_dim(state, batch_axes, beam_size: int):

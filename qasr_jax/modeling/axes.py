@@ -74,6 +74,12 @@ class Layout:
         return self.sharding(("batch",) + (None,) * (ndim - 1))
 
 
+def cache_axes(row_axis: int, ndim: int) -> tuple[str | None, ...]:
+    """The logical axes of a KV cache leaf of ``ndim`` dims with its rows on ``row_axis`` (``KVCache.row_axes``):
+    a stacked buffer's layers, then :data:`KV`'s from the rows on (the lengths: the rows only)."""
+    return ("layers",) * row_axis + KV[: ndim - row_axis]
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None], layout: Layout | None) -> jax.Array:
     """``x`` with its sharding pinned to logical ``axes`` under ``layout``; ``x`` itself without one."""
     if layout is None:

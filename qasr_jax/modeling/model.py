@@ -58,31 +58,43 @@ class KVCache:
     """Fixed-size decoder KV cache of ``slots`` rows: row r holds its tokens' keys and values at [0, lengths[r]).
 
     Each row has its own length (and so its own positions), so rows can be filled, extended and freed one by one
-    (the engine's slots) while one step advances all of them. Each layer has its own key and value buffers, so its
-    attention reads them where they lie: slicing a layer out of one stacked (layers, ...) array copied that layer's
-    whole cache, in every layer of every decode step. Every leaf holds the rows on its first axis.
+    (the engine's slots) while one step advances all of them.
+
+    ``k`` and ``v`` are tuples of buffers, laid out for how the decoder runs its layers (``init``'s ``stacked``).
+    Unrolled: one buffer per layer, which that layer's attention reads where it lies (slicing a layer out of one
+    stacked (layers, ...) array copied that layer's whole cache, in every layer of every decode step). Scanned: one
+    buffer of every layer's, layers first, which rides in the scan's carry as it is, each layer scattering into its
+    own slice in place (per-layer buffers would be stacked on entry and split on exit: two copies of the whole cache
+    per call). :meth:`row_axes` says which axis of each leaf holds the rows.
     """
 
     # Cache positions next to head_dim: the layout attention's dots read without a transpose.
-    k: tuple[jax.Array, ...]  # one (slots, kv_heads, max_len, head_dim) buffer per layer
-    v: tuple[jax.Array, ...]  # one (slots, kv_heads, max_len, head_dim) buffer per layer
+    k: tuple[jax.Array, ...]  # one (slots, kv_heads, max_len, head_dim) buffer per layer, or one (layers, slots, ...)
+    v: tuple[jax.Array, ...]  # as k
     lengths: jax.Array  # (slots,) int32: tokens held by each row
 
     @classmethod
-    def init(cls, cfg: TextConfig, slots: int, max_len: int, dtype: Dtype = jnp.float32) -> "KVCache":
-        """An empty cache of ``slots`` rows of ``max_len`` positions."""
+    def init(cls, cfg: TextConfig, slots: int, max_len: int, dtype: Dtype = jnp.float32,
+             stacked: bool = False) -> "KVCache":
+        """An empty cache of ``slots`` rows of ``max_len`` positions: one buffer per layer, or with ``stacked`` (for
+        ``layers="scan"``) one buffer of every layer's."""
         shape = (slots, cfg.kv_heads, max_len, cfg.head_dim)
-        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.layers)),
-                   v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.layers)),
+        shapes = [(cfg.layers,) + shape] if stacked else [shape] * cfg.layers
+        return cls(k=tuple(jnp.zeros(s, dtype) for s in shapes), v=tuple(jnp.zeros(s, dtype) for s in shapes),
                    lengths=jnp.zeros((slots,), jnp.int32))
+
+    def row_axes(self) -> "KVCache":
+        """The axis of each leaf that holds the rows, as a tree like this cache (``search``'s ``batch_axes``): a
+        buffer's first axis, its second when stacked (after the layers); the lengths' only one."""
+        return KVCache(k=tuple(t.ndim - 4 for t in self.k), v=tuple(t.ndim - 4 for t in self.v), lengths=0)
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[2]
+        return self.k[0].shape[-2]
 
     @property
     def slots(self) -> int:
-        return self.k[0].shape[0]
+        return self.k[0].shape[-4]
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -231,15 +243,13 @@ class TextDecoder(nn.Module):
 
     def __call__(self, embeds, positions, mask, cache: KVCache | None = None, write: CacheWrite | None = None):
         """embeds (batch, seq, hidden), positions (batch, seq) -> (hidden after the final norm, the new cache
-        buffers (k, v), each a tuple of one buffer per layer, or None)."""
+        buffers (k, v), each a tuple laid out as the cache's (stacked in scan mode), or None)."""
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
         x = constrain(embeds.astype(self.dtype), ax.ACT, self.layout)
-        if self.layers == "scan":
-            # The scan indexes the cache by its traced layer: the buffers ride in the carry stacked (layers first),
-            # each layer scattering into its own slice in place, and are split again after the last layer.
-            kv = None if cache is None else (jnp.stack(cache.k), jnp.stack(cache.v))
+        if self.layers == "scan":  # the stacked buffers ride in the carry: each layer scatters into its slice in place
+            kv = None if cache is None else (cache.k[0], cache.v[0])
             (x, kv), _ = self.stack((x, kv), cos, sin, mask, write, jnp.arange(self.cfg.layers))
-            kv = None if kv is None else tuple(tuple(t[i] for i in range(self.cfg.layers)) for t in kv)
+            kv = None if kv is None else ((kv[0],), (kv[1],))
         else:
             pairs = [None] * self.cfg.layers if cache is None else list(zip(cache.k, cache.v))
             for i, layer in enumerate(self.stack):
@@ -347,8 +357,8 @@ class Qwen3ASRModule(nn.Module):
 
 
 def _constrain_cache(cache: KVCache, layout) -> KVCache:
-    k, v = (tuple(constrain(t, ax.KV, layout) for t in kv) for kv in (cache.k, cache.v))
-    return KVCache(k=k, v=v, lengths=constrain(cache.lengths, ("batch",), layout))
+    return jax.tree_util.tree_map(lambda axis, t: constrain(t, ax.cache_axes(axis, t.ndim), layout),
+                                  cache.row_axes(), cache)
 
 
 def prompt_positions_and_mask(token_mask: jax.Array) -> tuple[jax.Array, jax.Array]:

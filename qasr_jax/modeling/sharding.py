@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from qasr_jax.modeling.axes import MESH_AXES, Layout, Rules
+from qasr_jax.modeling.axes import MESH_AXES, Layout, Rules, cache_axes
 from qasr_jax.modeling.model import KVCache
 
 # Parameter path ("/"-joined Flax keys) -> logical axis names, one per dimension; the first full match wins.
@@ -62,10 +62,6 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"score/kernel", ("embed", "classes")),
 )
 _PARAM_AXES = tuple((re.compile(p), axes) for p, axes in PARAM_AXES)
-
-# Logical axes of the KV cache leaves (model.KVCache): each layer's k and v buffers (slots, kv_heads, max_len,
-# head_dim), and lengths.
-CACHE_AXES = {"kv": ("batch", "kv_heads", "length", "head_dim"), "lengths": ("batch",)}
 
 
 _DATA: Rules = (("batch", "data"),)
@@ -210,11 +206,13 @@ def param_shardings(shapes, layout: Layout, cfg) -> Any:
                                   is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def cache_shardings(layout: Layout, cfg) -> KVCache:
-    """The KVCache's shardings: slots over data, KV heads over model where they divide."""
+def cache_shardings(layout: Layout, cfg, stacked: bool) -> KVCache:
+    """The shardings of a ``KVCache.init(..., stacked=stacked)``: slots over data, KV heads over model where they
+    divide (a stacked buffer's layers whole)."""
     units = {"kv_heads": cfg.text.kv_heads}
-    kv = (layout.sharding(CACHE_AXES["kv"], None, units),) * cfg.text.layers
-    return KVCache(k=kv, v=kv, lengths=layout.sharding(CACHE_AXES["lengths"], None, units))
+    shapes = jax.eval_shape(lambda: KVCache.init(cfg.text, 1, 1, stacked=stacked))  # the tree and ranks only
+    return jax.tree_util.tree_map(lambda axis, x: layout.sharding(cache_axes(axis, x.ndim), None, units),
+                                  shapes.row_axes(), shapes)
 
 
 def _host_shard(host: np.ndarray, index, dtype) -> np.ndarray:

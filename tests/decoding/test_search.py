@@ -22,7 +22,6 @@ import qasr_jax
 from qasr_jax.decoding import search as S
 from qasr_jax.decoding.buckets import cache_length
 from qasr_jax.decoding.compiles import count_compilations
-from qasr_jax.decoding.engine import CACHE_AXES
 from qasr_jax.io.audio import log_mel_batch
 from qasr_jax.modeling.model import KVCache
 from qasr_jax.testing import speech, synthetic
@@ -184,18 +183,22 @@ def test_scripted_suppress_eos_and_one_beam():
     np.testing.assert_array_equal(one.tokens, g.tokens)
 
 
-def test_beam_helpers_on_kv_cache():
+@pytest.mark.parametrize("stacked", [False, True])  # a stacked buffer holds its rows on its second axis
+def test_beam_helpers_on_kv_cache(stacked):
     cfg = qasr_jax.preset("tiny").text
-    cache = KVCache.init(cfg, 2, 5)
-    cache = cache.replace(k=tuple(t.at[1].set(1.0) for t in cache.k), lengths=cache.lengths.at[1].set(3))
-    wide = S.add_beam_dim(cache, CACHE_AXES, 3)
-    assert len(wide.k) == len(wide.v) == cfg.layers and wide.lengths.shape == (6,)
-    assert {t.shape for t in wide.k + wide.v} == {(6, cfg.kv_heads, 5, cfg.head_dim)}
-    assert wide.lengths.tolist() == [0, 0, 0, 3, 3, 3]
-    assert all(float(t[3:].min()) == 1.0 and float(t[:3].max()) == 0.0 for t in wide.k)
-    picked = S.gather_rows(wide, CACHE_AXES, jnp.asarray([5, 0]))
-    assert all(float(t[0].min()) == 1.0 and float(t[1].max()) == 0.0 for t in picked.k)
-    assert picked.lengths.tolist() == [3, 0]
+    cache = KVCache.init(cfg, 2, 5, stacked=stacked)
+    axes = cache.row_axes()
+    assert axes.lengths == 0 and axes.k == axes.v == (int(stacked),) * (1 if stacked else cfg.layers)
+    cache = cache.replace(k=tuple(t.at[..., 1, :, :, :].set(1) for t in cache.k), lengths=cache.lengths.at[1].set(3))
+
+    def rows(c):  # each k buffer's rows: 1 where copied from row 1, else 0
+        return {tuple(np.moveaxis(np.asarray(t), -4, 0).reshape(c.slots, -1).mean(1).tolist()) for t in c.k}
+
+    wide = S.add_beam_dim(cache, axes, 3)
+    assert {t.shape for t in wide.v} == {(cfg.layers,) * stacked + (6, cfg.kv_heads, 5, cfg.head_dim)}
+    assert rows(wide) == {(0, 0, 0, 1, 1, 1)} and wide.lengths.tolist() == [0, 0, 0, 3, 3, 3]
+    picked = S.gather_rows(wide, axes, jnp.asarray([5, 0]))
+    assert rows(picked) == {(1, 0)} and picked.lengths.tolist() == [3, 0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
