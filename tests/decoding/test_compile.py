@@ -8,7 +8,6 @@ import collections
 import dataclasses
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -66,21 +65,6 @@ def test_scan_and_unrolled_share_one_tree_and_give_the_same_ids(pair):
     assert got["scan"] == got["unrolled"] and all(len(ids) > 0 for ids in got["scan"])
     with pytest.raises(ValueError, match="layers must be one of"):
         qasr_jax.Model(unrolled.config, unrolled.params, layers="rolled")
-
-
-def test_scan_step_carries_one_stacked_cache():
-    """In scan mode the cache is one (layers, slots, ...) buffer per k and v, carried through the scan as it is:
-    the compiled step neither stacks per-layer buffers into it nor splits it again, which would copy the whole
-    cache twice in every call."""
-    cfg = preset("tiny")
-    eng = Engine(cfg, param_shapes(cfg), layers="scan")
-    text = cfg.text
-    whole = (text.layers, 2, text.kv_heads, 64, text.head_dim)
-    cache = jax.eval_shape(lambda: eng.init_cache(2, 64))
-    assert [x.shape for x in cache.k + cache.v] == [whole, whole]
-    rows = jax.ShapeDtypeStruct((2,), jnp.int32), jax.ShapeDtypeStruct((2,), bool)
-    hlo = eng._step.lower(eng._params, *rows, cache).compile().as_text()
-    assert not re.findall(rf"= f32\[{','.join(map(str, whole))}\]\S* (concatenate|slice)\(", hlo)
 
 
 def test_chunked_prefill_equals_one_pass(pair):

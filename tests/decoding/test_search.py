@@ -23,7 +23,6 @@ from qasr_jax.decoding import search as S
 from qasr_jax.decoding.buckets import cache_length
 from qasr_jax.decoding.compiles import count_compilations
 from qasr_jax.io.audio import log_mel_batch
-from qasr_jax.modeling.model import KVCache
 from qasr_jax.testing import speech, synthetic
 from qasr_jax.testing.reference import save_hf
 from qasr_jax.testing.parity import PREFIX, SUFFIX, reference_inputs
@@ -181,24 +180,6 @@ def test_scripted_suppress_eos_and_one_beam():
     one = jax.jit(one_beam)(jnp.asarray(FIRST), _chain_state(["misleading", "eos-first"]))
     assert isinstance(S.init_rows(S.SearchConfig(PAD, beam_size=2), 1, 8, 6), S.BeamRows)
     np.testing.assert_array_equal(one.tokens, g.tokens)
-
-
-@pytest.mark.parametrize("stacked", [False, True])  # a stacked buffer holds its rows on its second axis
-def test_beam_helpers_on_kv_cache(stacked):
-    cfg = qasr_jax.preset("tiny").text
-    cache = KVCache.init(cfg, 2, 5, stacked=stacked)
-    axes = cache.row_axes()
-    assert axes.lengths == 0 and axes.k == axes.v == (int(stacked),) * (1 if stacked else cfg.layers)
-    cache = cache.replace(k=tuple(t.at[..., 1, :, :, :].set(1) for t in cache.k), lengths=cache.lengths.at[1].set(3))
-
-    def rows(c):  # each k buffer's rows: 1 where copied from row 1, else 0
-        return {tuple(np.moveaxis(np.asarray(t), -4, 0).reshape(c.slots, -1).mean(1).tolist()) for t in c.k}
-
-    wide = S.add_beam_dim(cache, axes, 3)
-    assert {t.shape for t in wide.v} == {(cfg.layers,) * stacked + (6, cfg.kv_heads, 5, cfg.head_dim)}
-    assert rows(wide) == {(0, 0, 0, 1, 1, 1)} and wide.lengths.tolist() == [0, 0, 0, 3, 3, 3]
-    picked = S.gather_rows(wide, axes, jnp.asarray([5, 0]))
-    assert rows(picked) == {(1, 0)} and picked.lengths.tolist() == [3, 0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,6 @@ from qasr_jax.decoding.compiles import count_compilations
 from qasr_jax.io.prompts import build_prompt_ids
 from qasr_jax.modeling import quant
 from qasr_jax.modeling.config import audio_token_count
-from qasr_jax.modeling.model import _scatter
 from qasr_jax.testing import DATA, speech, synthetic
 from qasr_jax.transcribe import Transcriber
 from qasr_jax.testing.parity import prompt, rel
@@ -74,55 +72,6 @@ def test_int8_matmul_is_the_per_token_quantized_product(rows):
     assert rel(out, np.einsum("mi,ifo->mfo", x, w)) <= 2e-2
     if rows > 1:
         assert not out[1].any()
-
-
-def test_bf16_cache_scatter_writes_the_same_bits():
-    """The bf16 KV cache is scattered as uint16 (XLA:CPU converts a bf16 scatter's whole operand to float32): the
-    same values land at the same places, positions past the end are dropped, everything else is untouched."""
-    cache = _bf16((3, 2, 6, 4), 3)  # one layer's buffer: (slots, kv_heads, max_len, head_dim)
-    new = _bf16((2, 2, 2, 4), 4)  # (rows, seq, kv_heads, head_dim)
-    rows, positions = jnp.array([2, 0]), jnp.array([[1, 2], [5, 6]])  # row 0's second token lands past the end
-    idx = (rows[:, None], slice(None), positions, slice(None))
-    out = _scatter(cache, idx, new)
-    want = cache.astype(jnp.float32).at[idx].set(new.astype(jnp.float32), mode="drop")
-    assert out.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want))
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("position", [3, 6])  # 6: past the end, dropped
-def test_one_token_scatter_writes_the_same_values(dtype, position):
-    """A single token (batch 1, seq 1) is scattered one kv head at a time: the same values land at the same place."""
-    cache = _bf16((1, 2, 6, 4), 5).astype(dtype)
-    new = _bf16((1, 1, 2, 4), 6).astype(dtype)
-    idx = (jnp.array([0])[:, None], slice(None), jnp.array([[position]]), slice(None))
-    want = cache.astype(jnp.float32).at[idx].set(new.astype(jnp.float32), mode="drop")
-    np.testing.assert_array_equal(np.asarray(_scatter(cache, idx, new), np.float32), np.asarray(want))
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("batch", [1, 4])
-def test_cache_write_and_attention_compile_without_cache_copies(batch, dtype):
-    """One decode step's write into a layer's (donated) cache buffers and the attention over them are compiled in
-    place: at batch 1 a one-update scatter became a dynamic-update-slice that XLA:CPU fused twice (into the
-    returned buffer and into the attention dot's operand), and copied each buffer four times (f32) or twice
-    (bf16) so both writes could happen, in every layer of every step."""
-    heads, groups, max_len, dim = 8, 2, 418, 128  # the 0.6B's layer: small buffers did not show the copies
-
-    def attend(kv, x, lengths):
-        q = jnp.tanh(x)[:, :, None, None].repeat(heads, 2).repeat(groups, 3)  # (batch, 1, heads, groups, dim)
-        new = [f(x)[:, :, None].repeat(heads, 2).astype(dtype) for f in (jnp.sin, jnp.cos)]  # (batch, 1, heads, dim)
-        idx = (jnp.arange(batch)[:, None], slice(None), lengths[:, None], slice(None))
-        k, v = (_scatter(c, idx, t) for c, t in zip(kv, new))
-        scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, k.astype(jnp.float32))
-        probs = jax.nn.softmax(jnp.where(jnp.arange(max_len) <= lengths[:, None, None, None, None], scores, -1e9))
-        return jnp.einsum("bhgqk,bhkd->bhgqd", probs, v.astype(jnp.float32)), (k, v)
-
-    kv = tuple(jnp.zeros((batch, heads, max_len, dim), dtype) for _ in range(2))
-    args = kv, jnp.ones((batch, 1, dim)), jnp.zeros((batch,), jnp.int32)
-    hlo = jax.jit(attend, donate_argnums=0).lower(*args).compile().as_text()
-    copies = re.findall(rf"^\s+%copy[.0-9]* = \w+\[{batch},{heads},{max_len},{dim}\]", hlo, re.M)
-    assert not copies
 
 
 @pytest.fixture(scope="module")
