@@ -9,7 +9,7 @@ import sys
 
 from qasr_jax.cli.options import check_model_args, require_extra
 from qasr_jax.modeling.config import DEFAULT_MODEL
-from qasr_jax.training.trainer import FREEZABLE, LORA_MODULES
+from qasr_jax.training.parts import FREEZABLE, LORA_ALSO, LORA_MODULES
 
 
 def _csv(choices):
@@ -48,7 +48,7 @@ def _finetune(args: argparse.Namespace) -> int:
                          max_grad_norm=args.max_grad_norm, batch_size=args.batch_size, grad_accum=args.grad_accum,
                          steps=steps, dtype=args.dtype, remat=args.remat, freeze=args.freeze,
                          lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
-                         seed=args.seed)
+                         lora_also=args.lora_also, seed=args.seed)
     path = resolve_model_path(args.model)
     mesh = _mesh(args.mesh)
     model = qasr_jax.load(path, dtype="float32", mesh=mesh, sharding=args.sharding if mesh else None)
@@ -108,6 +108,9 @@ def add_commands(sub) -> None:
     ft.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 x rank)")
     ft.add_argument("--lora-targets", type=_csv(LORA_MODULES), default=("decoder",),
                     help="where adapters go: " + ",".join(LORA_MODULES) + " (comma-separated; default decoder)")
+    ft.add_argument("--lora-also", type=_csv(LORA_ALSO), default=(), help="base weights trained whole beside the "
+                    "adapters: " + ",".join(LORA_ALSO) + " (embeddings: the token table, also the tied output head; "
+                    "for words made of pieces the model never said)")
     ft.add_argument("--mesh", default=None, help="device mesh, e.g. data=4,model=2 (default: every local device "
                     "on data when there are several)")
     ft.add_argument("--sharding", default="fsdp", choices=["data", "tensor", "fsdp"], help="with a mesh")

@@ -6,8 +6,8 @@ The loss is the mean cross-entropy over every target token of a batch (``languag
 PyTorch); :class:`Trainer` owns the compiled train step: gradients accumulated over micro-batches (an exact mean
 over all their target tokens), clipped, then optax AdamW with the official schedule (linear warmup over 2% of the
 steps, linear decay to 0). Weights and optimizer state stay float32; the forward pass runs in ``dtype`` (bfloat16
-as in the official recipe, or float32). Parts can be frozen, or only LoRA adapters trained (qwix intercepts the
-projections of the engine's module; :func:`merge_lora` folds them into the weights for export). With a mesh
+as in the official recipe, or float32). Parts can be frozen, or LoRA adapters trained instead of the weights
+(``qasr_jax.training.parts``). With a mesh
 (``qasr_jax.load(..., mesh=..., sharding="fsdp")``) parameters, gradients and optimizer state are sharded as the
 parameters are and each batch is split over ``data``: one program on one device or a pod.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import flax.struct
 import jax
@@ -28,15 +28,10 @@ import optax
 
 from qasr_jax.decoding.compiles import jit_with_encoder
 from qasr_jax.decoding.engine import Engine
-from qasr_jax.modeling.sharding import param_path
+from qasr_jax.training.parts import (FREEZABLE, LORA_ALSO, LORA_MODULES, LORA_SUFFIXES, init_lora, lora_provider,
+                                     lora_transform, merge_lora, merge_trees, split_params)
 from qasr_jax.training.data import ARRAYS, Batch, collate, examples_from_records, read_waves
 
-# What --freeze names: parameter path prefixes.
-FREEZABLE = {"encoder": ("audio_tower",), "projector": ("projector",), "decoder": ("decoder", "lm_head")}
-# What --lora-targets names: module paths (regex, full match) whose projections get adapters.
-LORA_MODULES = {"decoder": r"decoder/layers_\d+/(qkv|o|gate_up|down)",
-                "encoder": r"audio_tower/layers_\d+/(q|k|v|o|fc1|fc2)"}
-LORA_SUFFIXES = ("_lora_a", "_lora_b")
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters of a run (defaults: the official recipe's, lr 2e-5, 2% warmup, linear decay, clip 1.0)."""
@@ -54,6 +49,7 @@ class TrainConfig:
     lora_rank: int = 0  # > 0: train LoRA adapters only
     lora_alpha: float | None = None  # default 2 * rank
     lora_targets: tuple[str, ...] = ("decoder",)  # of LORA_MODULES
+    lora_also: tuple[str, ...] = ()  # of LORA_ALSO: base weights trained whole beside the adapters
     seed: int = 0  # data order and LoRA initialisation
     decay: str = "linear"  # after warmup: "linear" to 0 (the official recipe) or "cosine" to final_lr_ratio * lr
     final_lr_ratio: float = 0.0  # the cosine schedule's last learning rate, as a fraction of lr
@@ -69,6 +65,10 @@ class TrainConfig:
             raise ValueError(f"unknown LoRA targets {bad}: choose from {sorted(LORA_MODULES)}")
         if self.lora_rank and self.freeze:
             raise ValueError("LoRA trains adapters only (every base weight is frozen); drop --freeze")
+        bad = [t for t in self.lora_also if t not in LORA_ALSO]
+        if bad or (self.lora_also and not self.lora_rank):
+            raise ValueError(f"lora_also names base parts trained beside LoRA adapters (needs lora_rank > 0): "
+                             f"choose from {sorted(LORA_ALSO)}, got {list(self.lora_also)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         for name in ("batch_size", "grad_accum", "steps"):
@@ -105,84 +105,6 @@ class TrainState:
     step: jax.Array  # () int32
     params: dict
     opt_state: optax.OptState
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Trees
-
-
-def split_params(params: Mapping, keep: Callable[[str], bool]) -> tuple[dict, dict]:
-    """(leaves whose "/"-joined path ``keep`` accepts, the others), both nested as ``params`` is."""
-    kept: dict = {}
-    rest: dict = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        keys = [str(getattr(k, "key", k)) for k in path]
-        tree = kept if keep("/".join(keys)) else rest
-        for k in keys[:-1]:
-            tree = tree.setdefault(k, {})
-        tree[keys[-1]] = leaf
-    return kept, rest
-
-
-def merge_trees(a: Mapping, b: Mapping) -> dict:
-    """The union of two nested dicts with disjoint leaves."""
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge_trees(out[k], v) if k in out and isinstance(v, Mapping) else v
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# LoRA through qwix
-
-
-def lora_provider(config: TrainConfig):
-    """The qwix LoraProvider for ``config``: rank, alpha and the module paths of ``lora_targets``."""
-    import qwix
-
-    pattern = "|".join(f"(?:{LORA_MODULES[t]})" for t in config.lora_targets)
-    return qwix.LoraProvider(module_path=pattern, rank=config.lora_rank, alpha=config.alpha)
-
-
-def lora_transform(provider) -> Callable:
-    """Module -> the same module with qwix's LoRA intercepting the projections of ``encode`` and ``decode``."""
-    import qwix
-
-    return lambda module: qwix.apply_lora_to_model(module, provider, methods=("encode", "decode"))
-
-
-def init_lora(engine, provider, key: jax.Array) -> dict:
-    """Fresh adapters for an engine running a qwix-wrapped module: shapes from qwix (traced, nothing computed), A
-    drawn with the rule's initializer (he-uniform), B zeros, so the adapted model starts as the base model."""
-    shapes = engine.declared_params()
-    adapters, _ = split_params(shapes, lambda p: p.endswith(LORA_SUFFIXES))
-    if not adapters:
-        raise ValueError("LoRA matched no projection; check lora_targets")
-    rule = provider._rules[0]  # the one rule lora_provider makes
-    leaves, tree = jax.tree_util.tree_flatten_with_path(adapters)
-    keys = jax.random.split(key, len(leaves))
-    values = [rule.lora_a_initializer(k, s.shape, jnp.float32) if param_path(p).endswith("_lora_a")
-              else rule.lora_b_initializer(k, s.shape, jnp.float32) for k, (p, s) in zip(keys, leaves)]
-    return jax.tree_util.tree_unflatten(tree, values)
-
-
-def merge_lora(params: Mapping, adapters: Mapping, rank: int, alpha: float) -> dict:
-    """Base params with every adapter folded in: kernel + (A @ B).reshape(kernel.shape) * alpha / rank."""
-    scale = alpha / rank
-
-    def merge(base: Mapping, node: Mapping) -> dict:
-        out = dict(base)
-        for name, value in node.items():
-            if isinstance(value, Mapping):
-                out[name] = merge(base[name], value)
-            elif name.endswith("_lora_a"):
-                weight = name[: -len("_lora_a")]
-                kernel = base[weight]
-                delta = (value @ node[weight + "_lora_b"]).reshape(kernel.shape) * scale
-                out[weight] = (kernel + delta).astype(kernel.dtype)
-        return out
-
-    return merge(params, adapters)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,11 +223,12 @@ class Trainer:
         self.engine = Engine(model.config, None, config.dtype, module.attention_impl, module.interpret, self.layout,
                              config.remat, lora_transform(self.provider) if self.provider else None)
         if self.provider:
-            trained, frozen = {}, model.params
+            also = tuple(p for part in config.lora_also for p in LORA_ALSO[part])
+            trained, frozen = split_params(model.params, lambda p: p.startswith(also) if also else False)
         else:
             frozen_prefixes = tuple(p for part in config.freeze for p in FREEZABLE[part])
             frozen, trained = split_params(model.params, lambda p: p.startswith(frozen_prefixes))
-        self._base = trained  # the float32 weights the run starts from (empty with LoRA), until the state takes them
+        self._base = trained  # the float32 weights trained (with LoRA: lora_also's), until the state takes them
         self._base_shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trained)
         self._frozen_f32 = frozen
         self.frozen = jax.tree_util.tree_map(lambda x: x.astype(dt), frozen)
@@ -317,18 +240,13 @@ class Trainer:
     def _param_shardings(self, tree):
         if self.layout is None:
             return None
-        if self.provider:  # adapters are small: every device holds them whole
-            rep = jax.sharding.NamedSharding(self.layout.mesh, jax.sharding.PartitionSpec())
-            return jax.tree_util.tree_map(lambda _: rep, tree)
         from qasr_jax.modeling.sharding import param_shardings
 
-        tree = dict(tree)
-        head = tree.pop(CTC_HEAD, None)
-        out = param_shardings(tree, self.layout, self.model.config)
-        if head is not None:  # small: every device holds it whole
-            rep = jax.sharding.NamedSharding(self.layout.mesh, jax.sharding.PartitionSpec())
-            out[CTC_HEAD] = jax.tree_util.tree_map(lambda _: rep, head)
-        return out
+        # Adapters and the CTC head are small: every device holds them whole; base weights shard as loaded.
+        small, base = split_params(tree, lambda p: p.endswith(LORA_SUFFIXES) or p.startswith(CTC_HEAD + "/"))
+        rep = jax.sharding.NamedSharding(self.layout.mesh, jax.sharding.PartitionSpec())
+        base = param_shardings(base, self.layout, self.model.config) if base else {}
+        return merge_trees(jax.tree_util.tree_map(lambda _: rep, small), base)
 
     def state_shardings(self, state_shapes: TrainState):
         """The NamedSharding of every leaf of a TrainState (None without a mesh)."""
@@ -341,20 +259,18 @@ class Trainer:
         return TrainState(step=rep, params=params, opt_state=opt)
 
     def init_state(self) -> TrainState:
-        """Step 0: the trained weights (LoRA: fresh adapters from the seed) and a zeroed AdamW state; the model's
-        trained buffers are donated to it (call once)."""
-        if self.provider:
-            params = init_lora(self.engine, self.provider, jax.random.PRNGKey(self.config.seed))
-            shardings = self._param_shardings(params)
-            params = params if shardings is None else jax.device_put(params, shardings)
-        elif self._base is None:
+        """Step 0: the trained weights (LoRA: fresh adapters from the seed, beside ``lora_also``'s weights) and a
+        zeroed AdamW state; the model's trained buffers are donated to it (call once)."""
+        if self._base is None:
             raise ValueError("init_state was already called (or the base released): the weights live in that state")
-        else:
-            params, self._base = self._base, None
-            if self.config.ctc_weight:
-                head = init_ctc_head(self.model.config, jax.random.PRNGKey(self.config.seed))
-                params = {**params, CTC_HEAD: head if self.layout is None else
-                          jax.device_put(head, self._param_shardings({CTC_HEAD: head})[CTC_HEAD])}
+        params, self._base = self._base, None
+        key = jax.random.PRNGKey(self.config.seed)
+        if self.provider:
+            params = merge_trees(init_lora(self.engine, self.provider, key), params)
+        elif self.config.ctc_weight:
+            params = {**params, CTC_HEAD: init_ctc_head(self.model.config, key)}
+        shardings = self._param_shardings(params)
+        params = params if shardings is None else jax.device_put(params, shardings)
         shapes = self.state_shapes()
         init = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.optimizer.init(p)),
                        donate_argnums=0, out_shardings=self.state_shardings(shapes))
@@ -368,13 +284,13 @@ class Trainer:
 
     def state_shapes(self) -> TrainState:
         """The TrainState's ShapeDtypeStructs (for restoring a checkpoint into place)."""
+        params = self._base_shapes
         if self.provider:
-            params = jax.eval_shape(lambda: init_lora(self.engine, self.provider, jax.random.PRNGKey(0)))
-        else:
-            params = self._base_shapes
-            if self.config.ctc_weight:
-                params = {**params, CTC_HEAD: jax.eval_shape(lambda: init_ctc_head(self.model.config,
-                                                                                   jax.random.PRNGKey(0)))}
+            params = merge_trees(jax.eval_shape(lambda: init_lora(self.engine, self.provider, jax.random.PRNGKey(0))),
+                                 params)
+        elif self.config.ctc_weight:
+            params = {**params, CTC_HEAD: jax.eval_shape(lambda: init_ctc_head(self.model.config,
+                                                                               jax.random.PRNGKey(0)))}
         return jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.optimizer.init(p)), params)
 
     # -- the step ----------------------------------------------------------------------------------------------
@@ -447,5 +363,7 @@ class Trainer:
     def params(self, state: TrainState) -> dict:
         """The whole parameter tree after training, float32 (frozen parts as loaded, LoRA merged in)."""
         if self.provider:
-            return merge_lora(self.model.params, state.params, self.config.lora_rank, self.config.alpha)
+            adapters, trained = split_params(state.params, lambda p: p.endswith(LORA_SUFFIXES))
+            return merge_lora(merge_trees(trained, self._frozen_f32), adapters, self.config.lora_rank,
+                              self.config.alpha)
         return merge_trees({k: v for k, v in state.params.items() if k != CTC_HEAD}, self._frozen_f32)

@@ -23,7 +23,8 @@ from qasr_jax.modeling.encoder import _conv_stack
 from qasr_jax.testing import ROOT, speech, synthetic
 from qasr_jax.testing.tokenizer_files import with_tokenizer
 from qasr_jax.training.data import examples_from_records, step_batch
-from qasr_jax.training.trainer import TrainConfig, Trainer, loss_and_grads, merge_trees
+from qasr_jax.training.parts import merge_trees
+from qasr_jax.training.trainer import TrainConfig, Trainer, loss_and_grads
 from qasr_jax.testing.parity import assert_grads_close, reference_loss_and_grads
 
 TOL = 1e-4
@@ -149,6 +150,29 @@ def test_lora_starts_as_base_and_merges_exactly(folder, model):
         model.params))
     assert np.abs(adapted - base).max() > 1e-2 * np.abs(base).max()  # the adapters changed the model
     assert np.abs(merged - adapted).max() <= 1e-5 * np.abs(adapted).max()
+
+
+def test_lora_also_trains_the_embeddings_beside_the_adapters(folder):
+    """``lora_also=("embeddings",)``: the token table (the tied head) trains whole beside the adapters and nothing
+    else of the base moves; the export folds the adapters into the projections and takes the trained table."""
+    model = qasr_jax.load(folder)  # its table is donated to the state: not the shared fixture
+    loaded = {name: np.array(x) for name, x in _flat(model.params)}
+    with pytest.raises(ValueError, match="lora_also"):
+        TrainConfig(lora_also=("embeddings",))  # no adapters to train beside
+    trainer = Trainer(model, TrainConfig(lr=1e-2, warmup_ratio=0.0, steps=4, dtype="float32", lora_rank=4,
+                                         lora_also=("embeddings",)))
+    batch = one_step_batch(folder, model)
+    state = trainer.init_state()
+    for _ in range(2):
+        state, metrics = trainer.step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    base = [n for n, _ in _flat(state.params) if not n.endswith(("_lora_a", "_lora_b"))]
+    assert base == ["decoder/embed/embedding"]
+    out = dict(_flat(trainer.params(state)))
+    assert out.keys() == loaded.keys()
+    moved = {n for n in loaded if not np.array_equal(np.asarray(out[n]), loaded[n])}
+    assert "decoder/embed/embedding" in moved and "decoder/layers_0/qkv/kernel" in moved
+    assert all(n == "decoder/embed/embedding" or "/layers_" in n and n.endswith("kernel") for n in moved), moved
 
 
 def _flat(tree):
