@@ -150,8 +150,9 @@ class Pipeline:
         return head + [self.tokenizer.audio_pad_id] * n_audio + tail
 
     def _group_of(self, work: Work) -> tuple[int, int, int]:
-        frames = frame_bucket(n_frames(work.samples.shape[0]), self.model.config.audio)
-        width = len(self.prompt_ids(work, audio_token_count(frames, self.model.config.audio)))
+        # The prompt's own width: its audio tokens from its real frames (its encoder bucket's frames made a 22 s
+        # clip's 288-token prompt a 320-token group, and its cache 64 positions wider, 6% slower at batch 8).
+        width = len(self.prompt_ids(work, audio_token_count(n_frames(work.samples.shape[0]), self.model.config.audio)))
         edges = hw.edge_bucket(work.request.hotword_edges) if work.request.hotwords else 0
         out_len = next_pow2(output_buffer(work.max_new), 64)
         if self.side_by_side:  # each group side by side holds a cache and its programs: few, wide groups
