@@ -23,7 +23,7 @@ from transformers import Qwen3ASRForConditionalGeneration
 import qasr_jax
 from qasr_jax.cli.core import main
 from qasr_jax.io.audio import load_audio
-from qasr_jax.io.hub import bundled_model
+from qasr_jax.io.hub import bundled_model, example_audio
 from qasr_jax.io.tokenizer import Tokenizer
 from qasr_jax.modeling.config import load_config
 from qasr_jax.testing import DATA, tiny_en_manifest
@@ -80,6 +80,14 @@ def test_shipped_model_is_small_and_never_trained_on_its_heldout_clips(heldout):
     assert len(trained) >= 2900
     held = {hashlib.sha256(ex.transcript.encode()).hexdigest()[:16] for ex in heldout}
     assert len(held) == len(heldout) == 100 and not held & trained
+
+
+def test_the_shipped_example_clip_is_a_heldout_clip_it_reads(heldout, asr):
+    """``example_audio()`` (package data, for the notebooks outside a checkout) is the first held-out clip, and
+    the shipped model reads it right."""
+    with open(example_audio(), "rb") as a, open(heldout[0].audio, "rb") as b:
+        assert a.read() == b.read()
+    assert texts(asr.transcribe(example_audio())) == [heldout[0].transcript]
 
 
 def test_greedy_and_beam_word_error_rates(heldout, greedy, beam):

@@ -21,6 +21,13 @@ def bundled_model(name: str = "tiny-en") -> str:
     return os.path.join(package, "data", BUNDLED[name])
 
 
+def example_audio() -> str:
+    """The path of a clip shipped with qasr-jax, for examples that must run without an upload: tiny-en's first
+    held-out clip (espeak-ng saying "girl king two train", 16 kHz Ogg Vorbis; tests/data/tiny_en's heldout_0000)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(package, "data", "tiny-en", "example.ogg")
+
+
 def resolve_model_path(model: str | os.PathLike) -> str:
     """A local checkpoint folder, a bundled model's short name ("tiny-en"), or a hub id such as
     "Qwen/Qwen3-ASR-0.6B" downloaded with huggingface_hub."""
