@@ -1,7 +1,9 @@
-"""Resolve a model argument: a local folder as it is, or a Hugging Face Hub id downloaded once and cached."""
+"""Resolve a model argument: a local folder as it is, or a Hugging Face Hub id downloaded once and cached; and the
+files shipped in ``qasr_jax/data`` (the bundled models, an example clip, the VAD weights)."""
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 
 # What a checkpoint folder needs (weights, config, tokenizer, front-end settings); nothing else is fetched.
@@ -12,20 +14,23 @@ ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
 BUNDLED = {"tiny-en": "tiny-en/model-hf", "tiny-en-official": "tiny-en/model"}
 
 
+def data_path(name: str) -> str:
+    """The installed path of a file or folder shipped in ``qasr_jax/data``."""
+    return str(importlib.resources.files("qasr_jax").joinpath("data", name))
+
+
 def bundled_model(name: str = "tiny-en") -> str:
     """The folder of a model shipped with qasr-jax: "tiny-en" (-hf layout) or "tiny-en-official" (the released
     layout): a 2.9 M-parameter English model trained on synthetic speech, for examples and tests."""
     if name not in BUNDLED:
         raise ValueError(f"no bundled model {name!r}; choose one of {sorted(BUNDLED)}")
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(package, "data", BUNDLED[name])
+    return data_path(BUNDLED[name])
 
 
 def example_audio() -> str:
     """The path of a clip shipped with qasr-jax, for examples that must run without an upload: tiny-en's first
     held-out clip (espeak-ng saying "girl king two train", 16 kHz Ogg Vorbis; tests/data/tiny_en's heldout_0000)."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(package, "data", "tiny-en", "example.ogg")
+    return data_path("tiny-en/example.ogg")
 
 
 def resolve_model_path(model: str | os.PathLike) -> str:

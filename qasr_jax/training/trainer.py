@@ -224,7 +224,7 @@ class Trainer:
                              config.remat, lora_transform(self.provider) if self.provider else None)
         if self.provider:
             also = tuple(p for part in config.lora_also for p in LORA_ALSO[part])
-            trained, frozen = split_params(model.params, lambda p: p.startswith(also) if also else False)
+            trained, frozen = split_params(model.params, lambda p: p.startswith(also))
         else:
             frozen_prefixes = tuple(p for part in config.freeze for p in FREEZABLE[part])
             frozen, trained = split_params(model.params, lambda p: p.startswith(frozen_prefixes))
@@ -264,17 +264,21 @@ class Trainer:
         if self._base is None:
             raise ValueError("init_state was already called (or the base released): the weights live in that state")
         params, self._base = self._base, None
-        key = jax.random.PRNGKey(self.config.seed)
-        if self.provider:
-            params = merge_trees(init_lora(self.engine, self.provider, key), params)
-        elif self.config.ctc_weight:
-            params = {**params, CTC_HEAD: init_ctc_head(self.model.config, key)}
+        params = self._with_new(params, jax.random.PRNGKey(self.config.seed))
         shardings = self._param_shardings(params)
         params = params if shardings is None else jax.device_put(params, shardings)
         shapes = self.state_shapes()
         init = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.optimizer.init(p)),
                        donate_argnums=0, out_shardings=self.state_shardings(shapes))
         return init(params)
+
+    def _with_new(self, trained, key: jax.Array) -> dict:
+        """The trained weights with what a run adds to them from ``key``: fresh LoRA adapters, or the CTC head."""
+        if self.provider:
+            return merge_trees(init_lora(self.engine, self.provider, key), trained)
+        if self.config.ctc_weight:
+            return {**trained, CTC_HEAD: init_ctc_head(self.model.config, key)}
+        return trained
 
     def release_base(self) -> None:
         """Free the model's copies of the trained weights (after restoring a TrainState from a checkpoint)."""
@@ -284,13 +288,7 @@ class Trainer:
 
     def state_shapes(self) -> TrainState:
         """The TrainState's ShapeDtypeStructs (for restoring a checkpoint into place)."""
-        params = self._base_shapes
-        if self.provider:
-            params = merge_trees(jax.eval_shape(lambda: init_lora(self.engine, self.provider, jax.random.PRNGKey(0))),
-                                 params)
-        elif self.config.ctc_weight:
-            params = {**params, CTC_HEAD: jax.eval_shape(lambda: init_ctc_head(self.model.config,
-                                                                               jax.random.PRNGKey(0)))}
+        params = jax.eval_shape(lambda p: self._with_new(p, jax.random.PRNGKey(0)), self._base_shapes)
         return jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.optimizer.init(p)), params)
 
     # -- the step ----------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ segments, transcription pieces and realtime turns.
 from __future__ import annotations
 
 import functools
-import importlib.resources
 import math
 from collections.abc import Sequence
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from qasr_jax.decoding.buckets import length_bucket, next_pow2
 from qasr_jax.io.audio import SAMPLE_RATE, load_audio
+from qasr_jax.io.hub import data_path
 
 FRAME_SAMPLES = 512  # new samples per frame at 16 kHz
 CONTEXT_SAMPLES = 64  # samples of the previous frame the network also sees
@@ -38,11 +38,6 @@ _BLOCK = 256  # frames whose convolutions run together inside the scan (bounds m
 MAX_STREAMS = 64  # rows of one batched call
 BATCH_SAMPLES = 1 << 25  # padded samples of one batched call (35 min of audio, 128 MB)
 _HIGHEST = jax.lax.Precision.HIGHEST  # GPUs and TPUs would otherwise round float32 matmuls (parity is 1e-3)
-
-
-def data_path(name: str) -> str:
-    """The installed path of a file shipped in ``qasr_jax/data`` (the VAD weights, their license)."""
-    return str(importlib.resources.files("qasr_jax").joinpath("data", name))
 
 
 @functools.cache

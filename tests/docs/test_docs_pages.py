@@ -23,7 +23,8 @@ import soundfile as sf
 from safetensors.numpy import load_file
 
 from qasr_jax import cli
-from qasr_jax.vad.network import WEIGHTS_FILE, data_path
+from qasr_jax.io.hub import data_path
+from qasr_jax.vad.network import WEIGHTS_FILE
 from qasr_jax.testing.docs import is_install, page_blocks, run_python_blocks, shell_commands, substitute, with_model
 from test_docs import workdir  # noqa: F401  (the fixture: example audio and tiny checkpoints)
 

@@ -11,8 +11,8 @@ from silero_vad import get_speech_timestamps_from_probs
 from qasr_jax.decoding.compiles import count_compilations
 from qasr_jax.testing import speech
 from qasr_jax.testing.silero import reference_probabilities, reference_segments, v6_weights
-from qasr_jax.vad.network import (FRAME_SAMPLES, WEIGHTS_FILE, data_path, initial_state, speech_probabilities,
-                          stream_probabilities)
+from qasr_jax.io.hub import data_path
+from qasr_jax.vad.network import FRAME_SAMPLES, WEIGHTS_FILE, initial_state, speech_probabilities, stream_probabilities
 from qasr_jax.vad.rules import TurnDetector, segments_from_probabilities, speech_pieces, speech_segments
 
 SR = 16000
@@ -256,7 +256,8 @@ def test_cli_vad_gives_the_api_segments(asr_dir, asr, rec, tmp_path):
 
 
 def test_wheel_ships_the_weights_and_license(tmp_path):
-    """The built wheel holds the weights and Silero's license, and the installed copy loads them."""
+    """The built wheel holds the weights and Silero's license (and the example clip of ``io.hub.example_audio``),
+    and the installed copy loads them."""
     import os
     import subprocess
     import sys
@@ -274,7 +275,8 @@ def test_wheel_ships_the_weights_and_license(tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("qasr_jax-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert f"qasr_jax/data/{WEIGHTS_FILE}" in names and f"qasr_jax/data/{LICENSE_FILE}" in names
+    shipped = {f"qasr_jax/data/{WEIGHTS_FILE}", f"qasr_jax/data/{LICENSE_FILE}", "qasr_jax/data/tiny-en/example.ogg"}
+    assert shipped <= set(names)
     target = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
                               str(wheel)], capture_output=True, text=True)
