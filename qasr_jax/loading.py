@@ -28,6 +28,24 @@ def default_layers(backend: str | None = None) -> str:
     return "unrolled" if (backend or jax.default_backend()) == "cpu" else "scan"
 
 
+KV_BLOCK_ENV = "QASR_JAX_KV_BLOCK"  # overrides default_kv_block (0: every decode step reads its whole cache)
+CPU_KV_BLOCK = 64  # positions a block; 32 and 128 measured no faster on CPU (benchmarks/RESULTS.md)
+
+
+def default_kv_block(backend: str | None = None) -> int | None:
+    """How a decode step reads its KV cache (``qasr_jax.modeling.cache_attention``): on CPU in blocks of
+    ``CPU_KV_BLOCK`` positions up to the longest row's keys (a batch-8 int8 step over a 320-position cache 141 ->
+    118 ms), elsewhere the whole cache until a GPU and a TPU have timed the blocks (benchmarks/gpu_checks.sh);
+    $QASR_JAX_KV_BLOCK overrides it (0: the whole cache)."""
+    chosen = os.environ.get(KV_BLOCK_ENV, "").strip()
+    if chosen:
+        if not chosen.isdigit():
+            raise ValueError(f"${KV_BLOCK_ENV} must be a whole number of positions (0: the whole cache), "
+                             f"got {chosen!r}")
+        return int(chosen) or None
+    return CPU_KV_BLOCK if (backend or jax.default_backend()) == "cpu" else None
+
+
 def _resolve_layers(layers: str, name: str = "layers") -> str:
     if layers not in LAYERS:
         raise ValueError(f"{name} must be one of {LAYERS}, got {layers!r}")
@@ -84,7 +102,8 @@ class Model:
             from qasr_jax.modeling.sharding import place_params
 
             params = place_params(params, layout, config, dtype)
-        self.engine = Engine(config, params, dtype, attention_impl, interpret, layout, layers=_resolve_layers(layers))
+        self.engine = Engine(config, params, dtype, attention_impl, interpret, layout, layers=_resolve_layers(layers),
+                             kv_block=default_kv_block())
 
     @property
     def params(self):

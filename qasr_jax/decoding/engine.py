@@ -62,7 +62,7 @@ class Engine:
 
     def __init__(self, config, params, dtype: str = "float32", attention_impl: str = "auto",
                  interpret: bool = False, layout=None, remat: bool = False, module_transform=None,
-                 layers: str = "unrolled", prefill_chunk: int | None = PREFILL_CHUNK):
+                 layers: str = "unrolled", prefill_chunk: int | None = PREFILL_CHUNK, kv_block: int | None = None):
         if layers not in LAYER_MODES:
             raise ValueError(f"layers must be one of {LAYER_MODES}, got {layers!r}")
         self.config = config
@@ -70,7 +70,7 @@ class Engine:
         self.layout = layout
         self.layers = layers
         # The module of the one parameter tree (layers_0, ...): training, declared_params and forward use it.
-        self.module = Qwen3ASRModule(config, self.dtype, attention_impl, interpret, layout, remat)
+        self.module = Qwen3ASRModule(config, self.dtype, attention_impl, interpret, layout, remat, kv_block=kv_block)
         # The compiled programs run this one: the same module, or its scanned twin over stack_layers' tree.
         self.runner = self.module if layers == "unrolled" else self.module.clone(layers=layers)
         # e.g. qwix's LoRA (qasr_jax.training.trainer): the programs run the wrapped module

@@ -26,12 +26,12 @@ import jax.numpy as jnp
 
 from qasr_jax.modeling import axes as ax
 from qasr_jax.modeling.axes import constrain
+from qasr_jax.modeling.cache_attention import attend
 from qasr_jax.modeling.config import ModelConfig, TextConfig, audio_token_count
 from qasr_jax.modeling.encoder import AudioEncoder, Projector, dense
 from qasr_jax.modeling.quant import Embedding, Linear
 
 Dtype = jnp.dtype
-MASKED = -1e30  # a masked key's score: exp() is exactly 0; a row with no key left stays finite
 
 
 class RMSNorm(nn.Module):
@@ -151,6 +151,7 @@ class DecoderLayer(nn.Module):
     cfg: TextConfig
     dtype: Dtype
     layout: Any = None
+    kv_block: int | None = None  # a decode step attends over its cache's filled blocks of this many positions
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, kv=None, write: CacheWrite | None = None, layer=None):
@@ -183,14 +184,7 @@ class DecoderLayer(nn.Module):
             k, v = (constrain(t, ax.KV, lay).astype(dt) for t in (k, v))
         else:
             k, v = (constrain(t.transpose(0, 2, 1, 3), ax.KV, lay) for t in (k, v))
-        scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask[:, None, None], scores * cfg.head_dim**-0.5, MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        # Batch axes leading in the output too: with (b, q, h, g, d) out XLA transposed every layer's V (b = 1) or
-        # ran 64 tiny products (b = 8); the transpose of the small result after is cheap.
-        att = jnp.einsum("bhgqk,bhkd->bhgqd", probs, v, preferred_element_type=jnp.float32).astype(dt)
-        att = att.transpose(0, 3, 1, 2, 4)
-        att = att.reshape(batch, seq, cfg.heads * cfg.head_dim)
+        att = attend(q, k, v, mask, dt, self.kv_block if kv is not None else None)
         x = x + dense(cfg.hidden_size, "o", dt, bias=False)(att)
         h = RMSNorm(dt, cfg.rms_norm_eps, name="mlp_norm")(x)
         gate_up = dense((2, cfg.intermediate_size), "gate_up", dt, bias=False)(h)
@@ -207,12 +201,13 @@ class ScannedLayer(nn.Module):
     dtype: Dtype
     layout: Any = None
     remat: bool = False
+    kv_block: int | None = None
 
     @nn.compact
     def __call__(self, carry, cos, sin, mask, write, layer):
         layer_cls = nn.remat(DecoderLayer, static_argnums=()) if self.remat else DecoderLayer
-        return layer_cls(self.cfg, self.dtype, self.layout, name="layer")(*carry[:1], cos, sin, mask, carry[1],
-                                                                           write, layer), None
+        body = layer_cls(self.cfg, self.dtype, self.layout, self.kv_block, name="layer")
+        return body(*carry[:1], cos, sin, mask, carry[1], write, layer), None
 
 
 SCANNED = "layers"  # the decoder's stacked subtree in scan mode: SCANNED/layer/<the layer's params>, layers first
@@ -228,6 +223,7 @@ class TextDecoder(nn.Module):
     layout: Any = None
     remat: bool = False  # recompute each layer's activations in the backward pass (training memory)
     layers: str = "unrolled"  # or "scan": one compiled layer over stacked weights (see the module doc)
+    kv_block: int | None = None  # decode steps attend over the cache's filled blocks (``cache_attention.attend``)
 
     def setup(self):
         cfg = self.cfg
@@ -235,10 +231,11 @@ class TextDecoder(nn.Module):
         if self.layers == "scan":
             scan = nn.scan(ScannedLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                            in_axes=(nn.broadcast,) * 4 + (0,), length=cfg.layers)
-            self.stack = scan(cfg, self.dtype, self.layout, self.remat, name=SCANNED)
+            self.stack = scan(cfg, self.dtype, self.layout, self.remat, self.kv_block, name=SCANNED)
         else:
             layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
-            self.stack = [layer(cfg, self.dtype, self.layout, name=f"layers_{i}") for i in range(cfg.layers)]
+            self.stack = [layer(cfg, self.dtype, self.layout, self.kv_block, name=f"layers_{i}")
+                          for i in range(cfg.layers)]
         self.norm = RMSNorm(self.dtype, cfg.rms_norm_eps)
 
     def __call__(self, embeds, positions, mask, cache: KVCache | None = None, write: CacheWrite | None = None):
@@ -268,12 +265,13 @@ class Qwen3ASRModule(nn.Module):
     layout: Any = None  # a qasr_jax.modeling.axes.Layout: activations are pinned to its mesh while tracing
     remat: bool = False  # recompute each layer's activations in the backward pass (training memory)
     layers: str = "unrolled"  # the decoder's layers: "unrolled" or "scan" (over stack_layers' tree)
+    kv_block: int | None = None  # decode steps attend over the cache's filled blocks of this many positions
 
     def setup(self):
         cfg, lay = self.cfg, self.layout
         self.audio_tower = AudioEncoder(cfg.audio, self.dtype, self.attention_impl, self.interpret, lay, self.remat)
         self.projector = Projector(cfg.audio, self.dtype, lay)
-        self.decoder = TextDecoder(cfg.text, self.dtype, lay, self.remat, self.layers)
+        self.decoder = TextDecoder(cfg.text, self.dtype, lay, self.remat, self.layers, self.kv_block)
         # Heads compute in float32 on weights stored in the model dtype.
         if cfg.is_aligner:
             self.score = Linear(cfg.num_labels, False, self.dtype, out_dtype=jnp.float32)
