@@ -7,15 +7,16 @@
 # scanned and unrolled, plus their decode step at batch 1 and 8 (issue 24; about 4 minutes). Logs go to $1 (default:
 # gpu_logs/). Each step has its own time limit, so a slow step leaves the others' results in place.
 #
-# Issue 27's steps (about 5 minutes together, compiles included; JAX alone on the card, no transformers): the
+# Issue 27's steps (about 6 minutes together, compiles included; JAX alone on the card, no transformers): the
 # stage profile of a batch-256 job with its trace (profile), then our throughput only: the 0.6B at batch 1/32/256
-# with 10 s clips (tp-table), ~2-minute clips at batch 256 with 3 tokens per audio second (tp-2min), the 1.7B at
-# batch 256 (tp-1.7b). They share one random checkpoint per model under $CKPT_DIR (default /tmp/qasr_gpu_ckpt). Named only (each a few minutes,
+# with 10 s clips (tp-table; tp-kvblock the same with decode steps reading only their caches' filled blocks),
+# ~2-minute clips at batch 256 with 3 tokens per audio second (tp-2min), the 1.7B at batch 256 (tp-1.7b). They
+# share one random checkpoint per model under $CKPT_DIR (default /tmp/qasr_gpu_ckpt). Named only (each a few minutes,
 # mostly the server's and the drivers' compiles): the first streamed delta through the server at 1/16/128 clients
 # (latency) and the concurrent 2 s-chunk streams kept in real time (streams).
 #
 #     bash benchmarks/gpu_checks.sh [LOG_DIR [attention|throughput-0.6b|throughput-1.7b|kernels|transcribe|compile ...]]
-#     bash benchmarks/gpu_checks.sh "$OUT" profile tp-table tp-2min tp-1.7b
+#     bash benchmarks/gpu_checks.sh "$OUT" profile tp-table tp-kvblock tp-2min tp-1.7b
 set -u
 cd "$(dirname "$0")/.."
 logs=${1:-gpu_logs}
@@ -68,6 +69,8 @@ tp="$alone benchmarks/bench_throughput.py --dtype bfloat16 --no-reference"
 step profile 130 $alone benchmarks/profile_gpu.py --preset asr-0.6b --batch 256 --trace --out "$logs/profile" \
   --checkpoint "$ckpt/asr-0.6b"
 step tp-table 75 $tp --preset asr-0.6b --batches 1,32,256 --checkpoint "$ckpt/asr-0.6b"
+# tp-table again with decode steps reading only their caches' filled blocks (the CPU default): which to default to
+step tp-kvblock 75 env QASR_JAX_KV_BLOCK=64 $tp --preset asr-0.6b --batches 1,32,256 --checkpoint "$ckpt/asr-0.6b"
 step tp-2min 120 $tp --preset asr-0.6b --seconds 120 --tokens-per-second 3 --batches 256 --checkpoint "$ckpt/asr-0.6b"
 step tp-1.7b 120 $tp --preset asr-1.7b --batches 256 --checkpoint "$ckpt/asr-1.7b"
 step latency 300 $alone benchmarks/bench_latency.py --preset asr-0.6b --clients 1,16,128 --checkpoint "$ckpt/asr-0.6b"

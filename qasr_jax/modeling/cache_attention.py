@@ -5,7 +5,8 @@ hold keys; the masked rest still costs its reads, and at batch 8 on CPU the rand
 over a 256-position cache against 174 ms over 512 with the same 162 keys per row (benchmarks/RESULTS.md). With a
 ``block``, a single-query call walks the cache ``block`` positions at a time up to the last key any row may see (a
 loop with a run-time trip count, softmax accumulated online), so a step costs what the rows hold, not the width
-its cache was made with. Prompts (several queries a row) attend over the whole axis either way.
+its cache was made with. Prompts (several queries a row) attend over the whole axis either way: their work is in
+the matmuls, and blocks made a 162-token prefill no faster.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def _filled(q, k, v, mask, dtype, block):
         probs, scale = jnp.exp(scores - new_top), jnp.exp(top - new_top)
         return new_top, total * scale + probs.sum(-1, keepdims=True), acc * scale + _values(probs, vb, dtype)
 
-    batch, _, heads, groups, dim = q.shape
-    top = jnp.full((batch, heads, groups, 1, 1), MASKED, jnp.float32)
-    acc = jnp.zeros((batch, heads, groups, 1, dim), jnp.float32)
+    batch, seq, heads, groups, dim = q.shape
+    top = jnp.full((batch, heads, groups, seq, 1), MASKED, jnp.float32)
+    acc = jnp.zeros((batch, heads, groups, seq, dim), jnp.float32)
     _, total, acc = jax.lax.fori_loop(0, n_blocks, visit, (top, jnp.zeros_like(top), acc))
     return (acc / total).astype(dtype)
