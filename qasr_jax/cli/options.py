@@ -35,10 +35,11 @@ def hotword_problems(args: argparse.Namespace) -> list[str]:
 
 
 def add_quantize_flag(parser: argparse.ArgumentParser) -> None:
-    """--quantize: int8 decoder weights (``qasr_jax.modeling.quant``)."""
+    """--quantize: int8 layer weights (``qasr_jax.modeling.quant``)."""
     parser.add_argument("--quantize", default=None, choices=QUANTIZE_MODES,
-                        help="int8: the decoder's weights and LM head as int8 (a quarter of float32's bytes, a "
-                             "faster decode step on CPU; one device only; see docs/precision.md)")
+                        help="int8: the decoder's and the audio encoder's layer weights and the LM head as int8 (a "
+                             "quarter of float32's bytes, a faster encoder and decode step on CPU; one device only; "
+                             "see docs/precision.md)")
 
 
 def read_hotwords(inline: str | None, path: str | None) -> list[str]:

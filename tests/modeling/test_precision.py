@@ -90,18 +90,25 @@ def loaded(checkpoints):
 
 @pytest.mark.parametrize("kind", ["asr", "asr-untied", "aligner"])
 def test_quantized_tree(checkpoints, loaded, kind):
-    """int8: every decoder layer's qkv, o, gate_up and down kernels and the LM head (the tied embedding, or
-    lm_head); encoder, projector, norms and the aligner's class head unchanged; scales float32 in a bf16 model."""
+    """int8: every decoder layer's qkv, o, gate_up and down kernels, every encoder layer's q, k, v, o, fc1 and fc2
+    kernels and the LM head (the tied embedding, or lm_head); the encoder's convolutions and conv_out, the projector,
+    norms, biases and the aligner's class head unchanged; scales float32 in a bf16 model."""
     ck = checkpoints(kind)
     model = loaded(kind, "bfloat16+int8")
     p = model.params
-    for i in range(ck.cfg.text.layers):
-        layer = p["decoder"][f"layers_{i}"]
-        for k in quant.DECODER_KERNELS:
-            assert layer[k]["kernel"].dtype == jnp.int8
-            assert layer[k]["kernel_scale"].shape == layer[k]["kernel"].shape[1:]
-            assert layer[k]["kernel_scale"].dtype == jnp.float32
-        assert layer["attn_norm"]["scale"].dtype == jnp.bfloat16
+    stacks = [(p["decoder"], ck.cfg.text.layers, quant.DECODER_KERNELS),
+              (p["audio_tower"], ck.cfg.audio.layers, quant.ENCODER_KERNELS)]
+    for tree, n, kernels in stacks:
+        for i in range(n):
+            layer = tree[f"layers_{i}"]
+            for k in kernels:
+                assert layer[k]["kernel"].dtype == jnp.int8
+                assert layer[k]["kernel_scale"].shape == layer[k]["kernel"].shape[1:]
+                assert layer[k]["kernel_scale"].dtype == jnp.float32
+                assert layer[k].get("bias", jnp.zeros((), jnp.bfloat16)).dtype == jnp.bfloat16
+            assert layer["attn_norm"]["scale"].dtype == jnp.bfloat16
+            assert {x.dtype for k, v in layer.items() if k not in kernels for x in jax.tree_util.tree_leaves(v)} == {
+                jnp.dtype(jnp.bfloat16)}
     embed = p["decoder"]["embed"]
     if kind == "asr":
         assert embed["embedding"].dtype == jnp.int8 and embed["embedding_scale"].shape == (ck.cfg.text.vocab_size,)
@@ -111,7 +118,9 @@ def test_quantized_tree(checkpoints, loaded, kind):
         assert p["lm_head"]["kernel"].dtype == jnp.int8
     if kind == "aligner":
         assert p["score"]["kernel"].dtype == jnp.bfloat16
-    assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(p["audio_tower"]))
+    rest = {k: v for k, v in p["audio_tower"].items() if not k.startswith("layers_")}
+    assert set(rest) >= {"conv2d1", "conv_out", "ln_post"}
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves((rest, p["projector"])))
     with pytest.raises(ValueError, match="quantized already"):
         quant.quantize_params(p, ck.cfg)
     with pytest.raises(ValueError, match="int8"):
