@@ -76,8 +76,9 @@ class Model:
     model axis is larger than 1, else "data"), and batches take a row count that divides by the data axis
     (``data_size``).
     ``quantize="int8"`` stores the matmul weights of the decoder's and the audio encoder's layers and the LM head as
-    int8 (``qasr_jax.modeling.quant.quantize_params``); the rest of the model stays in ``dtype``. ``layers`` ("auto", "scan", "unrolled") is how the decoder's layers run (see
-    :func:`default_layers`); ``params`` is the one per-layer tree either way.
+    int8 (``qasr_jax.modeling.quant.quantize_params``); the rest of the model stays in ``dtype``. ``layers``
+    ("auto", "scan", "unrolled") is how the decoder's layers run (see :func:`default_layers`); ``params`` is the one
+    per-layer tree either way. A decode step reads its KV cache as :func:`default_kv_block` says.
     """
 
     def __init__(self, config: ModelConfig, params, dtype: str = "float32", attention_impl: str = "auto",
@@ -199,9 +200,9 @@ def load(path: str | os.PathLike, dtype: str = "float32", attention_impl: str = 
     ``jax.sharding.Mesh``) and ``sharding`` ("data", "tensor", "fsdp") spread the model over devices. Parameters
     are read one at a time and placed (each device receiving only its shards) before the next is read, so the
     peak memory stays near the size of the loaded parameters. ``quantize="int8"``: int8 layer weights and LM head
-    (one device; combinable with ``dtype``), about 1.5-2x faster decode steps and a 1.4x faster encoder on CPU. ``layers``: "scan" compiles
-    one decoder layer instead of 28 (the default on GPU and TPU), "unrolled" (the default on CPU) the fastest CPU
-    step; "auto" picks by platform.
+    (one device; combinable with ``dtype``), about 1.5-2x faster decode steps and a 1.4x faster encoder on CPU.
+    ``layers``: "scan" compiles one decoder layer instead of 28 (the default on GPU and TPU), "unrolled" (the
+    default on CPU) the fastest CPU step; "auto" picks by platform.
     """
     from qasr_jax.convert.orbax_io import is_orbax_export, restore_orbax
 
