@@ -71,8 +71,9 @@ class Engine:
         self.layers = layers
         # The module of the one parameter tree (layers_0, ...): training, declared_params and forward use it.
         self.module = Qwen3ASRModule(config, self.dtype, attention_impl, interpret, layout, remat, kv_block=kv_block)
-        # The compiled programs run this one: the same module, or its scanned twin over stack_layers' tree.
-        self.runner = self.module if layers == "unrolled" else self.module.clone(layers=layers)
+        # The compiled programs run this one: the same module tracing one unrolled layer for all (not under a
+        # transform, which intercepts each layer in place), or its scanned twin over stack_layers' tree.
+        self.runner = self.module.clone(layers=layers, trace_once=module_transform is None)
         # e.g. qwix's LoRA (qasr_jax.training.trainer): the programs run the wrapped module
         if module_transform is not None:
             self.module, self.runner = module_transform(self.module), module_transform(self.runner)
