@@ -116,9 +116,11 @@ class Engine:
         def encode(params, feats, n_frames):
             return apply(params, feats, n_frames, method=Qwen3ASRModule.encode)
 
-        def encode_waves(params, samples, lengths, *, frames):
-            # Log-mel, its padding and the encoder in one program: the features never leave the device.
-            return encode(params, log_mel_padded(samples, lengths, frames), frames_of(lengths))
+        def embed_waves(params, samples, lengths, input_ids, *, frames):
+            # Log-mel, its padding, the encoder and the prompts' embedding in one program: the features never leave
+            # the device, and a job compiles one program per encoder shape, not also one per prompt shape.
+            audio, _ = encode(params, log_mel_padded(samples, lengths, frames), frames_of(lengths))
+            return embed(params, input_ids, audio)
 
         def embed(params, input_ids, audio_embeds):
             return apply(params, input_ids, audio_embeds, method=Qwen3ASRModule.embed)
@@ -193,7 +195,7 @@ class Engine:
         self._forward = forward_with(self.module)  # the one tree's forward (training differentiates it)
         state_sh = self._state_shardings()
         self._encode = jit_with_encoder(encode)
-        self._encode_waves = jit_with_encoder(encode_waves, static_argnames="frames")
+        self._embed_waves = jit_with_encoder(embed_waves, static_argnames="frames")
         self._embed = jax.jit(embed)
         self._logits = jit_with_encoder(logits)
         self._score = jit_with_encoder(score, static_argnames="classes")
@@ -276,10 +278,12 @@ class Engine:
         """Padded log-mel (batch, 128, frames), n_frames (batch,) -> (audio embeds (batch, seq, hidden), n_tokens)."""
         return self._encode(self._params, self.put(feats), self.put(n_frames))
 
-    def encode_waves(self, samples, lengths, frames: int) -> tuple[jax.Array, jax.Array]:
-        """Zero-padded 16 kHz samples (batch, S) and their lengths (batch,), from ``audio.pad_waves`` -> (audio
-        embeds, n_tokens): log-mel and encoder in one program."""
-        return self._encode_waves(self.params, self.put(samples), self.put(lengths, np.int32), frames=frames)
+    def embed_waves(self, samples, lengths, input_ids, frames: int) -> jax.Array:
+        """Zero-padded 16 kHz samples (batch, S) and their lengths (batch,), from ``audio.pad_waves``, and prompt ids
+        (batch, seq) holding each audio's ``audio_token_count`` pads -> decoder input embeds: log-mel, encoder and
+        :meth:`embed` in one program."""
+        return self._embed_waves(self.params, self.put(samples), self.put(lengths, np.int32), self.put(input_ids),
+                                 frames=frames)
 
     def embed(self, input_ids, audio_embeds) -> jax.Array:
         """Prompt ids (batch, seq) + audio embeds (batch, audio_seq, hidden) -> decoder input embeds."""

@@ -252,19 +252,20 @@ class Pipeline:
         return parts if padded(take) > SPLIT_PADDING * sum(map(padded, parts)) else [take]
 
     def encode_batch(self, works: list[Work], cap: int) -> Prompts:
-        """Encode pieces as one batch (rows padded to a bucket of at most ``cap``) -> their embedded prompts."""
-        engine = self.model.engine
+        """Encode pieces as one batch (rows padded to a bucket of at most ``cap``) -> their embedded prompts (the
+        prompts' audio pads counted here, from each piece's frames, so one program encodes and embeds)."""
+        engine, audio = self.model.engine, self.model.config.audio
         rows = batch_rows(len(works), cap, self.model.data_size)
         works = works + [works[-1]] * (rows - len(works))
-        frames = frame_bucket(max(n_frames(w.samples.shape[0]) for w in works), self.model.config.audio)
-        samples, lengths, frames = pad_waves([w.samples for w in works], pad_to=frames)
-        audio, n_tok = engine.encode_waves(samples, lengths, frames)
-        prompts = [self.prompt_ids(w, int(n)) for w, n in zip(works, np.asarray(n_tok))]
+        frames = [n_frames(w.samples.shape[0]) for w in works]
+        samples, lengths, padded = pad_waves([w.samples for w in works], pad_to=frame_bucket(max(frames), audio))
+        prompts = [self.prompt_ids(w, audio_token_count(f, audio)) for w, f in zip(works, frames)]
         ids = np.zeros((rows, prompt_width(max(map(len, prompts)))), np.int32)
         for r, p in enumerate(prompts):
             ids[r, : len(p)] = p
         ids_dev = engine.put(ids)
-        return Prompts(engine.embed(ids_dev, audio), np.array([len(p) for p in prompts], np.int32),
+        widths = np.array([len(p) for p in prompts], np.int32)
+        return Prompts(engine.embed_waves(samples, lengths, ids_dev, padded), widths,
                        ids_dev if self.cfg.penalize_repetition or self.cfg.no_repeat_ngram_size else None)
 
     def _borrow(self, group: _Group) -> None:

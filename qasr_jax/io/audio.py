@@ -285,7 +285,7 @@ def _round_up(x: int, multiple: int) -> int:
 
 def pad_waves(waves: Sequence[np.ndarray], pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """16 kHz mono waveforms -> ``(samples (batch, S) zero-padded float32, lengths (batch,) int32, frames)``: the
-    input of ``log_mel_padded`` (and of the engine's fused log-mel and encoder program), checked.
+    input of ``log_mel_padded`` (and of the engine's one log-mel, encoder and embedding program), checked.
 
     ``frames`` is the longest item's frame count (or ``pad_to``, if larger) rounded up to a multiple of 100 (1 s),
     so differing lengths reuse one compiled function; S = (frames + 1) * 160 holds every item whole.

@@ -145,14 +145,15 @@ def test_prefill_memory_grows_linearly_with_the_prompt():
 # -- the programs of a CLI job -------------------------------------------------------------------------------------
 
 # One CLI transcription of 20 files of mixed lengths (0.4-16 s, tiny model, --batch-size 8, default budgets): one
-# decode group (new_state, advance, results once: narrower groups fill the widest group's slots), with more
-# encode_waves (log-mel + encoder per octave of length and row count), embed and insert shapes; 31 in all (24 with
-# three decode groups of 8 programs each, 30 before issue 24). See RESULTS.md "Compile". A change shows here.
+# decode group (new_state, advance, results once: narrower groups fill the widest group's slots), embed_waves (log-mel
+# + encoder + prompt embedding, one per encoder batch shape and prompt width) and insert shapes; 22 in all (30 before
+# issue 24, 24 with three decode groups, 31 with one group and embedding in a program of its own). See RESULTS.md
+# "Compile". A change shows here.
 # Without the guards: random weights repeat one token, so the loop stop would end every piece after 20 tokens (fewer
 # groups), and they fail every fallback threshold, so the fallback would decode each piece three times, in groups
 # of other shapes. A trained model's held-out pieces pass both (tests/test_tiny_model.py); warm-up
 # compiles the fallback's programs too (test_warmup_fills_the_cache_for_a_later_job).
-CLI_JOB_PROGRAMS = 31
+CLI_JOB_PROGRAMS = 22
 _PROBE = ("import sys, json, jax; from qasr_jax.cli.core import main; from qasr_jax.decoding.compiles import count_compilations\n"
           "with count_compilations() as c:\n    code = main(sys.argv[1:])\n"
           "print('PROGRAMS', json.dumps({'count': c.count, 'compiled': c.compiled, 'names': c.names}), file=sys.stderr)\n"

@@ -233,8 +233,8 @@ def test_encode_rows_caps_the_rows_of_each_encoder_call(checkpoints, tmp_path_fa
     waves = [synthetic(s, i) for i, s in enumerate([3.0, 2.5, 3.5, 2.0, 3.2, 2.8])]
     options = DecodeOptions.for_tokenizer(asr.tokenizer, suppress_eos=True)
     rows = []
-    encode = asr.model.engine.encode_waves
-    monkeypatch.setattr(asr.model.engine, "encode_waves",
+    encode = asr.model.engine.embed_waves
+    monkeypatch.setattr(asr.model.engine, "embed_waves",
                         lambda samples, *a, **k: rows.append(samples.shape[0]) or encode(samples, *a, **k))
     got = {}
     for cap in (None, 2):
