@@ -163,7 +163,7 @@ class DecoderLayer(nn.Module):
         (keys = max_len); the updated pair is returned.
         """
         cfg, dt, lay = self.cfg, self.dtype, self.layout
-        batch, seq, _ = x.shape
+        batch = x.shape[0]
         groups = cfg.heads // cfg.kv_heads
         h = RMSNorm(dt, cfg.rms_norm_eps, name="attn_norm")(x)
         qkv = dense((cfg.kv_heads, groups + 2, cfg.head_dim), "qkv", dt, bias=False)(h)
@@ -264,7 +264,7 @@ class TextDecoder(nn.Module):
             pairs = [None] * self.cfg.layers if cache is None else list(zip(cache.k, cache.v))
             # With a cache (the engine's prefill and steps), one layer is traced and its program replayed for the
             # others: tracing the 0.6B's 28 layers took 0.45 s of each new process's first step, now 0.07 s.
-            once = self.trace_once and cache is not None and not self.is_initializing()
+            once = self.trace_once and not self.remat and cache is not None and not self.is_initializing()
             for i, layer in enumerate(self.stack):
                 if once:
                     run = _layer_program(self.cfg, self.dtype, self.layout, self.kv_block)
@@ -292,8 +292,7 @@ class Qwen3ASRModule(nn.Module):
         cfg, lay = self.cfg, self.layout
         self.audio_tower = AudioEncoder(cfg.audio, self.dtype, self.attention_impl, self.interpret, lay, self.remat)
         self.projector = Projector(cfg.audio, self.dtype, lay)
-        self.decoder = TextDecoder(cfg.text, self.dtype, lay, self.remat, self.layers, self.kv_block,
-                                   self.trace_once and not self.remat)
+        self.decoder = TextDecoder(cfg.text, self.dtype, lay, self.remat, self.layers, self.kv_block, self.trace_once)
         # Heads compute in float32 on weights stored in the model dtype.
         if cfg.is_aligner:
             self.score = Linear(cfg.num_labels, False, self.dtype, out_dtype=jnp.float32)
